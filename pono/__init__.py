@@ -1,0 +1,3 @@
+"""Pono: a real-time voice agent server."""
+
+__version__ = "0.1.0"

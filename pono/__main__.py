@@ -1,0 +1,3 @@
+from pono.cli import main
+
+main()

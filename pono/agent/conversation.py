@@ -1,0 +1,34 @@
+"""What the LLM sees of a call: the system prompt and the turns as the caller actually heard them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+APOLOGY = "Sorry, I can't think clearly right now. Please try again in a moment."
+
+
+class Conversation:
+    def __init__(self, system_prompt: str, max_messages: int = 12) -> None:
+        self.system_prompt = system_prompt
+        self.max_messages = max_messages
+        self.messages: list[dict[str, Any]] = []
+
+    def add_user(self, text: str) -> None:
+        # Two caller turns in a row (the agent was cut off before saying anything) merge into one.
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages[-1]["content"] += " " + text
+        else:
+            self.messages.append({"role": "user", "content": text})
+
+    def add_agent(self, text: str, *, interrupted: bool = False) -> None:
+        if not text:
+            return
+        # The model must know it was cut off, or it will assume the caller heard everything.
+        content = f"{text} [interrupted by the caller]" if interrupted else text
+        self.messages.append({"role": "assistant", "content": content})
+
+    def prompt(self) -> list[dict[str, Any]]:
+        recent = self.messages[-self.max_messages:]
+        while recent and recent[0]["role"] != "user":  # a window must not open on an agent turn
+            recent = recent[1:]
+        return [{"role": "system", "content": self.system_prompt}, *recent]

@@ -1,0 +1,146 @@
+"""The aiohttp application: services, start-up and shutdown, and every route."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pono.agent.embedded import EmbeddedLLM, free_port
+from pono.agent.llm import LLMClient
+from pono.auth import TokenSigner, bearer, load_secret
+from pono.calls import CallManager
+from pono.context import SERVICES, Services
+from pono.http import ApiError, add_security_headers, errors_as_json
+from pono.metrics import Metrics
+from pono.settings import Settings
+from pono.signaling import api as signaling_api
+from pono.signaling.ice import restrict_host_addresses
+from pono.voice.models import SpeechModels
+from pono.web import routes as web_routes
+
+log = logging.getLogger(__name__)
+
+_EMBEDDED = web.AppKey("embedded_llm", EmbeddedLLM)
+
+
+def build_app(settings: Settings) -> web.Application:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    restrict_host_addresses(settings.ice_interfaces)
+
+    embedded: EmbeddedLLM | None = None
+    base_url = settings.openai_base_url
+    if settings.embedded_llm:
+        embedded = EmbeddedLLM(settings.data_dir, settings.llm_model, settings.llm_threads)
+        embedded.port = free_port()
+        base_url = embedded.base_url
+    assert base_url is not None
+    llm = LLMClient(
+        base_url, settings.openai_api_key.get_secret_value(), settings.llm_model,
+        timeout_s=settings.llm_timeout_s, max_tokens=settings.llm_max_tokens, temperature=settings.llm_temperature,
+    )
+    models = SpeechModels(settings)
+    metrics = Metrics()
+    secret = load_secret(None, settings.data_dir / "secret_key")
+    metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else load_secret(
+        None, settings.data_dir / "metrics_token").decode()
+    services = Services(
+        settings=settings, models=models, llm=llm, metrics=metrics,
+        calls=CallManager(settings, models, llm, metrics), signer=TokenSigner(secret), metrics_token=metrics_token,
+    )
+
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_as_json])
+    app[SERVICES] = services
+    if embedded is not None:
+        app[_EMBEDDED] = embedded
+    app.on_response_prepare.append(add_security_headers)
+    app.cleanup_ctx.append(_lifecycle)
+    app.add_routes([
+        web.get("/api/health", health),
+        web.get("/api/startup", startup),
+        web.get("/api/ready", ready),
+        web.get("/metrics", metrics_endpoint),
+        *signaling_api.routes(),
+        *web_routes.routes(),
+    ])
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    embedded = app.get(_EMBEDDED)
+    startup_task = asyncio.create_task(_start(services, embedded), name="startup")
+    lag_task = asyncio.create_task(services.metrics.watch_loop_lag(), name="loop-lag")
+    llm_probe = asyncio.create_task(_probe_llm(services), name="llm-probe")
+    yield
+    await services.calls.close_all()
+    for task in (startup_task, lag_task, llm_probe):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    if embedded is not None:
+        await embedded.stop()
+    await services.llm.close()
+    services.models.close()
+
+
+async def _start(services: Services, embedded: EmbeddedLLM | None) -> None:
+    try:
+        jobs = [services.models.load()]
+        if embedded is not None:
+            jobs.append(embedded.start())
+        await asyncio.gather(*jobs)
+        services.llm_reachable = await services.llm.reachable()
+        services.startup_complete = True
+        log.info("pono is ready")
+    except Exception as exc:
+        services.startup_error = f"{type(exc).__name__}: {exc}"
+        log.error("start-up failed: %s", services.startup_error)
+
+
+async def _probe_llm(services: Services, interval_s: float = 5.0) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        if services.startup_complete:
+            services.llm_reachable = await services.llm.reachable()
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def startup(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    if services.startup_error:
+        return web.json_response({"status": "failed", "error": services.startup_error}, status=503)
+    if not services.startup_complete:
+        return web.json_response({"status": "starting"}, status=503)
+    return web.json_response({"status": "started"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    checks = {
+        "models": services.models.loaded.is_set(),
+        "llm": services.llm_reachable,
+        "accepting_calls": not services.calls.draining and not services.calls.full,
+    }
+    ok = all(checks.values()) and services.startup_complete
+    body = {"status": "ready" if ok else "not_ready", "checks": checks, "active_calls": len(services.calls.calls)}
+    if services.startup_error:
+        body["error"] = services.startup_error
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    token = bearer(request) or ""
+    if not hmac.compare_digest(token.encode(), services.metrics_token.encode()):
+        raise ApiError(401, "a metrics token is required (PONO_METRICS_TOKEN or <data dir>/metrics_token)")
+    body = generate_latest(services.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,93 @@
+"""The calls this process holds: start each call's loop, wire its observers, and free it when it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+from pono.agent.conversation import Conversation
+from pono.agent.llm import LLMClient
+from pono.events import CallEvent, EventType
+from pono.metrics import Metrics
+from pono.settings import Settings
+from pono.transport import Transport
+from pono.voice.call import Call
+from pono.voice.models import SpeechModels
+from pono.voice.turns import TurnConfig
+
+log = logging.getLogger(__name__)
+
+
+class CallManager:
+    def __init__(self, settings: Settings, models: SpeechModels, llm: LLMClient, metrics: Metrics) -> None:
+        self.settings = settings
+        self.models = models
+        self.llm = llm
+        self.metrics = metrics
+        self.calls: dict[str, Call] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.draining = False
+
+    @property
+    def full(self) -> bool:
+        return len(self.calls) >= self.settings.max_calls
+
+    def new_call_id(self) -> str:
+        return uuid.uuid4().hex
+
+    def start(self, call_id: str, transport: Transport) -> Call:
+        s = self.settings
+        call = Call(
+            call_id,
+            transport,
+            self.models,
+            self.llm,
+            Conversation(s.system_prompt),
+            TurnConfig(threshold=s.vad_threshold, min_speech_ms=s.min_speech_ms, hangover_ms=s.hangover_ms,
+                       max_utterance_ms=int(s.max_utterance_s * 1000)),
+            barge_in_min_ms=s.barge_in_min_ms,
+            partial_interval_s=s.stt_partial_interval_s,
+            greeting=s.greeting,
+        )
+        # Observers of the call's event stream: the caller's own view, and metrics.
+        call.events.subscribe(lambda e: transport.send_text(e.to_json()))
+        call.events.subscribe(self.metrics.observe)
+        call.events.subscribe(_log_event)
+        self.calls[call_id] = call
+        self.metrics.calls_total.labels(transport.kind).inc()
+        self.metrics.active_calls.labels(transport.kind).inc()
+        task = asyncio.create_task(call.run(), name=f"call-{call_id}")
+        self._tasks[call_id] = task
+        task.add_done_callback(lambda t: self._ended(call_id, transport.kind, t))
+        return call
+
+    def _ended(self, call_id: str, kind: str, task: asyncio.Task[None]) -> None:
+        self.calls.pop(call_id, None)
+        self._tasks.pop(call_id, None)
+        self.metrics.active_calls.labels(kind).dec()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("call %s crashed", call_id, exc_info=task.exception())
+
+    async def hang_up(self, call_id: str, reason: str = "hangup") -> bool:
+        call = self.calls.get(call_id)
+        if call is None:
+            return False
+        await call.hang_up(reason)
+        task = self._tasks.get(call_id)
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(task), 5)
+        return True
+
+    async def close_all(self, reason: str = "shutdown") -> None:
+        self.draining = True
+        await asyncio.gather(*(self.hang_up(cid, reason) for cid in list(self.calls)), return_exceptions=True)
+
+
+def _log_event(event: CallEvent) -> None:
+    # Transcript text never goes to the log: only which step happened, for which call and turn.
+    if event.type in (EventType.CALL_STARTED, EventType.CALL_ENDED, EventType.BARGE_IN, EventType.ERROR):
+        log.info("call=%s turn=%s %s %s", event.call_id, event.turn, event.type,
+                 {k: v for k, v in event.data.items() if k not in ("text",)})

@@ -1,0 +1,79 @@
+"""The call event stream: one typed, timestamped log per call that every observer reads.
+
+The call loop only emits. Observers (the caller's data channel, metrics, storage, operators) subscribe
+with a plain callback that must not block; one that needs I/O hands the event to its own queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class EventType(StrEnum):
+    CALL_STARTED = "call.started"
+    CALL_ENDED = "call.ended"
+    STATE = "call.state"  # listening / user_speaking / thinking / speaking
+    SPEECH_STARTED = "speech.started"
+    SPEECH_STOPPED = "speech.stopped"
+    TRANSCRIPT_PARTIAL = "transcript.partial"
+    TRANSCRIPT_FINAL = "transcript.final"
+    AGENT_DELTA = "agent.delta"
+    AGENT_FINAL = "agent.final"
+    BARGE_IN = "barge_in"
+    LATENCY = "latency"
+    ERROR = "error"
+
+
+# Per-turn latency marks, in pipeline order. Each is seconds since the turn's reference point
+# (speech_end for voice turns, text arrival for typed turns).
+LATENCY_MARKS = (
+    "speech_end",
+    "stt_final",
+    "llm_first_token",
+    "first_sentence",
+    "tts_first_audio",
+    "first_audio_sent",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CallEvent:
+    type: EventType
+    call_id: str
+    turn: int | None
+    data: dict[str, Any] = field(default_factory=dict)
+    ts: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": str(self.type), "call_id": self.call_id, "turn": self.turn, "ts": self.ts, **self.data}
+
+
+Observer = Callable[[CallEvent], None]
+
+
+class EventStream:
+    """Fan-out of one call's events to its observers, in emission order."""
+
+    def __init__(self, call_id: str) -> None:
+        self.call_id = call_id
+        self._observers: list[Observer] = []
+
+    def subscribe(self, observer: Observer) -> Callable[[], None]:
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer) if observer in self._observers else None
+
+    def emit(self, type_: EventType, turn: int | None = None, **data: Any) -> CallEvent:
+        event = CallEvent(type_, self.call_id, turn, data)
+        for observer in list(self._observers):
+            try:
+                observer(event)
+            except Exception:  # one broken observer must not break the call or the others
+                log.exception("event observer failed on %s", type_)
+        return event

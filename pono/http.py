@@ -1,0 +1,83 @@
+"""HTTP plumbing shared by every endpoint: JSON errors, strict JSON bodies, security headers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(web.HTTPException):
+    """An HTTP error whose body is JSON: {"error": message, ...details}."""
+
+    def __init__(self, status: int, message: str, **details: Any) -> None:
+        self.status_code = status
+        super().__init__(
+            text=json.dumps({"error": message, **details}), content_type="application/json"
+        )
+
+
+async def read_json_model(request: web.Request, model: type[M]) -> M:
+    if request.content_type != "application/json":
+        raise ApiError(415, f"expected Content-Type application/json, got {request.content_type or 'none'}")
+    try:
+        raw = await request.read()  # raises 413 past client_max_size
+        body = json.loads(raw)
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        fields = [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        raise ApiError(422, "invalid request body", fields=fields) from None
+
+
+_SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; media-src 'self' blob: mediastream:; frame-ancestors 'none'"
+    ),
+}
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except ApiError:
+        raise
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        if exc.status == 413:
+            message = "request body too large"
+        else:
+            message = exc.reason
+        raise ApiError(exc.status, message) from None
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        raise ApiError(500, "internal server error") from None
+    return response
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in _SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if request.secure or request.headers.get("X-Forwarded-Proto") == "https":
+        response.headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")

@@ -1,0 +1,61 @@
+"""Prometheus metrics, fed by observing each call's event stream, plus an event-loop lag probe."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pono.events import LATENCY_MARKS, CallEvent, EventType
+
+_STAGE_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.stage_seconds = Histogram(
+            "pono_turn_stage_seconds", "Seconds from the caller's end of speech to each stage of a turn",
+            ["stage"], buckets=_STAGE_BUCKETS, registry=r)
+        self.model_seconds = Histogram(
+            "pono_model_seconds", "Seconds spent in each model per call of it", ["model"],
+            buckets=_STAGE_BUCKETS, registry=r)
+        self.active_calls = Gauge("pono_active_calls", "Calls in progress", ["transport"], registry=r)
+        self.calls_total = Counter("pono_calls_total", "Calls started", ["transport"], registry=r)
+        self.errors = Counter("pono_errors_total", "Errors by kind", ["kind"], registry=r)
+        self.barge_ins = Counter("pono_barge_ins_total", "Agent turns cut off by the caller", registry=r)
+        self.loop_lag = Histogram(
+            "pono_event_loop_lag_seconds", "How late the event loop ran a 100 ms timer",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
+        self.loop_lag_max = Gauge("pono_event_loop_lag_max_seconds", "Worst event-loop lag since start",
+                                  registry=r)
+        self.worst_lag = 0.0
+
+    def observe(self, event: CallEvent) -> None:
+        if event.type is EventType.LATENCY:
+            marks: dict[str, float] = event.data.get("marks", {})
+            for stage in LATENCY_MARKS:
+                if stage in marks:
+                    self.stage_seconds.labels(stage).observe(marks[stage])
+            if "tts_synth" in marks:
+                self.model_seconds.labels("tts").observe(marks["tts_synth"])
+            if "llm_total" in marks:
+                self.model_seconds.labels("llm").observe(marks["llm_total"])
+            if "stt_final" in marks and "speech_end" in marks:
+                self.model_seconds.labels("stt").observe(max(0.0, marks["stt_final"] - marks["speech_end"]))
+        elif event.type is EventType.ERROR:
+            self.errors.labels(event.data.get("kind", "unknown")).inc()
+        elif event.type is EventType.BARGE_IN:
+            self.barge_ins.inc()
+
+    async def watch_loop_lag(self, interval: float = 0.1) -> None:
+        while True:
+            expected = time.perf_counter() + interval
+            await asyncio.sleep(interval)
+            lag = max(0.0, time.perf_counter() - expected)
+            self.loop_lag.observe(lag)
+            if lag > self.worst_lag:
+                self.worst_lag = lag
+                self.loop_lag_max.set(lag)

@@ -1,0 +1,83 @@
+"""One typed settings object for the whole server, read from the environment and CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class IceServer(BaseModel):
+    """One entry of RTCConfiguration.iceServers, as the browser expects it."""
+
+    urls: list[str] | str
+    username: str | None = None
+    credential: str | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PONO_", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = 3000
+    data_dir: Path = Path(".pono")
+
+    # WebRTC: ICE servers for the browser (JSON list); empty means host candidates only.
+    ice_servers: list[IceServer] = Field(default_factory=list)
+    # Addresses aiortc gathers host candidates on; empty means every interface.
+    ice_interfaces: list[str] = Field(default_factory=list)
+
+    # Speech models.
+    stt_model: str = "base"  # "base", "tiny.en" or a CTranslate2 model folder
+    stt_device: Literal["auto", "cpu", "cuda"] = "auto"
+    stt_cpu_threads: int = 2
+    stt_partial_interval_s: float = 1.0  # 0 disables partial transcripts
+    tts: Literal["hibari", "piper"] = "hibari"
+    tts_voice: str | None = None
+
+    # Turn-taking (milliseconds).
+    vad_threshold: float = 0.5
+    min_speech_ms: int = 200
+    hangover_ms: int = 450
+    barge_in_min_ms: int = 600
+    max_utterance_s: float = 20.0
+
+    # The agent's LLM. Unset OPENAI_BASE_URL starts the bundled SmolLM2 behind llama.cpp.
+    openai_base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_BASE_URL", "openai_base_url")
+    )
+    openai_api_key: SecretStr = Field(
+        default=SecretStr("not-needed"), validation_alias=AliasChoices("OPENAI_API_KEY", "openai_api_key")
+    )
+    llm_model: str = "smollm2"
+    llm_timeout_s: float = 15.0
+    llm_max_tokens: int = 160
+    llm_temperature: float = 0.6
+    system_prompt: str = (
+        "You are Pono, a friendly voice assistant on a phone call. Answer in one or two short "
+        "spoken sentences. No lists, no markdown."
+    )
+    greeting: str = ""
+    llm_threads: int = 2
+
+    # HTTP limits.
+    max_body_bytes: int = 256 * 1024
+    max_calls: int = 50
+
+    # Metrics: bearer token for GET /metrics; generated into the data dir when unset.
+    metrics_token: SecretStr | None = None
+
+    log_level: str = "INFO"
+
+    def model_post_init(self, __context: Any) -> None:
+        self.data_dir = self.data_dir.expanduser().resolve()
+
+    @property
+    def embedded_llm(self) -> bool:
+        return not self.openai_base_url
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"

@@ -1,0 +1,173 @@
+"""WebRTC transport (aiortc): Opus in → 16 kHz frames, PCM out → paced 48 kHz, JSON over a data channel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError
+
+from pono.signaling.audio_out import OUT_RATE, PacedAudioTrack, Resampler
+from pono.transport import FRAME_SAMPLES, SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+_INBOUND_QUEUE_FRAMES = 250  # 5 s: if the call loop stalls longer, the oldest audio is dropped
+_PENDING_TEXT_MAX = 200
+
+
+def first_channel(frame: av.AudioFrame) -> np.ndarray:
+    """One channel of a decoded frame: planar frames are [channels, n], packed ones interleave L R L R."""
+    channels = len(frame.layout.channels)
+    samples = frame.to_ndarray()
+    if frame.format.is_planar:
+        return samples.reshape(channels, -1)[0]
+    return samples.reshape(-1, channels)[:, 0]
+
+
+class WebRTCTransport:
+    kind = "webrtc"
+
+    def __init__(self, pc: RTCPeerConnection, *, has_audio: bool) -> None:
+        self.pc = pc
+        self._has_audio = has_audio
+        self.out_track = PacedAudioTrack()
+        self._resample_out = Resampler(OUT_RATE)
+        self._frames: asyncio.Queue[np.ndarray | None] = asyncio.Queue(_INBOUND_QUEUE_FRAMES)
+        self._texts: asyncio.Queue[str | None] = asyncio.Queue(100)
+        self._channel: RTCDataChannel | None = None
+        self._pending_text: list[str] = []
+        self._closed = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+        self.dropped_frames = 0
+
+        pc.on("track", self._on_track)
+        pc.on("datachannel", self._on_datachannel)
+        pc.on("connectionstatechange", self._on_state)
+
+    # -- wiring -------------------------------------------------------------------------------
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and self._reader is None:
+            self._reader = asyncio.create_task(self._read_audio(track), name="webrtc-audio-in")
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        self._channel = channel
+        channel.on("message", self._on_message)
+        channel.on("close", lambda: self._texts.put_nowait(None) if not self._texts.full() else None)
+        if channel.readyState == "open":
+            self._flush_pending()
+        else:
+            channel.on("open", self._flush_pending)
+
+    def _flush_pending(self) -> None:
+        pending, self._pending_text = self._pending_text, []
+        for text in pending:
+            self._send_raw(text)
+
+    def _on_message(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        try:
+            self._texts.put_nowait(message)
+        except asyncio.QueueFull:
+            self.send_text({"type": "error", "error": "too many messages; slow down"})
+
+    async def _on_state(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            self._closed.set()
+
+    async def _read_audio(self, track: MediaStreamTrack) -> None:
+        resample = Resampler(SAMPLE_RATE)
+        pending = np.zeros(0, np.int16)
+        try:
+            while True:
+                frame = await track.recv()
+                mono = first_channel(frame)
+                pcm = resample(mono.astype(np.int16, copy=False), frame.sample_rate)
+                pending = np.concatenate([pending, pcm])
+                while pending.size >= FRAME_SAMPLES:
+                    self._put_frame(pending[:FRAME_SAMPLES])
+                    pending = pending[FRAME_SAMPLES:]
+        except MediaStreamError:
+            pass
+        finally:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._frames.put_nowait(None)
+
+    def _put_frame(self, frame: np.ndarray) -> None:
+        if self._frames.full():
+            self._frames.get_nowait()
+            self.dropped_frames += 1
+        self._frames.put_nowait(frame)
+
+    # -- Transport interface ------------------------------------------------------------------
+    @property
+    def has_audio(self) -> bool:
+        return self._has_audio
+
+    async def audio_frames(self) -> AsyncIterator[np.ndarray]:
+        while True:
+            frame = await self._frames.get()
+            if frame is None:
+                return
+            yield frame
+
+    async def send_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
+        if not self._has_audio or self._closed.is_set():
+            return
+        await self.out_track.push(self._resample_out(pcm, sample_rate))
+
+    def clear(self) -> None:
+        self.out_track.clear()
+        self._resample_out.reset()
+
+    @property
+    def played_s(self) -> float:
+        return self.out_track.played_s
+
+    @property
+    def queued_s(self) -> float:
+        return self.out_track.queued_s
+
+    async def text_messages(self) -> AsyncIterator[str]:
+        while True:
+            text = await self._texts.get()
+            if text is None:
+                return
+            yield text
+
+    def send_text(self, message: dict[str, Any]) -> None:
+        self._send_raw(json.dumps(message, separators=(",", ":")))
+
+    def _send_raw(self, text: str) -> None:
+        channel = self._channel
+        if channel is not None and channel.readyState == "open":
+            try:
+                channel.send(text)
+            except Exception:  # the association went away under us; the call is ending
+                log.debug("data channel send failed", exc_info=True)
+        elif len(self._pending_text) < _PENDING_TEXT_MAX and (channel is None or channel.readyState == "connecting"):
+            self._pending_text.append(text)
+
+    async def closed(self) -> None:
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        self._closed.set()
+        self.out_track.stop()
+        await self.pc.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        with contextlib.suppress(asyncio.QueueFull):
+            self._frames.put_nowait(None)
+        with contextlib.suppress(asyncio.QueueFull):
+            self._texts.put_nowait(None)

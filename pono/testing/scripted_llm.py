@@ -1,0 +1,95 @@
+"""A scripted OpenAI-compatible chat server: the stand-in for an external LLM API in tests and benchmarks.
+
+It streams a configured reply with a fixed time to first token, or fails in a configured way, and
+records every request it got so a test can check what the agent sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+
+Failure = Literal["none", "http_500", "hang", "drop"]
+
+
+@dataclass
+class Script:
+    reply: str = "Sure, a table for two is booked for seven tonight. Anything else?"
+    first_token_s: float = 0.1
+    token_interval_s: float = 0.01
+    failure: Failure = "none"
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ScriptedLLM:
+    def __init__(self, script: Script | None = None) -> None:
+        self.script = script or Script()
+        self.app = web.Application()
+        self.app.add_routes([
+            web.get("/v1/models", self._models),
+            web.post("/v1/chat/completions", self._chat),
+        ])
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self, port: int = 0) -> str:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        script = self.script
+        script.requests.append(body)
+        if script.failure == "http_500":
+            return web.json_response({"error": {"message": "scripted failure"}}, status=500)
+        if script.failure == "hang":
+            await asyncio.sleep(3600)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        try:
+            await self._stream(request, response, script)
+        except ConnectionResetError:
+            pass  # the agent cancelled the reply (barge-in, hang-up): that is expected
+        return response
+
+    async def _stream(self, request: web.Request, response: web.StreamResponse, script: Script) -> None:
+        await response.prepare(request)
+        await asyncio.sleep(script.first_token_s)
+        created = int(time.time())
+        for i, token in enumerate(_tokens(script.reply)):
+            if script.failure == "drop" and i == 3:
+                request.transport.close()  # type: ignore[union-attr]
+                return
+            chunk = {"id": "scripted", "object": "chat.completion.chunk", "created": created, "model": "scripted",
+                     "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if i and script.token_interval_s:
+                await asyncio.sleep(script.token_interval_s)
+        done = {"id": "scripted", "object": "chat.completion.chunk", "created": created, "model": "scripted",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        await response.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
+        await response.write_eof()
+
+
+def _tokens(text: str) -> list[str]:
+    words = text.split(" ")
+    return [w if i == 0 else " " + w for i, w in enumerate(words)]

@@ -1,0 +1,65 @@
+"""The transport interface: the one seam between a way in (WebRTC, SIP, a phone provider) and the call loop.
+
+Audio in is 16 kHz mono int16 in 20 ms frames (320 samples). Audio out is int16 PCM at any rate; the
+transport resamples, queues (bounded) and paces it by the wall clock, and can drop what is queued.
+Nothing in `pono.voice` knows which transport it talks to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+FRAME_MS = 20
+FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
+
+
+@runtime_checkable
+class Transport(Protocol):
+    kind: str  # "webrtc", "sip", "twilio", ...
+
+    @property
+    def has_audio(self) -> bool:
+        """Whether the caller sends and receives audio (False for a text-only call)."""
+        ...
+
+    def audio_frames(self) -> AsyncIterator[np.ndarray]:
+        """Inbound 20 ms frames of 16 kHz mono int16; ends when the caller's audio ends."""
+        ...
+
+    async def send_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
+        """Queue int16 mono PCM for playout; waits while the bounded queue is full."""
+        ...
+
+    def clear(self) -> None:
+        """Drop every queued, unplayed sample now."""
+        ...
+
+    @property
+    def played_s(self) -> float:
+        """Seconds of outbound audio actually sent to the caller since the call began."""
+        ...
+
+    @property
+    def queued_s(self) -> float:
+        """Seconds of outbound audio waiting in the queue."""
+        ...
+
+    def text_messages(self) -> AsyncIterator[str]:
+        """Inbound text messages (raw strings) from the caller."""
+        ...
+
+    def send_text(self, message: dict[str, Any]) -> None:
+        """Send one JSON message to the caller without waiting; dropped if the channel is closed."""
+        ...
+
+    async def closed(self) -> None:
+        """Return when the caller has gone (hang-up, failure)."""
+        ...
+
+    async def close(self) -> None:
+        """Hang up and free everything the transport holds. Safe to call twice."""
+        ...

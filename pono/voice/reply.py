@@ -1,0 +1,144 @@
+"""One agent reply: transcript → streamed LLM text → clause-by-clause TTS → paced playout.
+
+The reply runs as a task of its own so that barge-in can cancel it at any await; what the caller heard
+up to that moment is computed from the transport's playout clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from pono.agent.conversation import APOLOGY, Conversation
+from pono.agent.llm import LLMClient, LLMError
+from pono.events import EventStream, EventType
+from pono.transport import Transport
+from pono.voice.models import SpeechModels
+from pono.voice.playout import PlayoutTracker
+from pono.voice.sentences import SentenceSplitter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplyOutcome:
+    text: str = ""  # what the agent said (or, if interrupted, what the caller heard of it)
+    interrupted: bool = False
+    marks: dict[str, float] = field(default_factory=dict)
+
+
+class Reply:
+    """Speak one reply for `turn`. `t0` is the turn's reference time (caller stopped speaking)."""
+
+    def __init__(
+        self,
+        *,
+        turn: int,
+        t0: float,
+        transport: Transport,
+        models: SpeechModels,
+        llm: LLMClient,
+        conversation: Conversation,
+        events: EventStream,
+        on_speaking: asyncio.Event,
+    ) -> None:
+        self.turn = turn
+        self.t0 = t0
+        self.transport = transport
+        self.models = models
+        self.llm = llm
+        self.conversation = conversation
+        self.events = events
+        self.on_speaking = on_speaking
+        self.playout = PlayoutTracker()
+        self.outcome = ReplyOutcome()
+        self._latency_sent = False
+        self.finished = False
+
+    def mark(self, name: str) -> None:
+        self.outcome.marks.setdefault(name, round(time.monotonic() - self.t0, 4))
+
+    def emit_latency(self) -> None:
+        if not self._latency_sent:
+            self._latency_sent = True
+            self.events.emit(EventType.LATENCY, self.turn, marks=dict(self.outcome.marks))
+
+    async def speak_text(self, text: str) -> None:
+        """Say fixed text (a greeting, an operator's line) without asking the LLM."""
+        self.events.emit(EventType.AGENT_DELTA, self.turn, text=text)
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        for piece in SentenceSplitter().feed(text + " ") or [text]:
+            queue.put_nowait(piece)
+        queue.put_nowait(None)
+        await self._speak(queue)
+        self.outcome.text = text
+
+    async def generate(self) -> None:
+        """Stream the LLM's answer to the conversation so far, speaking it as it arrives."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        speaker = asyncio.create_task(self._speak(queue), name=f"speak-{self.turn}")
+        splitter = SentenceSplitter()
+        text = ""
+        try:
+            try:
+                started = time.monotonic()
+                async for delta in self.llm.stream(self.conversation.prompt()):
+                    if not delta:
+                        continue
+                    self.mark("llm_first_token")
+                    text += delta
+                    self.events.emit(EventType.AGENT_DELTA, self.turn, text=delta)
+                    for piece in splitter.feed(delta):
+                        self.mark("first_sentence")
+                        queue.put_nowait(piece)
+                self.outcome.marks["llm_total"] = round(time.monotonic() - started, 4)
+                for piece in splitter.flush():
+                    self.mark("first_sentence")
+                    queue.put_nowait(piece)
+            except LLMError as exc:
+                log.warning("LLM failed on turn %s: %s", self.turn, exc)
+                self.events.emit(EventType.ERROR, self.turn, kind="llm", message="the language model failed")
+                if not text.strip():  # never leave the caller in silence
+                    text = APOLOGY
+                    self.events.emit(EventType.AGENT_DELTA, self.turn, text=APOLOGY)
+                    queue.put_nowait(APOLOGY)
+            queue.put_nowait(None)
+            self.outcome.text = text.strip()
+            await speaker
+        finally:
+            if not speaker.done():
+                speaker.cancel()
+
+    async def _speak(self, queue: asyncio.Queue[str | None]) -> None:
+        t = self.transport
+        rate = self.models.tts_rate if t.has_audio else 0
+        while (piece := await queue.get()) is not None:
+            if not t.has_audio:
+                continue
+            synth_started = time.monotonic()
+            chunks = await self.models.run_tts(piece)
+            self.outcome.marks.setdefault("tts_synth", round(time.monotonic() - synth_started, 4))
+            if not chunks:
+                continue
+            self.mark("tts_first_audio")
+            start = t.played_s + t.queued_s
+            self.playout.add(piece, start, sum(c.size for c in chunks) / rate)
+            first_piece = len(self.playout.pieces) == 1
+            for chunk in chunks:
+                await t.send_audio(chunk, rate)
+            if first_piece:
+                self.on_speaking.set()
+                await self._wait_played(start + 0.001)
+                self.mark("first_audio_sent")
+                self.emit_latency()
+        if t.has_audio and self.playout.pieces:
+            await self._wait_played(self.playout.end_s - 0.021)
+
+    async def _wait_played(self, position_s: float) -> None:
+        while self.transport.played_s < position_s and self.transport.queued_s > 0:
+            await asyncio.sleep(0.005)
+
+    def heard(self, played_s: float) -> str:
+        return self.playout.heard_text(played_s)

@@ -1,0 +1,66 @@
+"""Cut a streamed reply into sentences, or clauses when a sentence runs long, for streaming TTS."""
+
+from __future__ import annotations
+
+import re
+
+_SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s+|\n+")
+_CLAUSE_END = re.compile(r"[,;:—–]\s+")
+_MD_NOISE = re.compile(r"[*_`#]+")
+
+
+def speakable(text: str) -> str:
+    """Strip markdown decoration the LLM may emit; TTS would read it aloud or choke on it."""
+    return _MD_NOISE.sub("", text).strip()
+
+
+class SentenceSplitter:
+    """Feed text deltas; get back complete pieces to speak.
+
+    The first piece of a reply is cut at a clause boundary once it has `first_clause_words` words, so
+    speech starts early; later pieces are cut at clauses only when a sentence exceeds `max_chars`.
+    """
+
+    def __init__(self, first_clause_words: int = 4, max_chars: int = 140) -> None:
+        self.first_clause_words = first_clause_words
+        self.max_chars = max_chars
+        self._buffer = ""
+        self._emitted = 0
+
+    def feed(self, delta: str) -> list[str]:
+        self._buffer += delta
+        pieces: list[str] = []
+        while True:
+            piece = self._next_piece()
+            if piece is None:
+                break
+            if speakable(piece):
+                pieces.append(speakable(piece))
+                self._emitted += 1
+        return pieces
+
+    def flush(self) -> list[str]:
+        rest, self._buffer = speakable(self._buffer), ""
+        return [rest] if rest else []
+
+    def _next_piece(self) -> str | None:
+        match = _SENTENCE_END.search(self._buffer)
+        clause = _CLAUSE_END.search(self._buffer)
+        if match and (clause is None or match.start() <= clause.start() or not self._wants_clause(clause)):
+            return self._take(match.end())
+        if clause and self._wants_clause(clause):
+            return self._take(clause.end())
+        if len(self._buffer) > self.max_chars * 2:
+            cut = self._buffer.rfind(" ", 0, self.max_chars * 2)
+            return self._take(cut + 1 if cut > 0 else len(self._buffer))
+        return None
+
+    def _wants_clause(self, clause: re.Match[str]) -> bool:
+        head = self._buffer[: clause.start()]
+        if self._emitted == 0:
+            return len(head.split()) >= self.first_clause_words
+        return len(head) >= self.max_chars
+
+    def _take(self, end: int) -> str:
+        piece, self._buffer = self._buffer[:end], self._buffer[end:]
+        return piece

@@ -1,0 +1,118 @@
+"""Shared fixtures: real speech made with espeak-ng, a scripted LLM, and a Pono server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+
+from pono.agent.embedded import free_port
+from pono.app import build_app
+from pono.settings import Settings
+from pono.testing.scripted_llm import Script, ScriptedLLM
+
+QUESTION = "Please book a table for two at seven tonight"
+
+
+def espeak(text: str, path: Path) -> np.ndarray:
+    """16 kHz mono int16 speech for `text`, made by Debian's espeak-ng and sox."""
+    raw = path.with_suffix(".raw.wav")
+    subprocess.run(["espeak-ng", "-s", "150", "-w", str(raw), text], check=True)
+    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(path)], check=True)
+    return read_wav(path)
+
+
+def read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as w:
+        assert w.getframerate() == 16000 and w.getnchannels() == 1
+        return np.frombuffer(w.readframes(w.getnframes()), np.int16)
+
+
+def write_wav(path: Path, pcm: np.ndarray, rate: int, channels: int = 1) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.astype(np.int16).tobytes())
+
+
+@pytest.fixture(scope="session")
+def audio_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("audio")
+
+
+@pytest.fixture(scope="session")
+def question(audio_dir: Path) -> np.ndarray:
+    return espeak(QUESTION, audio_dir / "question.wav")
+
+
+@pytest.fixture(scope="session")
+async def scripted_llm() -> AsyncIterator[ScriptedLLM]:
+    llm = ScriptedLLM()
+    await llm.start()
+    yield llm
+    await llm.stop()
+
+
+@pytest.fixture
+def script(scripted_llm: ScriptedLLM) -> Script:
+    """A fresh script for each test; tests change the reply, the delay or the failure mode."""
+    scripted_llm.script = Script()
+    return scripted_llm.script
+
+
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "stt_model": "base",
+        "ice_interfaces": ["127.0.0.1"],
+        "greeting": "",
+        "llm_timeout_s": 3.0,
+        "stt_partial_interval_s": 0.0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+class RunningServer:
+    def __init__(self, app: web.Application, runner: web.AppRunner, url: str) -> None:
+        self.app = app
+        self.runner = runner
+        self.url = url
+
+
+async def start_server(settings: Settings, ready_timeout: float = 180.0) -> RunningServer:
+    app = build_app(settings)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(int(ready_timeout * 10)):
+            async with http.get(f"{url}/api/ready") as r:
+                if r.status == 200:
+                    break
+                body = await r.json()
+                if body.get("error"):
+                    raise RuntimeError(body["error"])
+            await asyncio.sleep(0.1)
+        else:
+            raise TimeoutError("server did not become ready")
+    return RunningServer(app, runner, url)
+
+
+@pytest.fixture(scope="session")
+async def server(tmp_path_factory: pytest.TempPathFactory, scripted_llm: ScriptedLLM) -> AsyncIterator[RunningServer]:
+    settings = make_settings(tmp_path_factory.mktemp("pono"), openai_base_url=scripted_llm.base_url,
+                             llm_model="scripted")
+    running = await start_server(settings)
+    yield running
+    await running.runner.cleanup()
