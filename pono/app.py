@@ -26,7 +26,7 @@ from pono.web import routes as web_routes
 
 log = logging.getLogger(__name__)
 
-_EMBEDDED = web.AppKey("embedded_llm", EmbeddedLLM)
+EMBEDDED_LLM = web.AppKey("embedded_llm", EmbeddedLLM)
 
 
 def build_app(settings: Settings) -> web.Application:
@@ -57,7 +57,7 @@ def build_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_as_json])
     app[SERVICES] = services
     if embedded is not None:
-        app[_EMBEDDED] = embedded
+        app[EMBEDDED_LLM] = embedded
     app.on_response_prepare.append(add_security_headers)
     app.cleanup_ctx.append(_lifecycle)
     app.add_routes([
@@ -73,7 +73,7 @@ def build_app(settings: Settings) -> web.Application:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
-    embedded = app.get(_EMBEDDED)
+    embedded = app.get(EMBEDDED_LLM)
     startup_task = asyncio.create_task(_start(services, embedded), name="startup")
     lag_task = asyncio.create_task(services.metrics.watch_loop_lag(), name="loop-lag")
     llm_probe = asyncio.create_task(_probe_llm(services), name="llm-probe")

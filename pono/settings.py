@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         "You are Pono, a friendly voice assistant on a phone call. Answer in one or two short "
         "spoken sentences. No lists, no markdown."
     )
-    greeting: str = ""
+    greeting: str = "Hi, this is Pono. How can I help?"
     llm_threads: int = 2
 
     # HTTP limits.

@@ -21,7 +21,19 @@ fi
 PYTHON=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip wheel
-# llama-cpp-python compiles from source (about 10 minutes on 2 cores); pip's wheel cache makes reruns fast.
+# llama-cpp-python ships as source and compiles for about 10 minutes on 2 cores. Build it once with
+# portable CPU flags (a -march=native build can pick AMX/AVX-512 kernels that crash in some VMs) into a
+# wheel cache keyed by those flags, so reruns and CI on the same machine reuse it.
+LLAMA_VERSION=0.3.36
+LLAMA_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+wheel_dir="${PONO_WHEEL_CACHE:-$HOME/.cache/pono/wheels}/llama-$(echo "$LLAMA_VERSION $LLAMA_FLAGS" | sha1sum | cut -c1-10)"
+if ! compgen -G "$wheel_dir/llama_cpp_python-$LLAMA_VERSION-*.whl" >/dev/null; then
+  echo "building llama-cpp-python $LLAMA_VERSION (about 10 minutes, once)"
+  CMAKE_ARGS="$LLAMA_FLAGS" .venv/bin/python -m pip wheel -q --no-deps --no-cache-dir -w "$wheel_dir" \
+    "llama-cpp-python==$LLAMA_VERSION"
+fi
+llama_wheel=$(compgen -G "$wheel_dir/llama_cpp_python-$LLAMA_VERSION-*.whl" | head -n 1)
+.venv/bin/python -m pip install -q "llama-cpp-python[server] @ file://$llama_wheel"
 extras=""
 [[ $want_test == 1 ]] && extras="[dev]"
 .venv/bin/python -m pip install -q -e ".${extras}"

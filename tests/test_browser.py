@@ -7,9 +7,9 @@ import tempfile
 
 import numpy as np
 import pytest
+from conftest import write_wav
 from playwright.async_api import async_playwright
 
-from conftest import write_wav
 from pono.signaling.audio_out import Resampler
 from pono.testing.scripted_llm import Script
 

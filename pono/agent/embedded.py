@@ -50,7 +50,7 @@ class EmbeddedLLM:
     async def start(self, ready_timeout_s: float = 120.0) -> str:
         if importlib.util.find_spec("llama_cpp") is None:
             raise RuntimeError("the embedded LLM needs llama-cpp-python[server]; or set OPENAI_BASE_URL")
-        self.port = free_port()
+        self.port = self.port or free_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "llm_server.json"
         config.write_text(json.dumps({

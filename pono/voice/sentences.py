@@ -45,10 +45,10 @@ class SentenceSplitter:
 
     def _next_piece(self) -> str | None:
         match = _SENTENCE_END.search(self._buffer)
-        clause = _CLAUSE_END.search(self._buffer)
-        if match and (clause is None or match.start() <= clause.start() or not self._wants_clause(clause)):
+        clause = next((c for c in _CLAUSE_END.finditer(self._buffer) if self._wants_clause(c)), None)
+        if match and (clause is None or match.start() <= clause.start()):
             return self._take(match.end())
-        if clause and self._wants_clause(clause):
+        if clause:
             return self._take(clause.end())
         if len(self._buffer) > self.max_chars * 2:
             cut = self._buffer.rfind(" ", 0, self.max_chars * 2)

@@ -1,0 +1,35 @@
+"""The one-command default: no OPENAI_BASE_URL, so the bundled SmolLM2 is served by llama.cpp."""
+
+from __future__ import annotations
+
+from conftest import make_settings, start_server
+
+from pono.agent.conversation import APOLOGY
+from pono.app import EMBEDDED_LLM
+from pono.context import SERVICES
+from pono.testing.caller import Caller
+
+
+async def test_embedded_smollm2_answers(tmp_path) -> None:
+    settings = make_settings(tmp_path, stt_model="tiny.en", llm_timeout_s=30.0)
+    assert settings.embedded_llm
+    server = await start_server(settings)
+    try:
+        embedded = server.app[EMBEDDED_LLM]
+        assert server.app[SERVICES].llm.base_url == embedded.base_url
+        caller = Caller(server.url)
+        try:
+            await caller.connect(audio=False)
+            await caller.wait_open()
+            caller.send_text("What is the capital of France?")
+            final = await caller.wait_for(lambda e: e["type"] == "agent.final", 60)
+            assert final["text"] and final["text"] != APOLOGY
+            assert not [e for e in caller.events if e["type"] == "error"]
+        finally:
+            await caller.hang_up()
+        process = embedded.process
+        assert process is not None and process.returncode is None
+    finally:
+        await server.runner.cleanup()
+    # Shutdown stops the llama.cpp child process.
+    assert process.returncode is not None
