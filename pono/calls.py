@@ -37,7 +37,7 @@ class CallManager:
     def new_call_id(self) -> str:
         return uuid.uuid4().hex
 
-    def start(self, call_id: str, transport: Transport) -> Call:
+    def start(self, call_id: str, transport: Transport, persona: str | None = None) -> Call:
         s = self.settings
         call = Call(
             call_id,
@@ -50,6 +50,7 @@ class CallManager:
             barge_in_min_ms=s.barge_in_min_ms,
             partial_interval_s=s.stt_partial_interval_s,
             greeting=s.greeting,
+            persona=persona,
         )
         # Observers of the call's event stream: the caller's own view, and metrics.
         call.events.subscribe(lambda e: transport.send_text(e.to_json()))

@@ -33,6 +33,11 @@ if ! compgen -G "$wheel_dir/llama_cpp_python-$LLAMA_VERSION-*.whl" >/dev/null; t
     "llama-cpp-python==$LLAMA_VERSION"
 fi
 llama_wheel=$(compgen -G "$wheel_dir/llama_cpp_python-$LLAMA_VERSION-*.whl" | head -n 1)
+# pip skips a wheel whose version is already installed, so a stale build is replaced explicitly.
+if [[ "$(cat .venv/.llama-build 2>/dev/null)" != "$llama_wheel" ]]; then
+  .venv/bin/python -m pip install -q --force-reinstall --no-deps "$llama_wheel"
+  echo "$llama_wheel" > .venv/.llama-build
+fi
 .venv/bin/python -m pip install -q "llama-cpp-python[server] @ file://$llama_wheel"
 extras=""
 [[ $want_test == 1 ]] && extras="[dev]"

@@ -34,12 +34,19 @@ async def open_call(server, **kwargs) -> Caller:
 
 async def test_spoken_question_gets_spoken_answer(server, script: Script, question: np.ndarray) -> None:
     script.reply = "Your table is booked for seven o'clock tonight. We look forward to seeing you."
-    caller = await open_call(server)
+    settings = server.app[SERVICES].settings
+    settings.stt_partial_interval_s = 0.8  # new calls pick this up; the caller sees partials while speaking
+    try:
+        caller = await open_call(server)
+    finally:
+        settings.stt_partial_interval_s = 0.0
     try:
         await asyncio.sleep(0.3)
         caller.speak(question)
         final = await caller.wait_for(lambda e: e["type"] == "transcript.final" and e.get("text"), 30)
         assert {"book", "table"} <= words(final["text"])
+        partials = [e for e in caller.events if e["type"] == "transcript.partial"]
+        assert partials and all(e["turn"] == final["turn"] for e in partials)
         agent = await caller.wait_for(lambda e: e["type"] == "agent.final", 30)
         assert agent["text"] == script.reply and agent["interrupted"] is False
         latency = await caller.wait_for(lambda e: e["type"] == "latency", 5)

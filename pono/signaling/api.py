@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 CALL_TOKEN_TTL_S = 300
 MAX_SDP_CHARS = 64 * 1024
 _NEGOTIATION_TIMEOUT_S = 10
+_CONNECT_TIMEOUT_S = 30
 
 
 class CallOffer(BaseModel):
@@ -93,7 +94,8 @@ async def create_call(request: web.Request) -> web.Response:
         raise
     call_id = services.calls.new_call_id()
     services.call_tokens[call_id] = token_id
-    services.calls.start(call_id, transport)
+    services.calls.start(call_id, transport, persona=offer.persona)
+    transport.expect_connection_within(_CONNECT_TIMEOUT_S)
     log.info("call %s answered in %.0f ms (%s)", call_id, 1000 * (time.perf_counter() - started),
              ",".join(sorted(kinds)))
     local = pc.localDescription

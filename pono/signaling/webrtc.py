@@ -83,6 +83,16 @@ class WebRTCTransport:
         if self.pc.connectionState in ("failed", "closed"):
             self._closed.set()
 
+    def expect_connection_within(self, seconds: float) -> None:
+        """End the call if ICE/DTLS never connects (the caller vanished after sending its offer)."""
+
+        def check() -> None:
+            if self.pc.connectionState != "connected" and not self._closed.is_set():
+                log.info("peer never connected within %.0f s; ending the call", seconds)
+                self._closed.set()
+
+        asyncio.get_running_loop().call_later(seconds, check)
+
     async def _read_audio(self, track: MediaStreamTrack) -> None:
         resample = Resampler(SAMPLE_RATE)
         pending = np.zeros(0, np.int16)

@@ -42,7 +42,8 @@ class ScriptedLLM:
         return f"http://127.0.0.1:{self.port}/v1"
 
     async def start(self, port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # handler_cancellation: a caller that gives up (timeout, barge-in) ends the scripted stream too.
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()

@@ -46,6 +46,7 @@ class Call:
         barge_in_min_ms: int = 600,
         partial_interval_s: float = 1.0,
         greeting: str = "",
+        persona: str | None = None,
     ) -> None:
         self.call_id = call_id
         self.transport = transport
@@ -56,6 +57,7 @@ class Call:
         self.barge_in_min_ms = barge_in_min_ms
         self.partial_interval_s = partial_interval_s
         self.greeting = greeting
+        self.persona = persona
         self.events = EventStream(call_id)
         self.state = CallState.LISTENING
         self.end_reason = "hangup"
@@ -69,7 +71,7 @@ class Call:
     # -- lifecycle ----------------------------------------------------------------------------
     async def run(self) -> None:
         t = self.transport
-        self.events.emit(EventType.CALL_STARTED, transport=t.kind, has_audio=t.has_audio)
+        self.events.emit(EventType.CALL_STARTED, transport=t.kind, has_audio=t.has_audio, persona=self.persona)
         loops = [asyncio.create_task(self._text_loop(), name=f"text-{self.call_id}")]
         if t.has_audio:
             loops.append(asyncio.create_task(self._audio_loop(), name=f"audio-{self.call_id}"))
