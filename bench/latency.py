@@ -70,14 +70,20 @@ async def one_call(url: str, question: np.ndarray) -> dict[str, object]:
         started = time.monotonic()
         caller.speak(question)
         await caller.mic.speech_done.wait()
+        sent_wall = time.time() - (time.monotonic() - caller.mic.last_speech_sent_at)  # type: ignore[operator]
         final = await caller.wait_for(lambda e: e["type"] == "agent.final", 60)
         latency = next(e for e in caller.events if e["type"] == "latency" and e["turn"] == final["turn"])
         await asyncio.sleep(0.3)
         assert caller.mic.last_speech_sent_at is not None
         heard_at = caller.first_sound_after(caller.mic.last_speech_sent_at)
         transcript = next((e["text"] for e in caller.events if e["type"] == "transcript.final"), "")
+        v2v = None if heard_at is None else heard_at - caller.mic.last_speech_sent_at
+        way_in = float(latency["t0"]) - sent_wall  # last speech sample sent → server saw silence begin
+        server_part = float(latency["marks"]["first_audio_sent"])
         return {
-            "v2v": None if heard_at is None else heard_at - caller.mic.last_speech_sent_at,
+            "v2v": v2v,
+            "way_in": way_in,
+            "way_out": None if v2v is None else v2v - way_in - server_part,
             "marks": latency["marks"],
             "transcript": transcript,
             "call_s": time.monotonic() - started + 0.5,
@@ -107,6 +113,9 @@ def summarize(label: str, results: list[dict[str, object]]) -> dict[str, object]
         "v2v_median_ms": round(1000 * statistics.median(v2v)) if v2v else None,
         "v2v_p90_ms": round(1000 * pct(v2v, 0.9)) if v2v else None,
         "stage_median_ms": {m: round(1000 * statistics.median(v)) for m, v in stages.items() if v},
+        "way_in_median_ms": round(1000 * statistics.median(float(r["way_in"]) for r in results)),  # type: ignore[arg-type]
+        "way_out_median_ms": round(1000 * statistics.median(
+            float(r["way_out"]) for r in results if r["way_out"] is not None)),  # type: ignore[arg-type]
         "transcripts": sorted({str(r["transcript"]) for r in results}),
     }
 
@@ -171,6 +180,8 @@ async def main() -> None:
               f"p90 {s['v2v_p90_ms']} ms")
         print("      server stages (median ms after end of speech): "
               + ", ".join(f"{k} {v}" for k, v in s["stage_median_ms"].items()))
+        print(f"      way in (last speech sample sent → server VAD sees silence): {s['way_in_median_ms']} ms; "
+              f"way out (server sends first audio → caller hears it): {s['way_out_median_ms']} ms")
         print(f"      transcripts: {s['transcripts']}")
     print(f"  CPU seconds per call minute (server process): {report['cpu_s_per_call_minute']}")
     print(f"  event loop worst lag: {report['event_loop_worst_lag_ms']} ms")

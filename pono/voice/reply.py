@@ -63,7 +63,10 @@ class Reply:
     def emit_latency(self) -> None:
         if not self._latency_sent:
             self._latency_sent = True
-            self.events.emit(EventType.LATENCY, self.turn, marks=dict(self.outcome.marks))
+            # The reference point on the wall clock too, so a caller on the same host can split its own
+            # voice-to-voice figure into the way in, the server, and the way out.
+            t0_wall = time.time() - (time.monotonic() - self.t0)
+            self.events.emit(EventType.LATENCY, self.turn, marks=dict(self.outcome.marks), t0=round(t0_wall, 4))
 
     async def speak_text(self, text: str) -> None:
         """Say fixed text (a greeting, an operator's line) without asking the LLM."""
