@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
             "tts": args.tts, "llm_model": args.llm_model, "log_level": args.log_level,
         })
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("aioice").setLevel(logging.WARNING)
+        for noisy in ("aioice", "httpx", "httpx2", "faster_whisper"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(settings))
 
