@@ -21,6 +21,10 @@ from pono.metrics import Metrics
 from pono.settings import Settings
 from pono.signaling import api as signaling_api
 from pono.signaling.ice import restrict_host_addresses
+from pono.storage import api as storage_api
+from pono.storage.retention import purge_daily
+from pono.storage.service import Storage
+from pono.storage.users import KeyVerifier
 from pono.voice.models import SpeechModels
 from pono.web import routes as web_routes
 
@@ -49,9 +53,11 @@ def build_app(settings: Settings) -> web.Application:
     secret = load_secret(None, settings.data_dir / "secret_key")
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else load_secret(
         None, settings.data_dir / "metrics_token").decode()
+    storage = Storage(settings, metrics)
     services = Services(
         settings=settings, models=models, llm=llm, metrics=metrics,
-        calls=CallManager(settings, models, llm, metrics), signer=TokenSigner(secret), metrics_token=metrics_token,
+        calls=CallManager(settings, models, llm, metrics, storage), signer=TokenSigner(secret),
+        metrics_token=metrics_token, storage=storage, keys=KeyVerifier(lambda: storage.db.pool),  # type: ignore[union-attr]
     )
 
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_as_json])
@@ -66,6 +72,7 @@ def build_app(settings: Settings) -> web.Application:
         web.get("/api/ready", ready),
         web.get("/metrics", metrics_endpoint),
         *signaling_api.routes(),
+        *storage_api.routes(),
         *web_routes.routes(),
     ])
     return app
@@ -74,12 +81,20 @@ def build_app(settings: Settings) -> web.Application:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     embedded = app.get(EMBEDDED_LLM)
+    # Storage first and in the foreground: a wrong DATABASE_URL must stop start-up with a clear error.
+    try:
+        await services.storage.start()
+    except BaseException:
+        await services.storage.close()
+        raise
+    assert services.storage.db is not None
     startup_task = asyncio.create_task(_start(services, embedded), name="startup")
     lag_task = asyncio.create_task(services.metrics.watch_loop_lag(), name="loop-lag")
     llm_probe = asyncio.create_task(_probe_llm(services), name="llm-probe")
+    purge_task = asyncio.create_task(purge_daily(services.storage.db.pool, services.settings.retention_days))
     yield
     await services.calls.close_all()
-    for task in (startup_task, lag_task, llm_probe):
+    for task in (startup_task, lag_task, llm_probe, purge_task):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
@@ -87,6 +102,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await embedded.stop()
     await services.llm.close()
     services.models.close()
+    await services.storage.close()
 
 
 async def _start(services: Services, embedded: EmbeddedLLM | None) -> None:
@@ -125,9 +141,12 @@ async def startup(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    writer, live = services.storage.writer, services.storage.live
     checks = {
         "models": services.models.loaded.is_set(),
         "llm": services.llm_reachable,
+        "database": writer is not None and writer.db_up,
+        "redis": live is not None and live.up,
         "accepting_calls": not services.calls.draining and not services.calls.full,
     }
     ok = all(checks.values()) and services.startup_complete
@@ -142,5 +161,6 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     token = bearer(request) or ""
     if not hmac.compare_digest(token.encode(), services.metrics_token.encode()):
         raise ApiError(401, "a metrics token is required (PONO_METRICS_TOKEN or <data dir>/metrics_token)")
+    services.storage.update_gauges()
     body = generate_latest(services.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

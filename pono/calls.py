@@ -12,6 +12,7 @@ from pono.agent.llm import LLMClient
 from pono.events import CallEvent, EventType
 from pono.metrics import Metrics
 from pono.settings import Settings
+from pono.storage.service import Storage
 from pono.transport import Transport
 from pono.voice.call import Call
 from pono.voice.models import SpeechModels
@@ -21,8 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class CallManager:
-    def __init__(self, settings: Settings, models: SpeechModels, llm: LLMClient, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, models: SpeechModels, llm: LLMClient, metrics: Metrics,
+                 storage: Storage | None = None) -> None:
         self.settings = settings
+        self.storage = storage
         self.models = models
         self.llm = llm
         self.metrics = metrics
@@ -37,7 +40,8 @@ class CallManager:
     def new_call_id(self) -> str:
         return uuid.uuid4().hex
 
-    def start(self, call_id: str, transport: Transport, persona: str | None = None) -> Call:
+    def start(self, call_id: str, transport: Transport, persona: str | None = None,
+              caller: str | None = None) -> Call:
         s = self.settings
         call = Call(
             call_id,
@@ -56,6 +60,8 @@ class CallManager:
         call.events.subscribe(lambda e: transport.send_text(e.to_json()))
         call.events.subscribe(self.metrics.observe)
         call.events.subscribe(_log_event)
+        if self.storage is not None:
+            self.storage.attach(call, transport.kind, caller)
         self.calls[call_id] = call
         self.metrics.calls_total.labels(transport.kind).inc()
         self.metrics.active_calls.labels(transport.kind).inc()
@@ -68,6 +74,8 @@ class CallManager:
         self.calls.pop(call_id, None)
         self._tasks.pop(call_id, None)
         self.metrics.active_calls.labels(kind).dec()
+        if self.storage is not None:
+            self.storage.detach(call_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("call %s crashed", call_id, exc_info=task.exception())
 

@@ -5,15 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 from pydantic import ValidationError
 
 from pono.settings import Settings
+from pono.storage.db import Database, StorageError
+from pono.storage.embedded import EmbeddedPostgres
+from pono.storage.retention import purge
+from pono.storage.users import ROLES, create_api_key, create_user
 
 log = logging.getLogger("pono")
 
@@ -32,7 +39,11 @@ async def _serve(settings: Settings) -> None:
 
     app = build_app(settings)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except StorageError as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(1) from None
     site = web.TCPSite(runner, settings.host, settings.port)
     try:
         await site.start()
@@ -50,6 +61,60 @@ async def _serve(settings: Settings) -> None:
     await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[Database]:
+    """The configured Postgres (or the embedded one in the data dir), migrated, for one command."""
+    embedded = None
+    if settings.database_url is not None:
+        dsn = settings.database_url.get_secret_value()
+    else:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        dsn = await embedded.start()
+    db = Database(dsn, min_size=1, max_size=2, attempts=settings.db_connect_attempts)
+    try:
+        await db.connect()
+        yield db
+    finally:
+        await db.close()
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def _migrate(settings: Settings) -> None:
+    async with _database(settings):
+        pass  # connecting applies what is missing
+    print("migrations applied")
+
+
+async def _create_user(settings: Settings, name: str, role: str, print_token: bool) -> None:
+    async with _database(settings) as db:
+        try:
+            user_id = await create_user(db.pool, name, role)
+        except asyncpg.UniqueViolationError:
+            raise SystemExit(f"pono: a user named {name!r} already exists") from None
+        token = await create_api_key(db.pool, user_id, role, f"{name} (cli)")
+        await db.pool.execute("INSERT INTO audit_log (actor, action, target) VALUES ('cli', 'user.create', $1)",
+                              user_id)
+    print(f"created {role} user {name} ({user_id})")
+    if print_token:
+        print("API token (shown once; keep it secret):")
+        print(token)
+
+
+async def _purge(settings: Settings) -> None:
+    async with _database(settings) as db:
+        removed = await purge(db.pool, settings.retention_days)
+    print(json.dumps(removed))
+
+
+def _run_storage_command(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        asyncio.run(coro)
+    except StorageError as exc:
+        print(f"pono: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pono", description="Pono voice agent server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,14 +126,30 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--tts", choices=["hibari", "piper"], help="TTS engine (PONO_TTS)")
     serve.add_argument("--llm-model", help="model name for the LLM endpoint (PONO_LLM_MODEL)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (PONO_LOG_LEVEL)")
+    sub.add_parser("migrate", help="apply database migrations (also done at every start)")
+    sub.add_parser("purge", help="remove soft-deleted rows past retention (PONO_RETENTION_DAYS)")
+    users = sub.add_parser("users", help="manage users").add_subparsers(dest="users_command", required=True)
+    create = users.add_parser("create", help="create a user and an API key")
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", required=True, choices=ROLES)
+    create.add_argument("--print-token", action="store_true", help="print the API token on the last line")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.command == "migrate":
+        _run_storage_command(_migrate(_settings({})))
+    elif args.command == "purge":
+        _run_storage_command(_purge(_settings({})))
+    elif args.command == "users":
+        _run_storage_command(_create_user(_settings({}), args.name, args.role, args.print_token))
 
     if args.command == "serve":
         settings = _settings({
             "host": args.host, "port": args.port, "data_dir": args.data_dir, "stt_model": args.stt_model,
             "tts": args.tts, "llm_model": args.llm_model, "log_level": args.log_level,
         })
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            force=True)
         for noisy in ("aioice", "httpx", "httpx2", "faster_whisper"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         with contextlib.suppress(KeyboardInterrupt):

@@ -12,6 +12,8 @@ from pono.auth import TokenSigner
 from pono.calls import CallManager
 from pono.metrics import Metrics
 from pono.settings import Settings
+from pono.storage.service import Storage
+from pono.storage.users import KeyVerifier
 from pono.voice.models import SpeechModels
 
 
@@ -24,6 +26,8 @@ class Services:
     calls: CallManager
     signer: TokenSigner
     metrics_token: str
+    storage: Storage
+    keys: KeyVerifier
     startup_complete: bool = False
     startup_error: str | None = None
     llm_reachable: bool = False

@@ -31,6 +31,11 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
         self.loop_lag_max = Gauge("pono_event_loop_lag_max_seconds", "Worst event-loop lag since start",
                                   registry=r)
+        self.db_queue_depth = Gauge("pono_db_write_queue_depth", "Records waiting for the DB writer", registry=r)
+        self.journal_bytes = Gauge("pono_journal_bytes", "Bytes of writes journaled while Postgres was away",
+                                   registry=r)
+        self.db_up = Gauge("pono_db_up", "1 when Postgres takes writes directly", registry=r)
+        self.redis_up = Gauge("pono_redis_up", "1 when Redis is reachable", registry=r)
         self.worst_lag = 0.0
 
     def observe(self, event: CallEvent) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +63,18 @@ class Settings(BaseSettings):
     )
     greeting: str = "Hi, this is Pono. How can I help?"
     llm_threads: int = 2
+
+    # Storage. Unset DATABASE_URL / REDIS_URL start the embedded Postgres / Valkey in the data dir.
+    database_url: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "database_url")
+    )
+    redis_url: SecretStr | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "redis_url"))
+    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+    db_connect_attempts: int = 5
+    registry_ttl_s: int = 15
+    retention_days: int = 90  # soft-deleted rows are purged after this many days
 
     # HTTP limits.
     max_body_bytes: int = 256 * 1024

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import uuid
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
+from servers import PostgresProcess, ValkeyProcess
 
 from pono.agent.embedded import free_port
 from pono.app import build_app
+from pono.context import SERVICES
 from pono.settings import Settings
+from pono.storage.users import create_api_key, create_user
 from pono.testing.scripted_llm import Script, ScriptedLLM
 
 QUESTION = "Please book a table for two at seven tonight"
@@ -110,9 +115,40 @@ async def start_server(settings: Settings, ready_timeout: float = 180.0) -> Runn
 
 
 @pytest.fixture(scope="session")
-async def server(tmp_path_factory: pytest.TempPathFactory, scripted_llm: ScriptedLLM) -> AsyncIterator[RunningServer]:
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """DATABASE_URL when set, else an embedded Postgres 18 + pgvector started for this session."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+        return
+    pg = PostgresProcess(tmp_path_factory.mktemp("postgres"))
+    yield pg.uri
+    pg.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """REDIS_URL when set, else an embedded Valkey started for this session."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    valkey = ValkeyProcess(tmp_path_factory.mktemp("valkey"))
+    yield valkey.url
+    valkey.stop()
+
+
+@pytest.fixture(scope="session")
+async def server(tmp_path_factory: pytest.TempPathFactory, scripted_llm: ScriptedLLM, postgres_url: str,
+                 redis_url: str) -> AsyncIterator[RunningServer]:
     settings = make_settings(tmp_path_factory.mktemp("pono"), openai_base_url=scripted_llm.base_url,
-                             llm_model="scripted")
+                             llm_model="scripted", database_url=postgres_url, redis_url=redis_url)
     running = await start_server(settings)
     yield running
     await running.runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+async def admin_token(server: RunningServer) -> str:
+    services = server.app[SERVICES]
+    assert services.storage.db is not None
+    user_id = await create_user(services.storage.db.pool, f"admin-{uuid.uuid4().hex[:8]}", "admin")
+    return await create_api_key(services.storage.db.pool, user_id, "admin", "tests")

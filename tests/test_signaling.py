@@ -180,14 +180,16 @@ async def test_health_ready_startup_and_metrics(server) -> None:
                 assert r.status == 200, path
         async with http.get(f"{server.url}/api/ready") as r:
             body = await r.json()
-            assert body["checks"] == {"models": True, "llm": True, "accepting_calls": True}
+            assert body["checks"] == {"models": True, "llm": True, "database": True, "redis": True,
+                                      "accepting_calls": True}
         async with http.get(f"{server.url}/metrics") as r:
             assert r.status == 401
         auth = {"Authorization": f"Bearer {services.metrics_token}"}
         async with http.get(f"{server.url}/metrics", headers=auth) as r:
             assert r.status == 200
             text = await r.text()
-        for name in ("pono_turn_stage_seconds", "pono_active_calls", "pono_event_loop_lag_seconds"):
+        for name in ("pono_turn_stage_seconds", "pono_active_calls", "pono_event_loop_lag_seconds",
+                     "pono_db_write_queue_depth", "pono_journal_bytes", "pono_db_up 1.0", "pono_redis_up 1.0"):
             assert name in text
         async with http.get(f"{server.url}/nope") as r:
             assert r.status == 404 and r.content_type == "application/json"

@@ -94,7 +94,7 @@ async def create_call(request: web.Request) -> web.Response:
         raise
     call_id = services.calls.new_call_id()
     services.call_tokens[call_id] = token_id
-    services.calls.start(call_id, transport, persona=offer.persona)
+    services.calls.start(call_id, transport, persona=offer.persona, caller=request.remote)
     transport.expect_connection_within(_CONNECT_TIMEOUT_S)
     log.info("call %s answered in %.0f ms (%s)", call_id, 1000 * (time.perf_counter() - started),
              ",".join(sorted(kinds)))

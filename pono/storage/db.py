@@ -1,0 +1,107 @@
+"""Postgres through asyncpg: connect with retries and backoff, migrate, then a bounded pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from pono.storage.migrate import apply_migrations
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the server is unreachable or went away", as opposed to a bad statement.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+class StorageError(RuntimeError):
+    """Storage cannot start (wrong URL, server unreachable): a message for one clear log line."""
+
+
+def describe(dsn: str) -> str:
+    """The DSN without its password, for logs."""
+    parts = urlsplit(dsn)
+    host = parts.hostname or parts.query or "local socket"
+    return f"{parts.scheme}://{parts.username or ''}@{host}:{parts.port or ''}{parts.path}"
+
+
+async def connect_with_retry(dsn: str, attempts: int, timeout_s: float = 5.0) -> asyncpg.Connection:
+    delay = 0.25
+    for attempt in range(1, attempts + 1):
+        try:
+            return await asyncpg.connect(dsn, timeout=timeout_s)
+        except asyncpg.InvalidPasswordError as exc:
+            raise StorageError(f"cannot log in to Postgres at {describe(dsn)}: {exc}") from None
+        except asyncpg.InvalidCatalogNameError as exc:
+            raise StorageError(f"Postgres at {describe(dsn)} has no such database: {exc}") from None
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            if attempt == attempts:
+                raise StorageError(
+                    f"cannot reach Postgres at {describe(dsn)} after {attempts} attempts: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+            log.warning("Postgres not reachable yet (%s); retrying in %.1f s", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    from pgvector.asyncpg import register_vector
+
+    await register_vector(conn)
+
+
+class Database:
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10, attempts: int = 5) -> None:
+        self.dsn = dsn
+        self.min_size = min_size
+        self.max_size = max_size
+        self.attempts = attempts
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StorageError("the database is not connected")
+        return self._pool
+
+    async def connect(self) -> None:
+        # Migrate on a plain connection first: the pool registers the pgvector codec, which needs the
+        # extension the first migration creates.
+        conn = await connect_with_retry(self.dsn, self.attempts)
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(
+            self.dsn, min_size=self.min_size, max_size=self.max_size, init=_init_connection,
+            command_timeout=10, timeout=5,
+        )
+
+    async def reachable(self) -> bool:
+        try:
+            async with asyncio.timeout(2):
+                await self.pool.fetchval("SELECT 1")
+            return True
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except TimeoutError:
+                pool.terminate()

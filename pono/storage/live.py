@@ -1,0 +1,173 @@
+"""Live state in Redis: the call registry across replicas, one event channel per call, rate limits.
+
+Nothing here is needed for a call to go on: when Redis is away, publishes are dropped, the registry is
+rebuilt by the next heartbeat after it returns, and `up` says so for /api/ready and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from pono.events import CallEvent, EventType
+
+log = logging.getLogger(__name__)
+
+LIVE_SET = "pono:calls:live"  # sorted set: call id → last heartbeat (unix time)
+
+
+def call_key(call_id: str) -> str:
+    return f"pono:call:{call_id}"
+
+
+def events_channel(call_id: str) -> str:
+    return f"pono:events:{call_id}"
+
+
+class LiveState:
+    def __init__(self, url: str, replica: str, ttl_s: int = 15) -> None:
+        self.url = url
+        self.replica = replica
+        self.ttl_s = ttl_s
+        self.redis = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True)
+        self.up = False
+        self.calls: dict[str, dict[str, str]] = {}  # this replica's live calls, as registered
+        self._outbox: deque[tuple[str, str]] = deque(maxlen=10_000)  # (channel, message) to publish
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self._ping()
+        self._tasks = [asyncio.create_task(self._heartbeat(), name="registry-heartbeat"),
+                       asyncio.create_task(self._publisher(), name="event-publisher")]
+
+    async def _ping(self) -> bool:
+        try:
+            await self.redis.ping()
+            if not self.up:
+                log.info("Redis reachable at %s", self.url.split("@")[-1])
+            self.up = True
+        except (RedisError, OSError) as exc:
+            if self.up:
+                log.warning("Redis unreachable (%s): calls go on; registry will reconverge", type(exc).__name__)
+            self.up = False
+        return self.up
+
+    # -- registry -----------------------------------------------------------------------------
+    def register(self, call_id: str, transport: str, persona: str | None, caller: str | None) -> None:
+        self.calls[call_id] = {"call_id": call_id, "replica": self.replica, "transport": transport,
+                               "persona": persona or "", "caller": caller or "", "state": "listening",
+                               "started": f"{time.time():.3f}"}
+        self._wake.set()
+
+    def unregister(self, call_id: str) -> None:
+        if self.calls.pop(call_id, None) is not None:
+            self._outbox.append(("__unregister__", call_id))
+            self._wake.set()
+
+    def observer(self, call_id: str) -> Any:
+        channel = events_channel(call_id)
+
+        def observe(event: CallEvent) -> None:
+            if event.type is EventType.STATE and call_id in self.calls:
+                self.calls[call_id]["state"] = str(event.data.get("state"))
+                self._outbox.append(("__state__", call_id))
+            self._outbox.append((channel, json.dumps(event.to_json(), separators=(",", ":"))))
+            self._wake.set()
+
+        return observe
+
+    async def _heartbeat(self) -> None:
+        interval = max(1.0, self.ttl_s / 3)
+        while True:
+            if await self._ping():
+                try:
+                    await self._refresh_all()
+                except (RedisError, OSError):
+                    self.up = False
+            await asyncio.sleep(interval)
+
+    async def _refresh_all(self) -> None:
+        if not self.calls:
+            return
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call_id, fields in self.calls.items():
+                pipe.hset(call_key(call_id), mapping=fields)
+                pipe.expire(call_key(call_id), self.ttl_s)
+                pipe.zadd(LIVE_SET, {call_id: now})
+            await pipe.execute()
+
+    async def _publisher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self.up:
+                continue  # the heartbeat re-registers everything once Redis is back
+            try:
+                await self._refresh_all()  # new calls appear at once, not at the next heartbeat
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    while self._outbox:
+                        channel, message = self._outbox.popleft()
+                        if channel == "__unregister__":
+                            pipe.delete(call_key(message))
+                            pipe.zrem(LIVE_SET, message)
+                        elif channel == "__state__":
+                            if message in self.calls:
+                                pipe.hset(call_key(message), "state", self.calls[message]["state"])
+                        else:
+                            pipe.publish(channel, message)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("Redis publish failed (%s)", type(exc).__name__)
+                self.up = False
+
+    async def live_calls(self) -> list[dict[str, str]]:
+        """Every live call on every replica (raises RedisError when Redis is down)."""
+        cutoff = time.time() - self.ttl_s
+        await self.redis.zremrangebyscore(LIVE_SET, "-inf", cutoff)  # replicas that died stop counting
+        ids = await self.redis.zrangebyscore(LIVE_SET, cutoff, "+inf")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call_id in ids:
+                pipe.hgetall(call_key(call_id))
+            rows = await pipe.execute()
+        return [row for row in rows if row]
+
+    # -- rate limits --------------------------------------------------------------------------
+    async def hit(self, key: str, limit: int, window_s: int) -> tuple[bool, int]:
+        """Count one request in a fixed window; (allowed, seconds until the window resets).
+
+        Fails open when Redis is down: a cache outage must not lock every caller out.
+        """
+        bucket = f"pono:rl:{key}:{int(time.time()) // window_s}"
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.incr(bucket)
+                pipe.expire(bucket, window_s)
+                count, _ = await pipe.execute()
+        except (RedisError, OSError):
+            return True, 0
+        retry_after = window_s - int(time.time()) % window_s
+        return int(count) <= limit, retry_after
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(RedisError, OSError):
+            if self.calls and self.up:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for call_id in self.calls:
+                        pipe.delete(call_key(call_id))
+                        pipe.zrem(LIVE_SET, call_id)
+                    await pipe.execute()
+        await self.redis.aclose()

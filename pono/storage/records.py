@@ -1,0 +1,55 @@
+"""What of a call's event stream lasts: events in, idempotent write records out.
+
+Each record carries an idempotency key (call id + turn index + kind); the SQL behind each kind is an
+insert that ignores a conflict on that key, so a replayed or retried record never duplicates a row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pono.events import CallEvent, EventType
+
+Record = dict[str, Any]
+
+
+def record(kind: str, call_id: str, turn: int | None, **data: Any) -> Record:
+    return {"key": f"{call_id}:{'' if turn is None else turn}:{kind}", "kind": kind, "call_id": call_id,
+            "turn": turn, **data}
+
+
+class CallRecorder:
+    """Turns one call's events into records; keeps the little state that spans events (start times,
+    latency marks that arrive before the turn they belong to)."""
+
+    def __init__(self, replica: str, caller: str | None = None) -> None:
+        self.replica = replica
+        self.caller = caller
+        self._speech_started: float | None = None
+        self._agent_started: dict[int, float] = {}
+        self._latency: dict[int, dict[str, float]] = {}
+
+    def __call__(self, event: CallEvent) -> Record | None:
+        t, d = event.type, event.data
+        if t is EventType.CALL_STARTED:
+            return record("call_started", event.call_id, None, transport=d.get("transport"),
+                          persona=d.get("persona"), caller=d.get("caller", self.caller), replica=self.replica,
+                          at=event.ts)
+        if t is EventType.SPEECH_STARTED:
+            self._speech_started = event.ts
+        elif t is EventType.AGENT_DELTA and event.turn is not None:
+            self._agent_started.setdefault(event.turn, event.ts)
+        elif t is EventType.LATENCY and event.turn is not None:
+            self._latency[event.turn] = dict(d.get("marks", {}))
+        elif t is EventType.TRANSCRIPT_FINAL and d.get("text") and event.turn is not None:
+            started = self._speech_started if d.get("source") == "voice" else event.ts
+            self._speech_started = None
+            return record("turn", event.call_id, event.turn, role="user", text=d["text"], source=d.get("source"),
+                          started_at=started or event.ts, ended_at=event.ts, interrupted=False, latency={})
+        elif t is EventType.AGENT_FINAL and event.turn is not None:
+            return record("turn", event.call_id, event.turn, role="agent", text=d.get("text", ""), source="agent",
+                          started_at=self._agent_started.pop(event.turn, event.ts), ended_at=event.ts,
+                          interrupted=bool(d.get("interrupted")), latency=self._latency.pop(event.turn, {}))
+        elif t is EventType.CALL_ENDED:
+            return record("call_ended", event.call_id, None, reason=d.get("reason"), at=event.ts)
+        return None
