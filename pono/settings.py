@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     )
     redis_url: SecretStr | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "redis_url"))
     replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    db_pool_min: int = 1
+    db_pool_min: int = 0  # no idle floor: during an outage asyncpg would retry it noisily
     db_pool_max: int = 10
     db_connect_attempts: int = 5
     registry_ttl_s: int = 15

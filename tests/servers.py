@@ -65,3 +65,54 @@ class ValkeyProcess:
 
     async def astart(self) -> None:
         await asyncio.to_thread(self.start)
+
+
+class PonoProcess:
+    """`pono serve` as a child process, like a second replica or a server that can crash."""
+
+    def __init__(self, data_dir: Path, **env: str) -> None:
+        import os
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "PONO_PORT": str(self.port), "PONO_DATA_DIR": str(data_dir),
+                    "PONO_STT_MODEL": "tiny.en", "PONO_ICE_INTERFACES": '["127.0.0.1"]', "PONO_GREETING": "",
+                    "PONO_STT_PARTIAL_INTERVAL_S": "0", "PONO_LLM_TIMEOUT_S": "3", **env}
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, ready_timeout: float = 120.0) -> None:
+        import sys
+
+        import aiohttp
+
+        with (self.data_dir / "server.log").open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pono", "serve", env=self.env, stdout=log, stderr=asyncio.subprocess.STDOUT)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(int(ready_timeout * 5)):
+                if self.process.returncode is not None:
+                    raise RuntimeError(f"pono serve exited with {self.process.returncode}")
+                try:
+                    async with http.get(f"{self.url}/api/ready") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise TimeoutError("pono serve did not become ready")
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), 30)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
