@@ -19,10 +19,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class ApiError(web.HTTPException):
     """An HTTP error whose body is JSON: {"error": message, ...details}."""
 
-    def __init__(self, status: int, message: str, **details: Any) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **details: Any) -> None:
         self.status_code = status
         super().__init__(
-            text=json.dumps({"error": message, **details}), content_type="application/json"
+            text=json.dumps({"error": message, **details}), content_type="application/json", headers=headers
         )
 
 

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     registry_ttl_s: int = 15
     retention_days: int = 90  # soft-deleted rows are purged after this many days
 
+    # Rate limits (per client IP, per minute, counted in Redis so they hold across replicas).
+    call_tokens_per_minute: int = 30
+
     # HTTP limits.
     max_body_bytes: int = 256 * 1024
     max_calls: int = 50

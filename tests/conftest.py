@@ -81,6 +81,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "greeting": "",
         "llm_timeout_s": 3.0,
         "stt_partial_interval_s": 0.0,
+        "call_tokens_per_minute": 10_000,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -197,3 +197,23 @@ async def test_health_ready_startup_and_metrics(server) -> None:
             assert r.status == 200 and "Start call" in await r.text()
             assert r.headers["X-Content-Type-Options"] == "nosniff"
             assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+
+
+async def test_call_tokens_are_rate_limited_per_ip(server) -> None:
+    settings = server.app[SERVICES].settings
+    settings.call_tokens_per_minute = 3  # read per request; counted in Redis
+    try:
+        async with aiohttp.ClientSession() as http:
+            statuses = []
+            for _ in range(6):
+                async with http.post(f"{server.url}/api/call-tokens") as r:
+                    statuses.append(r.status)
+                    if r.status == 429:
+                        assert 0 < int(r.headers["Retry-After"]) <= 60
+                        assert "slow down" in (await r.json())["error"]
+            # Earlier tests in this minute count too, so the limit may bite from the first request on.
+            assert statuses[-3:] == [429, 429, 429]
+    finally:
+        settings.call_tokens_per_minute = 10_000
+    async with aiohttp.ClientSession() as http, http.post(f"{server.url}/api/call-tokens") as r:
+        assert r.status == 201

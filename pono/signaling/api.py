@@ -41,6 +41,12 @@ def _call_token(request: web.Request, services: Services) -> dict[str, object]:
 
 async def create_call_token(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    assert services.storage.live is not None
+    allowed, retry_after = await services.storage.live.hit(
+        f"call-token:{request.remote}", services.settings.call_tokens_per_minute, 60)
+    if not allowed:
+        raise ApiError(429, "too many call tokens requested; slow down", retry_after_s=retry_after,
+                       headers={"Retry-After": str(retry_after)})
     token = services.signer.issue("call", CALL_TOKEN_TTL_S)
     return web.json_response({"token": token, "expires_in": CALL_TOKEN_TTL_S}, status=201)
 
