@@ -55,6 +55,7 @@ class CallManager:
             partial_interval_s=s.stt_partial_interval_s,
             greeting=s.greeting,
             persona=persona,
+            preemptive=s.preemptive_reply,
         )
         # Observers of the call's event stream: the caller's own view, and metrics.
         call.events.subscribe(lambda e: transport.send_text(e.to_json()))

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     hangover_ms: int = 450
     barge_in_min_ms: int = 600
     max_utterance_s: float = 20.0
+    # Start the LLM on the transcript of a pause before the turn is surely over; dropped if the caller
+    # goes on. Costs LLM tokens for nothing when they do, saves up to the hangover when they don't.
+    preemptive_reply: bool = True
 
     # The agent's LLM. Unset OPENAI_BASE_URL starts the bundled SmolLM2 behind llama.cpp.
     openai_base_url: str | None = Field(

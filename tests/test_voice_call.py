@@ -21,6 +21,12 @@ LONG_REPLY = (
 )
 
 
+def trim(pcm: np.ndarray) -> np.ndarray:
+    """Speech without espeak's leading and trailing silence, so pauses in a test are the ones it makes."""
+    loud = np.flatnonzero(np.abs(pcm) > 300)
+    return pcm[loud[0]:loud[-1] + 1]
+
+
 def words(text: str) -> set[str]:
     return set(re.findall(r"[a-z]+", text.lower()))
 
@@ -156,5 +162,60 @@ async def test_garbage_audio_makes_no_turn(server, script: Script) -> None:
         assert texts == []
         assert not [e for e in caller.events if e["type"].startswith("agent.")]
         assert not script.requests
+    finally:
+        await caller.hang_up()
+
+
+async def test_preemptive_reply_is_committed_at_end_of_turn(server, script: Script, question: np.ndarray) -> None:
+    settings = server.app[SERVICES].settings
+    settings.hangover_ms = 1500  # a long end-of-turn wait: STT and the LLM finish inside it
+    try:
+        caller = await open_call(server)
+    finally:
+        settings.hangover_ms = 450
+    script.reply = "Booked, see you at seven."
+    try:
+        caller.speak(question)
+        final = await caller.wait_for(lambda e: e["type"] == "agent.final", 30)
+        assert final["text"] == script.reply and not final["interrupted"]
+        latency = await caller.wait_for(lambda e: e["type"] == "latency", 5)
+        marks = latency["marks"]
+        # The reply was thought up while the caller was still only pausing, and spoken after.
+        assert marks["stt_final"] < marks["speech_end"] and marks["llm_first_token"] < marks["speech_end"]
+        assert marks["first_audio_sent"] >= marks["speech_end"]
+        users = [e for e in caller.events if e["type"] == "transcript.final"]
+        assert len(users) == 1 and users[0]["turn"] == 0 and final["turn"] == 1
+        assert len(script.requests) == 1
+    finally:
+        await caller.hang_up()
+
+
+async def test_preemptive_reply_is_dropped_when_caller_goes_on(server, script: Script, audio_dir) -> None:
+    from conftest import espeak
+
+    first = trim(espeak("Please book a table", audio_dir / "first.wav"))
+    second = trim(espeak("for two people at seven", audio_dir / "second.wav"))
+    settings = server.app[SERVICES].settings
+    settings.hangover_ms = 2000
+    try:
+        caller = await open_call(server)
+    finally:
+        settings.hangover_ms = 450
+    script.reply = "Done, a table for two at seven."
+    script.first_token_s = 0.0
+    try:
+        # A 1 s pause: long enough for a preemptive reply to start, shorter than the hangover.
+        caller.speak(np.concatenate([first, np.zeros(16000, np.int16), second]))
+        final = await caller.wait_for(lambda e: e["type"] == "agent.final", 40)
+        assert final["text"] == script.reply
+        users = [e for e in caller.events if e["type"] == "transcript.final"]
+        assert len(users) == 1 and {"table", "two"} <= words(users[0]["text"])
+        assert users[0]["turn"] == 0 and final["turn"] == 1
+        assert not [e for e in caller.events if e["type"] in ("barge_in", "error")]
+        # The LLM was asked twice: once on the pause (dropped unheard), once on the whole turn.
+        assert len(script.requests) == 2
+        assert "two" in script.requests[-1]["messages"][-1]["content"].lower()
+        assert [e["text"] for e in caller.events if e["type"] == "agent.delta"] != []
+        assert "".join(e["text"] for e in caller.events if e["type"] == "agent.delta").strip() == script.reply
     finally:
         await caller.hang_up()

@@ -27,8 +27,14 @@ class Conversation:
         content = f"{text} [interrupted by the caller]" if interrupted else text
         self.messages.append({"role": "assistant", "content": content})
 
-    def prompt(self) -> list[dict[str, Any]]:
-        recent = self.messages[-self.max_messages:]
+    def prompt(self, pending_user: str | None = None) -> list[dict[str, Any]]:
+        """The messages to send; `pending_user` is a caller turn not yet committed (preemptive replies)."""
+        recent = [dict(m) for m in self.messages[-self.max_messages:]]
+        if pending_user:
+            if recent and recent[-1]["role"] == "user":
+                recent[-1]["content"] += " " + pending_user
+            else:
+                recent.append({"role": "user", "content": pending_user})
         while recent and recent[0]["role"] != "user":  # a window must not open on an agent turn
             recent = recent[1:]
         return [{"role": "system", "content": self.system_prompt}, *recent]

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
@@ -17,7 +18,7 @@ from pono.agent.llm import LLMClient
 from pono.events import EventStream, EventType
 from pono.transport import FRAME_MS, Transport
 from pono.voice.models import SpeechModels
-from pono.voice.reply import Reply
+from pono.voice.reply import HeldEvents, Reply
 from pono.voice.turns import Signal, TurnConfig, TurnDetector
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,16 @@ class CallState(StrEnum):
     USER_SPEAKING = "user_speaking"
     THINKING = "thinking"
     SPEAKING = "speaking"
+
+
+@dataclass
+class Preemption:
+    spec: asyncio.Task[str]
+    task: asyncio.Task[None]
+    held: HeldEvents
+    text: str
+    transcribed_at: float
+    turns_before: int
 
 
 class Call:
@@ -47,6 +58,7 @@ class Call:
         partial_interval_s: float = 1.0,
         greeting: str = "",
         persona: str | None = None,
+        preemptive: bool = True,
     ) -> None:
         self.call_id = call_id
         self.transport = transport
@@ -58,6 +70,7 @@ class Call:
         self.partial_interval_s = partial_interval_s
         self.greeting = greeting
         self.persona = persona
+        self.preemptive = preemptive
         self.events = EventStream(call_id)
         self.state = CallState.LISTENING
         self.end_reason = "hangup"
@@ -67,6 +80,8 @@ class Call:
         self._reply_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self._stt_busy = False
+        self._spec: asyncio.Task[str] | None = None  # speculative STT of the current pause
+        self._preempt: Preemption | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -142,16 +157,22 @@ class Call:
                     pause_at = time.monotonic()
                     if not started_while_busy or barged:
                         spec = self._spawn(self._transcribe(np.concatenate(utterance)), "stt-spec")
+                        self._spec = spec
+                        spec.add_done_callback(lambda task, t0=pause_at: self._preempt_reply(task, t0))
                 elif signal is Signal.RESUME:
-                    spec = None  # the caller went on: that transcript is stale
+                    spec = self._spec = None  # the caller went on: that transcript is stale
+                    self._drop_preemptive()
                 elif signal is Signal.END:
                     audio, utterance = np.concatenate(utterance), []
                     ignored = started_while_busy and not barged
                     self.events.emit(EventType.SPEECH_STOPPED, self._turns, ignored=ignored,
                                      duration_s=round(audio.size / 16000, 3))
-                    if not ignored:
+                    if self._preempt is not None and self._preempt.spec is spec:
+                        self._commit_preemptive()
+                    elif not ignored:
+                        self._drop_preemptive()
                         self._start_reply(audio=audio, t0=pause_at or time.monotonic(), spec=spec)
-                    spec = None
+                    spec = self._spec = None
                 if detector.in_speech and started_while_busy and not barged:
                     if detector.voiced_ms >= self.barge_in_min_ms and self._reply_task is not None:
                         barged = True
@@ -199,11 +220,43 @@ class Call:
 
     # -- replying -----------------------------------------------------------------------------
     def _start_reply(self, *, audio: np.ndarray | None = None, text: str | None = None, greeting: str | None = None,
-                     t0: float | None = None, spec: asyncio.Task[str] | None = None) -> None:
-        task = asyncio.create_task(self._run_reply(audio, text, greeting, t0 or time.monotonic(), spec),
+                     t0: float | None = None, spec: asyncio.Task[str] | None = None,
+                     held: HeldEvents | None = None) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._run_reply(audio, text, greeting, t0 or time.monotonic(), spec, held),
                                    name=f"reply-{self.call_id}")
         self._reply_task = task
         task.add_done_callback(self._reply_done)
+        return task
+
+    # -- preemptive replies: think while the caller is only pausing -----------------------------
+    def _preempt_reply(self, spec: asyncio.Task[str], t0: float) -> None:
+        """The pause's transcript is ready before the turn is over: start the reply now, unheard."""
+        if (not self.preemptive or spec is not self._spec or spec.cancelled() or spec.exception() is not None
+                or not spec.result() or self._reply_task is not None):
+            return
+        held = HeldEvents(self.events, open_=False)
+        turns_before = self._turns
+        task = self._start_reply(text=spec.result(), t0=t0, held=held)
+        self._preempt = Preemption(spec, task, held, spec.result(), time.monotonic(), turns_before)
+
+    def _commit_preemptive(self) -> None:
+        p, self._preempt = self._preempt, None
+        assert p is not None
+        self.conversation.add_user(p.text)
+        if self._reply is not None:
+            self._reply.outcome.marks["speech_end"] = round(time.monotonic() - self._reply.t0, 4)
+            self._reply.outcome.marks["stt_final"] = round(p.transcribed_at - self._reply.t0, 4)
+        self._set_state(CallState.THINKING)
+        p.held.open()
+
+    def _drop_preemptive(self) -> None:
+        p, self._preempt = self._preempt, None
+        if p is None:
+            return
+        if self._reply_task is p.task:
+            self._reply_task = self._reply = None
+        p.task.cancel()  # nothing of it was emitted or played
+        self._turns = p.turns_before
 
     def _reply_done(self, task: asyncio.Task[None]) -> None:
         if self._reply_task is task:
@@ -215,11 +268,20 @@ class Call:
             self.events.emit(EventType.ERROR, kind="internal", message="the reply failed")
 
     async def _run_reply(self, audio: np.ndarray | None, text: str | None, greeting: str | None, t0: float,
-                         spec: asyncio.Task[str] | None) -> None:
+                         spec: asyncio.Task[str] | None, held: HeldEvents | None) -> None:
         began = time.monotonic()
         speaking = asyncio.Event()
         watcher = asyncio.create_task(self._when_speaking(speaking))
         try:
+            if held is not None:  # preemptive: the transcript is known, the turn not yet over
+                assert text is not None
+                held.emit(EventType.TRANSCRIPT_FINAL, self._next_turn(), text=text, source="voice")
+                reply = self._new_reply(t0, speaking, held, pending_user=text)
+                await reply.generate()
+                await held.opened.wait()
+                reply.pending_user = None
+                self._finish(reply, interrupted=False)
+                return
             if greeting is not None:
                 reply = self._new_reply(t0, speaking)
                 await reply.speak_text(greeting)
@@ -246,10 +308,12 @@ class Call:
         finally:
             watcher.cancel()
 
-    def _new_reply(self, t0: float, speaking: asyncio.Event) -> Reply:
+    def _new_reply(self, t0: float, speaking: asyncio.Event, held: HeldEvents | None = None,
+                   pending_user: str | None = None) -> Reply:
         self._reply = Reply(turn=self._next_turn(), t0=t0, transport=self.transport, models=self.models,
-                            llm=self.llm, conversation=self.conversation, events=self.events,
-                            on_speaking=speaking)
+                            llm=self.llm, conversation=self.conversation,
+                            events=held or HeldEvents(self.events, open_=True), on_speaking=speaking,
+                            pending_user=pending_user)
         return self._reply
 
     async def _when_speaking(self, speaking: asyncio.Event) -> None:
@@ -272,6 +336,7 @@ class Call:
 
     async def _cancel_reply(self, reason: str) -> None:
         """Stop the reply in flight: cancel LLM and TTS work, drop queued audio, keep what was heard."""
+        self._drop_preemptive()
         task, reply = self._reply_task, self._reply
         if task is None:
             return

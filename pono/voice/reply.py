@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from pono.agent.conversation import APOLOGY, Conversation
 from pono.agent.llm import LLMClient, LLMError
@@ -20,6 +21,32 @@ from pono.voice.playout import PlayoutTracker
 from pono.voice.sentences import SentenceSplitter
 
 log = logging.getLogger(__name__)
+
+
+class HeldEvents:
+    """A reply's events, held back until its turn is committed, then passed through in order.
+
+    A preemptive reply starts while the caller is only pausing; if they go on, it is dropped unseen.
+    """
+
+    def __init__(self, events: EventStream, *, open_: bool) -> None:
+        self.events = events
+        self.opened = asyncio.Event()
+        self._held: list[tuple[EventType, int | None, dict[str, Any]]] = []
+        if open_:
+            self.opened.set()
+
+    def emit(self, type_: EventType, turn: int | None = None, **data: Any) -> None:
+        if self.opened.is_set():
+            self.events.emit(type_, turn, **data)
+        else:
+            self._held.append((type_, turn, data))
+
+    def open(self) -> None:
+        self.opened.set()
+        held, self._held = self._held, []
+        for type_, turn, data in held:
+            self.events.emit(type_, turn, **data)
 
 
 @dataclass
@@ -41,8 +68,9 @@ class Reply:
         models: SpeechModels,
         llm: LLMClient,
         conversation: Conversation,
-        events: EventStream,
+        events: HeldEvents,
         on_speaking: asyncio.Event,
+        pending_user: str | None = None,
     ) -> None:
         self.turn = turn
         self.t0 = t0
@@ -52,6 +80,7 @@ class Reply:
         self.conversation = conversation
         self.events = events
         self.on_speaking = on_speaking
+        self.pending_user = pending_user
         self.playout = PlayoutTracker()
         self.outcome = ReplyOutcome()
         self._latency_sent = False
@@ -87,7 +116,7 @@ class Reply:
         try:
             try:
                 started = time.monotonic()
-                async for delta in self.llm.stream(self.conversation.prompt()):
+                async for delta in self.llm.stream(self.conversation.prompt(self.pending_user)):
                     if not delta:
                         continue
                     self.mark("llm_first_token")
@@ -126,6 +155,7 @@ class Reply:
             if not chunks:
                 continue
             self.mark("tts_first_audio")
+            await self.events.opened.wait()  # a preemptive reply is heard only once its turn is committed
             start = t.played_s + t.queued_s
             self.playout.add(piece, start, sum(c.size for c in chunks) / rate)
             first_piece = len(self.playout.pieces) == 1
