@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 
+import aiohttp
 import numpy as np
 
 from pono.agent.conversation import APOLOGY
@@ -70,7 +71,8 @@ async def test_spoken_question_gets_spoken_answer(server, script: Script, questi
         await caller.hang_up()
 
 
-async def test_barge_in_stops_audio_and_truncates_turn(server, script: Script, question: np.ndarray) -> None:
+async def test_barge_in_stops_audio_and_truncates_turn(server, script: Script, question: np.ndarray,
+                                                       admin_token: str) -> None:
     script.reply = LONG_REPLY
     caller = await open_call(server)
     try:
@@ -95,6 +97,16 @@ async def test_barge_in_stops_audio_and_truncates_turn(server, script: Script, q
         await caller.wait_for(lambda e: e["type"] == "transcript.final" and "table" in e.get("text", "").lower(), 30)
     finally:
         await caller.hang_up()
+    # What is stored is what the caller heard, marked interrupted.
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
+        for _ in range(50):
+            async with http.get(f"{server.url}/api/calls/{caller.call_id}") as r:
+                stored = await r.json()
+            turns = {t["index"]: t for t in stored.get("turns", [])}
+            if barge["turn"] in turns:
+                break
+            await asyncio.sleep(0.1)
+    assert turns[barge["turn"]]["interrupted"] is True and turns[barge["turn"]]["text"] == cut["text"]
 
 
 async def test_short_noise_does_not_interrupt(server, script: Script, audio_dir) -> None:
