@@ -9,9 +9,11 @@ import uuid
 
 from pono.agent.conversation import Conversation
 from pono.agent.llm import LLMClient
+from pono.agent.personas import Persona, load_persona
 from pono.events import CallEvent, EventType
 from pono.metrics import Metrics
 from pono.settings import Settings
+from pono.storage.db import CONNECTION_ERRORS
 from pono.storage.service import Storage
 from pono.transport import Transport
 from pono.voice.call import Call
@@ -40,22 +42,44 @@ class CallManager:
     def new_call_id(self) -> str:
         return uuid.uuid4().hex
 
-    def start(self, call_id: str, transport: Transport, persona: str | None = None,
+    async def persona(self, ref: str | None) -> Persona:
+        """The persona a new call asked for (or the default). Raises UnknownPersona.
+
+        With Postgres unreachable, the call still goes on, with the configured fallback persona.
+        """
+        db = self.storage.db if self.storage is not None else None
+        if db is None:
+            return Persona.from_settings(self.settings)
+        try:
+            return await load_persona(db.pool, ref)
+        except CONNECTION_ERRORS as exc:
+            log.warning("personas unavailable (%s): using the configured default", type(exc).__name__)
+            return Persona.from_settings(self.settings)
+
+    def start(self, call_id: str, transport: Transport, persona: Persona | None = None,
               caller: str | None = None) -> Call:
         s = self.settings
+        persona = persona or Persona.from_settings(s)
+        turn_taking = persona.turn_taking
+        llm_options = {"model": persona.llm_model or None,
+                       "temperature": persona.llm_params.get("temperature"),
+                       "max_tokens": persona.llm_params.get("max_tokens")}
         call = Call(
             call_id,
             transport,
             self.models,
             self.llm,
-            Conversation(s.system_prompt),
-            TurnConfig(threshold=s.vad_threshold, min_speech_ms=s.min_speech_ms, hangover_ms=s.hangover_ms,
+            Conversation(persona.system_prompt),
+            TurnConfig(threshold=s.vad_threshold,
+                       min_speech_ms=turn_taking.get("min_speech_ms", s.min_speech_ms),
+                       hangover_ms=turn_taking.get("hangover_ms", s.hangover_ms),
                        max_utterance_ms=int(s.max_utterance_s * 1000)),
-            barge_in_min_ms=s.barge_in_min_ms,
+            barge_in_min_ms=turn_taking.get("barge_in_min_ms", s.barge_in_min_ms),
             partial_interval_s=s.stt_partial_interval_s,
-            greeting=s.greeting,
-            persona=persona,
+            greeting=persona.greeting if s.speak_greeting else "",
+            persona=persona.name,
             preemptive=s.preemptive_reply,
+            llm_options={k: v for k, v in llm_options.items() if v is not None},
         )
         # Observers of the call's event stream: the caller's own view, and metrics.
         call.events.subscribe(lambda e: transport.send_text(e.to_json()))

@@ -64,7 +64,8 @@ class Settings(BaseSettings):
         "You are Pono, a friendly voice assistant on a phone call. Answer in one or two short "
         "spoken sentences. No lists, no markdown."
     )
-    greeting: str = "Hi, this is Pono. How can I help?"
+    greeting: str = "Hi, this is Pono. How can I help?"  # the fallback persona's
+    speak_greeting: bool = True  # off in tests and benchmarks, where the caller speaks first
     llm_threads: int = 2
 
     # Storage. Unset DATABASE_URL / REDIS_URL start the embedded Postgres / Valkey in the data dir.

@@ -78,7 +78,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "data_dir": data_dir,
         "stt_model": "base",
         "ice_interfaces": ["127.0.0.1"],
-        "greeting": "",
+        "speak_greeting": False,
         "llm_timeout_s": 3.0,
         "stt_partial_interval_s": 0.0,
         "call_tokens_per_minute": 10_000,

@@ -78,7 +78,7 @@ class PonoProcess:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "PONO_PORT": str(self.port), "PONO_DATA_DIR": str(data_dir),
-                    "PONO_STT_MODEL": "tiny.en", "PONO_ICE_INTERFACES": '["127.0.0.1"]', "PONO_GREETING": "",
+                    "PONO_STT_MODEL": "tiny.en", "PONO_ICE_INTERFACES": '["127.0.0.1"]', "PONO_SPEAK_GREETING": "false",
                     "PONO_STT_PARTIAL_INTERVAL_S": "0", "PONO_LLM_TIMEOUT_S": "3", **env}
         self.process: asyncio.subprocess.Process | None = None
 

@@ -35,6 +35,7 @@ class Conversation:
                 recent[-1]["content"] += " " + pending_user
             else:
                 recent.append({"role": "user", "content": pending_user})
-        while recent and recent[0]["role"] != "user":  # a window must not open on an agent turn
-            recent = recent[1:]
+        if len(self.messages) > self.max_messages:
+            while recent and recent[0]["role"] != "user":  # a cut window must not open on an agent turn
+                recent = recent[1:]
         return [{"role": "system", "content": self.system_prompt}, *recent]

@@ -34,16 +34,17 @@ class LLMClient:
         self.temperature = temperature
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0)
 
-    async def stream(self, messages: list[dict[str, Any]]) -> AsyncIterator[str]:
+    async def stream(self, messages: list[dict[str, Any]], *, model: str | None = None,
+                     temperature: float | None = None, max_tokens: int | None = None) -> AsyncIterator[str]:
         """Yield text deltas. Raises LLMError if the first token does not come within the timeout."""
         try:
             async with asyncio.timeout(self.timeout_s):
                 stream = await self.client.chat.completions.create(
-                    model=self.model,
+                    model=model or self.model,
                     messages=messages,  # type: ignore[arg-type]
                     stream=True,
-                    max_tokens=self.max_tokens,
-                    temperature=self.temperature,
+                    max_tokens=max_tokens or self.max_tokens,
+                    temperature=self.temperature if temperature is None else temperature,
                 )
                 iterator = aiter(stream)
                 first = await anext(iterator, None)

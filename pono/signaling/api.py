@@ -11,6 +11,7 @@ from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from pydantic import BaseModel, Field
 
+from pono.agent.personas import UnknownPersona
 from pono.auth import bearer
 from pono.context import SERVICES, Services
 from pono.http import ApiError, read_json_model
@@ -72,13 +73,17 @@ async def create_call(request: web.Request) -> web.Response:
     claims = _call_token(request, services)
     offer = await read_json_model(request, CallOffer)
     kinds = _media_sections(offer.sdp)
-    token_id = str(claims["jti"])
-    if not services.spend_call_token(token_id, int(claims["exp"])):  # type: ignore[call-overload]
-        raise ApiError(409, "this call token has already opened a call; fetch a new one")
     if not services.models.loaded.is_set() or services.calls.draining:
         raise ApiError(503, "the server is not ready for calls yet", retry_after_s=2)
     if services.calls.full:
         raise ApiError(503, "too many calls in progress", retry_after_s=5)
+    try:
+        persona = await services.calls.persona(offer.persona)
+    except UnknownPersona:
+        raise ApiError(404, f"no persona {offer.persona!r}") from None
+    token_id = str(claims["jti"])
+    if not services.spend_call_token(token_id, int(claims["exp"])):  # type: ignore[call-overload]
+        raise ApiError(409, "this call token has already opened a call; fetch a new one")
 
     started = time.perf_counter()
     pc = RTCPeerConnection(rtc_configuration(services.settings.ice_servers))
@@ -100,7 +105,7 @@ async def create_call(request: web.Request) -> web.Response:
         raise
     call_id = services.calls.new_call_id()
     services.call_tokens[call_id] = token_id
-    services.calls.start(call_id, transport, persona=offer.persona, caller=request.remote)
+    services.calls.start(call_id, transport, persona=persona, caller=request.remote)
     transport.expect_connection_within(_CONNECT_TIMEOUT_S)
     log.info("call %s answered in %.0f ms (%s)", call_id, 1000 * (time.perf_counter() - started),
              ",".join(sorted(kinds)))

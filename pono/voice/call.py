@@ -10,6 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,7 @@ class Call:
         greeting: str = "",
         persona: str | None = None,
         preemptive: bool = True,
+        llm_options: dict[str, Any] | None = None,
     ) -> None:
         self.call_id = call_id
         self.transport = transport
@@ -71,6 +73,7 @@ class Call:
         self.greeting = greeting
         self.persona = persona
         self.preemptive = preemptive
+        self.llm_options = llm_options or {}
         self.events = EventStream(call_id)
         self.state = CallState.LISTENING
         self.end_reason = "hangup"
@@ -313,7 +316,7 @@ class Call:
         self._reply = Reply(turn=self._next_turn(), t0=t0, transport=self.transport, models=self.models,
                             llm=self.llm, conversation=self.conversation,
                             events=held or HeldEvents(self.events, open_=True), on_speaking=speaking,
-                            pending_user=pending_user)
+                            pending_user=pending_user, llm_options=self.llm_options)
         return self._reply
 
     async def _when_speaking(self, speaking: asyncio.Event) -> None:

@@ -71,6 +71,7 @@ class Reply:
         events: HeldEvents,
         on_speaking: asyncio.Event,
         pending_user: str | None = None,
+        llm_options: dict[str, Any] | None = None,
     ) -> None:
         self.turn = turn
         self.t0 = t0
@@ -81,6 +82,7 @@ class Reply:
         self.events = events
         self.on_speaking = on_speaking
         self.pending_user = pending_user
+        self.llm_options = llm_options or {}
         self.playout = PlayoutTracker()
         self.outcome = ReplyOutcome()
         self._latency_sent = False
@@ -116,7 +118,8 @@ class Reply:
         try:
             try:
                 started = time.monotonic()
-                async for delta in self.llm.stream(self.conversation.prompt(self.pending_user)):
+                prompt = self.conversation.prompt(self.pending_user)
+                async for delta in self.llm.stream(prompt, **self.llm_options):
                     if not delta:
                         continue
                     self.mark("llm_first_token")
