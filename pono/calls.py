@@ -8,6 +8,7 @@ import logging
 import uuid
 
 from pono.agent.conversation import Conversation
+from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.llm import LLMClient
 from pono.agent.personas import Persona, load_persona
 from pono.events import CallEvent, EventType
@@ -80,13 +81,14 @@ class CallManager:
             persona=persona.name,
             preemptive=s.preemptive_reply,
             llm_options={k: v for k, v in llm_options.items() if v is not None},
+            dlp=_dlp_policy(persona),
         )
         # Observers of the call's event stream: the caller's own view, and metrics.
         call.events.subscribe(lambda e: transport.send_text(e.to_json()))
         call.events.subscribe(self.metrics.observe)
         call.events.subscribe(_log_event)
         if self.storage is not None:
-            self.storage.attach(call, transport.kind, caller)
+            self.storage.attach(call, transport.kind, caller, call.dlp)
         self.calls[call_id] = call
         self.metrics.calls_total.labels(transport.kind).inc()
         self.metrics.active_calls.labels(transport.kind).inc()
@@ -118,6 +120,14 @@ class CallManager:
     async def close_all(self, reason: str = "shutdown") -> None:
         self.draining = True
         await asyncio.gather(*(self.hang_up(cid, reason) for cid in list(self.calls)), return_exceptions=True)
+
+
+def _dlp_policy(persona: Persona) -> DlpPolicy:
+    try:
+        return DlpPolicy.from_config(persona.dlp_policy)
+    except ValueError as exc:  # saved through the API it was validated; a hand-edited row may not be
+        log.error("persona %s has an invalid DLP policy (%s); using the default", persona.name, exc)
+        return DEFAULT_POLICY
 
 
 def _log_event(event: CallEvent) -> None:

@@ -6,13 +6,14 @@ import base64
 import json
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
 from aiohttp import web
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from redis.exceptions import RedisError
 
+from pono.agent.dlp.engine import DlpPolicy
 from pono.auth import bearer
 from pono.context import SERVICES, Services
 from pono.http import ApiError, read_json_model
@@ -159,6 +160,11 @@ class TurnTaking(BaseModel):
     barge_in_min_ms: int | None = Field(default=None, ge=100, le=5000)
 
 
+def _valid_dlp_policy(value: dict[str, Any]) -> dict[str, Any]:
+    DlpPolicy.from_config(value)  # raises ValueError naming what is wrong: a 422 for the field
+    return value
+
+
 class PersonaIn(BaseModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[\w .-]+$")
     system_prompt: str = Field(min_length=1, max_length=20_000)
@@ -169,7 +175,7 @@ class PersonaIn(BaseModel):
     llm_params: dict[str, Any] = Field(default_factory=dict)
     tools: list[Any] = Field(default_factory=list)
     knowledge_collections: list[str] = Field(default_factory=list)
-    dlp_policy: dict[str, Any] = Field(default_factory=dict)
+    dlp_policy: Annotated[dict[str, Any], AfterValidator(_valid_dlp_policy)] = Field(default_factory=dict)
     turn_taking: TurnTaking = Field(default_factory=TurnTaking)
     is_default: bool = False
 

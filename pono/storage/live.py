@@ -17,6 +17,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from pono.agent.dlp.apply import redact_event
+from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.events import CallEvent, EventType
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,9 @@ class LiveState:
         self.redis = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True)
         self.up = False
         self.calls: dict[str, dict[str, str]] = {}  # this replica's live calls, as registered
-        self._outbox: deque[tuple[str, str]] = deque(maxlen=10_000)  # (channel, message) to publish
+        # (what, call id, event): "event" to publish, "state" to update, "unregister" to remove
+        self._outbox: deque[tuple[str, str, dict[str, Any] | None]] = deque(maxlen=10_000)
+        self._redaction: dict[str, tuple[DlpPolicy, dict[int, str]]] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -70,20 +74,34 @@ class LiveState:
 
     def unregister(self, call_id: str) -> None:
         if self.calls.pop(call_id, None) is not None:
-            self._outbox.append(("__unregister__", call_id))
+            self._outbox.append(("unregister", call_id, None))
             self._wake.set()
 
-    def observer(self, call_id: str) -> Any:
-        channel = events_channel(call_id)
+    def observer(self, call_id: str, policy: DlpPolicy = DEFAULT_POLICY) -> Any:
+        self._redaction[call_id] = (policy, {})
 
         def observe(event: CallEvent) -> None:
             if event.type is EventType.STATE and call_id in self.calls:
                 self.calls[call_id]["state"] = str(event.data.get("state"))
-                self._outbox.append(("__state__", call_id))
-            self._outbox.append((channel, json.dumps(event.to_json(), separators=(",", ":"))))
+                self._outbox.append(("state", call_id, None))
+            self._outbox.append(("event", call_id, event.to_json()))
             self._wake.set()
 
         return observe
+
+    def _prepare(self, items: list[tuple[str, str, dict[str, Any] | None]]) -> list[tuple[str, str, str]]:
+        """Blocking: redact event texts for operators and serialise them. Runs in a worker thread."""
+        prepared = []
+        for what, call_id, event in items:
+            if what == "event" and event is not None:
+                policy, agent_text = self._redaction.get(call_id, (DEFAULT_POLICY, {}))
+                message = json.dumps(redact_event(event, policy, agent_text), separators=(",", ":"))
+                prepared.append((what, call_id, message))
+                if event.get("type") == "call.ended":
+                    self._redaction.pop(call_id, None)
+            else:
+                prepared.append((what, call_id, ""))
+        return prepared
 
     async def _heartbeat(self) -> None:
         interval = max(1.0, self.ttl_s / 3)
@@ -112,19 +130,20 @@ class LiveState:
             self._wake.clear()
             if not self.up:
                 continue  # the heartbeat re-registers everything once Redis is back
+            items = [self._outbox.popleft() for _ in range(len(self._outbox))]
+            prepared = await asyncio.to_thread(self._prepare, items)
             try:
                 await self._refresh_all()  # new calls appear at once, not at the next heartbeat
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    while self._outbox:
-                        channel, message = self._outbox.popleft()
-                        if channel == "__unregister__":
-                            pipe.delete(call_key(message))
-                            pipe.zrem(LIVE_SET, message)
-                        elif channel == "__state__":
-                            if message in self.calls:
-                                pipe.hset(call_key(message), "state", self.calls[message]["state"])
+                    for what, call_id, message in prepared:
+                        if what == "unregister":
+                            pipe.delete(call_key(call_id))
+                            pipe.zrem(LIVE_SET, call_id)
+                        elif what == "state":
+                            if call_id in self.calls:
+                                pipe.hset(call_key(call_id), "state", self.calls[call_id]["state"])
                         else:
-                            pipe.publish(channel, message)
+                            pipe.publish(events_channel(call_id), message)
                     await pipe.execute()
             except (RedisError, OSError) as exc:
                 log.warning("Redis publish failed (%s)", type(exc).__name__)

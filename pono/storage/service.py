@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.metrics import Metrics
 from pono.settings import Settings
 from pono.storage.db import Database
@@ -48,12 +49,13 @@ class Storage:
         self.live = LiveState(redis_url, s.replica_id, s.registry_ttl_s)
         await self.live.start()
 
-    def attach(self, call: Call, transport: str, caller: str | None = None) -> None:
-        """Observe a new call: persist what it says, and show it live to every replica."""
+    def attach(self, call: Call, transport: str, caller: str | None = None,
+               policy: DlpPolicy = DEFAULT_POLICY) -> None:
+        """Observe a new call: persist what it says, and show it live to every replica (both redacted)."""
         assert self.writer is not None and self.live is not None
-        call.events.subscribe(self.writer.observer(self.settings.replica_id, caller))
+        call.events.subscribe(self.writer.observer(call.call_id, self.settings.replica_id, caller, policy))
         self.live.register(call.call_id, transport, call.persona, caller)
-        call.events.subscribe(self.live.observer(call.call_id))
+        call.events.subscribe(self.live.observer(call.call_id, policy))
 
     def detach(self, call_id: str) -> None:
         if self.live is not None:

@@ -15,6 +15,8 @@ from itertools import groupby
 
 import asyncpg
 
+from pono.agent.dlp.apply import redact_records
+from pono.agent.dlp.engine import DlpPolicy
 from pono.events import CallEvent
 from pono.storage.db import CONNECTION_ERRORS, Database
 from pono.storage.journal import Journal
@@ -35,6 +37,10 @@ _SQL = {
     "call_ended": (
         "UPDATE calls SET ended_at = to_timestamp($2), end_reason = $3 WHERE id = $1 AND ended_at IS NULL"
     ),
+    "dlp_finding": (
+        "INSERT INTO dlp_findings (call_id, turn_idx, entity_type, span_start, span_end, action, recognizer)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (call_id, turn_idx, span_start, entity_type) DO NOTHING"
+    ),
 }
 
 
@@ -47,6 +53,8 @@ def _args(r: Record) -> tuple[object, ...]:
                 r["interrupted"], json.dumps(r["latency"]))
     if kind == "call_ended":
         return (r["call_id"], r["at"], r["reason"])
+    if kind == "dlp_finding":
+        return (r["call_id"], r["turn"], r["entity_type"], r["start"], r["end"], r["action"], r["recognizer"])
     raise ValueError(f"unknown record kind {kind!r}")
 
 
@@ -59,6 +67,7 @@ class Writer:
         self.linger_s = linger_s
         self.on_error = on_error or (lambda kind: None)
         self.queue: asyncio.Queue[Record] = asyncio.Queue()
+        self.policies: dict[str, DlpPolicy] = {}  # per call, from its persona
         # Start journaled if an earlier run left writes behind (a crash, or an outage at shutdown).
         self.db_up = not journal.has_pending()
         self.written = 0
@@ -66,8 +75,11 @@ class Writer:
         self._recovery: asyncio.Task[None] | None = None
 
     # -- the call loop's side -----------------------------------------------------------------
-    def observer(self, replica: str, caller: str | None = None) -> Callable[[CallEvent], None]:
+    def observer(self, call_id: str, replica: str, caller: str | None = None,
+                 policy: DlpPolicy | None = None) -> Callable[[CallEvent], None]:
         recorder = CallRecorder(replica, caller)
+        if policy is not None:
+            self.policies[call_id] = policy
 
         def observe(event: CallEvent) -> None:
             rec = recorder(event)
@@ -104,6 +116,11 @@ class Writer:
         return batch
 
     async def _handle(self, batch: list[Record]) -> None:
+        # Personal data never reaches Postgres or the journal on disk: redact first, off the event loop.
+        batch = await asyncio.to_thread(redact_records, batch, self.policies)
+        for rec in batch:
+            if rec["kind"] == "call_ended":
+                self.policies.pop(rec["call_id"], None)
         if not self.db_up:  # keep order: nothing overtakes what is already journaled
             await asyncio.to_thread(self.journal.append, batch)
             if self.db_up:  # recovery finished while this batch was being appended: replay it too

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pono.agent.conversation import Conversation
+from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.llm import LLMClient
 from pono.events import EventStream, EventType
 from pono.transport import FRAME_MS, Transport
@@ -25,6 +26,8 @@ from pono.voice.turns import Signal, TurnConfig, TurnDetector
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 2000
+BLOCKED_WARNING = "For your safety, please don't share card numbers or other sensitive details on this call."
+WITHHELD = "[the caller shared sensitive details, which were withheld]"
 _PREROLL_MS = 300  # audio kept from before speech was confirmed, so the first syllable is not clipped
 
 
@@ -61,6 +64,7 @@ class Call:
         persona: str | None = None,
         preemptive: bool = True,
         llm_options: dict[str, Any] | None = None,
+        dlp: DlpPolicy = DEFAULT_POLICY,
     ) -> None:
         self.call_id = call_id
         self.transport = transport
@@ -74,6 +78,7 @@ class Call:
         self.persona = persona
         self.preemptive = preemptive
         self.llm_options = llm_options or {}
+        self.dlp = dlp
         self.events = EventStream(call_id)
         self.state = CallState.LISTENING
         self.end_reason = "hangup"
@@ -234,8 +239,8 @@ class Call:
     # -- preemptive replies: think while the caller is only pausing -----------------------------
     def _preempt_reply(self, spec: asyncio.Task[str], t0: float) -> None:
         """The pause's transcript is ready before the turn is over: start the reply now, unheard."""
-        if (not self.preemptive or spec is not self._spec or spec.cancelled() or spec.exception() is not None
-                or not spec.result() or self._reply_task is not None):
+        if (not self.preemptive or self.dlp.before_llm or spec is not self._spec or spec.cancelled()
+                or spec.exception() is not None or not spec.result() or self._reply_task is not None):
             return
         held = HeldEvents(self.events, open_=False)
         turns_before = self._turns
@@ -300,16 +305,27 @@ class Call:
             stt_done = time.monotonic()
             self.events.emit(EventType.TRANSCRIPT_FINAL, self._next_turn(), text=text,
                              source="voice" if audio is not None else "text")
-            self.conversation.add_user(text)
+            llm_text = await self._for_llm(text)
+            self.conversation.add_user(llm_text if llm_text is not None else WITHHELD)
             self._set_state(CallState.THINKING)
             reply = self._new_reply(t0, speaking)
             if audio is not None:
                 reply.outcome.marks["speech_end"] = round(began - t0, 4)
                 reply.outcome.marks["stt_final"] = round(stt_done - t0, 4)
-            await reply.generate()
+            if llm_text is None:
+                await reply.speak_text(BLOCKED_WARNING)
+            else:
+                await reply.generate()
             self._finish(reply, interrupted=False)
         finally:
             watcher.cancel()
+
+    async def _for_llm(self, text: str) -> str | None:
+        """What the LLM may see of the caller's words, by the persona's DLP policy; None if blocked."""
+        if not self.dlp.before_llm:
+            return text
+        result = await asyncio.to_thread(self.dlp.scan, text)
+        return None if result.blocked else result.text
 
     def _new_reply(self, t0: float, speaking: asyncio.Event, held: HeldEvents | None = None,
                    pending_user: str | None = None) -> Reply:

@@ -1,0 +1,47 @@
+"""Where DLP applies: write records before they are stored or journaled, and events before operators see them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
+from pono.storage.records import Record, record
+
+# Events whose text an operator sees; agent deltas are redacted as the text accumulated so far, since a
+# card number can arrive split across several deltas.
+TEXT_EVENTS = ("transcript.partial", "transcript.final", "agent.final")
+
+
+def redact_records(records: list[Record], policies: dict[str, DlpPolicy]) -> list[Record]:
+    """Blocking (about a millisecond per turn): run it in a worker thread.
+
+    Turn texts are replaced by their redacted form, and each finding becomes a record of its own.
+    """
+    out: list[Record] = []
+    for rec in records:
+        if rec["kind"] != "turn" or rec.get("redacted"):
+            out.append(rec)
+            continue
+        policy = policies.get(rec["call_id"], DEFAULT_POLICY)
+        # Storage always redacts; block_and_warn is about what reaches the LLM, not what is kept.
+        result = policy.scan(rec["text"], "redact" if policy.action == "block_and_warn" else None)
+        out.append({**rec, "text": result.text, "redacted": True})
+        for f in result.findings:
+            out.append(record("dlp_finding", rec["call_id"], rec["turn"], entity_type=f.entity_type, start=f.start,
+                              end=f.end, action=f.action, recognizer=f.recognizer)
+                       | {"key": f"{rec['call_id']}:{rec['turn']}:dlp:{f.start}:{f.entity_type}"})
+    return out
+
+
+def redact_event(event: dict[str, Any], policy: DlpPolicy, agent_text: dict[int, str]) -> dict[str, Any]:
+    """The operator's copy of an event (a JSON dict), with personal data redacted."""
+    kind = event.get("type")
+    if kind == "agent.delta":
+        turn = event.get("turn") or 0
+        agent_text[turn] = agent_text.get(turn, "") + str(event.get("text", ""))
+        return {**event, "text": policy.scan(agent_text[turn], "redact").text, "cumulative": True}
+    if kind in TEXT_EVENTS and event.get("text"):
+        if kind == "agent.final":
+            agent_text.pop(event.get("turn") or 0, None)
+        return {**event, "text": policy.scan(str(event["text"]), "redact").text}
+    return event
