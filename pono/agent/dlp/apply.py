@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
+from pono.agent.dlp.spoken import normalize
 from pono.storage.records import Record, record
 
 # Events whose text an operator sees; agent deltas are redacted as the text accumulated so far, since a
@@ -33,15 +35,36 @@ def redact_records(records: list[Record], policies: dict[str, DlpPolicy]) -> lis
     return out
 
 
+_DIGIT_RUN = re.compile(r"\d(?:[\s.-]?\d){3,}")
+
+
+def mask_digit_runs(text: str) -> str:
+    """Unfinished text (a partial transcript, a reply still streaming) may hold the first half of a card
+    number that no recognizer can validate yet: every run of 4+ digits, written or spoken, is masked."""
+    normalized = normalize(text)
+    spans = [normalized.span(m.start(), m.end()) for m in _DIGIT_RUN.finditer(normalized.text)]
+    out, pos = [], 0
+    for start, end in spans:
+        if start < pos:
+            continue
+        out.append(text[pos:start])
+        out.append("[digits]")
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def redact_event(event: dict[str, Any], policy: DlpPolicy, agent_text: dict[int, str]) -> dict[str, Any]:
     """The operator's copy of an event (a JSON dict), with personal data redacted."""
     kind = event.get("type")
     if kind == "agent.delta":
         turn = event.get("turn") or 0
         agent_text[turn] = agent_text.get(turn, "") + str(event.get("text", ""))
-        return {**event, "text": policy.scan(agent_text[turn], "redact").text, "cumulative": True}
+        text = mask_digit_runs(policy.scan(agent_text[turn], "redact").text)
+        return {**event, "text": text, "cumulative": True}
     if kind in TEXT_EVENTS and event.get("text"):
         if kind == "agent.final":
             agent_text.pop(event.get("turn") or 0, None)
-        return {**event, "text": policy.scan(str(event["text"]), "redact").text}
+        text = policy.scan(str(event["text"]), "redact").text
+        return {**event, "text": mask_digit_runs(text) if kind == "transcript.partial" else text}
     return event
