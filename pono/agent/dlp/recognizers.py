@@ -167,8 +167,11 @@ def secret(text: str) -> list[Match]:
 
 
 # -- connection strings and passwords ---------------------------------------------------------
+# A connection string is sensitive when it carries a password (user:password@ or password=); one without
+# says only where a server is, which logs and error messages need.
 _DSN = re.compile(r"(?i)\b(?:postgres(?:ql)?|mysql|mariadb|mongodb(?:\+srv)?|redis|rediss|amqps?|mssql|sqlserver"
-                  r"|oracle|jdbc:[a-z]+)://[^\s\"'<>]+")
+                  r"|oracle|jdbc:[a-z]+)://(?:[^\s\"'<>/@:]*:[^\s\"'<>@]+@[^\s\"'<>]+"
+                  r"|[^\s\"'<>]*[?&;]password=[^\s\"'<>]+)")
 _PASSWORD = re.compile(r"(?i)\b(?:password|passwd|pwd|passcode|pass phrase|passphrase)\b\s*(?:is|=|:)?\s*"
                        r"(?P<value>\"[^\"]+\"|'[^']+'|[^\s,;]+)")
 
