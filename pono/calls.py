@@ -11,6 +11,7 @@ from pono.agent.conversation import Conversation
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.llm import LLMClient
 from pono.agent.personas import Persona, load_persona
+from pono.agent.tools.specs import build_registry
 from pono.events import CallEvent, EventType
 from pono.metrics import Metrics
 from pono.settings import Settings
@@ -82,6 +83,9 @@ class CallManager:
             preemptive=s.preemptive_reply,
             llm_options={k: v for k, v in llm_options.items() if v is not None},
             dlp=_dlp_policy(persona),
+            tools=build_registry(persona.tools, s.webhook_allowed_hosts),
+            tool_limits={"max_rounds": s.tool_max_rounds, "slow_after_s": s.tool_filler_after_s},
+            timezone=persona.timezone,
         )
         # Observers of the call's event stream: the caller's own view, and metrics.
         call.events.subscribe(lambda e: transport.send_text(e.to_json()))

@@ -27,6 +27,9 @@ class EventType(StrEnum):
     AGENT_DELTA = "agent.delta"
     AGENT_FINAL = "agent.final"
     BARGE_IN = "barge_in"
+    TOOL_CALL = "tool.call"
+    TOOL_RESULT = "tool.result"
+    TRANSFER = "call.transfer_requested"
     LATENCY = "latency"
     ERROR = "error"
 

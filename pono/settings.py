@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     registry_ttl_s: int = 15
     retention_days: int = 90  # soft-deleted rows are purged after this many days
 
+    # Tools.
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)  # hosts webhook tools may call
+    tool_max_rounds: int = 3
+    tool_filler_after_s: float = 1.5
+
     # Rate limits (per client IP, per minute, counted in Redis so they hold across replicas).
     call_tokens_per_minute: int = 30
 

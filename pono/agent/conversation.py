@@ -27,6 +27,13 @@ class Conversation:
         content = f"{text} [interrupted by the caller]" if interrupted else text
         self.messages.append({"role": "assistant", "content": content})
 
+    def add_tool_round(self, text: str, calls: list[dict[str, Any]], results: list[dict[str, Any]],
+                       at: int | None = None) -> None:
+        """A tool call and its result go in together, so an interruption can never split them. `at` is
+        where the round began: a barge-in during a slow tool may have added turns since."""
+        at = len(self.messages) if at is None else at
+        self.messages[at:at] = [{"role": "assistant", "content": text or None, "tool_calls": calls}, *results]
+
     def prompt(self, pending_user: str | None = None) -> list[dict[str, Any]]:
         """The messages to send; `pending_user` is a caller turn not yet committed (preemptive replies)."""
         recent = [dict(m) for m in self.messages[-self.max_messages:]]
@@ -36,6 +43,7 @@ class Conversation:
             else:
                 recent.append({"role": "user", "content": pending_user})
         if len(self.messages) > self.max_messages:
-            while recent and recent[0]["role"] != "user":  # a cut window must not open on an agent turn
+            # A cut window must not open on an agent turn or a tool result without its call.
+            while recent and recent[0]["role"] != "user":
                 recent = recent[1:]
         return [{"role": "system", "content": self.system_prompt}, *recent]

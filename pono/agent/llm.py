@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import openai
@@ -14,6 +15,16 @@ log = logging.getLogger(__name__)
 
 class LLMError(Exception):
     """The LLM could not produce a reply (down, timed out, refused)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallPart:
+    """A fragment of a streamed tool call; fragments with the same index make one call."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
 
 
 class LLMClient:
@@ -35,8 +46,11 @@ class LLMClient:
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0)
 
     async def stream(self, messages: list[dict[str, Any]], *, model: str | None = None,
-                     temperature: float | None = None, max_tokens: int | None = None) -> AsyncIterator[str]:
-        """Yield text deltas. Raises LLMError if the first token does not come within the timeout."""
+                     temperature: float | None = None, max_tokens: int | None = None,
+                     tools: list[dict[str, Any]] | None = None) -> AsyncIterator[str | ToolCallPart]:
+        """Yield text deltas and tool-call fragments. Raises LLMError if the first token does not come
+        within the timeout, or the stream stalls that long between tokens."""
+        extra: dict[str, Any] = {"tools": tools, "parallel_tool_calls": True} if tools else {}
         try:
             async with asyncio.timeout(self.timeout_s):
                 stream = await self.client.chat.completions.create(
@@ -45,21 +59,20 @@ class LLMClient:
                     stream=True,
                     max_tokens=max_tokens or self.max_tokens,
                     temperature=self.temperature if temperature is None else temperature,
+                    **extra,
                 )
                 iterator = aiter(stream)
                 first = await anext(iterator, None)
         except (TimeoutError, openai.OpenAIError) as exc:
             raise LLMError(f"{type(exc).__name__}: {exc}") from exc
         try:
-            if first is not None:
-                yield _delta_text(first)
+            chunk = first
             # Between tokens, a stall as long as the whole timeout means the server is gone.
-            while True:
+            while chunk is not None:
+                for part in _parts(chunk):
+                    yield part
                 async with asyncio.timeout(self.timeout_s):
                     chunk = await anext(iterator, None)
-                if chunk is None:
-                    return
-                yield _delta_text(chunk)
         except (TimeoutError, openai.OpenAIError) as exc:
             raise LLMError(f"{type(exc).__name__}: {exc}") from exc
         finally:
@@ -77,7 +90,15 @@ class LLMClient:
         await self.client.close()
 
 
-def _delta_text(chunk: Any) -> str:
+def _parts(chunk: Any) -> list[str | ToolCallPart]:
     if not chunk.choices:
-        return ""
-    return chunk.choices[0].delta.content or ""
+        return []
+    delta = chunk.choices[0].delta
+    parts: list[str | ToolCallPart] = []
+    if delta.content:
+        parts.append(delta.content)
+    for call in delta.tool_calls or []:
+        function = call.function
+        parts.append(ToolCallPart(call.index, call.id, function.name if function else None,
+                                  (function.arguments or "") if function else ""))
+    return parts

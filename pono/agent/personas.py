@@ -30,6 +30,7 @@ class Persona:
     knowledge_collections: list[str] = field(default_factory=list)
     dlp_policy: dict[str, Any] = field(default_factory=dict)
     turn_taking: dict[str, int] = field(default_factory=dict)
+    timezone: str = "UTC"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Persona:
@@ -43,12 +44,12 @@ class Persona:
             language=row["language"], tts_voice=row["tts_voice"], llm_model=row["llm_model"],
             llm_params=json.loads(row["llm_params"]), tools=json.loads(row["tools"]),
             knowledge_collections=list(row["knowledge_collections"]), dlp_policy=json.loads(row["dlp_policy"]),
-            turn_taking=json.loads(row["turn_taking"]),
+            turn_taking=json.loads(row["turn_taking"]), timezone=row["timezone"],
         )
 
 
 _COLUMNS = ("id, name, system_prompt, greeting, language, tts_voice, llm_model, llm_params, tools,"
-            " knowledge_collections, dlp_policy, turn_taking")
+            " knowledge_collections, dlp_policy, turn_taking, timezone")
 
 
 async def load_persona(pool: asyncpg.Pool, ref: str | None) -> Persona:

@@ -7,6 +7,7 @@ import json
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 from aiohttp import web
@@ -14,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, Field
 from redis.exceptions import RedisError
 
 from pono.agent.dlp.engine import DlpPolicy
+from pono.agent.tools.specs import parse_tool_specs
 from pono.auth import bearer
 from pono.context import SERVICES, Services
 from pono.http import ApiError, read_json_model
@@ -165,6 +167,19 @@ def _valid_dlp_policy(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def _valid_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r}") from None
+    return value
+
+
+def _valid_tools(value: list[Any]) -> list[Any]:
+    parse_tool_specs(value)  # raises ValueError naming the bad entry
+    return value
+
+
 class PersonaIn(BaseModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[\w .-]+$")
     system_prompt: str = Field(min_length=1, max_length=20_000)
@@ -173,15 +188,16 @@ class PersonaIn(BaseModel):
     tts_voice: str | None = Field(default=None, max_length=100)
     llm_model: str | None = Field(default=None, max_length=200)
     llm_params: dict[str, Any] = Field(default_factory=dict)
-    tools: list[Any] = Field(default_factory=list)
+    tools: Annotated[list[Any], AfterValidator(_valid_tools)] = Field(default_factory=list)
     knowledge_collections: list[str] = Field(default_factory=list)
     dlp_policy: Annotated[dict[str, Any], AfterValidator(_valid_dlp_policy)] = Field(default_factory=dict)
     turn_taking: TurnTaking = Field(default_factory=TurnTaking)
     is_default: bool = False
+    timezone: Annotated[str, AfterValidator(_valid_timezone)] = "UTC"
 
 
 _PERSONA_COLUMNS = ("id, name, system_prompt, greeting, language, tts_voice, llm_model, llm_params, tools,"
-                    " knowledge_collections, dlp_policy, turn_taking, is_default, created_at, updated_at")
+                    " knowledge_collections, dlp_policy, turn_taking, is_default, timezone, created_at, updated_at")
 _JSON_FIELDS = ("llm_params", "tools", "dlp_policy", "turn_taking")
 
 
@@ -197,7 +213,7 @@ def _persona_json(row: asyncpg.Record) -> dict[str, Any]:
 def _persona_args(p: PersonaIn) -> tuple[Any, ...]:
     return (p.name, p.system_prompt, p.greeting, p.language, p.tts_voice, p.llm_model, json.dumps(p.llm_params),
             json.dumps(p.tools), p.knowledge_collections, json.dumps(p.dlp_policy),
-            p.turn_taking.model_dump_json(exclude_none=True), p.is_default)
+            p.turn_taking.model_dump_json(exclude_none=True), p.is_default, p.timezone)
 
 
 def _persona_id(request: web.Request) -> uuid.UUID:
@@ -250,15 +266,15 @@ async def _save_persona(request: web.Request, persona_id: uuid.UUID | None) -> w
             if persona_id is None:
                 row = await conn.fetchrow(
                     "INSERT INTO personas (name, system_prompt, greeting, language, tts_voice, llm_model, llm_params,"
-                    " tools, knowledge_collections, dlp_policy, turn_taking, is_default) VALUES"
-                    " ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10::jsonb, $11::jsonb, $12)"
+                    " tools, knowledge_collections, dlp_policy, turn_taking, is_default, timezone) VALUES"
+                    " ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10::jsonb, $11::jsonb, $12, $13)"
                     f" RETURNING {_PERSONA_COLUMNS}", *_persona_args(body))
             else:
                 row = await conn.fetchrow(
                     "UPDATE personas SET name = $1, system_prompt = $2, greeting = $3, language = $4,"
                     " tts_voice = $5, llm_model = $6, llm_params = $7::jsonb, tools = $8::jsonb,"
                     " knowledge_collections = $9, dlp_policy = $10::jsonb, turn_taking = $11::jsonb,"
-                    " is_default = $12, updated_at = now() WHERE id = $13 AND deleted_at IS NULL"
+                    " is_default = $12, timezone = $13, updated_at = now() WHERE id = $14 AND deleted_at IS NULL"
                     f" RETURNING {_PERSONA_COLUMNS}", *_persona_args(body), persona_id)
                 if row is None:
                     raise ApiError(404, f"no persona {persona_id}")

@@ -50,6 +50,10 @@ class CallRecorder:
             return record("turn", event.call_id, event.turn, role="agent", text=d.get("text", ""), source="agent",
                           started_at=self._agent_started.pop(event.turn, event.ts), ended_at=event.ts,
                           interrupted=bool(d.get("interrupted")), latency=self._latency.pop(event.turn, {}))
+        elif t is EventType.TOOL_RESULT and event.turn is not None:
+            return record("tool_call", event.call_id, event.turn, tool_call_id=d["id"], name=d["name"],
+                          arguments=d.get("arguments"), result=d.get("result"), error=d.get("error"),
+                          duration_ms=d.get("duration_ms")) | {"key": f"{event.call_id}:{event.turn}:tool:{d['id']}"}
         elif t is EventType.CALL_ENDED:
             return record("call_ended", event.call_id, None, reason=d.get("reason"), at=event.ts)
         return None

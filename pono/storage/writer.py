@@ -37,6 +37,10 @@ _SQL = {
     "call_ended": (
         "UPDATE calls SET ended_at = to_timestamp($2), end_reason = $3 WHERE id = $1 AND ended_at IS NULL"
     ),
+    "tool_call": (
+        "INSERT INTO tool_calls (call_id, turn_idx, tool_call_id, name, arguments, result, duration_ms, error)"
+        " VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, $8) ON CONFLICT (call_id, tool_call_id) DO NOTHING"
+    ),
     "dlp_finding": (
         "INSERT INTO dlp_findings (call_id, turn_idx, entity_type, span_start, span_end, action, recognizer)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (call_id, turn_idx, span_start, entity_type) DO NOTHING"
@@ -53,6 +57,9 @@ def _args(r: Record) -> tuple[object, ...]:
                 r["interrupted"], json.dumps(r["latency"]))
     if kind == "call_ended":
         return (r["call_id"], r["at"], r["reason"])
+    if kind == "tool_call":
+        return (r["call_id"], r["turn"], r["tool_call_id"], r["name"], json.dumps(r["arguments"]),
+                None if r["result"] is None else json.dumps(r["result"], default=str), r["duration_ms"], r["error"])
     if kind == "dlp_finding":
         return (r["call_id"], r["turn"], r["entity_type"], r["start"], r["end"], r["action"], r["recognizer"])
     raise ValueError(f"unknown record kind {kind!r}")

@@ -23,6 +23,9 @@ class Script:
     first_token_s: float = 0.1
     token_interval_s: float = 0.01
     failure: Failure = "none"
+    # Answers for the next requests, in order: {"text": ...} or {"tool_calls": [{"name", "arguments"}]}.
+    # When they run out, every request gets `reply`.
+    responses: list[dict[str, Any]] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -76,7 +79,11 @@ class ScriptedLLM:
         await response.prepare(request)
         await asyncio.sleep(script.first_token_s)
         created = int(time.time())
-        for i, token in enumerate(_tokens(script.reply)):
+        planned = script.responses.pop(0) if script.responses else {"text": script.reply}
+        if "tool_calls" in planned:
+            await self._stream_tool_calls(response, planned["tool_calls"], created)
+            return
+        for i, token in enumerate(_tokens(planned["text"])):
             if script.failure == "drop" and i == 3:
                 request.transport.close()  # type: ignore[union-attr]
                 return
@@ -88,6 +95,25 @@ class ScriptedLLM:
         done = {"id": "scripted", "object": "chat.completion.chunk", "created": created, "model": "scripted",
                 "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
         await response.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
+        await response.write_eof()
+
+
+    async def _stream_tool_calls(self, response: web.StreamResponse, calls: list[dict[str, Any]],
+                                 created: int) -> None:
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            body = {"id": "scripted", "object": "chat.completion.chunk", "created": created, "model": "scripted",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return f"data: {json.dumps(body)}\n\n".encode()
+
+        for index, call in enumerate(calls):
+            arguments = call["arguments"] if isinstance(call["arguments"], str) else json.dumps(call["arguments"])
+            half = len(arguments) // 2  # arguments arrive in fragments, as real servers send them
+            first = {"index": index, "id": call.get("id", f"call_{index}_{created}"), "type": "function",
+                     "function": {"name": call["name"], "arguments": arguments[:half]}}
+            await response.write(chunk({"tool_calls": [first]}))
+            await response.write(chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments[half:]}}]}))
+        await response.write(chunk({}, "tool_calls"))
+        await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
 
 

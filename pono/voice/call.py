@@ -17,6 +17,7 @@ import numpy as np
 from pono.agent.conversation import Conversation
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.llm import LLMClient
+from pono.agent.tools.registry import ToolBox, ToolContext, ToolRegistry
 from pono.events import EventStream, EventType
 from pono.transport import FRAME_MS, Transport
 from pono.voice.models import SpeechModels
@@ -65,6 +66,9 @@ class Call:
         preemptive: bool = True,
         llm_options: dict[str, Any] | None = None,
         dlp: DlpPolicy = DEFAULT_POLICY,
+        tools: ToolRegistry | None = None,
+        tool_limits: dict[str, Any] | None = None,
+        timezone: str = "UTC",
     ) -> None:
         self.call_id = call_id
         self.transport = transport
@@ -79,6 +83,11 @@ class Call:
         self.preemptive = preemptive
         self.llm_options = llm_options or {}
         self.dlp = dlp
+        self.toolbox: ToolBox | None = None
+        if tools is not None and tools.tools:
+            context = ToolContext(call_id, persona or "default", timezone,
+                                  actions={"end_call": self._schedule_end, "transfer": self._request_transfer})
+            self.toolbox = ToolBox(tools, context, **(tool_limits or {}))
         self.events = EventStream(call_id)
         self.state = CallState.LISTENING
         self.end_reason = "hangup"
@@ -117,6 +126,21 @@ class Call:
     async def hang_up(self, reason: str = "hangup") -> None:
         self.end_reason = reason
         await self.transport.close()
+
+    async def _schedule_end(self, reason: str) -> None:
+        """The end_call tool: hang up once the goodbye being generated has been heard."""
+        self._spawn(self._end_after_reply(reason), "end-call")
+
+    async def _end_after_reply(self, reason: str) -> None:
+        task = self._reply_task
+        if task is not None:
+            await asyncio.wait({task})
+        self.events.emit(EventType.STATE, state="ending", reason=reason)
+        await self.hang_up("agent_ended")
+
+    async def _request_transfer(self, reason: str) -> None:
+        """The transfer_to_operator tool: flag the call; operators (and SIP's REFER) act on the event."""
+        self.events.emit(EventType.TRANSFER, reason=reason)
 
     def _set_state(self, state: CallState) -> None:
         if state != self.state:
@@ -332,7 +356,8 @@ class Call:
         self._reply = Reply(turn=self._next_turn(), t0=t0, transport=self.transport, models=self.models,
                             llm=self.llm, conversation=self.conversation,
                             events=held or HeldEvents(self.events, open_=True), on_speaking=speaking,
-                            pending_user=pending_user, llm_options=self.llm_options)
+                            pending_user=pending_user, llm_options=self.llm_options,
+                            toolbox=self.toolbox)
         return self._reply
 
     async def _when_speaking(self, speaking: asyncio.Event) -> None:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pono.agent.conversation import APOLOGY, Conversation
-from pono.agent.llm import LLMClient, LLMError
+from pono.agent.llm import LLMClient, LLMError, ToolCallPart
+from pono.agent.tools.registry import ToolBox, ToolOutcome
 from pono.events import EventStream, EventType
 from pono.transport import Transport
 from pono.voice.models import SpeechModels
@@ -72,6 +73,7 @@ class Reply:
         on_speaking: asyncio.Event,
         pending_user: str | None = None,
         llm_options: dict[str, Any] | None = None,
+        toolbox: ToolBox | None = None,
     ) -> None:
         self.turn = turn
         self.t0 = t0
@@ -83,6 +85,10 @@ class Reply:
         self.on_speaking = on_speaking
         self.pending_user = pending_user
         self.llm_options = llm_options or {}
+        self.toolbox = toolbox
+        self._text = ""
+        self._round_text = ""
+        self._no_more_tools = False
         self.playout = PlayoutTracker()
         self.outcome = ReplyOutcome()
         self._latency_sent = False
@@ -110,41 +116,119 @@ class Reply:
         self.outcome.text = text
 
     async def generate(self) -> None:
-        """Stream the LLM's answer to the conversation so far, speaking it as it arrives."""
+        """Stream the LLM's answer to the conversation so far, speaking it as it arrives; run the tools
+        it asks for, and ask again with their results, up to the round cap."""
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         speaker = asyncio.create_task(self._speak(queue), name=f"speak-{self.turn}")
         splitter = SentenceSplitter()
-        text = ""
+        self._text = ""
         try:
-            try:
-                started = time.monotonic()
-                prompt = self.conversation.prompt(self.pending_user)
-                async for delta in self.llm.stream(prompt, **self.llm_options):
-                    if not delta:
-                        continue
-                    self.mark("llm_first_token")
-                    text += delta
-                    self.events.emit(EventType.AGENT_DELTA, self.turn, text=delta)
-                    for piece in splitter.feed(delta):
-                        self.mark("first_sentence")
-                        queue.put_nowait(piece)
-                self.outcome.marks["llm_total"] = round(time.monotonic() - started, 4)
-                for piece in splitter.flush():
-                    self.mark("first_sentence")
-                    queue.put_nowait(piece)
-            except LLMError as exc:
-                log.warning("LLM failed on turn %s: %s", self.turn, exc)
-                self.events.emit(EventType.ERROR, self.turn, kind="llm", message="the language model failed")
-                if not text.strip():  # never leave the caller in silence
-                    text = APOLOGY
-                    self.events.emit(EventType.AGENT_DELTA, self.turn, text=APOLOGY)
-                    queue.put_nowait(APOLOGY)
+            started = time.monotonic()
+            rounds = 0
+            while calls := await self._stream_round(queue, splitter):
+                if self.toolbox is None or rounds >= self.toolbox.max_rounds or self._no_more_tools:
+                    # Over the cap: the calls get an error result, and one last request, offered no tools,
+                    # must answer with what it has.
+                    log.warning("turn %s: tool round cap reached", self.turn)
+                    await self._run_tools([], refuse=calls)
+                    if self._no_more_tools:
+                        break
+                    self._no_more_tools = True
+                    continue
+                rounds += 1
+                await self._run_tools_with_filler(calls, queue, splitter)
+            self.outcome.marks["llm_total"] = round(time.monotonic() - started, 4)
+            for piece in splitter.flush():
+                self.mark("first_sentence")
+                queue.put_nowait(piece)
             queue.put_nowait(None)
-            self.outcome.text = text.strip()
+            self.outcome.text = self._text.strip()
             await speaker
         finally:
             if not speaker.done():
                 speaker.cancel()
+
+    def _say(self, delta: str, queue: asyncio.Queue[str | None], splitter: SentenceSplitter) -> None:
+        self._text += delta
+        self.events.emit(EventType.AGENT_DELTA, self.turn, text=delta)
+        for piece in splitter.feed(delta):
+            self.mark("first_sentence")
+            queue.put_nowait(piece)
+
+    async def _stream_round(self, queue: asyncio.Queue[str | None],
+                            splitter: SentenceSplitter) -> list[dict[str, Any]] | None:
+        """One LLM request. Returns the tool calls it asked for ([] for none), or None if it failed."""
+        parts: dict[int, dict[str, Any]] = {}
+        self._round_text = ""
+        offer = self.toolbox is not None and bool(self.toolbox.registry.tools) and not self._no_more_tools
+        tools = self.toolbox.registry.schemas() if offer and self.toolbox else None
+        if self.toolbox is not None and self.toolbox.in_flight:
+            # A barge-in cut the last reply during a tool: its result lands in the conversation first.
+            await asyncio.gather(*self.toolbox.in_flight, return_exceptions=True)
+        try:
+            prompt = self.conversation.prompt(self.pending_user)
+            async for part in self.llm.stream(prompt, tools=tools, **self.llm_options):
+                if isinstance(part, ToolCallPart):
+                    call = parts.setdefault(part.index, {"id": None, "name": "", "arguments": ""})
+                    call["id"] = call["id"] or part.id
+                    call["name"] += part.name or ""
+                    call["arguments"] += part.arguments
+                    continue
+                if part:
+                    self.mark("llm_first_token")
+                    self._round_text += part
+                    self._say(part, queue, splitter)
+        except LLMError as exc:
+            log.warning("LLM failed on turn %s: %s", self.turn, exc)
+            self.events.emit(EventType.ERROR, self.turn, kind="llm", message="the language model failed")
+            if not self._text.strip():  # never leave the caller in silence
+                self._say(APOLOGY, queue, splitter)
+            return None
+        return [{"id": c["id"] or f"call_{self.turn}_{i}", "type": "function",
+                 "function": {"name": c["name"], "arguments": c["arguments"]}} for i, c in sorted(parts.items())]
+
+    async def _run_tools_with_filler(self, calls: list[dict[str, Any]], queue: asyncio.Queue[str | None],
+                                     splitter: SentenceSplitter) -> None:
+        assert self.toolbox is not None
+        # Tools act on the world: a preemptive reply runs them only once its turn is committed.
+        await self.events.opened.wait()
+        self.pending_user = None
+        # Shielded: a barge-in cancels this reply, never the tools mid-way. The round finishes and is
+        # committed to the conversation whole, so nothing runs twice and no result is lost.
+        round_task = asyncio.ensure_future(self._run_tools(calls))
+        self.toolbox.in_flight.add(round_task)
+        round_task.add_done_callback(self.toolbox.in_flight.discard)
+        done, _ = await asyncio.wait({round_task}, timeout=self.toolbox.slow_after_s)
+        if not done and self.toolbox.filler:
+            for piece in splitter.flush():
+                queue.put_nowait(piece)
+            self._say(("" if self._text.endswith(" ") or not self._text else " ") + self.toolbox.filler + " ",
+                      queue, splitter)
+            for piece in splitter.flush():
+                queue.put_nowait(piece)
+        await asyncio.shield(round_task)
+
+    async def _run_tools(self, calls: list[dict[str, Any]], refuse: list[dict[str, Any]] | None = None) -> None:
+        """Run a round's calls in parallel and commit calls and results to the conversation together."""
+        assert self.toolbox is not None or refuse is not None
+        at = len(self.conversation.messages)
+        for call in calls:
+            self.events.emit(EventType.TOOL_CALL, self.turn, id=call["id"], name=call["function"]["name"],
+                             arguments=call["function"]["arguments"])
+        outcomes: list[ToolOutcome] = []
+        if calls and self.toolbox is not None:
+            outcomes = list(await asyncio.gather(*(
+                self.toolbox.registry.call(c["id"], c["function"]["name"], c["function"]["arguments"],
+                                           self.toolbox.context) for c in calls)))
+        for call in refuse or []:
+            outcomes.append(ToolOutcome(call["id"], call["function"]["name"], call["function"]["arguments"], None,
+                                        "tool round limit reached for this turn; answer with what you have", 0.0))
+        for outcome in outcomes:
+            self.events.emit(EventType.TOOL_RESULT, self.turn, id=outcome.call_id, name=outcome.name,
+                             arguments=outcome.arguments, result=outcome.result, error=outcome.error,
+                             duration_ms=outcome.duration_ms)
+        self.conversation.add_tool_round(self._round_text, [*calls, *(refuse or [])],
+                                         [o.message() for o in outcomes], at=at)
 
     async def _speak(self, queue: asyncio.Queue[str | None]) -> None:
         t = self.transport

@@ -12,6 +12,7 @@ from pono.storage.records import Record, record
 # Events whose text an operator sees; agent deltas are redacted as the text accumulated so far, since a
 # card number can arrive split across several deltas.
 TEXT_EVENTS = ("transcript.partial", "transcript.final", "agent.final")
+TOOL_EVENTS = ("tool.call", "tool.result")
 
 
 def redact_records(records: list[Record], policies: dict[str, DlpPolicy]) -> list[Record]:
@@ -21,6 +22,11 @@ def redact_records(records: list[Record], policies: dict[str, DlpPolicy]) -> lis
     """
     out: list[Record] = []
     for rec in records:
+        if rec["kind"] == "tool_call" and not rec.get("redacted"):
+            policy = policies.get(rec["call_id"], DEFAULT_POLICY)
+            out.append({**rec, "arguments": _redact_json(rec["arguments"], policy),
+                        "result": _redact_json(rec["result"], policy), "redacted": True})
+            continue
         if rec["kind"] != "turn" or rec.get("redacted"):
             out.append(rec)
             continue
@@ -33,6 +39,17 @@ def redact_records(records: list[Record], policies: dict[str, DlpPolicy]) -> lis
                               end=f.end, action=f.action, recognizer=f.recognizer)
                        | {"key": f"{rec['call_id']}:{rec['turn']}:dlp:{f.start}:{f.entity_type}"})
     return out
+
+
+def _redact_json(value: Any, policy: DlpPolicy) -> Any:
+    """Tool arguments and results are JSON: redact every string in them, keep the structure."""
+    if isinstance(value, str):
+        return policy.scan(value, "redact").text
+    if isinstance(value, list):
+        return [_redact_json(v, policy) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact_json(v, policy) for k, v in value.items()}
+    return value
 
 
 _DIGIT_RUN = re.compile(r"\d(?:[\s.-]?\d){3,}")
@@ -62,6 +79,8 @@ def redact_event(event: dict[str, Any], policy: DlpPolicy, agent_text: dict[int,
         agent_text[turn] = agent_text.get(turn, "") + str(event.get("text", ""))
         text = mask_digit_runs(policy.scan(agent_text[turn], "redact").text)
         return {**event, "text": text, "cumulative": True}
+    if kind in TOOL_EVENTS:
+        return {k: _redact_json(v, policy) if k in ("arguments", "result", "error") else v for k, v in event.items()}
     if kind in TEXT_EVENTS and event.get("text"):
         if kind == "agent.final":
             agent_text.pop(event.get("turn") or 0, None)
