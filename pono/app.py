@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pono.agent.embedded import EmbeddedLLM, free_port
+from pono.agent.knowledge import api as knowledge_api
 from pono.agent.llm import LLMClient
 from pono.auth import TokenSigner, bearer, load_secret
 from pono.calls import CallManager
@@ -73,6 +74,7 @@ def build_app(settings: Settings) -> web.Application:
         web.get("/metrics", metrics_endpoint),
         *signaling_api.routes(),
         *storage_api.routes(),
+        *knowledge_api.routes(),
         *web_routes.routes(),
     ])
     return app

@@ -86,6 +86,8 @@ class CallManager:
             tools=build_registry(persona.tools, s.webhook_allowed_hosts),
             tool_limits={"max_rounds": s.tool_max_rounds, "slow_after_s": s.tool_filler_after_s},
             timezone=persona.timezone,
+            knowledge=self.storage.knowledge if self.storage is not None else None,
+            collections=persona.knowledge_collections,
         )
         # Observers of the call's event stream: the caller's own view, and metrics.
         call.events.subscribe(lambda e: transport.send_text(e.to_json()))

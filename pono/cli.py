@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -18,6 +19,8 @@ from pydantic import ValidationError
 
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.dlp.logfilter import install_log_redaction
+from pono.agent.knowledge.base import KnowledgeBase
+from pono.agent.knowledge.documents import DocumentError, extract_text, kind_of
 from pono.agent.personas import UnknownPersona, load_persona
 from pono.settings import Settings
 from pono.storage.db import Database, StorageError
@@ -131,6 +134,34 @@ def _dlp_scan(policy: DlpPolicy) -> None:
         print(json.dumps({"text": result.text, "findings": [f.to_json() for f in result.findings]}), flush=True)
 
 
+async def _ingest(settings: Settings, paths: list[str], collection: str) -> None:
+    failed = 0
+    async with _database(settings) as db:
+        knowledge = KnowledgeBase(db.pool)
+        for name in paths:
+            path = Path(name)
+            try:
+                text = await asyncio.to_thread(lambda p=path: extract_text(p.read_bytes(), kind_of(p)))
+            except (DocumentError, OSError) as exc:
+                print(f"{path}: not ingested: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            result = await knowledge.ingest(collection, path.name, text, title=path.stem)
+            print(f"{path}: {result.status} ({result.chunks} chunks)")
+    if failed:
+        raise SystemExit(1)
+
+
+async def _search(settings: Settings, query: str, collection: str, k: int, as_json: bool) -> None:
+    async with _database(settings) as db:
+        results = await KnowledgeBase(db.pool).search(query, [collection], k)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    for r in results:
+        print(f"{r['score']:.4f}  {r['document']} [{r['start']}:{r['end']}]  {r['text'][:100]!r}")
+
+
 def _run_storage_command(coro: Coroutine[Any, Any, None]) -> None:
     try:
         asyncio.run(coro)
@@ -161,6 +192,16 @@ def main(argv: list[str] | None = None) -> None:
     scan = dlp.add_parser("scan", help="redact lines from stdin; one JSON object per line on stdout")
     scan.add_argument("--policy", help="use this persona's DLP policy (name or id)")
     scan.add_argument("--policy-json", help='a policy given inline, e.g. \'{"action": "mask_last4"}\'')
+    knowledge = sub.add_parser("knowledge", help="the knowledge base (RAG)").add_subparsers(
+        dest="knowledge_command", required=True)
+    ingest = knowledge.add_parser("ingest", help="add or update documents (txt, md, html, pdf)")
+    ingest.add_argument("paths", nargs="+")
+    ingest.add_argument("--collection", required=True)
+    search = knowledge.add_parser("search", help="hybrid search of a collection")
+    search.add_argument("query")
+    search.add_argument("--collection", required=True)
+    search.add_argument("--k", type=int, default=5)
+    search.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
@@ -171,6 +212,10 @@ def main(argv: list[str] | None = None) -> None:
         _run_storage_command(_purge(_settings({})))
     elif args.command == "users":
         _run_storage_command(_create_user(_settings({}), args.name, args.role, args.print_token))
+    elif args.command == "knowledge" and args.knowledge_command == "ingest":
+        _run_storage_command(_ingest(_settings({}), args.paths, args.collection))
+    elif args.command == "knowledge":
+        _run_storage_command(_search(_settings({}), args.query, args.collection, args.k, args.json))
     elif args.command == "dlp":
         try:
             policy = asyncio.run(_dlp_policy(_settings({}), args.policy, args.policy_json))

@@ -30,6 +30,7 @@ class EventType(StrEnum):
     TOOL_CALL = "tool.call"
     TOOL_RESULT = "tool.result"
     TRANSFER = "call.transfer_requested"
+    KNOWLEDGE_USED = "knowledge.used"
     LATENCY = "latency"
     ERROR = "error"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
+from pono.agent.knowledge.base import KnowledgeBase
 from pono.metrics import Metrics
 from pono.settings import Settings
 from pono.storage.db import Database
@@ -26,6 +27,7 @@ class Storage:
         self.db: Database | None = None
         self.writer: Writer | None = None
         self.live: LiveState | None = None
+        self.knowledge: KnowledgeBase | None = None
 
     async def start(self) -> None:
         """Raises StorageError with a one-line reason when Postgres cannot be used."""
@@ -37,6 +39,7 @@ class Storage:
             dsn = await self._embedded_pg.start()
         self.db = Database(dsn, min_size=s.db_pool_min, max_size=s.db_pool_max, attempts=s.db_connect_attempts)
         await self.db.connect()
+        self.knowledge = KnowledgeBase(self.db.pool)
         self.writer = Writer(self.db, Journal(s.data_dir / "journal"),
                              on_error=lambda kind: self.metrics.errors.labels(kind).inc())
         self.writer.start()

@@ -69,6 +69,8 @@ class Call:
         tools: ToolRegistry | None = None,
         tool_limits: dict[str, Any] | None = None,
         timezone: str = "UTC",
+        knowledge: Any = None,
+        collections: list[str] | None = None,
     ) -> None:
         self.call_id = call_id
         self.transport = transport
@@ -86,7 +88,9 @@ class Call:
         self.toolbox: ToolBox | None = None
         if tools is not None and tools.tools:
             context = ToolContext(call_id, persona or "default", timezone,
-                                  actions={"end_call": self._schedule_end, "transfer": self._request_transfer})
+                                  actions={"end_call": self._schedule_end, "transfer": self._request_transfer,
+                                           "cite": self._cite},
+                                  knowledge=knowledge, collections=collections or [])
             self.toolbox = ToolBox(tools, context, **(tool_limits or {}))
         self.events = EventStream(call_id)
         self.state = CallState.LISTENING
@@ -137,6 +141,11 @@ class Call:
             await asyncio.wait({task})
         self.events.emit(EventType.STATE, state="ending", reason=reason)
         await self.hang_up("agent_ended")
+
+    async def _cite(self, query: str, hits: list[dict[str, Any]]) -> None:
+        """Citations go to the event stream (caller's view, operators, storage), not into the spoken text."""
+        self.events.emit(EventType.KNOWLEDGE_USED, self._turns - 1, query=query, documents=[
+            {k: h[k] for k in ("document", "document_id", "title", "score", "start", "end")} for h in hits])
 
     async def _request_transfer(self, reason: str) -> None:
         """The transfer_to_operator tool: flag the call; operators (and SIP's REFER) act on the event."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pono.agent.tools.registry import Tool, ToolContext, python_tool
@@ -37,7 +38,20 @@ async def current_datetime(ctx: ToolContext) -> dict[str, str]:
             "timezone": str(zone)}
 
 
+async def search_knowledge(ctx: ToolContext, query: str, k: int = 3) -> dict[str, Any]:
+    """Search the business's documents (opening hours, policies, menus...) for facts to answer with."""
+    if ctx.knowledge is None or not ctx.collections:
+        raise RuntimeError("this persona has no knowledge collections")
+    hits = await ctx.knowledge.search(query, ctx.collections, max(1, min(k, 8)))
+    cite = ctx.actions.get("cite")
+    if cite is not None and hits:
+        await cite(query, hits)
+    # The LLM gets the passages; offsets and scores go to the event stream as citations.
+    return {"passages": [{"document": h["document"], "text": h["text"]} for h in hits]}
+
+
 BUILTIN: dict[str, Tool] = {
+    "search_knowledge": python_tool(search_knowledge, timeout_s=5),
     "end_call": python_tool(end_call, timeout_s=2),
     "transfer_to_operator": python_tool(transfer_to_operator, timeout_s=5),
     "current_datetime": python_tool(current_datetime, timeout_s=2),

@@ -24,7 +24,9 @@ class ToolContext:
     call_id: str
     persona: str
     timezone: str = "UTC"
-    actions: dict[str, Callable[..., Awaitable[None]]] = field(default_factory=dict)  # end_call, transfer
+    actions: dict[str, Callable[..., Awaitable[None]]] = field(default_factory=dict)  # end_call, transfer, cite
+    knowledge: Any = None  # a KnowledgeBase, when the persona has collections
+    collections: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -1,0 +1,84 @@
+"""Knowledge endpoints: add documents to a collection, and search it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from aiohttp import web
+
+from pono.agent.knowledge.documents import CONTENT_TYPES, DocumentError, extract_text
+from pono.context import SERVICES
+from pono.http import ApiError
+from pono.storage.api import require
+
+MAX_DOCUMENT_BYTES = 10 * 1024 * 1024
+_COLLECTION = re.compile(r"^[\w.-]{1,100}$")
+
+
+def _collection(request: web.Request) -> str:
+    name = request.match_info["collection"]
+    if not _COLLECTION.match(name):
+        raise ApiError(404, f"no collection {name!r}")
+    return name
+
+
+async def _read_limited(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_DOCUMENT_BYTES:
+        raise ApiError(413, f"document too large (limit {MAX_DOCUMENT_BYTES} bytes)")
+    data = await request.content.read(MAX_DOCUMENT_BYTES + 1)
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise ApiError(413, f"document too large (limit {MAX_DOCUMENT_BYTES} bytes)")
+    return data
+
+
+async def add_document(request: web.Request) -> web.Response:
+    """Body: the document itself (text/plain, text/markdown, text/html, application/pdf) with ?source=NAME,
+    or JSON {"source", "text", "title"?}."""
+    await require(request, "admin")
+    collection = _collection(request)
+    data = await _read_limited(request)
+    title = request.query.get("title")
+    if request.content_type == "application/json":
+        try:
+            body = json.loads(data)
+            source, text, title = str(body["source"]), str(body["text"]), body.get("title", title)
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(422, "JSON documents need 'source' and 'text'") from None
+        kind = "markdown"
+        data = text.encode()
+    else:
+        kind = CONTENT_TYPES.get(request.content_type, "")
+        source = request.query.get("source", "")
+        if not kind:
+            raise ApiError(415, f"unsupported content type {request.content_type!r}; use "
+                                f"{', '.join(CONTENT_TYPES)} or application/json")
+        if not source:
+            raise ApiError(422, "a ?source= name is required")
+    try:
+        text = extract_text(data, kind)
+    except DocumentError as exc:
+        raise ApiError(422, f"cannot ingest {source}: {exc}") from None
+    knowledge = request.app[SERVICES].storage.knowledge
+    assert knowledge is not None
+    result = await knowledge.ingest(collection, source, text, title=title)
+    status = 200 if result.status == "unchanged" else 201
+    return web.json_response({"document_id": result.document_id, "source": source, "status": result.status,
+                              "chunks": result.chunks}, status=status)
+
+
+async def search(request: web.Request) -> web.Response:
+    await require(request, "viewer")
+    collection = _collection(request)
+    query = request.query.get("q", "")
+    k = request.query.get("k", "5")
+    if not query or not k.isdigit() or not 1 <= int(k) <= 50:
+        raise ApiError(422, "invalid query", fields=[{"field": "q/k", "message": "q is required, k from 1 to 50"}])
+    knowledge = request.app[SERVICES].storage.knowledge
+    assert knowledge is not None
+    return web.json_response({"results": await knowledge.search(query, [collection], int(k))})
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.post("/api/knowledge/{collection}/documents", add_document),
+            web.get("/api/knowledge/{collection}/search", search)]

@@ -1,0 +1,104 @@
+"""The knowledge base: ingest documents into pgvector, and hybrid search (vectors + full text, fused by RRF)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import numpy as np
+
+from pono.agent.knowledge.documents import chunk_text
+from pono.agent.knowledge.embedder import MiniLMEmbedder
+
+_RRF_K = 60  # the usual reciprocal-rank-fusion constant: rank 1 → 1/61
+_CANDIDATES = 20
+
+
+@dataclass
+class IngestResult:
+    document_id: str
+    source: str
+    status: str  # "created", "replaced" or "unchanged"
+    chunks: int
+
+
+class KnowledgeBase:
+    def __init__(self, pool: asyncpg.Pool, embedder: MiniLMEmbedder | None = None) -> None:
+        self.pool = pool
+        self._embedder = embedder
+        self._lock = asyncio.Lock()
+
+    async def embedder(self) -> MiniLMEmbedder:
+        async with self._lock:  # loaded once, on first use, off the event loop
+            if self._embedder is None:
+                self._embedder = await asyncio.to_thread(MiniLMEmbedder)
+        return self._embedder
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        return await asyncio.to_thread((await self.embedder()).embed, texts)
+
+    async def ingest(self, collection: str, source: str, text: str, *, title: str | None = None,
+                     metadata: dict[str, Any] | None = None) -> IngestResult:
+        """Store a document and its chunks in one transaction. An unchanged document is skipped; a changed
+        one has its chunks replaced."""
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        existing = await self.pool.fetchrow(
+            "SELECT id, content_hash FROM documents WHERE collection = $1 AND source = $2 AND deleted_at IS NULL",
+            collection, source)
+        if existing is not None and existing["content_hash"] == digest:
+            count = await self.pool.fetchval("SELECT count(*) FROM chunks WHERE document_id = $1", existing["id"])
+            return IngestResult(str(existing["id"]), source, "unchanged", count)
+        chunks = chunk_text(text)
+        vectors = await self.embed([c.text for c in chunks])  # before the transaction: it holds no lock while
+        async with self.pool.acquire() as conn, conn.transaction():
+            if existing is None:
+                doc_id = await conn.fetchval(
+                    "INSERT INTO documents (collection, source, title, content_hash, metadata)"
+                    " VALUES ($1, $2, $3, $4, $5::jsonb) RETURNING id",
+                    collection, source, title, digest, json.dumps(metadata or {}))
+                status = "created"
+            else:
+                doc_id = existing["id"]
+                await conn.execute("DELETE FROM chunks WHERE document_id = $1", doc_id)
+                await conn.execute(
+                    "UPDATE documents SET content_hash = $2, title = $3, metadata = $4::jsonb, updated_at = now()"
+                    " WHERE id = $1", doc_id, digest, title, json.dumps(metadata or {}))
+                status = "replaced"
+            await conn.executemany(
+                "INSERT INTO chunks (document_id, idx, text, start_offset, end_offset, metadata, embedding)"
+                " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)",
+                [(doc_id, i, c.text, c.start, c.end, json.dumps(c.metadata), vectors[i]) for i, c in enumerate(chunks)])
+        return IngestResult(str(doc_id), source, status, len(chunks))
+
+    async def search(self, query: str, collections: list[str], k: int = 5) -> list[dict[str, Any]]:
+        """Hybrid search: HNSW nearest neighbours and full-text rank, fused by reciprocal rank."""
+        if not query.strip() or not collections:
+            return []
+        vector = (await self.embed([query]))[0]
+        columns = ("SELECT c.id, c.text, c.start_offset, c.end_offset, c.metadata, d.source, d.title, d.id AS doc"
+                   " FROM chunks c JOIN documents d ON d.id = c.document_id")
+        live = "d.collection = ANY($1::text[]) AND d.deleted_at IS NULL"
+        async with self.pool.acquire() as conn:
+            by_vector = await conn.fetch(
+                f"{columns} WHERE {live} ORDER BY c.embedding <=> $2 LIMIT {_CANDIDATES}", collections, vector)
+            # Full text: any of the query's words may match (OR), ranked by cover density.
+            words = await conn.fetchval(
+                "SELECT array_to_string(tsvector_to_array(to_tsvector('english', $1)), ' | ')", query)
+            by_text = await conn.fetch(
+                f"{columns} CROSS JOIN to_tsquery('english', $2) q WHERE {live} AND c.text_search @@ q"
+                f" ORDER BY ts_rank_cd(c.text_search, q) DESC LIMIT {_CANDIDATES}", collections, words) if words else []
+        scores: dict[int, float] = {}
+        rows: dict[int, asyncpg.Record] = {}
+        for ranking in (by_vector, by_text):
+            for rank, row in enumerate(ranking, 1):
+                scores[row["id"]] = scores.get(row["id"], 0.0) + 1.0 / (_RRF_K + rank)
+                rows[row["id"]] = row
+        best = sorted(scores, key=scores.__getitem__, reverse=True)[:k]
+        return [{"text": rows[i]["text"], "document": rows[i]["source"], "title": rows[i]["title"],
+                 "document_id": str(rows[i]["doc"]), "score": round(scores[i], 5),
+                 "start": rows[i]["start_offset"], "end": rows[i]["end_offset"],
+                 "heading": json.loads(rows[i]["metadata"]).get("heading")} for i in best]
