@@ -62,6 +62,7 @@ class CallManager:
               caller: str | None = None) -> Call:
         s = self.settings
         persona = persona or Persona.from_settings(s)
+        tools, mcp_servers = build_registry(persona.tools, s.webhook_allowed_hosts)
         turn_taking = persona.turn_taking
         llm_options = {"model": persona.llm_model or None,
                        "temperature": persona.llm_params.get("temperature"),
@@ -83,7 +84,7 @@ class CallManager:
             preemptive=s.preemptive_reply,
             llm_options={k: v for k, v in llm_options.items() if v is not None},
             dlp=_dlp_policy(persona),
-            tools=build_registry(persona.tools, s.webhook_allowed_hosts),
+            tools=tools,
             tool_limits={"max_rounds": s.tool_max_rounds, "slow_after_s": s.tool_filler_after_s},
             timezone=persona.timezone,
             knowledge=self.storage.knowledge if self.storage is not None else None,
@@ -96,6 +97,7 @@ class CallManager:
         if self.storage is not None:
             self.storage.attach(call, transport.kind, caller, call.dlp)
         self.calls[call_id] = call
+        call.serve_mcp(mcp_servers)
         self.metrics.calls_total.labels(transport.kind).inc()
         self.metrics.active_calls.labels(transport.kind).inc()
         task = asyncio.create_task(call.run(), name=f"call-{call_id}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -248,3 +249,52 @@ async def test_invalid_tool_specs_are_rejected(server, admin_token: str) -> None
                                  json={"name": "bad-tools", "system_prompt": "x", "tools": tools}) as r:
                 assert r.status == 422
                 assert message in (await r.json())["fields"][0]["message"]
+
+
+async def test_mcp_server_tools_are_discovered_and_called(server, script: Script, admin_token: str) -> None:
+    import sys
+    from pathlib import Path
+
+    mcp = {"type": "mcp", "name": "orders", "command": sys.executable,
+           "args": [str(Path(__file__).parent / "fixtures" / "mcp_server.py")], "timeout_s": 2}
+    dead = {"type": "mcp", "name": "dead", "command": sys.executable, "args": ["-c", "raise SystemExit(3)"]}
+    name = await persona(server, admin_token, [mcp, dead])
+    caller = await text_call(server, name)
+    try:
+        # Discovery runs beside the call; wait until the server's tools are offered.
+        for _ in range(100):
+            call = server.app[SERVICES].calls.calls[caller.call_id]
+            if call.toolbox is not None and "orders__lookup_order" in call.toolbox.registry.tools:
+                break
+            await asyncio.sleep(0.1)
+        assert {"orders__lookup_order", "orders__slow_inventory"} <= set(call.toolbox.registry.tools)
+        error = await caller.wait_for(lambda e: e["type"] == "error" and e.get("kind") == "mcp", 20)
+        assert "dead" in error["message"]
+        script.responses = [{"tool_calls": [{"name": "orders__lookup_order", "arguments": {"order_id": "A-17"}},
+                                            {"name": "orders__slow_inventory", "arguments": {"item": "chairs"}}]},
+                            {"text": "Your order A-17 has shipped."}]
+        caller.send_text("Where is my order A-17?")
+        final = await caller.wait_for(lambda e: e["type"] == "agent.final", 20)
+        assert final["text"].endswith("Your order A-17 has shipped.")  # after the slow-tool filler
+        offered = {t["function"]["name"] for t in script.requests[-2]["tools"]}
+        assert "orders__lookup_order" in offered and not any(n.startswith("dead__") for n in offered)
+        results = [json.loads(m["content"]) for m in tool_messages(script.requests[-1])]
+        assert results[0]["status"] == "shipped" and results[0]["order_id"] == "A-17"
+        assert "timed out" in results[1]["error"]  # a hanging MCP tool: an error result, the call goes on
+    finally:
+        await caller.hang_up()
+    # The stdio server lived as long as the call.
+    def servers() -> list[Path]:
+        found = []
+        for p in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):  # processes come and go while we look
+                if b"mcp_server.py" in p.read_bytes():
+                    found.append(p)
+        return found
+
+    for _ in range(50):
+        running = await asyncio.to_thread(servers)
+        if not running:
+            break
+        await asyncio.sleep(0.1)
+    assert not running

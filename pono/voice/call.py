@@ -17,6 +17,7 @@ import numpy as np
 from pono.agent.conversation import Conversation
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.llm import LLMClient
+from pono.agent.tools.mcp_tools import serve_mcp_tools
 from pono.agent.tools.registry import ToolBox, ToolContext, ToolRegistry
 from pono.events import EventStream, EventType
 from pono.transport import FRAME_MS, Transport
@@ -86,7 +87,7 @@ class Call:
         self.llm_options = llm_options or {}
         self.dlp = dlp
         self.toolbox: ToolBox | None = None
-        if tools is not None and tools.tools:
+        if tools is not None:
             context = ToolContext(call_id, persona or "default", timezone,
                                   actions={"end_call": self._schedule_end, "transfer": self._request_transfer,
                                            "cite": self._cite},
@@ -141,6 +142,13 @@ class Call:
             await asyncio.wait({task})
         self.events.emit(EventType.STATE, state="ending", reason=reason)
         await self.hang_up("agent_ended")
+
+    def serve_mcp(self, specs: list[dict[str, Any]]) -> None:
+        """Connect the persona's MCP servers for the length of the call; their tools join as they come."""
+        for spec in specs:
+            assert self.toolbox is not None
+            self._spawn(serve_mcp_tools(spec, self.toolbox.registry, lambda message: self.events.emit(
+                EventType.ERROR, kind="mcp", message=message)), f"mcp-{spec['name']}")
 
     async def _cite(self, query: str, hits: list[dict[str, Any]]) -> None:
         """Citations go to the event stream (caller's view, operators, storage), not into the spoken text."""
