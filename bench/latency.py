@@ -48,6 +48,19 @@ def espeak_question(workdir: Path) -> np.ndarray:
     return pcm[: loud[-1] + 1]  # end on the last speech sample, so "last sample sent" means what it says
 
 
+async def tool_persona(http: aiohttp.ClientSession, url: str, data_dir: Path, env: dict[str, str]) -> str:
+    """An admin key (through the CLI, as a user would) and a persona with the current_datetime tool."""
+    created = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pono", "users", "create", "--role", "admin", "--name", "bench", "--print-token",
+        env={**env, "PONO_DATA_DIR": str(data_dir)}, stdout=asyncio.subprocess.PIPE)
+    out, _ = await created.communicate()
+    token = out.decode().strip().splitlines()[-1]
+    body = {"name": "bench-tools", "system_prompt": "Be brief.", "tools": ["current_datetime"]}
+    async with http.post(f"{url}/api/personas", json=body, headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 201, await r.text()
+    return "bench-tools"
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
@@ -61,10 +74,10 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def one_call(url: str, question: np.ndarray) -> dict[str, object]:
+async def one_call(url: str, question: np.ndarray, persona: str | None = None) -> dict[str, object]:
     caller = Caller(url)
     try:
-        await caller.connect()
+        await caller.connect(persona=persona)
         await caller.wait_open()
         await asyncio.sleep(0.5)  # let the jitter buffers settle, as a person says hello after pick-up
         started = time.monotonic()
@@ -127,6 +140,7 @@ async def main() -> None:
     ap.add_argument("--ttft", type=float, default=0.1, help="scripted LLM time to first token (s)")
     ap.add_argument("--hangover-ms", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="also print one JSON line")
+    ap.add_argument("--tool", action="store_true", help="also N sequential calls whose turn makes one tool call")
     args = ap.parse_args()
 
     restrict_host_addresses(["127.0.0.1"])
@@ -158,6 +172,14 @@ async def main() -> None:
             cpu0 = cpu_seconds(server.pid)
             sequential = [await one_call(url, question) for _ in range(args.calls)]
             concurrent = await asyncio.gather(*(one_call(url, question) for _ in range(args.calls)))
+            with_tool: list[dict[str, object]] = []
+            if args.tool:
+                persona = await tool_persona(http, url, workdir / "data", env)
+                for _ in range(args.calls):
+                    # Each turn: the LLM asks for current_datetime, then answers with its result.
+                    llm.script.responses = [{"tool_calls": [{"name": "current_datetime", "arguments": {}}]},
+                                            {"text": REPLY}]
+                    with_tool.append(await one_call(url, question, persona))
             cpu = cpu_seconds(server.pid) - cpu0
             worst_lag = await metric(http, url, "bench", "pono_event_loop_lag_max_seconds")
         call_minutes = sum(float(r["call_s"]) for r in [*sequential, *concurrent]) / 60  # type: ignore[arg-type]
@@ -166,6 +188,7 @@ async def main() -> None:
             "llm_ttft_ms": round(args.ttft * 1000),
             "sequential": summarize("sequential", sequential),
             "concurrent": summarize(f"{args.calls} concurrent", list(concurrent)),
+            "with_tool": summarize("one tool round", with_tool) if with_tool else None,
             "cpu_s_per_call_minute": round(cpu / call_minutes, 2),
             "event_loop_worst_lag_ms": round(worst_lag * 1000, 1),
         }
@@ -174,8 +197,10 @@ async def main() -> None:
         await server.wait()
         await llm.stop()
     print(f"Pono voice-to-voice latency: STT {args.stt_model}, scripted LLM first token {report['llm_ttft_ms']} ms")
-    for key in ("sequential", "concurrent"):
+    for key in ("sequential", "concurrent", "with_tool"):
         s = report[key]
+        if s is None:
+            continue
         print(f"  {s['label']:>14}: {s['calls']} calls, voice-to-voice median {s['v2v_median_ms']} ms, "
               f"p90 {s['v2v_p90_ms']} ms")
         print("      server stages (median ms after end of speech): "
@@ -183,6 +208,9 @@ async def main() -> None:
         print(f"      way in (last speech sample sent → server VAD sees silence): {s['way_in_median_ms']} ms; "
               f"way out (server sends first audio → caller hears it): {s['way_out_median_ms']} ms")
         print(f"      transcripts: {s['transcripts']}")
+    if report["with_tool"]:
+        added = report["with_tool"]["v2v_median_ms"] - report["sequential"]["v2v_median_ms"]
+        print(f"  a tool round (current_datetime) adds {added} ms to voice-to-voice (median vs. sequential)")
     print(f"  CPU seconds per call minute (server process): {report['cpu_s_per_call_minute']}")
     print(f"  event loop worst lag: {report['event_loop_worst_lag_ms']} ms")
     if args.json:
