@@ -298,3 +298,60 @@ async def test_mcp_server_tools_are_discovered_and_called(server, script: Script
             break
         await asyncio.sleep(0.1)
     assert not running
+
+
+async def test_spoken_question_uses_knowledge_webhook_and_mcp(server, script: Script, admin_token: str,
+                                                              target: WebhookTarget, audio_dir) -> None:
+    """The issue's end-to-end: a persona with knowledge, a webhook and an MCP tool answers a spoken question."""
+    import sys
+    from pathlib import Path
+
+    from conftest import espeak
+
+    from pono.agent.knowledge.evaluate import ingest_folder
+    from pono.signaling.audio_out import Resampler
+    from pono.testing.caller import RATE
+
+    fixtures = Path(__file__).parent / "fixtures"
+    collection = f"voice-{uuid.uuid4().hex[:6]}"
+    await ingest_folder(server.app[SERVICES].storage.knowledge, fixtures / "knowledge", collection)
+    mcp = {"type": "mcp", "name": "orders", "command": sys.executable, "args": [str(fixtures / "mcp_server.py")]}
+    name = f"full-{uuid.uuid4().hex[:6]}"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
+        async with http.post(f"{server.url}/api/personas", json={
+                "name": name, "system_prompt": "Help.", "knowledge_collections": [collection],
+                "tools": ["search_knowledge", booking_tool(target), mcp]}) as r:
+            assert r.status == 201, await r.text()
+    question = espeak("Are dogs allowed at the restaurant?", audio_dir / "dogs.wav")
+    caller = Caller(server.url)
+    try:
+        await caller.connect(persona=name)
+        await caller.wait_open()
+        call = server.app[SERVICES].calls.calls[caller.call_id]
+        for _ in range(100):
+            if "orders__lookup_order" in call.toolbox.registry.tools:
+                break
+            await asyncio.sleep(0.1)
+        script.responses = [
+            {"tool_calls": [{"name": "search_knowledge", "arguments": {"query": "dogs allowed"}},
+                            {"name": "book_table", "arguments": {"party_size": 2, "time": "Sunday 19:00"}},
+                            {"name": "orders__lookup_order", "arguments": {"order_id": "A-17"}}]},
+            {"text": "Dogs are welcome on the terrace, and your table on Sunday is booked."}]
+        await asyncio.sleep(0.3)
+        caller.speak(question)
+        heard = await caller.wait_for(lambda e: e["type"] == "transcript.final" and e.get("text"), 30)
+        assert "restaurant" in heard["text"].lower()
+        final = await caller.wait_for(lambda e: e["type"] == "agent.final", 30)
+        assert final["text"].endswith("your table on Sunday is booked.")
+        used = await caller.wait_for(lambda e: e["type"] == "knowledge.used", 5)
+        assert used["documents"][0]["document"] == "policies.txt"
+        results = {e["name"]: e for e in caller.events if e["type"] == "tool.result"}
+        assert set(results) == {"search_knowledge", "book_table", "orders__lookup_order"}
+        assert all(r["error"] is None for r in results.values())
+        assert len(target.received) == 1
+        await asyncio.sleep(1.0)
+        audio = caller.recording()
+        spoken = await server.app[SERVICES].models.run_stt(Resampler(16000)(audio, RATE))
+        assert {"terrace", "booked"} & set(spoken.lower().replace(",", " ").replace(".", " ").split()), spoken
+    finally:
+        await caller.hang_up()
