@@ -79,7 +79,8 @@ class PonoProcess:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "PONO_PORT": str(self.port), "PONO_DATA_DIR": str(data_dir),
                     "PONO_STT_MODEL": "tiny.en", "PONO_ICE_INTERFACES": '["127.0.0.1"]', "PONO_SPEAK_GREETING": "false",
-                    "PONO_STT_PARTIAL_INTERVAL_S": "0", "PONO_LLM_TIMEOUT_S": "3", **env}
+                    "PONO_STT_PARTIAL_INTERVAL_S": "0", "PONO_LLM_TIMEOUT_S": "3",
+                    "PONO_CALL_TOKENS_PER_MINUTE": "10000", **env}
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self, ready_timeout: float = 120.0) -> None:

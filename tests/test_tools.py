@@ -355,3 +355,24 @@ async def test_spoken_question_uses_knowledge_webhook_and_mcp(server, script: Sc
         assert {"terrace", "booked"} & set(spoken.lower().replace(",", " ").replace(".", " ").split()), spoken
     finally:
         await caller.hang_up()
+
+
+async def test_transfer_to_operator_marks_the_call(server, script: Script, admin_token: str) -> None:
+    name = await persona(server, admin_token, ["transfer_to_operator"])
+    script.responses = [{"tool_calls": [{"name": "transfer_to_operator", "arguments": {"reason": "billing"}}]},
+                        {"text": "I am getting a colleague for you."}]
+    caller = await text_call(server, name)
+    try:
+        caller.send_text("I want to talk to a person about my bill")
+        await caller.wait_for(lambda e: e["type"] == "call.transfer_requested" and e["reason"] == "billing", 10)
+        await caller.wait_for(lambda e: e["type"] == "agent.final", 10)
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
+            for _ in range(50):
+                async with http.get(f"{server.url}/api/calls?state=live") as r:
+                    mine = [c for c in (await r.json())["calls"] if c["call_id"] == caller.call_id]
+                if mine and mine[0].get("operator_requested"):
+                    break
+                await asyncio.sleep(0.1)
+        assert mine[0]["operator_requested"] == "billing"
+    finally:
+        await caller.hang_up()

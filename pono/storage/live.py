@@ -84,6 +84,8 @@ class LiveState:
             if event.type is EventType.STATE and call_id in self.calls:
                 self.calls[call_id]["state"] = str(event.data.get("state"))
                 self._outbox.append(("state", call_id, None))
+            elif event.type is EventType.TRANSFER and call_id in self.calls:
+                self.calls[call_id]["operator_requested"] = str(event.data.get("reason") or "yes")
             self._outbox.append(("event", call_id, event.to_json()))
             self._wake.set()
 

@@ -82,7 +82,10 @@ class Caller:
 
     async def connect(self, *, audio: bool = True, persona: str | None = None) -> dict[str, Any]:
         async with self.http.post(f"{self.base_url}/api/call-tokens") as r:
-            self.token = (await r.json())["token"]
+            body = await r.json()
+            if r.status != 201:
+                raise RuntimeError(f"no call token: {r.status} {body}")
+            self.token = body["token"]
         if audio:
             self.pc.addTrack(self.mic)
         self.channel = self.pc.createDataChannel("pono")

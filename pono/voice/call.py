@@ -72,6 +72,7 @@ class Call(AgentActions):
         timezone: str = "UTC",
         knowledge: Any = None,
         collections: list[str] | None = None,
+        language: str = "en",
     ) -> None:
         self.call_id = call_id
         self.transport = transport
@@ -86,6 +87,7 @@ class Call(AgentActions):
         self.preemptive = preemptive
         self.llm_options = llm_options or {}
         self.dlp = dlp
+        self.language = language
         self.toolbox: ToolBox | None = None
         if tools is not None:
             context = ToolContext(call_id, persona or "default", timezone,
@@ -208,7 +210,7 @@ class Call(AgentActions):
     async def _transcribe(self, audio: np.ndarray) -> str:
         self._stt_busy = True
         try:
-            return await self.models.run_stt(audio)
+            return await self.models.run_stt(audio, self.language)
         finally:
             self._stt_busy = False
 

@@ -64,9 +64,9 @@ class SpeechModels:
     async def run_vad(self, fn: Callable[[np.ndarray], T], pcm: np.ndarray) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._vad_pool, fn, pcm)
 
-    async def run_stt(self, pcm: np.ndarray) -> str:
+    async def run_stt(self, pcm: np.ndarray, language: str | None = "en") -> str:
         assert self.stt is not None
-        return await asyncio.get_running_loop().run_in_executor(self._stt_pool, self.stt.transcribe, pcm)
+        return await asyncio.get_running_loop().run_in_executor(self._stt_pool, self.stt.transcribe, pcm, language)
 
     async def run_tts(self, text: str) -> list[np.ndarray]:
         assert self.tts is not None

@@ -83,9 +83,11 @@ class WhisperSTT:
     def transcribe(self, pcm16: np.ndarray, language: str | None = "en") -> str:
         """Blocking: run it in a worker thread."""
         audio = pcm16.astype(np.float32) / 32768.0
+        if self.english_only:
+            language = "en"
         segments, _info = self.model.transcribe(
             audio,
-            language=language,
+            language=(language or "en").split("-")[0].lower(),
             beam_size=1,
             best_of=1,
             temperature=0.0,
