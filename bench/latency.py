@@ -152,7 +152,7 @@ async def main() -> None:
     env = {**os.environ, "PONO_PORT": str(port), "PONO_DATA_DIR": str(workdir / "data"),
            "PONO_STT_MODEL": args.stt_model, "PONO_ICE_INTERFACES": '["127.0.0.1"]', "PONO_SPEAK_GREETING": "false",
            "OPENAI_BASE_URL": llm.base_url, "PONO_LLM_MODEL": "scripted", "PONO_LOG_LEVEL": "WARNING",
-           "PONO_METRICS_TOKEN": "bench"}
+           "PONO_METRICS_TOKEN": "bench", "PONO_CALL_TOKENS_PER_MINUTE": "10000"}
     if args.hangover_ms is not None:
         env["PONO_HANGOVER_MS"] = str(args.hangover_ms)
     server = await asyncio.create_subprocess_exec(sys.executable, "-m", "pono", "serve", env=env)
