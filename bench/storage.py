@@ -57,7 +57,7 @@ async def main() -> None:
         writer = Writer(db, Journal(workdir / "journal"))
         writer.start()
         events = EventStream(uuid.uuid4().hex)
-        events.subscribe(writer.observer("bench"))
+        events.subscribe(writer.observer(events.call_id, "bench"))
         emit_ns: list[int] = []
         started = time.perf_counter()
         events.emit(EventType.CALL_STARTED, transport="bench", has_audio=False, persona=None)
