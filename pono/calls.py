@@ -90,6 +90,7 @@ class CallManager:
             knowledge=self.storage.knowledge if self.storage is not None else None,
             collections=persona.knowledge_collections,
             language=persona.language,
+            voice=persona.tts_voice,
         )
         # Observers of the call's event stream: the caller's own view, and metrics.
         call.events.subscribe(lambda e: transport.send_text(e.to_json()))

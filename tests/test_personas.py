@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import aiohttp
@@ -82,5 +83,28 @@ async def test_unknown_persona_is_refused_and_default_is_used_otherwise(server, 
         await caller.wait_for(lambda e: e["type"] == "agent.final", 10)
         assert next(e for e in caller.events if e["type"] == "call.started")["persona"] == "default"
         assert script.requests[-1]["messages"][0]["content"].startswith("You are Pono")
+    finally:
+        await caller.hang_up()
+
+
+async def test_persona_voice_that_cannot_be_had_falls_back_to_the_default(server, script: Script,
+                                                                          admin_token: str) -> None:
+    name = f"voice-{uuid.uuid4().hex[:6]}"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
+        async with http.post(f"{server.url}/api/personas", json={"name": name, "system_prompt": "x",
+                                                                 "tts_voice": "kore"}) as r:
+            assert r.status == 201
+    script.reply = "You still hear me."
+    caller = Caller(server.url)
+    try:
+        await caller.connect(audio=True, persona=name)
+        await caller.wait_open()
+        caller.send_text("Can you hear me?")
+        await caller.wait_for(lambda e: e["type"] == "agent.final", 20)
+        for _ in range(30):
+            if caller.received and abs(caller.recording()).max() > 2000:
+                break
+            await asyncio.sleep(0.1)
+        assert abs(caller.recording()).max() > 2000  # spoken in the default voice: "kore" is not bundled
     finally:
         await caller.hang_up()

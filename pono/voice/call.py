@@ -73,6 +73,7 @@ class Call(AgentActions):
         knowledge: Any = None,
         collections: list[str] | None = None,
         language: str = "en",
+        voice: str | None = None,
     ) -> None:
         self.call_id = call_id
         self.transport = transport
@@ -88,6 +89,7 @@ class Call(AgentActions):
         self.llm_options = llm_options or {}
         self.dlp = dlp
         self.language = language
+        self.voice = voice
         self.toolbox: ToolBox | None = None
         if tools is not None:
             context = ToolContext(call_id, persona or "default", timezone,
@@ -349,7 +351,7 @@ class Call(AgentActions):
                             llm=self.llm, conversation=self.conversation,
                             events=held or HeldEvents(self.events, open_=True), on_speaking=speaking,
                             pending_user=pending_user, llm_options=self.llm_options,
-                            toolbox=self.toolbox)
+                            toolbox=self.toolbox, voice=self.voice)
         return self._reply
 
     async def _when_speaking(self, speaking: asyncio.Event) -> None:

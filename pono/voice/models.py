@@ -31,6 +31,7 @@ class SpeechModels:
         self._vad_pool = ThreadPoolExecutor(1, thread_name_prefix="vad")
         self._stt_pool = ThreadPoolExecutor(1, thread_name_prefix="stt")
         self._tts_pool = ThreadPoolExecutor(1, thread_name_prefix="tts")
+        self._voices: dict[str, TTSEngine] = {}
         self.loaded = asyncio.Event()
         self.load_error: str | None = None
 
@@ -68,9 +69,30 @@ class SpeechModels:
         assert self.stt is not None
         return await asyncio.get_running_loop().run_in_executor(self._stt_pool, self.stt.transcribe, pcm, language)
 
-    async def run_tts(self, text: str) -> list[np.ndarray]:
+    async def run_tts(self, text: str, voice: str | None = None) -> list[np.ndarray]:
         assert self.tts is not None
-        return await asyncio.get_running_loop().run_in_executor(self._tts_pool, self.tts.synthesize, text)
+        return await asyncio.get_running_loop().run_in_executor(self._tts_pool, self._synthesize, text, voice)
+
+    def _synthesize(self, text: str, voice: str | None) -> list[np.ndarray]:
+        return self._engine(voice).synthesize(text)
+
+    def _engine(self, voice: str | None) -> TTSEngine:
+        """The engine for a persona's voice, loaded once (in the TTS thread). A voice that cannot be had
+        (hibari fetches voices other than its bundled one, and this host may be offline) falls back to the
+        default voice, once logged."""
+        assert self.tts is not None
+        if not voice or voice == self.settings.tts_voice:
+            return self.tts
+        if voice not in self._voices:
+            try:
+                engine = load_tts(self.settings.tts, voice)
+                if engine.sample_rate != self.tts.sample_rate:
+                    raise ValueError("a persona voice must have the default voice's sample rate")
+                self._voices[voice] = engine
+            except Exception as exc:
+                log.error("TTS voice %r unavailable (%s); using the default voice", voice, type(exc).__name__)
+                self._voices[voice] = self.tts
+        return self._voices[voice]
 
     @property
     def tts_rate(self) -> int:

@@ -74,6 +74,7 @@ class Reply:
         pending_user: str | None = None,
         llm_options: dict[str, Any] | None = None,
         toolbox: ToolBox | None = None,
+        voice: str | None = None,
     ) -> None:
         self.turn = turn
         self.t0 = t0
@@ -86,6 +87,7 @@ class Reply:
         self.pending_user = pending_user
         self.llm_options = llm_options or {}
         self.toolbox = toolbox
+        self.voice = voice
         self._text = ""
         self._round_text = ""
         self._no_more_tools = False
@@ -237,7 +239,7 @@ class Reply:
             if not t.has_audio:
                 continue
             synth_started = time.monotonic()
-            chunks = await self.models.run_tts(piece)
+            chunks = await self.models.run_tts(piece, self.voice)
             self.outcome.marks.setdefault("tts_synth", round(time.monotonic() - synth_started, 4))
             if not chunks:
                 continue
