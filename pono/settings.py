@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     registry_ttl_s: int = 15
     retention_days: int = 90  # soft-deleted rows are purged after this many days
 
+    # Knowledge: an OpenAI-compatible embeddings endpoint instead of the bundled MiniLM (optional).
+    # It must return 384 dimensions (the `dimensions` parameter is sent), the size of the pgvector column.
+    embeddings_url: str | None = None
+    embeddings_model: str = "text-embedding-3-small"
+
     # Tools.
     webhook_allowed_hosts: list[str] = Field(default_factory=list)  # hosts webhook tools may call
     tool_max_rounds: int = 3

@@ -137,3 +137,27 @@ def test_corrupt_and_empty_documents_are_refused() -> None:
         except DocumentError:
             continue
         raise AssertionError(f"{kind} {data!r} was accepted")
+
+
+async def test_openai_compatible_embeddings_endpoint(server, scripted_llm, script: Script) -> None:
+    from pono.agent.knowledge.base import RemoteEmbedder
+
+    pool = server.app[SERVICES].storage.db.pool
+    remote = KnowledgeBase(pool, remote=RemoteEmbedder(scripted_llm.base_url, "key", "scripted-embed"))
+    collection = f"remote-{uuid.uuid4().hex[:6]}"
+    await ingest_folder(remote, FIXTURES, collection)
+    (top,) = await remote.search("free parking behind the building", [collection], 1)
+    assert top["document"] == "parking.md"
+    asked = [r for r in script.requests if r.get("model") == "scripted-embed"]
+    assert asked and all(r["dimensions"] == 384 for r in asked)
+
+    # An endpoint that ignores the requested size is refused clearly, and nothing is stored.
+    script.embedding_size = 128
+    try:
+        await remote.ingest(collection, "extra.md", "# Extra\n\nSomething new.")
+    except ValueError as exc:
+        assert "returned 128 dimensions; 384 are needed" in str(exc)
+    else:
+        raise AssertionError("a 128-dimension endpoint was accepted")
+    assert await pool.fetchval("SELECT count(*) FROM documents WHERE collection = $1 AND source = 'extra.md'",
+                               collection) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
-from pono.agent.knowledge.base import KnowledgeBase
+from pono.agent.knowledge.base import KnowledgeBase, RemoteEmbedder
 from pono.metrics import Metrics
 from pono.settings import Settings
 from pono.storage.db import Database
@@ -39,7 +39,10 @@ class Storage:
             dsn = await self._embedded_pg.start()
         self.db = Database(dsn, min_size=s.db_pool_min, max_size=s.db_pool_max, attempts=s.db_connect_attempts)
         await self.db.connect()
-        self.knowledge = KnowledgeBase(self.db.pool)
+        remote = None
+        if s.embeddings_url:
+            remote = RemoteEmbedder(s.embeddings_url, s.openai_api_key.get_secret_value(), s.embeddings_model)
+        self.knowledge = KnowledgeBase(self.db.pool, remote=remote)
         self.writer = Writer(self.db, Journal(s.data_dir / "journal"),
                              on_error=lambda kind: self.metrics.errors.labels(kind).inc())
         self.writer.start()

@@ -7,7 +7,9 @@ records every request it got so a test can check what the agent sent.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,6 +28,7 @@ class Script:
     # Answers for the next requests, in order: {"text": ...} or {"tool_calls": [{"name", "arguments"}]}.
     # When they run out, every request gets `reply`.
     responses: list[dict[str, Any]] = field(default_factory=list)
+    embedding_size: int | None = None  # answer embeddings of this size whatever was asked (a bad endpoint)
     requests: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -36,6 +39,7 @@ class ScriptedLLM:
         self.app.add_routes([
             web.get("/v1/models", self._models),
             web.post("/v1/chat/completions", self._chat),
+            web.post("/v1/embeddings", self._embeddings),
         ])
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -59,6 +63,21 @@ class ScriptedLLM:
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """Hashed bag-of-words vectors: lexical, deterministic, and enough to tell documents apart."""
+        body = await request.json()
+        self.script.requests.append(body)
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        size = self.script.embedding_size or int(body.get("dimensions") or 1536)
+        data = []
+        for i, text in enumerate(texts):
+            vector = [0.0] * size
+            for word in re.findall(r"[a-z]+", text.lower()):
+                vector[int(hashlib.md5(word.encode()).hexdigest(), 16) % size] += 1.0
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        return web.json_response({"object": "list", "data": data, "model": body.get("model", "scripted"),
+                                  "usage": {"prompt_tokens": 0, "total_tokens": 0}})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

@@ -12,7 +12,7 @@ import asyncpg
 import numpy as np
 
 from pono.agent.knowledge.documents import chunk_text
-from pono.agent.knowledge.embedder import MiniLMEmbedder
+from pono.agent.knowledge.embedder import DIM, MiniLMEmbedder
 
 _RRF_K = 60  # the usual reciprocal-rank-fusion constant: rank 1 → 1/61
 _CANDIDATES = 20
@@ -26,10 +26,31 @@ class IngestResult:
     chunks: int
 
 
+class RemoteEmbedder:
+    """An OpenAI-compatible /embeddings endpoint, asked for the column's 384 dimensions."""
+
+    def __init__(self, base_url: str, api_key: str, model: str) -> None:
+        import openai
+
+        self.model = model
+        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=30, max_retries=2)
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, DIM), np.float32)
+        response = await self.client.embeddings.create(model=self.model, input=texts, dimensions=DIM)
+        vectors = np.array([d.embedding for d in sorted(response.data, key=lambda d: d.index)], np.float32)
+        if vectors.shape != (len(texts), DIM):
+            raise ValueError(f"the embeddings endpoint returned {vectors.shape[-1]} dimensions; {DIM} are needed")
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
 class KnowledgeBase:
-    def __init__(self, pool: asyncpg.Pool, embedder: MiniLMEmbedder | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, embedder: MiniLMEmbedder | None = None,
+                 remote: RemoteEmbedder | None = None) -> None:
         self.pool = pool
         self._embedder = embedder
+        self.remote = remote
         self._lock = asyncio.Lock()
 
     async def embedder(self) -> MiniLMEmbedder:
@@ -39,6 +60,8 @@ class KnowledgeBase:
         return self._embedder
 
     async def embed(self, texts: list[str]) -> np.ndarray:
+        if self.remote is not None:
+            return await self.remote.embed(texts)
         return await asyncio.to_thread((await self.embedder()).embed, texts)
 
     async def ingest(self, collection: str, source: str, text: str, *, title: str | None = None,
