@@ -376,3 +376,41 @@ async def test_transfer_to_operator_marks_the_call(server, script: Script, admin
         assert mine[0]["operator_requested"] == "billing"
     finally:
         await caller.hang_up()
+
+
+async def test_mcp_server_over_streamable_http(server, script: Script, admin_token: str) -> None:
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).parent / "fixtures" / "mcp_server.py"), "--http", str(port),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(100):  # until it listens
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        name = await persona(server, admin_token, [{"type": "mcp", "name": "orders",
+                                                    "url": f"http://127.0.0.1:{port}/mcp"}])
+        caller = await text_call(server, name)
+        try:
+            call = server.app[SERVICES].calls.calls[caller.call_id]
+            for _ in range(100):
+                if "orders__lookup_order" in call.toolbox.registry.tools:
+                    break
+                await asyncio.sleep(0.1)
+            script.responses = [{"tool_calls": [{"name": "orders__lookup_order", "arguments": {"order_id": "B-2"}}]},
+                                {"text": "Shipped."}]
+            caller.send_text("Where is order B-2?")
+            await caller.wait_for(lambda e: e["type"] == "agent.final", 15)
+            result = json.loads(tool_messages(script.requests[-1])[0]["content"])
+            assert result["order_id"] == "B-2" and result["status"] == "shipped"
+        finally:
+            await caller.hang_up()
+    finally:
+        process.terminate()
+        await process.wait()
