@@ -34,6 +34,16 @@ def events_channel(call_id: str) -> str:
     return f"pono:events:{call_id}"
 
 
+def _delta_follows(items: list[tuple[str, str, dict[str, Any] | None]], i: int) -> bool:
+    """Whether items[i] is an agent delta that the next item (a delta of the same turn) supersedes."""
+    event = items[i][2]
+    if event is None or event.get("type") != "agent.delta" or i + 1 >= len(items):
+        return False
+    following = items[i + 1][2]
+    return (items[i + 1][1] == items[i][1] and following is not None and following.get("type") == "agent.delta"
+            and following.get("turn") == event.get("turn"))
+
+
 class LiveState:
     def __init__(self, url: str, replica: str, ttl_s: int = 15) -> None:
         self.url = url
@@ -94,9 +104,15 @@ class LiveState:
     def _prepare(self, items: list[tuple[str, str, dict[str, Any] | None]]) -> list[tuple[str, str, str]]:
         """Blocking: redact event texts for operators and serialise them. Runs in a worker thread."""
         prepared = []
-        for what, call_id, event in items:
+        for i, (what, call_id, event) in enumerate(items):
             if what == "event" and event is not None:
                 policy, agent_text = self._redaction.get(call_id, (DEFAULT_POLICY, {}))
+                if _delta_follows(items, i):
+                    # Operators get agent text cumulatively: of a run of deltas only the last is published,
+                    # so the text is scanned once per batch, not once per token.
+                    turn = event.get("turn") or 0
+                    agent_text[turn] = agent_text.get(turn, "") + str(event.get("text", ""))
+                    continue
                 message = json.dumps(redact_event(event, policy, agent_text), separators=(",", ":"))
                 prepared.append((what, call_id, message))
                 if event.get("type") == "call.ended":
