@@ -30,6 +30,7 @@ from pono.agent.embedded import free_port
 from pono.events import LATENCY_MARKS
 from pono.signaling.ice import restrict_host_addresses
 from pono.testing.caller import Caller
+from pono.testing.ready import wait_until_ready
 from pono.testing.scripted_llm import Script, ScriptedLLM
 
 QUESTION = "Please book a table for two at seven tonight"
@@ -158,17 +159,8 @@ async def main() -> None:
     server = await asyncio.create_subprocess_exec(sys.executable, "-m", "pono", "serve", env=env)
     url = f"http://127.0.0.1:{port}"
     try:
+        await wait_until_ready(url, 120, server)
         async with aiohttp.ClientSession() as http:
-            for _ in range(600):
-                try:
-                    async with http.get(f"{url}/api/ready") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.2)
-            else:
-                raise SystemExit("server did not become ready")
             cpu0 = cpu_seconds(server.pid)
             sequential = [await one_call(url, question) for _ in range(args.calls)]
             concurrent = await asyncio.gather(*(one_call(url, question) for _ in range(args.calls)))

@@ -51,9 +51,9 @@ def build_app(settings: Settings) -> web.Application:
     )
     models = SpeechModels(settings)
     metrics = Metrics()
-    secret = load_secret(None, settings.data_dir / "secret_key")
+    secret = load_secret(settings.data_dir / "secret_key")
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else load_secret(
-        None, settings.data_dir / "metrics_token").decode()
+        settings.data_dir / "metrics_token").decode()
     storage = Storage(settings, metrics)
     services = Services(
         settings=settings, models=models, llm=llm, metrics=metrics,

@@ -1,7 +1,7 @@
 """Signed, short-lived tokens: call tokens for anonymous callers, and the server's secret key.
 
 A call token lets its holder open one call and act on that call only. Tokens are HMAC-SHA256 signed
-with a secret from PONO_SECRET_KEY, or one generated once into the data dir (mode 0600).
+with a secret generated once into the data dir (mode 0600).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from pathlib import Path
 from aiohttp import web
 
 
-def load_secret(env_value: str | None, path: Path, name: str = "secret") -> bytes:
-    if env_value:
-        return env_value.encode()
+def load_secret(path: Path) -> bytes:
+    """A random secret kept in the data dir (mode 0600), made on first use."""
     if path.exists():
         return path.read_bytes().strip()
     path.parent.mkdir(parents=True, exist_ok=True)

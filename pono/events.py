@@ -69,9 +69,8 @@ class EventStream:
         self.call_id = call_id
         self._observers: list[Observer] = []
 
-    def subscribe(self, observer: Observer) -> Callable[[], None]:
+    def subscribe(self, observer: Observer) -> None:
         self._observers.append(observer)
-        return lambda: self._observers.remove(observer) if observer in self._observers else None
 
     def emit(self, type_: EventType, turn: int | None = None, **data: Any) -> CallEvent:
         event = CallEvent(type_, self.call_id, turn, data)

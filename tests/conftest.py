@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import uuid
@@ -10,7 +9,6 @@ import wave
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
@@ -21,6 +19,7 @@ from pono.app import build_app
 from pono.context import SERVICES
 from pono.settings import Settings
 from pono.storage.users import create_api_key, create_user
+from pono.testing.ready import wait_until_ready
 from pono.testing.scripted_llm import Script, ScriptedLLM
 
 QUESTION = "Please book a table for two at seven tonight"
@@ -101,17 +100,7 @@ async def start_server(settings: Settings, ready_timeout: float = 180.0) -> Runn
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as http:
-        for _ in range(int(ready_timeout * 10)):
-            async with http.get(f"{url}/api/ready") as r:
-                if r.status == 200:
-                    break
-                body = await r.json()
-                if body.get("error"):
-                    raise RuntimeError(body["error"])
-            await asyncio.sleep(0.1)
-        else:
-            raise TimeoutError("server did not become ready")
+    await wait_until_ready(url, ready_timeout)
     return RunningServer(app, runner, url)
 
 

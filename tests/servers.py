@@ -86,23 +86,12 @@ class PonoProcess:
     async def start(self, ready_timeout: float = 120.0) -> None:
         import sys
 
-        import aiohttp
+        from pono.testing.ready import wait_until_ready
 
         with (self.data_dir / "server.log").open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pono", "serve", env=self.env, stdout=log, stderr=asyncio.subprocess.STDOUT)
-        async with aiohttp.ClientSession() as http:
-            for _ in range(int(ready_timeout * 5)):
-                if self.process.returncode is not None:
-                    raise RuntimeError(f"pono serve exited with {self.process.returncode}")
-                try:
-                    async with http.get(f"{self.url}/api/ready") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.2)
-        raise TimeoutError("pono serve did not become ready")
+        await wait_until_ready(self.url, ready_timeout, self.process)
 
     async def kill(self) -> None:
         assert self.process is not None

@@ -92,8 +92,16 @@ async def test_hang_up_frees_everything(server, script: Script) -> None:
     assert call_id not in server.app[SERVICES].calls.calls
     assert pcs == base_pcs == 0
     assert tasks <= base_tasks
+    # The caller's data channel closes before call.ended can reach it; the stored call records the reason.
     ended = [e for e in caller.events if e["type"] == "call.ended"]
     assert ended == [] or ended[0]["reason"] == "caller_hangup"
+    pool = server.app[SERVICES].storage.db.pool
+    for _ in range(50):
+        reason = await pool.fetchval("SELECT end_reason FROM calls WHERE id = $1", call_id)
+        if reason:
+            break
+        await asyncio.sleep(0.1)
+    assert reason == "caller_hangup"
 
 
 async def test_peer_connection_closed_by_caller_ends_call(server) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 from pono.agent.conversation import Conversation
 from pono.signaling.audio_out import OUT_FRAME, PacedAudioTrack
 from pono.voice.playout import PlayoutTracker
-from pono.voice.sentences import SentenceSplitter
+from pono.voice.sentences import SentenceSplitter, split_all
 from pono.voice.turns import Signal, TurnConfig, TurnDetector
 
 
@@ -39,6 +39,12 @@ def test_sentence_splitter_speaks_early_and_whole() -> None:
         pieces += s.feed(token + " ")
     pieces += s.flush()
     assert pieces == ["Sure, I can help with that,", "it is easy.", "The table is booked.", "Bye"]
+
+
+def test_fixed_text_is_spoken_whole() -> None:
+    # A greeting whose last sentence has no full stop must not lose it.
+    assert split_all("Hello. Welcome to the Blue Door bistro") == ["Hello.", "Welcome to the Blue Door bistro"]
+    assert split_all("Coffee time!") == ["Coffee time!"]
 
 
 def test_playout_tracker_keeps_only_heard_words() -> None:

@@ -63,7 +63,6 @@ class PacedAudioTrack(MediaStreamTrack):
         self._start: float | None = None
         self._sent = 0  # frames handed to aiortc, silence included
         self.played_frames = 0  # frames of real audio handed to aiortc
-        self.nonsilent_frames = 0
 
     @property
     def queued_s(self) -> float:
@@ -110,8 +109,6 @@ class PacedAudioTrack(MediaStreamTrack):
         if self._frames:
             samples = self._frames.popleft()
             self.played_frames += 1
-            if np.abs(samples).max() > 64:
-                self.nonsilent_frames += 1
             self._space.set()
         else:
             samples = np.zeros(OUT_FRAME, np.int16)

@@ -170,6 +170,8 @@ class WebRTCTransport:
         await self._closed.wait()
 
     async def close(self) -> None:
+        if self.dropped_frames and not self._closed.is_set():
+            log.warning("dropped %d inbound audio frames: the call loop fell behind", self.dropped_frames)
         self._closed.set()
         self.out_track.stop()
         await self.pc.close()

@@ -19,7 +19,7 @@ from pono.events import EventStream, EventType
 from pono.transport import Transport
 from pono.voice.models import SpeechModels
 from pono.voice.playout import PlayoutTracker
-from pono.voice.sentences import SentenceSplitter
+from pono.voice.sentences import SentenceSplitter, split_all
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Reply:
         """Say fixed text (a greeting, an operator's line) without asking the LLM."""
         self.events.emit(EventType.AGENT_DELTA, self.turn, text=text)
         queue: asyncio.Queue[str | None] = asyncio.Queue()
-        for piece in SentenceSplitter().feed(text + " ") or [text]:
+        for piece in split_all(text):
             queue.put_nowait(piece)
         queue.put_nowait(None)
         await self._speak(queue)

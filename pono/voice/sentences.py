@@ -64,3 +64,9 @@ class SentenceSplitter:
     def _take(self, end: int) -> str:
         piece, self._buffer = self._buffer[:end], self._buffer[end:]
         return piece
+
+
+def split_all(text: str) -> list[str]:
+    """Every piece of a complete text (a greeting, an operator's line), the unterminated tail included."""
+    splitter = SentenceSplitter()
+    return splitter.feed(text) + splitter.flush()
