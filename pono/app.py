@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import secrets
+import sys
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pono.access import authenticate, rate_limit_by_ip
 from pono.agent.embedded import EmbeddedLLM, free_port
 from pono.agent.knowledge import api as knowledge_api
 from pono.agent.llm import LLMClient
@@ -22,16 +25,20 @@ from pono.metrics import Metrics
 from pono.settings import Settings
 from pono.signaling import api as signaling_api
 from pono.signaling.ice import restrict_host_addresses
+from pono.storage import accounts_api
 from pono.storage import api as storage_api
+from pono.storage.logins import Logins
 from pono.storage.retention import purge_daily
 from pono.storage.service import Storage
-from pono.storage.users import KeyVerifier
+from pono.storage.users import bootstrap_admin, shared_secret
+from pono.storage.verifier import Authenticator
 from pono.voice.models import SpeechModels
 from pono.web import routes as web_routes
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_LLM = web.AppKey("embedded_llm", EmbeddedLLM)
+METRICS_ONLY = web.AppKey("metrics_of", web.Application)
 
 
 def build_app(settings: Settings) -> web.Application:
@@ -51,17 +58,17 @@ def build_app(settings: Settings) -> web.Application:
     )
     models = SpeechModels(settings)
     metrics = Metrics()
-    secret = load_secret(settings.data_dir / "secret_key")
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else load_secret(
         settings.data_dir / "metrics_token").decode()
     storage = Storage(settings, metrics)
     services = Services(
         settings=settings, models=models, llm=llm, metrics=metrics,
-        calls=CallManager(settings, models, llm, metrics, storage), signer=TokenSigner(secret),
-        metrics_token=metrics_token, storage=storage, keys=KeyVerifier(lambda: storage.db.pool),  # type: ignore[union-attr]
+        calls=CallManager(settings, models, llm, metrics, storage),
+        signer=TokenSigner(secrets.token_bytes(32)),  # replaced at start-up by one keyed with the shared secret
+        metrics_token=metrics_token, storage=storage, auth=Authenticator(lambda: storage.db.pool),  # type: ignore[union-attr]
     )
 
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_as_json])
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_as_json, rate_limit_by_ip])
     app[SERVICES] = services
     if embedded is not None:
         app[EMBEDDED_LLM] = embedded
@@ -74,6 +81,7 @@ def build_app(settings: Settings) -> web.Application:
         web.get("/metrics", metrics_endpoint),
         *signaling_api.routes(),
         *storage_api.routes(),
+        *accounts_api.routes(),
         *knowledge_api.routes(),
         *web_routes.routes(),
     ])
@@ -90,6 +98,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await services.storage.close()
         raise
     assert services.storage.db is not None
+    await _start_auth(services)
     startup_task = asyncio.create_task(_start(services, embedded), name="startup")
     lag_task = asyncio.create_task(services.metrics.watch_loop_lag(), name="loop-lag")
     llm_probe = asyncio.create_task(_probe_llm(services), name="llm-probe")
@@ -105,6 +114,21 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await services.llm.close()
     services.models.close()
     await services.storage.close()
+
+
+async def _start_auth(services: Services) -> None:
+    """Keys shared by every replica on this database, and the first admin on a fresh one."""
+    assert services.storage.db is not None
+    pool, s = services.storage.db.pool, services.settings
+    services.signer = TokenSigner(await shared_secret(pool, "call_tokens"))
+    services.auth.logins = Logins(lambda: pool, await shared_secret(pool, "jwt"), s.access_token_ttl_s,
+                                  s.refresh_token_ttl_s)
+    first = await bootstrap_admin(pool)
+    if first is not None:
+        # Printed once, on the console of whoever started the first replica; only its hash is stored.
+        print(f"\n  First start: log in to http://{s.host}:{s.port}/console as {first[0]!r} with the one-time"
+              f" password {first[1]!r}\n  (change it: pono users passwd --name {first[0]})\n",
+              file=sys.stderr, flush=True)
 
 
 async def _start(services: Services, embedded: EmbeddedLLM | None) -> None:
@@ -162,7 +186,14 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     token = bearer(request) or ""
     if not hmac.compare_digest(token.encode(), services.metrics_token.encode()):
-        raise ApiError(401, "a metrics token is required (PONO_METRICS_TOKEN or <data dir>/metrics_token)")
+        principal = await authenticate(request)  # or any login or key scoped for metrics
+        if not principal.may("metrics"):
+            raise ApiError(403, "this API key is not scoped for metrics")
+    return render_metrics(request.app)
+
+
+def render_metrics(app: web.Application) -> web.Response:
+    services = app[SERVICES]
     services.storage.update_gauges()
     body = generate_latest(services.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -26,7 +26,7 @@ from pono.settings import Settings
 from pono.storage.db import Database, StorageError
 from pono.storage.embedded import EmbeddedPostgres
 from pono.storage.retention import purge
-from pono.storage.users import ROLES, create_api_key, create_user
+from pono.storage.users import ROLES, create_api_key, create_user, set_password
 
 log = logging.getLogger("pono")
 
@@ -58,13 +58,34 @@ async def _serve(settings: Settings) -> None:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc.strerror)
         raise SystemExit(1) from None
     log.info("pono listening on http://%s:%s (data in %s)", settings.host, settings.port, settings.data_dir)
+    metrics_runner = await _serve_metrics(app, settings) if settings.metrics_port else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: hanging up calls")
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     await runner.cleanup()
+
+
+async def _serve_metrics(app: web.Application, settings: Settings) -> web.AppRunner:
+    """/metrics alone, without a token, on its own port: for a scraper inside the cluster network."""
+    from pono.app import METRICS_ONLY, render_metrics
+
+    metrics_app = web.Application()
+    metrics_app[METRICS_ONLY] = app
+
+    async def metrics(request: web.Request) -> web.Response:
+        return render_metrics(request.app[METRICS_ONLY])
+
+    metrics_app.add_routes([web.get("/metrics", metrics)])
+    runner = web.AppRunner(metrics_app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.metrics_port).start()
+    log.info("metrics on http://%s:%s/metrics", settings.host, settings.metrics_port)
+    return runner
 
 
 @contextlib.asynccontextmanager
@@ -92,19 +113,39 @@ async def _migrate(settings: Settings) -> None:
     print("migrations applied")
 
 
-async def _create_user(settings: Settings, name: str, role: str, print_token: bool) -> None:
+def _read_password() -> str:
+    password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 10:
+        raise SystemExit("pono: a password needs at least 10 characters")
+    return password
+
+
+async def _create_user(settings: Settings, name: str, role: str, print_token: bool, password_stdin: bool) -> None:
+    password = _read_password() if password_stdin else None
     async with _database(settings) as db:
         try:
-            user_id = await create_user(db.pool, name, role)
+            user_id = await create_user(db.pool, name, role, password)
         except asyncpg.UniqueViolationError:
             raise SystemExit(f"pono: a user named {name!r} already exists") from None
-        token = await create_api_key(db.pool, user_id, role, f"{name} (cli)")
+        _, token = await create_api_key(db.pool, user_id, role, f"{name} (cli)")
         await db.pool.execute("INSERT INTO audit_log (actor, action, target) VALUES ('cli', 'user.create', $1)",
                               user_id)
     print(f"created {role} user {name} ({user_id})")
     if print_token:
         print("API token (shown once; keep it secret):")
         print(token)
+
+
+async def _set_password(settings: Settings, name: str) -> None:
+    password = _read_password()
+    async with _database(settings) as db:
+        user_id = await db.pool.fetchval("SELECT id FROM users WHERE name = $1 AND deleted_at IS NULL", name)
+        if user_id is None:
+            raise SystemExit(f"pono: no user named {name!r}")
+        await set_password(db.pool, str(user_id), password)
+        await db.pool.execute("INSERT INTO audit_log (actor, action, target) VALUES ('cli', 'user.password', $1)",
+                              str(user_id))
+    print(f"password set for {name}")
 
 
 async def _purge(settings: Settings) -> None:
@@ -188,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     create.add_argument("--name", required=True)
     create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--print-token", action="store_true", help="print the API token on the last line")
+    create.add_argument("--password-stdin", action="store_true", help="read a login password from stdin")
+    passwd = users.add_parser("passwd", help="set a user's login password (read from stdin)")
+    passwd.add_argument("--name", required=True)
     dlp = sub.add_parser("dlp", help="data loss prevention").add_subparsers(dest="dlp_command", required=True)
     scan = dlp.add_parser("scan", help="redact lines from stdin; one JSON object per line on stdout")
     scan.add_argument("--policy", help="use this persona's DLP policy (name or id)")
@@ -210,8 +254,10 @@ def main(argv: list[str] | None = None) -> None:
         _run_storage_command(_migrate(_settings({})))
     elif args.command == "purge":
         _run_storage_command(_purge(_settings({})))
-    elif args.command == "users":
-        _run_storage_command(_create_user(_settings({}), args.name, args.role, args.print_token))
+    elif args.command == "users" and args.users_command == "create":
+        _run_storage_command(_create_user(_settings({}), args.name, args.role, args.print_token, args.password_stdin))
+    elif args.command == "users" and args.users_command == "passwd":
+        _run_storage_command(_set_password(_settings({}), args.name))
     elif args.command == "knowledge" and args.knowledge_command == "ingest":
         _run_storage_command(_ingest(_settings({}), args.paths, args.collection))
     elif args.command == "knowledge":

@@ -13,7 +13,7 @@ from pono.calls import CallManager
 from pono.metrics import Metrics
 from pono.settings import Settings
 from pono.storage.service import Storage
-from pono.storage.users import KeyVerifier
+from pono.storage.verifier import Authenticator
 from pono.voice.models import SpeechModels
 
 
@@ -27,7 +27,7 @@ class Services:
     signer: TokenSigner
     metrics_token: str
     storage: Storage
-    keys: KeyVerifier
+    auth: Authenticator
     startup_complete: bool = False
     startup_error: str | None = None
     llm_reachable: bool = False

@@ -90,15 +90,27 @@ class Settings(BaseSettings):
     tool_max_rounds: int = 3
     tool_filler_after_s: float = 1.5
 
-    # Rate limits (per client IP, per minute, counted in Redis so they hold across replicas).
-    call_tokens_per_minute: int = 30
+    # Rate limits, counted in Redis so they hold across replicas.
+    call_tokens_per_minute: int = 30  # per client IP (a persona may set its own, lower)
+    requests_per_second: int = 100  # per client IP, every endpoint but the health checks
+    key_requests_per_second: int = 50  # per API key or login
+    logins_per_minute: int = 10  # per client IP and per user name: slows password guessing
+
+    # Logins: JWT access tokens and rotating refresh tokens.
+    access_token_ttl_s: int = 3600
+    refresh_token_ttl_s: int = 7 * 24 * 3600
 
     # HTTP limits.
     max_body_bytes: int = 256 * 1024
     max_calls: int = 50
 
-    # Metrics: bearer token for GET /metrics; generated into the data dir when unset.
+    # Metrics: bearer token for GET /metrics (generated into the data dir when unset; an admin login or key
+    # works too), or a separate port that serves /metrics alone without a token (for an in-cluster scraper).
     metrics_token: SecretStr | None = None
+    metrics_port: int | None = None
+
+    # Logs: "json" (structlog, one object per line) or "console"; default json unless stderr is a terminal.
+    log_format: str | None = None
 
     log_level: str = "INFO"
 

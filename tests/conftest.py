@@ -80,7 +80,11 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "speak_greeting": False,
         "llm_timeout_s": 3.0,
         "stt_partial_interval_s": 0.0,
+        # Every test talks from 127.0.0.1: the limits are raised here and tested on their own.
         "call_tokens_per_minute": 10_000,
+        "requests_per_second": 10_000,
+        "key_requests_per_second": 10_000,
+        "logins_per_minute": 10_000,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -141,4 +145,4 @@ async def admin_token(server: RunningServer) -> str:
     services = server.app[SERVICES]
     assert services.storage.db is not None
     user_id = await create_user(services.storage.db.pool, f"admin-{uuid.uuid4().hex[:8]}", "admin")
-    return await create_api_key(services.storage.db.pool, user_id, "admin", "tests")
+    return (await create_api_key(services.storage.db.pool, user_id, "admin", "tests"))[1]

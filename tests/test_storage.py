@@ -132,8 +132,8 @@ async def test_calls_pagination(server: RunningServer, admin_token: str) -> None
 
 async def test_personas_api_and_bad_input(server: RunningServer, admin_token: str) -> None:
     pool = server.app[SERVICES].storage.db.pool
-    viewer = await create_api_key(pool, await create_user(pool, f"viewer-{uuid.uuid4().hex[:6]}", "viewer"),
-                                  "viewer", "t")
+    _, viewer = await create_api_key(pool, await create_user(pool, f"viewer-{uuid.uuid4().hex[:6]}", "viewer"),
+                                     "viewer", "t")
     base = f"{server.url}/api/personas"
     name = f"concierge-{uuid.uuid4().hex[:6]}"
     body = {"name": name, "system_prompt": "You are a hotel concierge.", "greeting": "Welcome!",
@@ -195,7 +195,7 @@ async def fragile(tmp_path_factory: pytest.TempPathFactory, scripted_llm: Script
                              database_url=pg.uri, redis_url=valkey.url, registry_ttl_s=3)
     running = await start_server(settings)
     pool = running.app[SERVICES].storage.db.pool
-    token = await create_api_key(pool, await create_user(pool, "fragile-admin", "admin"), "admin", "t")
+    _, token = await create_api_key(pool, await create_user(pool, "fragile-admin", "admin"), "admin", "t")
     yield running, pg, valkey, token
     await running.runner.cleanup()
     valkey.stop()

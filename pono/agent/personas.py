@@ -31,6 +31,8 @@ class Persona:
     dlp_policy: dict[str, Any] = field(default_factory=dict)
     turn_taking: dict[str, int] = field(default_factory=dict)
     timezone: str = "UTC"
+    call_tokens_enabled: bool = True
+    call_tokens_per_minute: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Persona:
@@ -45,11 +47,12 @@ class Persona:
             llm_params=json.loads(row["llm_params"]), tools=json.loads(row["tools"]),
             knowledge_collections=list(row["knowledge_collections"]), dlp_policy=json.loads(row["dlp_policy"]),
             turn_taking=json.loads(row["turn_taking"]), timezone=row["timezone"],
+            call_tokens_enabled=row["call_tokens_enabled"], call_tokens_per_minute=row["call_tokens_per_minute"],
         )
 
 
 _COLUMNS = ("id, name, system_prompt, greeting, language, tts_voice, llm_model, llm_params, tools,"
-            " knowledge_collections, dlp_policy, turn_taking, timezone")
+            " knowledge_collections, dlp_policy, turn_taking, timezone, call_tokens_enabled, call_tokens_per_minute")
 
 
 async def load_persona(pool: asyncpg.Pool, ref: str | None) -> Persona:

@@ -41,15 +41,27 @@ def _call_token(request: web.Request, services: Services) -> dict[str, object]:
 
 
 async def create_call_token(request: web.Request) -> web.Response:
+    """Public: the call page gets one per call. A persona may switch these off or allow fewer."""
     services = request.app[SERVICES]
     assert services.storage.live is not None
-    allowed, retry_after = await services.storage.live.hit(
-        f"call-token:{request.remote}", services.settings.call_tokens_per_minute, 60)
+    ref = request.query.get("persona") or None
+    if ref is not None and len(ref) > 200:
+        raise ApiError(422, "invalid query", fields=[{"field": "persona", "message": "at most 200 characters"}])
+    try:
+        persona = await services.calls.persona(ref)
+    except UnknownPersona:
+        raise ApiError(404, f"no persona {ref!r}") from None
+    if not persona.call_tokens_enabled:
+        raise ApiError(403, f"persona {persona.name!r} does not take calls from the public call page")
+    limit = min(services.settings.call_tokens_per_minute, persona.call_tokens_per_minute or 1 << 30)
+    allowed, retry_after = await services.storage.live.hit(f"call-token:{persona.name}:{request.remote}", limit, 60)
     if not allowed:
         raise ApiError(429, "too many call tokens requested; slow down", retry_after_s=retry_after,
                        headers={"Retry-After": str(retry_after)})
-    token = services.signer.issue("call", CALL_TOKEN_TTL_S)
-    return web.json_response({"token": token, "expires_in": CALL_TOKEN_TTL_S}, status=201)
+    claims = {"persona": persona.name} if ref is not None else {}
+    token = services.signer.issue("call", CALL_TOKEN_TTL_S, **claims)
+    return web.json_response({"token": token, "expires_in": CALL_TOKEN_TTL_S, "persona": persona.name},
+                             status=201)
 
 
 async def ice_servers(request: web.Request) -> web.Response:
@@ -77,10 +89,16 @@ async def create_call(request: web.Request) -> web.Response:
         raise ApiError(503, "the server is not ready for calls yet", retry_after_s=2)
     if services.calls.full:
         raise ApiError(503, "too many calls in progress", retry_after_s=5)
+    # A token got for one persona opens calls with that persona only.
+    bound = claims.get("persona")
+    if bound is not None and offer.persona not in (None, bound):
+        raise ApiError(403, f"this call token is for persona {bound!r}")
     try:
-        persona = await services.calls.persona(offer.persona)
+        persona = await services.calls.persona(offer.persona or bound)  # type: ignore[arg-type]
     except UnknownPersona:
-        raise ApiError(404, f"no persona {offer.persona!r}") from None
+        raise ApiError(404, f"no persona {offer.persona or bound!r}") from None
+    if not persona.call_tokens_enabled:
+        raise ApiError(403, f"persona {persona.name!r} does not take calls from the public call page")
     token_id = str(claims["jti"])
     if not services.spend_call_token(token_id, int(claims["exp"])):  # type: ignore[call-overload]
         raise ApiError(409, "this call token has already opened a call; fetch a new one")

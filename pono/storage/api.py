@@ -14,29 +14,11 @@ from aiohttp import web
 from pydantic import AfterValidator, BaseModel, Field
 from redis.exceptions import RedisError
 
+from pono.access import audit, require
 from pono.agent.dlp.engine import DlpPolicy
 from pono.agent.tools.specs import parse_tool_specs
-from pono.auth import bearer
 from pono.context import SERVICES, Services
 from pono.http import ApiError, read_json_model
-from pono.storage.db import CONNECTION_ERRORS
-from pono.storage.users import Principal
-
-
-async def require(request: web.Request, role: str) -> Principal:
-    services = request.app[SERVICES]
-    token = bearer(request)
-    if not token:
-        raise ApiError(401, "an API key is required (Authorization: Bearer ...)")
-    try:
-        principal = await services.keys.verify(token)
-    except CONNECTION_ERRORS:
-        raise ApiError(503, "the database is unavailable; try again shortly") from None
-    if principal is None:
-        raise ApiError(401, "invalid or revoked API key")
-    if not principal.has(role):
-        raise ApiError(403, f"this needs the {role} role")
-    return principal
 
 
 def _pool(services: Services) -> asyncpg.Pool:
@@ -85,7 +67,7 @@ def _since(raw: str | None) -> datetime | None:
 
 # -- calls ------------------------------------------------------------------------------------
 async def list_calls(request: web.Request) -> web.Response:
-    await require(request, "viewer")
+    await require(request, "viewer", "calls")
     services = request.app[SERVICES]
     state = request.query.get("state")
     persona = request.query.get("persona") or None
@@ -125,7 +107,7 @@ def _call_json(row: asyncpg.Record) -> dict[str, Any]:
 
 
 async def get_call(request: web.Request) -> web.Response:
-    await require(request, "viewer")
+    await require(request, "viewer", "calls")
     call_id = request.match_info["call_id"]
     pool = _pool(request.app[SERVICES])
     call = await pool.fetchrow(
@@ -194,10 +176,14 @@ class PersonaIn(BaseModel):
     turn_taking: TurnTaking = Field(default_factory=TurnTaking)
     is_default: bool = False
     timezone: Annotated[str, AfterValidator(_valid_timezone)] = "UTC"
+    # Anonymous callers of this persona: whether the call page may get call tokens, and how many a minute per IP.
+    call_tokens_enabled: bool = True
+    call_tokens_per_minute: int | None = Field(default=None, ge=1, le=10_000)
 
 
 _PERSONA_COLUMNS = ("id, name, system_prompt, greeting, language, tts_voice, llm_model, llm_params, tools,"
-                    " knowledge_collections, dlp_policy, turn_taking, is_default, timezone, created_at, updated_at")
+                    " knowledge_collections, dlp_policy, turn_taking, is_default, timezone, call_tokens_enabled,"
+                    " call_tokens_per_minute, created_at, updated_at")
 _JSON_FIELDS = ("llm_params", "tools", "dlp_policy", "turn_taking")
 
 
@@ -213,7 +199,8 @@ def _persona_json(row: asyncpg.Record) -> dict[str, Any]:
 def _persona_args(p: PersonaIn) -> tuple[Any, ...]:
     return (p.name, p.system_prompt, p.greeting, p.language, p.tts_voice, p.llm_model, json.dumps(p.llm_params),
             json.dumps(p.tools), p.knowledge_collections, json.dumps(p.dlp_policy),
-            p.turn_taking.model_dump_json(exclude_none=True), p.is_default, p.timezone)
+            p.turn_taking.model_dump_json(exclude_none=True), p.is_default, p.timezone, p.call_tokens_enabled,
+            p.call_tokens_per_minute)
 
 
 def _persona_id(request: web.Request) -> uuid.UUID:
@@ -224,14 +211,8 @@ def _persona_id(request: web.Request) -> uuid.UUID:
         raise ApiError(404, f"no persona {raw}") from None
 
 
-async def _audit(conn: asyncpg.Connection | asyncpg.Pool, who: Principal, action: str, target: str,
-                 request: web.Request) -> None:
-    await conn.execute("INSERT INTO audit_log (actor, action, target, source_ip) VALUES ($1, $2, $3, $4)",
-                       who.name, action, target, request.remote)
-
-
 async def list_personas(request: web.Request) -> web.Response:
-    await require(request, "viewer")
+    await require(request, "viewer", "personas")
     limit = _limit(request)
     cursor = _decode_cursor(request.query.get("cursor"))
     rows = await _pool(request.app[SERVICES]).fetch(
@@ -245,7 +226,7 @@ async def list_personas(request: web.Request) -> web.Response:
 
 
 async def get_persona(request: web.Request) -> web.Response:
-    await require(request, "viewer")
+    await require(request, "viewer", "personas")
     persona_id = _persona_id(request)
     row = await _pool(request.app[SERVICES]).fetchrow(
         f"SELECT {_PERSONA_COLUMNS} FROM personas WHERE id = $1 AND deleted_at IS NULL", persona_id)
@@ -255,7 +236,7 @@ async def get_persona(request: web.Request) -> web.Response:
 
 
 async def _save_persona(request: web.Request, persona_id: uuid.UUID | None) -> web.Response:
-    who = await require(request, "admin")
+    who = await require(request, "admin", "personas")
     body = await read_json_model(request, PersonaIn)
     pool = _pool(request.app[SERVICES])
     try:
@@ -266,20 +247,22 @@ async def _save_persona(request: web.Request, persona_id: uuid.UUID | None) -> w
             if persona_id is None:
                 row = await conn.fetchrow(
                     "INSERT INTO personas (name, system_prompt, greeting, language, tts_voice, llm_model, llm_params,"
-                    " tools, knowledge_collections, dlp_policy, turn_taking, is_default, timezone) VALUES"
-                    " ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10::jsonb, $11::jsonb, $12, $13)"
+                    " tools, knowledge_collections, dlp_policy, turn_taking, is_default, timezone, call_tokens_enabled,"
+                    " call_tokens_per_minute) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10::jsonb,"
+                    " $11::jsonb, $12, $13, $14, $15)"
                     f" RETURNING {_PERSONA_COLUMNS}", *_persona_args(body))
             else:
                 row = await conn.fetchrow(
                     "UPDATE personas SET name = $1, system_prompt = $2, greeting = $3, language = $4,"
                     " tts_voice = $5, llm_model = $6, llm_params = $7::jsonb, tools = $8::jsonb,"
                     " knowledge_collections = $9, dlp_policy = $10::jsonb, turn_taking = $11::jsonb,"
-                    " is_default = $12, timezone = $13, updated_at = now() WHERE id = $14 AND deleted_at IS NULL"
+                    " is_default = $12, timezone = $13, call_tokens_enabled = $14, call_tokens_per_minute = $15,"
+                    " updated_at = now() WHERE id = $16 AND deleted_at IS NULL"
                     f" RETURNING {_PERSONA_COLUMNS}", *_persona_args(body), persona_id)
                 if row is None:
                     raise ApiError(404, f"no persona {persona_id}")
-            await _audit(conn, who, "persona.create" if persona_id is None else "persona.update",
-                         str(row["id"]), request)
+            await audit(conn, who.name, "persona.create" if persona_id is None else "persona.update",
+                        str(row["id"]), request.remote)
     except asyncpg.UniqueViolationError:
         raise ApiError(409, f"a persona named {body.name!r} already exists") from None
     return web.json_response(_persona_json(row), status=201 if persona_id is None else 200)
@@ -294,7 +277,7 @@ async def update_persona(request: web.Request) -> web.Response:
 
 
 async def delete_persona(request: web.Request) -> web.Response:
-    who = await require(request, "admin")
+    who = await require(request, "admin", "personas")
     persona_id = _persona_id(request)
     pool = _pool(request.app[SERVICES])
     async with pool.acquire() as conn, conn.transaction():
@@ -304,7 +287,7 @@ async def delete_persona(request: web.Request) -> web.Response:
         if row["is_default"]:
             raise ApiError(409, "the default persona cannot be deleted; make another one the default first")
         await conn.execute("UPDATE personas SET deleted_at = now() WHERE id = $1", persona_id)
-        await _audit(conn, who, "persona.delete", str(persona_id), request)
+        await audit(conn, who.name, "persona.delete", str(persona_id), request.remote)
     return web.Response(status=204)
 
 

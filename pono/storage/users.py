@@ -1,16 +1,26 @@
-"""Users and API keys. Keys are random, shown once, and stored only as a SHA-256 hash."""
+"""Users, passwords and API keys.
+
+Passwords are hashed with argon2id. API keys are random, shown once, and stored only as a SHA-256 hash.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
-import time
 from dataclasses import dataclass
 
 import asyncpg
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
 
 ROLES = ("viewer", "operator", "admin")  # each role can do everything the ones before it can
+# What an API key may be limited to; a key with no scopes may touch every area its role allows.
+SCOPES = ("calls", "personas", "knowledge", "users", "keys", "audit", "metrics")
 TOKEN_PREFIX = "pono_"
+_hasher = PasswordHasher()
+# Verified against when the user does not exist, so a wrong name costs as long as a wrong password.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,60 +28,93 @@ class Principal:
     user_id: str
     name: str
     role: str
-    key_id: str
+    key_id: str | None = None  # None for a login (JWT)
+    scopes: tuple[str, ...] = ()
 
     def has(self, role: str) -> bool:
         return ROLES.index(self.role) >= ROLES.index(role)
 
+    def may(self, area: str) -> bool:
+        return not self.scopes or area in self.scopes
+
+    @property
+    def limit_key(self) -> str:
+        return f"key:{self.key_id}" if self.key_id else f"user:{self.user_id}"
+
 
 def hash_token(token: str) -> str:
-    # API keys carry 256 bits of randomness: a fast hash is enough, a slow KDF would only cost latency.
+    # API keys and refresh tokens carry 256 bits of randomness: a fast hash is enough.
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-async def create_user(pool: asyncpg.Pool, name: str, role: str) -> str:
+def _check_role(role: str) -> None:
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
+
+
+async def hash_password(password: str) -> str:
+    if len(password) < 10:
+        raise ValueError("a password needs at least 10 characters")
+    return await asyncio.to_thread(_hasher.hash, password)
+
+
+async def create_user(pool: asyncpg.Pool | asyncpg.Connection, name: str, role: str,
+                      password: str | None = None) -> str:
+    _check_role(role)
+    password_hash = await hash_password(password) if password is not None else None
     return str(await pool.fetchval(
-        "INSERT INTO users (name, role) VALUES ($1, $2) RETURNING id", name, role))
+        "INSERT INTO users (name, role, password_hash) VALUES ($1, $2, $3) RETURNING id", name, role, password_hash))
 
 
-async def create_api_key(pool: asyncpg.Pool, user_id: str, role: str, name: str) -> str:
+async def set_password(pool: asyncpg.Pool, user_id: str, password: str) -> None:
+    await pool.execute("UPDATE users SET password_hash = $1 WHERE id = $2", await hash_password(password), user_id)
+
+
+async def check_password(pool: asyncpg.Pool, name: str, password: str) -> Principal | None:
+    row = await pool.fetchrow(
+        "SELECT id, name, role, password_hash FROM users WHERE name = $1 AND deleted_at IS NULL", name)
+    stored = row["password_hash"] if row is not None and row["password_hash"] else _DUMMY_HASH
+
+    def verify() -> bool:
+        try:
+            return _hasher.verify(stored, password)
+        except (VerificationError, InvalidHashError):
+            return False
+
+    ok = await asyncio.to_thread(verify)
+    if not ok or row is None or not row["password_hash"]:
+        return None
+    return Principal(str(row["id"]), row["name"], row["role"])
+
+
+async def create_api_key(pool: asyncpg.Pool | asyncpg.Connection, user_id: str, role: str, name: str,
+                         scopes: list[str] | None = None) -> tuple[str, str]:
+    """A new key for the user; returns (key id, token). The token is not kept anywhere."""
+    _check_role(role)
+    unknown = set(scopes or ()) - set(SCOPES)
+    if unknown:
+        raise ValueError(f"unknown scopes {sorted(unknown)}; scopes are {', '.join(SCOPES)}")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    await pool.execute(
-        "INSERT INTO api_keys (user_id, name, prefix, token_hash, role) VALUES ($1, $2, $3, $4, $5)",
-        user_id, name, token[:12], hash_token(token), role)
-    return token
+    key_id = await pool.fetchval(
+        "INSERT INTO api_keys (user_id, name, prefix, token_hash, role, scopes) VALUES ($1, $2, $3, $4, $5, $6)"
+        " RETURNING id", user_id, name, token[:12], hash_token(token), role, list(scopes or ()))
+    return str(key_id), token
 
 
-class KeyVerifier:
-    """Checks bearer API keys against Postgres, with a short cache so a request costs no query."""
+async def shared_secret(pool: asyncpg.Pool, name: str) -> bytes:
+    """A random secret kept in Postgres, made by whichever replica asks first, the same for all."""
+    await pool.execute("INSERT INTO server_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                       name, secrets.token_urlsafe(48))
+    return str(await pool.fetchval("SELECT value FROM server_secrets WHERE name = $1", name)).encode()
 
-    def __init__(self, pool_getter: object, cache_s: float = 30.0) -> None:
-        self._pool_getter = pool_getter
-        self.cache_s = cache_s
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
-        self._touched: dict[str, float] = {}
 
-    async def verify(self, token: str) -> Principal | None:
-        if not token.startswith(TOKEN_PREFIX):
+async def bootstrap_admin(pool: asyncpg.Pool) -> tuple[str, str] | None:
+    """With no users at all, create an admin with a random password; (name, password) to print once."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("LOCK TABLE users IN EXCLUSIVE MODE")  # two replicas starting at once make one admin
+        if await conn.fetchval("SELECT count(*) FROM users") > 0:
             return None
-        digest = hash_token(token)
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached and now - cached[0] < self.cache_s:
-            principal = cached[1]
-        else:
-            pool: asyncpg.Pool = self._pool_getter()  # type: ignore[operator]
-            row = await pool.fetchrow(
-                "SELECT k.id, k.role, u.id AS user_id, u.name FROM api_keys k JOIN users u ON u.id = k.user_id"
-                " WHERE k.token_hash = $1 AND k.revoked_at IS NULL AND u.deleted_at IS NULL", digest)
-            principal = Principal(str(row["user_id"]), row["name"], row["role"], str(row["id"])) if row else None
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[digest] = (now, principal)
-        if principal is not None and now - self._touched.get(principal.key_id, -1e9) > 60:
-            self._touched[principal.key_id] = now
-            pool = self._pool_getter()  # type: ignore[operator]
-            await pool.execute("UPDATE api_keys SET last_used_at = now() WHERE id = $1", principal.key_id)
-        return principal
+        password = secrets.token_urlsafe(15)
+        await create_user(conn, "admin", "admin", password)
+        await conn.execute("INSERT INTO audit_log (actor, action, target) VALUES ('pono', 'user.bootstrap', 'admin')")
+    return "admin", password

@@ -7,10 +7,10 @@ import re
 
 from aiohttp import web
 
+from pono.access import require
 from pono.agent.knowledge.documents import CONTENT_TYPES, DocumentError, extract_text
 from pono.context import SERVICES
 from pono.http import ApiError
-from pono.storage.api import require
 
 MAX_DOCUMENT_BYTES = 10 * 1024 * 1024
 _COLLECTION = re.compile(r"^[\w.-]{1,100}$")
@@ -35,7 +35,7 @@ async def _read_limited(request: web.Request) -> bytes:
 async def add_document(request: web.Request) -> web.Response:
     """Body: the document itself (text/plain, text/markdown, text/html, application/pdf) with ?source=NAME,
     or JSON {"source", "text", "title"?}."""
-    await require(request, "admin")
+    await require(request, "admin", "knowledge")
     collection = _collection(request)
     data = await _read_limited(request)
     title = request.query.get("title")
@@ -68,7 +68,7 @@ async def add_document(request: web.Request) -> web.Response:
 
 
 async def search(request: web.Request) -> web.Response:
-    await require(request, "viewer")
+    await require(request, "viewer", "knowledge")
     collection = _collection(request)
     query = request.query.get("q", "")
     k = request.query.get("k", "5")

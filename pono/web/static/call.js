@@ -23,8 +23,11 @@ function line(kind, text, extra) {
   return el;
 }
 
+// A link to the call page may name a persona: /?persona=bistro
+const persona = new URLSearchParams(location.search).get("persona") || undefined;
+
 async function api(method, path, body) {
-  const headers = { Authorization: `Bearer ${token}` };
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   const data = await res.json().catch(() => ({}));
@@ -109,7 +112,7 @@ async function startCall() {
   setStatus("connecting");
   $("call").disabled = true;
   try {
-    token = (await fetch("/api/call-tokens", { method: "POST" }).then((r) => r.json())).token;
+    token = (await api("POST", `/api/call-tokens${persona ? `?persona=${encodeURIComponent(persona)}` : ""}`)).token;
     const { iceServers } = await api("GET", "/api/ice-servers");
     localStream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
@@ -134,7 +137,7 @@ async function startCall() {
     };
     await pc.setLocalDescription(await pc.createOffer());
     await waitForIce(pc);
-    const answer = await api("POST", "/api/calls", { sdp: pc.localDescription.sdp, type: "offer" });
+    const answer = await api("POST", "/api/calls", { sdp: pc.localDescription.sdp, type: "offer", persona });
     pono.callId = answer.call_id;
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
     $("call").textContent = "End call";

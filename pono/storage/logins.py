@@ -1,0 +1,95 @@
+"""Login sessions: short-lived JWT access tokens and rotating, revocable refresh tokens (stored hashed)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import jwt
+
+from pono.storage.users import Principal, hash_token
+
+_ALGORITHM = "HS256"
+REFRESH_PREFIX = "ponor_"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPair:
+    access_token: str
+    refresh_token: str
+    expires_in: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"access_token": self.access_token, "refresh_token": self.refresh_token,
+                "token_type": "Bearer", "expires_in": self.expires_in}
+
+
+class RefreshReused(Exception):
+    """A refresh token was used twice: someone else holds a copy. Its whole family is now revoked."""
+
+
+class Logins:
+    def __init__(self, pool_getter: object, secret: bytes, access_ttl_s: int, refresh_ttl_s: int) -> None:
+        self._pool_getter = pool_getter
+        self._secret = secret
+        self.access_ttl_s = access_ttl_s
+        self.refresh_ttl_s = refresh_ttl_s
+
+    @property
+    def _pool(self) -> asyncpg.Pool:
+        return self._pool_getter()  # type: ignore[operator,no-any-return]
+
+    def access_token(self, who: Principal) -> str:
+        now = int(time.time())
+        claims = {"sub": who.user_id, "name": who.name, "role": who.role, "typ": "access",
+                  "iat": now, "exp": now + self.access_ttl_s, "jti": secrets.token_urlsafe(8)}
+        return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
+
+    def verify_access(self, token: str) -> dict[str, object] | None:
+        try:
+            claims = jwt.decode(token, self._secret, algorithms=[_ALGORITHM],
+                                options={"require": ["exp", "sub", "typ"]})
+        except jwt.PyJWTError:
+            return None
+        return claims if claims.get("typ") == "access" else None
+
+    async def issue(self, who: Principal, family: uuid.UUID | None = None,
+                    conn: asyncpg.Connection | None = None) -> TokenPair:
+        refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
+        expires = datetime.now(UTC) + timedelta(seconds=self.refresh_ttl_s)
+        await (conn or self._pool).execute(
+            "INSERT INTO refresh_tokens (user_id, family, token_hash, expires_at) VALUES ($1, $2, $3, $4)",
+            who.user_id, family or uuid.uuid4(), hash_token(refresh), expires)
+        return TokenPair(self.access_token(who), refresh, self.access_ttl_s)
+
+    async def rotate(self, refresh: str) -> tuple[Principal, TokenPair] | None:
+        """Spend a refresh token for a new pair. None if unknown or expired; RefreshReused if spent before."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT r.id, r.family, r.expires_at, r.revoked_at, u.id AS user_id, u.name, u.role"
+                " FROM refresh_tokens r JOIN users u ON u.id = r.user_id"
+                " WHERE r.token_hash = $1 AND u.deleted_at IS NULL FOR UPDATE OF r", hash_token(refresh))
+            if row is None or row["expires_at"] < datetime.now(UTC):
+                return None
+            if row["revoked_at"] is not None:
+                await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE family = $1"
+                                   " AND revoked_at IS NULL", row["family"])
+                raise RefreshReused(str(row["user_id"]))
+            await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE id = $1", row["id"])
+            who = Principal(str(row["user_id"]), row["name"], row["role"])
+            return who, await self.issue(who, row["family"], conn)
+
+    async def revoke(self, refresh: str) -> str | None:
+        """Log out: revoke the token's whole family. Returns the user id, or None for an unknown token."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT family, user_id FROM refresh_tokens WHERE token_hash = $1",
+                                      hash_token(refresh))
+            if row is None:
+                return None
+            await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE family = $1"
+                               " AND revoked_at IS NULL", row["family"])
+            return str(row["user_id"])
