@@ -22,11 +22,15 @@ from pono.calls import CallManager
 from pono.context import SERVICES, Services
 from pono.http import ApiError, add_security_headers, errors_as_json
 from pono.metrics import Metrics
+from pono.operators import OperatorDesk
+from pono.operators import routes as operator_routes
 from pono.settings import Settings
 from pono.signaling import api as signaling_api
 from pono.signaling.ice import restrict_host_addresses
+from pono.signaling.operator_media import OperatorMedia
 from pono.storage import accounts_api
 from pono.storage import api as storage_api
+from pono.storage.control import ControlBus
 from pono.storage.logins import Logins
 from pono.storage.retention import purge_daily
 from pono.storage.service import Storage
@@ -82,6 +86,7 @@ def build_app(settings: Settings) -> web.Application:
         *signaling_api.routes(),
         *storage_api.routes(),
         *accounts_api.routes(),
+        *operator_routes(),
         *knowledge_api.routes(),
         *web_routes.routes(),
     ])
@@ -99,12 +104,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         raise
     assert services.storage.db is not None
     await _start_auth(services)
+    assert services.storage.live is not None
+    desk = OperatorDesk(services.calls, OperatorMedia(services.settings))
+    services.control = ControlBus(services.storage.live, desk.execute)
+    services.control.start()
     startup_task = asyncio.create_task(_start(services, embedded), name="startup")
     lag_task = asyncio.create_task(services.metrics.watch_loop_lag(), name="loop-lag")
     llm_probe = asyncio.create_task(_probe_llm(services), name="llm-probe")
     purge_task = asyncio.create_task(purge_daily(services.storage.db.pool, services.settings.retention_days))
     yield
     await services.calls.close_all()
+    if services.control is not None:
+        await services.control.close()
     for task in (startup_task, lag_task, llm_probe, purge_task):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -20,6 +20,7 @@ from pono.storage.service import Storage
 from pono.transport import Transport
 from pono.voice.call import Call
 from pono.voice.models import SpeechModels
+from pono.voice.tap import TappedTransport
 from pono.voice.turns import TurnConfig
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class CallManager:
               caller: str | None = None) -> Call:
         s = self.settings
         persona = persona or Persona.from_settings(s)
+        transport = TappedTransport(transport)  # operators may listen in
         tools, mcp_servers = build_registry(persona.tools, s.webhook_allowed_hosts)
         turn_taking = persona.turn_taking
         llm_options = {"model": persona.llm_model or None,

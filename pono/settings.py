@@ -94,7 +94,8 @@ class Settings(BaseSettings):
     call_tokens_per_minute: int = 30  # per client IP (a persona may set its own, lower)
     requests_per_second: int = 100  # per client IP, every endpoint but the health checks
     key_requests_per_second: int = 50  # per API key or login
-    logins_per_minute: int = 10  # per client IP and per user name: slows password guessing
+    logins_per_minute: int = 10  # attempts per user name: slows guessing one account's password
+    login_ip_per_minute: int = 30  # attempts per client IP: slows spraying many accounts
 
     # Logins: JWT access tokens and rotating refresh tokens.
     access_token_ttl_s: int = 3600

@@ -85,6 +85,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "requests_per_second": 10_000,
         "key_requests_per_second": 10_000,
         "logins_per_minute": 10_000,
+        "login_ip_per_minute": 10_000,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

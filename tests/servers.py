@@ -81,7 +81,8 @@ class PonoProcess:
                     "PONO_STT_MODEL": "tiny.en", "PONO_ICE_INTERFACES": '["127.0.0.1"]', "PONO_SPEAK_GREETING": "false",
                     "PONO_STT_PARTIAL_INTERVAL_S": "0", "PONO_LLM_TIMEOUT_S": "3",
                     "PONO_CALL_TOKENS_PER_MINUTE": "10000", "PONO_REQUESTS_PER_SECOND": "10000",
-                    "PONO_KEY_REQUESTS_PER_SECOND": "10000", "PONO_LOGINS_PER_MINUTE": "10000", **env}
+                    "PONO_KEY_REQUESTS_PER_SECOND": "10000", "PONO_LOGINS_PER_MINUTE": "10000",
+                    "PONO_LOGIN_IP_PER_MINUTE": "10000", **env}
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self, ready_timeout: float = 120.0) -> None:

@@ -13,7 +13,6 @@ from aiortc import MediaStreamTrack
 
 OUT_RATE = 48_000
 OUT_FRAME = OUT_RATE // 50  # 20 ms
-_TIME_BASE = fractions.Fraction(1, OUT_RATE)
 
 
 def int16_frame(pcm: np.ndarray, rate: int) -> av.AudioFrame:
@@ -54,8 +53,11 @@ class PacedAudioTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, max_queue_s: float = 4.0) -> None:
+    def __init__(self, max_queue_s: float = 4.0, rate: int = OUT_RATE) -> None:
         super().__init__()
+        self.rate = rate
+        self.frame_samples = rate // 50
+        self._time_base = fractions.Fraction(1, rate)
         self._frames: deque[np.ndarray] = deque()
         self._max_frames = int(max_queue_s * 50)
         self._space = asyncio.Event()
@@ -66,26 +68,27 @@ class PacedAudioTrack(MediaStreamTrack):
 
     @property
     def queued_s(self) -> float:
-        return len(self._frames) * OUT_FRAME / OUT_RATE
+        return len(self._frames) * 0.02
 
     @property
     def played_s(self) -> float:
-        return self.played_frames * OUT_FRAME / OUT_RATE
+        return self.played_frames * 0.02
 
     async def push(self, pcm48: np.ndarray) -> None:
-        """Queue 48 kHz int16 samples, waiting while the queue is full.
+        """Queue int16 samples at the track's rate, waiting while the queue is full.
 
         The tail is padded to a whole frame: a chunk is a clause of speech, and 20 ms of silence after
         it is inaudible, while holding it back would swallow the end of the last word.
         """
-        whole = -(-pcm48.size // OUT_FRAME)
-        padded = np.zeros(whole * OUT_FRAME, np.int16)
+        n = self.frame_samples
+        whole = -(-pcm48.size // n)
+        padded = np.zeros(whole * n, np.int16)
         padded[: pcm48.size] = pcm48
         for i in range(whole):
             while len(self._frames) >= self._max_frames:
                 self._space.clear()
                 await self._space.wait()
-            self._frames.append(padded[i * OUT_FRAME:(i + 1) * OUT_FRAME])
+            self._frames.append(padded[i * n:(i + 1) * n])
 
     def clear(self) -> None:
         self._frames.clear()
@@ -106,14 +109,15 @@ class PacedAudioTrack(MediaStreamTrack):
             elif wait < -0.2:
                 # We fell far behind (a stalled loop): re-anchor instead of bursting catch-up audio.
                 self._start = now - self._sent * 0.02
-        if self._frames:
-            samples = self._frames.popleft()
-            self.played_frames += 1
-            self._space.set()
-        else:
-            samples = np.zeros(OUT_FRAME, np.int16)
-        frame = int16_frame(samples, OUT_RATE)
-        frame.pts = self._sent * OUT_FRAME
-        frame.time_base = _TIME_BASE
+        frame = int16_frame(self._next_samples(), self.rate)
+        frame.pts = self._sent * self.frame_samples
+        frame.time_base = self._time_base
         self._sent += 1
         return frame
+
+    def _next_samples(self) -> np.ndarray:
+        if self._frames:
+            self.played_frames += 1
+            self._space.set()
+            return self._frames.popleft()
+        return np.zeros(self.frame_samples, np.int16)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import av
@@ -30,6 +30,22 @@ def first_channel(frame: av.AudioFrame) -> np.ndarray:
     if frame.format.is_planar:
         return samples.reshape(channels, -1)[0]
     return samples.reshape(-1, channels)[:, 0]
+
+
+async def read_frames(track: MediaStreamTrack, put: Callable[[np.ndarray], object]) -> None:
+    """Decode a received audio track into 16 kHz mono 20 ms frames until it ends."""
+    resample = Resampler(SAMPLE_RATE)
+    pending = np.zeros(0, np.int16)
+    try:
+        while True:
+            frame = await track.recv()
+            mono = first_channel(frame)
+            pending = np.concatenate([pending, resample(mono.astype(np.int16, copy=False), frame.sample_rate)])
+            while pending.size >= FRAME_SAMPLES:
+                put(pending[:FRAME_SAMPLES])
+                pending = pending[FRAME_SAMPLES:]
+    except MediaStreamError:
+        pass
 
 
 class WebRTCTransport:
@@ -94,19 +110,8 @@ class WebRTCTransport:
         asyncio.get_running_loop().call_later(seconds, check)
 
     async def _read_audio(self, track: MediaStreamTrack) -> None:
-        resample = Resampler(SAMPLE_RATE)
-        pending = np.zeros(0, np.int16)
         try:
-            while True:
-                frame = await track.recv()
-                mono = first_channel(frame)
-                pcm = resample(mono.astype(np.int16, copy=False), frame.sample_rate)
-                pending = np.concatenate([pending, pcm])
-                while pending.size >= FRAME_SAMPLES:
-                    self._put_frame(pending[:FRAME_SAMPLES])
-                    pending = pending[FRAME_SAMPLES:]
-        except MediaStreamError:
-            pass
+            await read_frames(track, self._put_frame)
         finally:
             with contextlib.suppress(asyncio.QueueFull):
                 self._frames.put_nowait(None)

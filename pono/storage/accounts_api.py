@@ -57,8 +57,9 @@ async def _limit_logins(request: web.Request, name: str) -> None:
     """Password guessing is slowed per address and per account, whichever runs out first."""
     services = request.app[SERVICES]
     assert services.storage.live is not None
-    limit = services.settings.logins_per_minute
-    for key in (f"login-ip:{request.remote}", f"login-name:{name.lower()}"):
+    s = services.settings
+    for key, limit in ((f"login-ip:{request.remote}", s.login_ip_per_minute),
+                       (f"login-name:{name.lower()}", s.logins_per_minute)):
         allowed, retry_after = await services.storage.live.hit(key, limit, 60)
         if not allowed:
             raise ApiError(429, "too many login attempts; wait and try again", retry_after_s=retry_after,

@@ -53,14 +53,14 @@ def _decode_cursor(raw: str | None) -> tuple[datetime, str] | None:
             from None
 
 
-def _since(raw: str | None) -> datetime | None:
+def _since(raw: str | None, field: str = "since") -> datetime | None:
     if not raw:
         return None
     try:
         value = datetime.fromtimestamp(float(raw), UTC) if raw.replace(".", "", 1).isdigit() \
             else datetime.fromisoformat(raw)
     except ValueError:
-        raise ApiError(422, "invalid query", fields=[{"field": "since", "message": "ISO 8601 time or unix seconds"}]) \
+        raise ApiError(422, "invalid query", fields=[{"field": field, "message": "ISO 8601 time or unix seconds"}]) \
             from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
@@ -85,7 +85,11 @@ async def list_calls(request: web.Request) -> web.Response:
         return web.json_response({"calls": calls[:limit], "next_cursor": None})
 
     cursor = _decode_cursor(request.query.get("cursor"))
-    since = _since(request.query.get("since"))
+    since = _since(request.query.get("since"), "since")
+    until = _since(request.query.get("until"), "until")
+    text = request.query.get("q") or None  # full-text search over the stored (redacted) turns
+    if text is not None and len(text) > 500:
+        raise ApiError(422, "invalid query", fields=[{"field": "q", "message": "at most 500 characters"}])
     rows = await _pool(services).fetch(
         "SELECT id, transport, persona, caller, replica, started_at, ended_at, end_reason FROM calls"
         " WHERE deleted_at IS NULL"
@@ -93,8 +97,12 @@ async def list_calls(request: web.Request) -> web.Response:
         "   AND ($2::timestamptz IS NULL OR started_at >= $2)"
         "   AND ($3::boolean IS FALSE OR ended_at IS NOT NULL)"
         "   AND ($4::timestamptz IS NULL OR (started_at, id) < ($4, $5))"
+        "   AND ($7::timestamptz IS NULL OR started_at < $7)"
+        "   AND ($8::text IS NULL OR EXISTS (SELECT 1 FROM turns t WHERE t.call_id = calls.id"
+        "        AND t.text_search @@ websearch_to_tsquery('english', $8)))"
         " ORDER BY started_at DESC, id DESC LIMIT $6",
-        persona, since, state == "ended", cursor[0] if cursor else None, cursor[1] if cursor else "", limit + 1)
+        persona, since, state == "ended", cursor[0] if cursor else None, cursor[1] if cursor else "", limit + 1,
+        until, text)
     page = rows[:limit]
     next_cursor = _encode_cursor(page[-1]["started_at"], page[-1]["id"]) if len(rows) > limit else None
     return web.json_response({"calls": [_call_json(r) for r in page], "next_cursor": next_cursor})

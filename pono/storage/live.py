@@ -50,6 +50,9 @@ class LiveState:
         self.replica = replica
         self.ttl_s = ttl_s
         self.redis = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True)
+        # Subscriptions and blocking pops wait for as long as they like: no read timeout on this one.
+        self.blocking = aioredis.from_url(url, socket_connect_timeout=1.0, decode_responses=True,
+                                          health_check_interval=15)
         self.up = False
         self.calls: dict[str, dict[str, str]] = {}  # this replica's live calls, as registered
         # (what, call id, event): "event" to publish, "state" to update, "unregister" to remove
@@ -96,6 +99,12 @@ class LiveState:
                 self._outbox.append(("state", call_id, None))
             elif event.type is EventType.TRANSFER and call_id in self.calls:
                 self.calls[call_id]["operator_requested"] = str(event.data.get("reason") or "yes")
+                self._outbox.append(("state", call_id, None))
+            elif event.type is EventType.LATENCY and call_id in self.calls:
+                sent = event.data.get("marks", {}).get("first_audio_sent")
+                if sent is not None:
+                    self.calls[call_id]["last_latency_ms"] = str(round(sent * 1000))
+                    self._outbox.append(("state", call_id, None))
             self._outbox.append(("event", call_id, event.to_json()))
             self._wake.set()
 
@@ -159,7 +168,7 @@ class LiveState:
                             pipe.zrem(LIVE_SET, call_id)
                         elif what == "state":
                             if call_id in self.calls:
-                                pipe.hset(call_key(call_id), "state", self.calls[call_id]["state"])
+                                pipe.hset(call_key(call_id), mapping=self.calls[call_id])
                         else:
                             pipe.publish(events_channel(call_id), message)
                     await pipe.execute()
@@ -208,3 +217,4 @@ class LiveState:
                         pipe.zrem(LIVE_SET, call_id)
                     await pipe.execute()
         await self.redis.aclose()
+        await self.blocking.aclose()

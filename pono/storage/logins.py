@@ -69,19 +69,26 @@ class Logins:
     async def rotate(self, refresh: str) -> tuple[Principal, TokenPair] | None:
         """Spend a refresh token for a new pair. None if unknown or expired; RefreshReused if spent before."""
         async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT r.id, r.family, r.expires_at, r.revoked_at, u.id AS user_id, u.name, u.role"
-                " FROM refresh_tokens r JOIN users u ON u.id = r.user_id"
-                " WHERE r.token_hash = $1 AND u.deleted_at IS NULL FOR UPDATE OF r", hash_token(refresh))
-            if row is None or row["expires_at"] < datetime.now(UTC):
-                return None
-            if row["revoked_at"] is not None:
-                await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE family = $1"
-                                   " AND revoked_at IS NULL", row["family"])
-                raise RefreshReused(str(row["user_id"]))
-            await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE id = $1", row["id"])
-            who = Principal(str(row["user_id"]), row["name"], row["role"])
-            return who, await self.issue(who, row["family"], conn)
+            rotated = await self._rotate(conn, refresh)
+        if isinstance(rotated, RefreshReused):
+            raise rotated  # raised only now: the family's revocation above must commit
+        return rotated
+
+    async def _rotate(self, conn: asyncpg.Connection, refresh: str) \
+            -> tuple[Principal, TokenPair] | RefreshReused | None:
+        row = await conn.fetchrow(
+            "SELECT r.id, r.family, r.expires_at, r.revoked_at, u.id AS user_id, u.name, u.role"
+            " FROM refresh_tokens r JOIN users u ON u.id = r.user_id"
+            " WHERE r.token_hash = $1 AND u.deleted_at IS NULL FOR UPDATE OF r", hash_token(refresh))
+        if row is None or row["expires_at"] < datetime.now(UTC):
+            return None
+        if row["revoked_at"] is not None:
+            await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE family = $1"
+                               " AND revoked_at IS NULL", row["family"])
+            return RefreshReused(str(row["user_id"]))
+        await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE id = $1", row["id"])
+        who = Principal(str(row["user_id"]), row["name"], row["role"])
+        return who, await self.issue(who, row["family"], conn)
 
     async def revoke(self, refresh: str) -> str | None:
         """Log out: revoke the token's whole family. Returns the user id, or None for an unknown token."""

@@ -22,6 +22,7 @@ from pono.events import EventStream, EventType
 from pono.transport import FRAME_MS, Transport
 from pono.voice.actions import AgentActions
 from pono.voice.models import SpeechModels
+from pono.voice.operator import OperatorControls
 from pono.voice.reply import HeldEvents, Reply
 from pono.voice.turns import Signal, TurnConfig, TurnDetector
 
@@ -38,6 +39,7 @@ class CallState(StrEnum):
     USER_SPEAKING = "user_speaking"
     THINKING = "thinking"
     SPEAKING = "speaking"
+    OPERATOR = "operator"  # taken over: the agent is quiet, an operator talks
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Preemption:
     turns_before: int
 
 
-class Call(AgentActions):
+class Call(AgentActions, OperatorControls):
     def __init__(
         self,
         call_id: str,
@@ -99,6 +101,7 @@ class Call(AgentActions):
             self.toolbox = ToolBox(tools, context, **(tool_limits or {}))
         self.events = EventStream(call_id)
         self.state = CallState.LISTENING
+        self.taken_over_by: str | None = None
         self.end_reason = "hangup"
         self.started = time.time()
         self._turns = 0
@@ -136,7 +139,10 @@ class Call(AgentActions):
         self.end_reason = reason
         await self.transport.close()
 
-    def _set_state(self, state: CallState) -> None:
+    def _set_state(self, state: CallState | str) -> None:
+        state = CallState(state)
+        if self.taken_over_by is not None and state is not CallState.OPERATOR:
+            return  # while an operator has the call, that is its state whoever speaks
         if state != self.state:
             self.state = state
             self.events.emit(EventType.STATE, state=str(state))
@@ -257,7 +263,8 @@ class Call(AgentActions):
     # -- preemptive replies: think while the caller is only pausing -----------------------------
     def _preempt_reply(self, spec: asyncio.Task[str], t0: float) -> None:
         """The pause's transcript is ready before the turn is over: start the reply now, unheard."""
-        if (not self.preemptive or self.dlp.before_llm or spec is not self._spec or spec.cancelled()
+        if (not self.preemptive or self.dlp.before_llm or self.taken_over_by is not None
+                or spec is not self._spec or spec.cancelled()
                 or spec.exception() is not None or not spec.result() or self._reply_task is not None):
             return
         held = HeldEvents(self.events, open_=False)
@@ -325,6 +332,8 @@ class Call(AgentActions):
                              source="voice" if audio is not None else "text")
             llm_text = await self._for_llm(text)
             self.conversation.add_user(llm_text if llm_text is not None else WITHHELD)
+            if self.taken_over_by is not None:
+                return  # the operator answers; the transcript still reaches the console and storage
             self._set_state(CallState.THINKING)
             reply = self._new_reply(t0, speaking)
             if audio is not None:

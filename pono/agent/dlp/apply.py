@@ -84,6 +84,10 @@ def redact_event(event: dict[str, Any], policy: DlpPolicy, agent_text: dict[int,
     if kind in TEXT_EVENTS and event.get("text"):
         if kind == "agent.final":
             agent_text.pop(event.get("turn") or 0, None)
-        text = policy.scan(str(event["text"]), "redact").text
-        return {**event, "text": mask_digit_runs(text) if kind == "transcript.partial" else text}
+        result = policy.scan(str(event["text"]), "redact")
+        text = mask_digit_runs(result.text) if kind == "transcript.partial" else result.text
+        if kind != "transcript.partial" and result.findings:
+            # Operators learn what kind of data was said, never the value.
+            return {**event, "text": text, "dlp": sorted({f.entity_type for f in result.findings})}
+        return {**event, "text": text}
     return event

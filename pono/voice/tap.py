@@ -1,0 +1,69 @@
+"""Listen-in: a transport wrapper that copies both sides of a call's audio to whoever listens.
+
+The call loop sees an ordinary transport; taps see the caller's 16 kHz frames as they arrive and the
+agent's audio as it is queued, and hear the queue dropped on barge-in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import numpy as np
+
+from pono.transport import Transport
+
+
+class AudioTap(Protocol):
+    def caller_audio(self, frame: np.ndarray) -> None: ...
+
+    def agent_audio(self, pcm: np.ndarray, sample_rate: int) -> None: ...
+
+    def agent_cleared(self) -> None: ...
+
+
+class TappedTransport:
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        self.taps: set[AudioTap] = set()
+
+    @property
+    def has_audio(self) -> bool:
+        return self.inner.has_audio
+
+    async def audio_frames(self) -> AsyncIterator[np.ndarray]:
+        async for frame in self.inner.audio_frames():
+            for tap in list(self.taps):
+                tap.caller_audio(frame)
+            yield frame
+
+    async def send_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
+        for tap in list(self.taps):
+            tap.agent_audio(pcm, sample_rate)
+        await self.inner.send_audio(pcm, sample_rate)
+
+    def clear(self) -> None:
+        for tap in list(self.taps):
+            tap.agent_cleared()
+        self.inner.clear()
+
+    @property
+    def played_s(self) -> float:
+        return self.inner.played_s
+
+    @property
+    def queued_s(self) -> float:
+        return self.inner.queued_s
+
+    def text_messages(self) -> AsyncIterator[str]:
+        return self.inner.text_messages()
+
+    def send_text(self, message: dict[str, Any]) -> None:
+        self.inner.send_text(message)
+
+    async def closed(self) -> None:
+        await self.inner.closed()
+
+    async def close(self) -> None:
+        await self.inner.close()
