@@ -36,6 +36,7 @@ from pono.storage.retention import purge_daily
 from pono.storage.service import Storage
 from pono.storage.users import bootstrap_admin, shared_secret
 from pono.storage.verifier import Authenticator
+from pono.tracing import CallTracing
 from pono.voice.models import SpeechModels
 from pono.web import routes as web_routes
 
@@ -67,7 +68,7 @@ def build_app(settings: Settings) -> web.Application:
     storage = Storage(settings, metrics)
     services = Services(
         settings=settings, models=models, llm=llm, metrics=metrics,
-        calls=CallManager(settings, models, llm, metrics, storage),
+        calls=CallManager(settings, models, llm, metrics, storage, CallTracing.from_env()),
         signer=TokenSigner(secrets.token_bytes(32)),  # replaced at start-up by one keyed with the shared secret
         metrics_token=metrics_token, storage=storage, auth=Authenticator(lambda: storage.db.pool),  # type: ignore[union-attr]
     )
@@ -124,6 +125,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await embedded.stop()
     await services.llm.close()
     services.models.close()
+    if services.calls.tracing is not None:
+        await asyncio.to_thread(services.calls.tracing.shutdown)
     await services.storage.close()
 
 

