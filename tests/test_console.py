@@ -330,7 +330,19 @@ async def test_replica_logs_traces_and_metrics(server: RunningServer, replica: P
     try:
         await caller.connect(audio=False)
         await caller.wait_open()
-        caller.send_text(f"My card is {card} and my email is {email}")
+        async with aiohttp.ClientSession() as http:
+            # An operator watching on the other replica sees the kinds of data, never the values.
+            ws = await _socket(server, http)
+            await ws.send_str(json.dumps({"type": "auth", "token": admin_token}))
+            await _next(ws, "hello")
+            await ws.send_str(json.dumps({"type": "watch", "call_id": caller.call_id}))
+            await _next(ws, "watching")
+            caller.send_text(f"My card is {card} and my email is {email}")
+            while (event := (await _next(ws, "event"))["event"])["type"] != "transcript.final":
+                pass
+            assert card not in event["text"] and email not in event["text"]
+            assert event["dlp"] == ["CREDIT_CARD", "EMAIL_ADDRESS"]
+            await ws.close()
         await caller.wait_for(lambda e: e["type"] == "latency", timeout=20)
     finally:
         await caller.hang_up()

@@ -1,7 +1,12 @@
-"""The one-command default: no OPENAI_BASE_URL, so the bundled SmolLM2 is served by llama.cpp."""
+"""The one-command default: no OPENAI_BASE_URL, so the bundled SmolLM2 is served by llama.cpp, and a fresh
+embedded database gets a first admin whose one-time password is printed once."""
 
 from __future__ import annotations
 
+import re
+
+import aiohttp
+import pytest
 from conftest import make_settings, start_server
 
 from pono.agent.conversation import APOLOGY
@@ -10,11 +15,20 @@ from pono.context import SERVICES
 from pono.testing.caller import Caller
 
 
-async def test_embedded_smollm2_answers(tmp_path) -> None:
+async def test_embedded_smollm2_answers(tmp_path, capfd: pytest.CaptureFixture[str]) -> None:
     settings = make_settings(tmp_path, stt_model="tiny.en", llm_timeout_s=30.0)
     assert settings.embedded_llm
     server = await start_server(settings)
     try:
+        printed = capfd.readouterr().err
+        found = re.search(r"/console as 'admin' with the one-time password '([^']+)'", printed)
+        assert found, printed
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{server.url}/api/auth/login", json={"name": "admin", "password": found.group(1)}) as r:
+            assert r.status == 200 and (await r.json())["user"]["role"] == "admin"
+        stored = await server.app[SERVICES].storage.db.pool.fetchval(
+            "SELECT password_hash FROM users WHERE name = 'admin'")
+        assert stored.startswith("$argon2id$") and found.group(1) not in stored
         embedded = server.app[EMBEDDED_LLM]
         assert server.app[SERVICES].llm.base_url == embedded.base_url
         caller = Caller(server.url)

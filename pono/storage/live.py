@@ -101,8 +101,9 @@ class LiveState:
                 self.calls[call_id]["operator_requested"] = str(event.data.get("reason") or "yes")
                 self._outbox.append(("state", call_id, None))
             elif event.type is EventType.LATENCY and call_id in self.calls:
-                sent = event.data.get("marks", {}).get("first_audio_sent")
-                if sent is not None:
+                marks = event.data.get("marks", {})
+                sent = marks.get("first_audio_sent")
+                if sent is not None and "llm_first_token" in marks:  # answers, not greetings or operator lines
                     self.calls[call_id]["last_latency_ms"] = str(round(sent * 1000))
                     self._outbox.append(("state", call_id, None))
             self._outbox.append(("event", call_id, event.to_json()))
