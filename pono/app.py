@@ -28,7 +28,9 @@ from pono.settings import Settings
 from pono.signaling import api as signaling_api
 from pono.signaling.ice import restrict_host_addresses
 from pono.signaling.operator_media import OperatorMedia
-from pono.storage import accounts_api
+from pono.signaling.phone.server import SipServer
+from pono.signaling.phone.twilio import routes as twilio_routes
+from pono.storage import accounts_api, numbers_api
 from pono.storage import api as storage_api
 from pono.storage.control import ControlBus
 from pono.storage.logins import Logins
@@ -88,6 +90,8 @@ def build_app(settings: Settings) -> web.Application:
         *storage_api.routes(),
         *accounts_api.routes(),
         *operator_routes(),
+        *numbers_api.routes(),
+        *twilio_routes(),
         *knowledge_api.routes(),
         *web_routes.routes(),
     ])
@@ -109,12 +113,19 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     desk = OperatorDesk(services.calls, OperatorMedia(services.settings))
     services.control = ControlBus(services.storage.live, desk.execute)
     services.control.start()
+    sip: SipServer | None = None
+    if services.settings.sip_port is not None:
+        sip = SipServer(services.settings, services.calls, services.calls.persona_for_number)
+        await sip.start()
+        services.sip = sip
     startup_task = asyncio.create_task(_start(services, embedded), name="startup")
     lag_task = asyncio.create_task(services.metrics.watch_loop_lag(), name="loop-lag")
     llm_probe = asyncio.create_task(_probe_llm(services), name="llm-probe")
     purge_task = asyncio.create_task(purge_daily(services.storage.db.pool, services.settings.retention_days))
     yield
     await services.calls.close_all()
+    if sip is not None:
+        await sip.close()
     if services.control is not None:
         await services.control.close()
     for task in (startup_task, lag_task, llm_probe, purge_task):

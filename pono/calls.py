@@ -10,7 +10,7 @@ import uuid
 from pono.agent.conversation import Conversation
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.llm import LLMClient
-from pono.agent.personas import Persona, load_persona
+from pono.agent.personas import Persona, load_persona, persona_for_number
 from pono.agent.tools.specs import build_registry
 from pono.events import CallEvent, EventType
 from pono.logs import call_context
@@ -58,6 +58,17 @@ class CallManager:
             return Persona.from_settings(self.settings)
         try:
             return await load_persona(db.pool, ref)
+        except CONNECTION_ERRORS as exc:
+            log.warning("personas unavailable (%s): using the configured default", type(exc).__name__)
+            return Persona.from_settings(self.settings)
+
+    async def persona_for_number(self, dialed: str) -> Persona:
+        """The persona a dialed number maps to (default when none); the configured one without Postgres."""
+        db = self.storage.db if self.storage is not None else None
+        if db is None:
+            return Persona.from_settings(self.settings)
+        try:
+            return await persona_for_number(db.pool, dialed)
         except CONNECTION_ERRORS as exc:
             log.warning("personas unavailable (%s): using the configured default", type(exc).__name__)
             return Persona.from_settings(self.settings)

@@ -12,6 +12,7 @@ from pono.auth import TokenSigner
 from pono.calls import CallManager
 from pono.metrics import Metrics
 from pono.settings import Settings
+from pono.signaling.phone.server import SipServer
 from pono.storage.control import ControlBus
 from pono.storage.service import Storage
 from pono.storage.verifier import Authenticator
@@ -33,6 +34,7 @@ class Services:
     startup_error: str | None = None
     llm_reachable: bool = False
     control: ControlBus | None = None  # operator actions, routed to the replica holding the call
+    sip: SipServer | None = None  # when PONO_SIP_PORT is set
     call_tokens: dict[str, str] = field(default_factory=dict)  # call id → token id that opened it
     _spent_tokens: dict[str, int] = field(default_factory=dict)  # token id → expiry
 

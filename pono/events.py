@@ -31,7 +31,7 @@ class EventType(StrEnum):
     TOOL_RESULT = "tool.result"
     TRANSFER = "call.transfer_requested"
     KNOWLEDGE_USED = "knowledge.used"
-    DLP_FINDINGS = "dlp.findings"  # entity types found in a turn (never the values)
+    DTMF = "dtmf"  # a key the caller pressed on a phone
     OPERATOR = "operator.action"  # say / take_over / hand_back / listen / hang_up, and by whom
     LATENCY = "latency"
     ERROR = "error"

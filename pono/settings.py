@@ -115,6 +115,21 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # Phone calls over SIP: off unless PONO_SIP_PORT is set.
+    sip_host: str | None = None  # defaults to PONO_HOST
+    sip_port: int | None = None
+    sip_tcp: bool = False  # also listen on TCP
+    sip_public_address: str | None = None  # the address put in SDP and Contact (default: the bound one)
+    sip_max_calls: int = 20  # more get 486 Busy Here
+    sip_allowed_sources: list[str] = Field(default_factory=list)  # CIDRs the trunk may come from; [] = any
+    sip_auth_user: str | None = None  # digest authentication of the trunk, when set
+    sip_auth_password: SecretStr | None = None
+    sip_operator_uri: str | None = None  # where transfer_to_operator REFERs a SIP caller
+    sip_ring_ms: int = 0  # ring before answering
+
+    # Provider media streams (Twilio): the token the provider must present; unset refuses every stream.
+    twilio_token: SecretStr | None = None
+
     def model_post_init(self, __context: Any) -> None:
         self.data_dir = self.data_dir.expanduser().resolve()
 

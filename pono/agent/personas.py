@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,3 +71,17 @@ async def load_persona(pool: asyncpg.Pool, ref: str | None) -> Persona:
     if row is None:
         raise UnknownPersona(ref or "default")
     return Persona.from_row(row)
+
+
+def normalize_number(dialed: str) -> str:
+    """+1 (555) 010-2000 and +15550102000 are the same number; a SIP user part may be a name, kept as is."""
+    digits = re.sub(r"[\s().-]", "", dialed)
+    return digits if re.fullmatch(r"\+?\d+", digits) else dialed.strip().lower()
+
+
+async def persona_for_number(pool: asyncpg.Pool, dialed: str) -> Persona:
+    """The persona mapped to a dialed number, or the default one."""
+    persona_id = await pool.fetchval(
+        "SELECT n.persona_id FROM phone_numbers n JOIN personas p ON p.id = n.persona_id"
+        " WHERE n.number = $1 AND p.deleted_at IS NULL", normalize_number(dialed))
+    return await load_persona(pool, str(persona_id) if persona_id else None)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 2000
 BLOCKED_WARNING = "For your safety, please don't share card numbers or other sensitive details on this call."
 WITHHELD = "[the caller shared sensitive details, which were withheld]"
+DTMF_KEYS = tuple("0123456789*#ABCD")
 _PREROLL_MS = 300  # audio kept from before speech was confirmed, so the first syllable is not clipped
 
 
@@ -245,6 +246,12 @@ class Call(AgentActions, OperatorControls):
                 if self._reply_task is not None:
                     await self._barge_in()
                 self._start_reply(text=text.strip(), t0=time.monotonic())
+            elif kind == "dtmf" and message.get("digit") in DTMF_KEYS:
+                # A key press is an event, and words for the agent: menus and PINs work the same way.
+                self.events.emit(EventType.DTMF, self._turns, digit=message["digit"])
+                if self._reply_task is not None:
+                    await self._barge_in()
+                self._start_reply(text=f"the caller pressed {message['digit']}", t0=time.monotonic())
             elif kind == "hangup":
                 await self.hang_up("caller_hangup")
                 return

@@ -1,0 +1,230 @@
+"""RTP for phone calls: packets, a bounded reordering jitter buffer, RFC 4733 DTMF, and a UDP session that
+plays out received audio every 20 ms and sends paced audio (comfort silence when there is nothing to say)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pono.signaling.audio_out import PacedAudioTrack
+from pono.signaling.phone import g711
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("!BBHII")
+DTMF_EVENTS = "0123456789*#ABCD"
+
+
+@dataclass(frozen=True, slots=True)
+class RtpPacket:
+    payload_type: int
+    sequence: int
+    timestamp: int
+    ssrc: int
+    payload: bytes
+    marker: bool = False
+
+    @classmethod
+    def parse(cls, data: bytes) -> RtpPacket | None:
+        if len(data) < 12:
+            return None
+        first, second, sequence, timestamp, ssrc = _HEADER.unpack_from(data)
+        if first >> 6 != 2:
+            return None
+        offset = 12 + 4 * (first & 0x0F)
+        if first & 0x10:  # header extension
+            if len(data) < offset + 4:
+                return None
+            offset += 4 + 4 * struct.unpack_from("!H", data, offset + 2)[0]
+        end = len(data)
+        if first & 0x20 and end > offset:  # padding: the last byte says how much
+            end -= data[-1]
+        if end < offset:
+            return None
+        return cls(second & 0x7F, sequence, timestamp, ssrc, bytes(data[offset:end]), bool(second & 0x80))
+
+    def to_bytes(self) -> bytes:
+        return _HEADER.pack(0x80, (0x80 if self.marker else 0) | self.payload_type, self.sequence & 0xFFFF,
+                            self.timestamp & 0xFFFFFFFF, self.ssrc) + self.payload
+
+
+def _seq_delta(a: int, b: int) -> int:
+    """a - b in 16-bit sequence space, between -32768 and 32767."""
+    return (a - b + 0x8000) % 0x10000 - 0x8000
+
+
+class JitterBuffer:
+    """Reorders packets by sequence number and hands them out in order, one per playout tick.
+
+    It waits for `depth` packets before starting, holds at most `capacity` (the oldest go when it overflows),
+    drops packets that arrive after their turn has passed, and reports a gap (None) for a lost one.
+    """
+
+    def __init__(self, depth: int = 3, capacity: int = 25) -> None:
+        self.depth = depth
+        self.capacity = capacity
+        self._packets: dict[int, RtpPacket] = {}
+        self._next: int | None = None
+        self._started = False
+        self.late = self.lost = self.overflow = 0
+
+    def __len__(self) -> int:
+        return len(self._packets)
+
+    def put(self, packet: RtpPacket) -> None:
+        if self._next is not None and _seq_delta(packet.sequence, self._next) < 0:
+            self.late += 1
+            return
+        self._packets[packet.sequence] = packet
+        if self._next is None or (not self._started and _seq_delta(packet.sequence, self._next) < 0):
+            self._next = packet.sequence
+        while len(self._packets) > self.capacity:  # bounded: skip ahead to the oldest we still hold
+            assert self._next is not None
+            oldest = min(self._packets, key=lambda s: _seq_delta(s, self._next or 0))
+            if oldest == self._next:
+                del self._packets[oldest]
+                self._next = (oldest + 1) & 0xFFFF
+            else:
+                self._next = oldest
+            self.overflow += 1
+
+    def pop(self) -> RtpPacket | None:
+        """The next packet in order, or None: still filling, empty, or this one was lost."""
+        if self._next is None or not self._packets:
+            self._started = False if not self._packets else self._started
+            return None
+        if not self._started:
+            if len(self._packets) < self.depth:
+                return None
+            self._started = True
+        packet = self._packets.pop(self._next, None)
+        if packet is None:
+            self.lost += 1
+        self._next = (self._next + 1) & 0xFFFF
+        return packet
+
+
+class DtmfReceiver:
+    """RFC 4733 telephone-events: one digit per event, however many packets (and end retransmits) carry it."""
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+
+    def digit(self, packet: RtpPacket) -> str | None:
+        if len(packet.payload) < 4 or packet.payload[0] >= len(DTMF_EVENTS):
+            return None
+        if packet.timestamp in self._seen:
+            return None
+        if len(self._seen) > 256:
+            self._seen.clear()
+        self._seen.add(packet.timestamp)  # all packets of one event share its start timestamp
+        return DTMF_EVENTS[packet.payload[0]]
+
+
+@dataclass
+class MediaStats:
+    received: int = 0
+    sent: int = 0
+    ignored_sources: int = 0
+    lateness_ms: list[float] | None = None  # how late each paced send was, when measuring
+
+
+class RtpSession(asyncio.DatagramProtocol):
+    """One call's media: receive (jitter buffer → 8 kHz PCM every 20 ms) and send (paced, G.711)."""
+
+    def __init__(self, codec: str, payload_type: int, dtmf_type: int | None, remote: tuple[str, int],
+                 on_audio: Callable[[np.ndarray], None], on_dtmf: Callable[[str], None],
+                 measure_lateness: bool = False) -> None:
+        self.codec = codec
+        self.payload_type = payload_type
+        self.dtmf_type = dtmf_type
+        self.remote = remote
+        self.on_audio = on_audio
+        self.on_dtmf = on_dtmf
+        self.buffer = JitterBuffer()
+        self.dtmf = DtmfReceiver()
+        self.out = PacedAudioTrack(rate=8000)
+        self.stats = MediaStats(lateness_ms=[] if measure_lateness else None)
+        self.sending = True  # False while the peer holds the call
+        self._latched = False
+        self._transport: asyncio.DatagramTransport | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ssrc = random.getrandbits(32)
+        self._seq = random.getrandbits(16)
+        self._ts = random.getrandbits(32)
+
+    @property
+    def local_port(self) -> int:
+        assert self._transport is not None
+        return int(self._transport.get_extra_info("sockname")[1])
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._playout(), name="rtp-playout"),
+                       asyncio.create_task(self._send(), name="rtp-send")]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        # Symmetric RTP: media is accepted from the signalled host only, and we answer to wherever it
+        # really comes from (a NAT may have changed the port). Anything else is ignored.
+        if addr[0] != self.remote[0] or (self._latched and addr != self.remote):
+            self.stats.ignored_sources += 1
+            return
+        packet = RtpPacket.parse(data)
+        if packet is None:
+            return
+        if not self._latched:
+            self.remote, self._latched = addr, True
+        self.stats.received += 1
+        if packet.payload_type == self.dtmf_type:
+            digit = self.dtmf.digit(packet)
+            if digit is not None:
+                self.on_dtmf(digit)
+        elif packet.payload_type == self.payload_type:
+            self.buffer.put(packet)
+
+    async def _playout(self) -> None:
+        start = time.monotonic()
+        ticks = 0
+        silence = np.zeros(160, np.int16)
+        while True:
+            ticks += 1
+            await asyncio.sleep(max(0.0, start + ticks * 0.02 - time.monotonic()))
+            packet = self.buffer.pop()
+            if packet is not None:
+                self.on_audio(g711.decode(packet.payload, self.codec))
+            elif len(self.buffer):
+                self.on_audio(silence)  # a lost packet: keep the timeline, so VAD hears a gap, not a jump
+
+    async def _send(self) -> None:
+        started = time.monotonic()
+        while True:
+            frame = await self.out.recv()  # paced by the wall clock; silence when nothing is queued
+            if self.stats.lateness_ms is not None:
+                due = started + self.stats.sent * 0.02
+                self.stats.lateness_ms.append(max(0.0, (time.monotonic() - due) * 1000))
+            samples = frame.to_ndarray().reshape(-1)
+            if self._transport is not None and self.sending:
+                packet = RtpPacket(self.payload_type, self._seq, self._ts, self._ssrc, g711.encode(samples, self.codec))
+                self._transport.sendto(packet.to_bytes(), self.remote)
+            self._seq = (self._seq + 1) & 0xFFFF
+            self._ts = (self._ts + 160) & 0xFFFFFFFF
+            self.stats.sent += 1
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.out.stop()
+        if self._transport is not None:
+            self._transport.close()
