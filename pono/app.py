@@ -114,7 +114,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services.control = ControlBus(services.storage.live, desk.execute)
     services.control.start()
     sip: SipServer | None = None
-    if services.settings.sip_port is not None:
+    if services.settings.sip_port is not None or services.settings.sip_host is not None:
         sip = SipServer(services.settings, services.calls, services.calls.persona_for_number)
         await sip.start()
         services.sip = sip

@@ -116,8 +116,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     # Phone calls over SIP: off unless PONO_SIP_PORT is set.
-    sip_host: str | None = None  # defaults to PONO_HOST
-    sip_port: int | None = None
+    sip_host: str | None = None  # SIP is on when PONO_SIP_HOST or PONO_SIP_PORT is set
+    sip_port: int | None = None  # default 5060 once SIP is on
     sip_tcp: bool = False  # also listen on TCP
     sip_public_address: str | None = None  # the address put in SDP and Contact (default: the bound one)
     sip_max_calls: int = 20  # more get 486 Busy Here

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install Pono into ./.venv. Usage: scripts/install.sh [--test]
-#   --test also installs what the test suite drives: Debian espeak-ng, sox, chromium, and the dev extras.
+#   --test also installs what the test suite drives: Debian espeak-ng, sox, chromium, the SIP peers
+#   (sip-tester, baresip-core, linphone-cli) and the dev extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,7 +9,7 @@ want_test=0
 [[ "${1:-}" == "--test" ]] && want_test=1
 
 if [[ $want_test == 1 ]]; then
-  pkgs=(espeak-ng sox chromium iproute2)
+  pkgs=(espeak-ng sox chromium iproute2 sip-tester baresip-core linphone-cli)
   missing=()
   for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if ((${#missing[@]})); then

@@ -135,7 +135,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 async def server(tmp_path_factory: pytest.TempPathFactory, scripted_llm: ScriptedLLM, postgres_url: str,
                  redis_url: str) -> AsyncIterator[RunningServer]:
     settings = make_settings(tmp_path_factory.mktemp("pono"), openai_base_url=scripted_llm.base_url,
-                             llm_model="scripted", database_url=postgres_url, redis_url=redis_url)
+                             llm_model="scripted", database_url=postgres_url, redis_url=redis_url,
+                             sip_host="127.0.0.1", sip_port=free_port(), sip_tcp=True, sip_ring_ms=300,
+                             twilio_token="provider-secret")
     running = await start_server(settings)
     yield running
     await running.runner.cleanup()

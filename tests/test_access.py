@@ -42,13 +42,17 @@ PROTECTED: list[tuple[str, str, Any, str, str]] = [
     ("GET", "/api/audit", None, "admin", "audit"),
     ("GET", "/metrics", None, "viewer", "metrics"),
     ("GET", "/api/auth/me", None, "viewer", "any"),
+    ("GET", "/api/phone-numbers", None, "viewer", "personas"),
+    ("PUT", "/api/phone-numbers/+15550100", {}, "admin", "personas"),
+    ("DELETE", "/api/phone-numbers/+15550199", None, "admin", "personas"),
 ]
 # Open to anyone, or guarded by something other than a login (call tokens, refresh tokens, the WS handshake).
 PUBLIC = {("GET", "/"), ("GET", "/console"), ("GET", "/api/health"), ("GET", "/api/ready"), ("GET", "/api/startup"),
           ("POST", "/api/call-tokens"), ("POST", "/api/auth/login"), ("POST", "/api/auth/refresh"),
           ("POST", "/api/auth/logout"), ("GET", "/static")}
 CALL_TOKEN_ONLY = {("GET", "/api/ice-servers"), ("POST", "/api/calls"), ("DELETE", "/api/calls/{call_id}")}
-WEBSOCKETS = {("GET", "/api/console/ws")}  # covered in tests/test_console.py
+# Covered in tests/test_console.py and tests/test_twilio.py (the provider's own token, not a login).
+WEBSOCKETS = {("GET", "/api/console/ws"), ("GET", "/api/phone/twilio")}
 ROLES = ("viewer", "operator", "admin")
 
 

@@ -202,8 +202,10 @@ class RtpSession(asyncio.DatagramProtocol):
             packet = self.buffer.pop()
             if packet is not None:
                 self.on_audio(g711.decode(packet.payload, self.codec))
-            elif len(self.buffer):
-                self.on_audio(silence)  # a lost packet: keep the timeline, so VAD hears a gap, not a jump
+            elif self.stats.received:
+                # Lost, late, or the far end stopped sending (silence suppression, a muted phone): the call's
+                # timeline goes on, so the turn detector hears silence rather than a line gone dead.
+                self.on_audio(silence)
 
     async def _send(self) -> None:
         started = time.monotonic()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 
@@ -76,7 +75,8 @@ def answer(offer: Offer, address: str, port: int, version: int = 1) -> str:
     held = offer.address in ("0.0.0.0", "")
     lines = [
         "v=0",
-        f"o=pono {_SESSION_ID + random.randint(0, 999)} {version} IN IP4 {address}",
+        # One session id per media port, so a re-offer in the same dialog only bumps the version.
+        f"o=pono {_SESSION_ID + port} {version} IN IP4 {address}",
         "s=pono",
         f"c=IN IP4 {address}",
         "t=0 0",

@@ -1,0 +1,198 @@
+"""Phone calls over SIP with real Debian peers (sipp, baresip, linphonec), all on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from conftest import RunningServer
+from phone_peers import sipp, stored_call, ulaw_wav
+
+from pono.context import SERVICES
+from pono.testing.scripted_llm import Script
+from pono.testing.sip_caller import SipCaller
+
+
+@pytest.fixture(scope="module")
+def sip_port(server: RunningServer) -> int:
+    sip = server.app[SERVICES].sip
+    assert sip is not None and sip.port
+    return sip.port
+
+
+async def latest_sip_call(server: RunningServer, token: str, since: float) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{server.url}/api/calls", params={"since": str(since), "limit": "5"},
+            headers={"Authorization": f"Bearer {token}"}) as r:
+        calls = [c for c in (await r.json())["calls"] if c["transport"] == "sip"]
+    assert calls, "no SIP call was stored"
+    return await stored_call(server, token, calls[0]["id"])
+
+
+async def test_sipp_call_speech_persona_by_number_and_bye(server: RunningServer, sip_port: int, admin_token: str,
+                                                         script: Script, question: np.ndarray, tmp_path: Path) -> None:
+    script.reply = "Certainly, your table for two is booked."
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    persona = f"phone-{uuid.uuid4().hex[:6]}"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{server.url}/api/personas", headers=headers,
+                             json={"name": persona, "system_prompt": "You answer the phone."}) as r:
+            assert r.status == 201
+        async with http.put(f"{server.url}/api/phone-numbers/+1 (555) 010-2000", headers=headers,
+                            json={"persona": persona}) as r:
+            assert r.status == 200 and (await r.json())["number"] == "+15550102000"
+    started = time.time() - 1
+    audio = ulaw_wav(np.concatenate([np.zeros(8000, np.int16), question]), tmp_path, "question")
+    code, output = await sipp("call.xml", sip_port, service="+15550102000",
+                              keys={"audio": str(audio), "pause": "9000"})
+    assert code == 0, output
+    call = await latest_sip_call(server, admin_token, started)
+    assert call["persona"] == persona and call["caller"] == "+15550001111"
+    assert call["end_reason"] == "caller_hangup"
+    user = " ".join(t["text"].lower() for t in call["turns"] if t["role"] == "user")
+    # Telephone bandwidth (8 kHz μ-law) costs Whisper some words of espeak's voice; most must survive.
+    assert sum(w in user for w in ("book", "table", "two", "seven", "tonight")) >= 2, call["turns"]
+    assert any(t["role"] == "agent" and t["text"] == script.reply for t in call["turns"])
+
+
+async def test_sipp_cancel_options_unsupported_and_busy(server: RunningServer, sip_port: int) -> None:
+    code, output = await sipp("cancel.xml", sip_port)
+    assert code == 0, output
+    for transport in ("u1", "t1"):  # UDP, and TCP
+        code, output = await sipp("options.xml", sip_port, extra=["-t", transport])
+        assert code == 0, output
+    code, output = await sipp("unsupported.xml", sip_port)
+    assert code == 0, output
+    settings = server.app[SERVICES].settings
+    settings.sip_max_calls = 0
+    try:
+        code, output = await sipp("busy.xml", sip_port)
+        assert code == 0, output
+    finally:
+        settings.sip_max_calls = 20
+    assert not server.app[SERVICES].sip.dialogs, "nothing is left behind"
+
+
+async def test_sipp_dtmf_reaches_the_agent(server: RunningServer, sip_port: int, admin_token: str,
+                                           script: Script) -> None:
+    script.reply = "You chose option four."
+    started = time.time() - 1
+    code, output = await sipp("dtmf.xml", sip_port)
+    assert code == 0, output
+    call = await latest_sip_call(server, admin_token, started)
+    assert [t["text"] for t in call["turns"] if t["role"] == "user"] == ["the caller pressed 4"]
+    assert script.requests and "the caller pressed 4" in str(script.requests[-1]["messages"])
+
+
+def _udp_exchange(port: int, data: bytes, wait: float = 1.0) -> bytes | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(wait)
+        sock.sendto(data, ("127.0.0.1", port))
+        try:
+            return sock.recv(65536)
+        except TimeoutError:
+            return None
+
+
+async def test_malformed_sip_never_hurts(server: RunningServer, sip_port: int) -> None:
+    headers = ("Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-bad{n}\r\nFrom: <sip:x@127.0.0.1>;tag=1\r\n"
+               "To: <sip:agent@127.0.0.1>\r\nCall-ID: bad-{n}\r\nCSeq: 1 OPTIONS\r\n")
+    truncated = f"OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\n{headers.format(n=1)}Max-For".encode()
+    bad_length = f"OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\n{headers.format(n=2)}Content-Length: 500\r\n\r\nhi".encode()
+    no_cseq = b"INVITE sip:agent@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bKx\r\n\r\n"
+    loop = asyncio.get_running_loop()
+    for garbage in (truncated, b"\x00\xff\x13garbage" * 50, no_cseq, b"SIP/2.0 200 OK\r\n\r\n"):
+        assert await loop.run_in_executor(None, _udp_exchange, sip_port, garbage, 0.5) is None  # dropped
+    answer = await loop.run_in_executor(None, _udp_exchange, sip_port, bad_length)
+    assert answer is not None and answer.startswith(b"SIP/2.0 400 ")
+    good = f"OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\n{headers.format(n=3)}Content-Length: 0\r\n\r\n".encode()
+    answer = await loop.run_in_executor(None, _udp_exchange, sip_port, good)
+    assert answer is not None and answer.startswith(b"SIP/2.0 200 OK")
+
+
+async def _persona_on_number(server: RunningServer, token: str, tools: list[str]) -> str:
+    """A persona with these tools, answering a fresh number; the number."""
+    number = f"+1555{uuid.uuid4().int % 10**7:07d}"
+    name = f"phone-{uuid.uuid4().hex[:6]}"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+        async with http.post(f"{server.url}/api/personas",
+                             json={"name": name, "system_prompt": "You answer the phone.", "tools": tools}) as r:
+            assert r.status == 201
+        async with http.put(f"{server.url}/api/phone-numbers/{number}", json={"persona": name}) as r:
+            assert r.status == 200
+    return number
+
+
+async def _wait(condition, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(int(timeout * 10)):
+        if condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+async def test_hold_stops_our_audio_and_resume_brings_it_back(server: RunningServer, sip_port: int) -> None:
+    phone = SipCaller(("127.0.0.1", sip_port))
+    assert await phone.call() == 200
+    try:
+        await _wait(lambda: len(phone.received) > 10, 5)  # comfort silence flows from the start
+        held = await phone.hold(True)
+        assert held.status == 200 and b"a=recvonly" in held.body
+        await asyncio.sleep(0.3)
+        count = len(phone.received)
+        await asyncio.sleep(1.0)
+        assert len(phone.received) - count <= 1, "Pono kept sending to a caller on hold"
+        resumed = await phone.hold(False)
+        assert resumed.status == 200 and b"a=sendrecv" in resumed.body
+        count = len(phone.received)
+        await asyncio.sleep(1.0)
+        assert len(phone.received) - count >= 30
+    finally:
+        assert await phone.bye() == 200
+
+
+async def test_transfer_refers_to_the_operator_then_leaves(server: RunningServer, sip_port: int, admin_token: str,
+                                                           script: Script, question: np.ndarray) -> None:
+    number = await _persona_on_number(server, admin_token, ["transfer_to_operator"])
+    script.responses = [{"tool_calls": [{"name": "transfer_to_operator", "arguments": {"reason": "billing"}}]},
+                        {"text": "I am getting a colleague for you."}]
+    settings = server.app[SERVICES].settings
+    settings.sip_operator_uri = "sip:desk@operators.example.com"
+    phone = SipCaller(("127.0.0.1", sip_port), callee=number)
+    started = time.time() - 1
+    try:
+        assert await phone.call() == 200
+        phone.say(question, 16000)
+        await _wait(lambda: any(r.method == "REFER" for r in phone.requests))
+        refer = next(r for r in phone.requests if r.method == "REFER")
+        assert refer.get("refer-to") == "<sip:desk@operators.example.com>"
+        assert await phone.notify("SIP/2.0 200 OK") == 200  # the operator picked up
+        await asyncio.wait_for(phone.hung_up.wait(), 10)  # and Pono leaves the call with a BYE
+    finally:
+        settings.sip_operator_uri = None
+        await phone.close()
+    call = await latest_sip_call(server, admin_token, started)
+    assert call["end_reason"] == "transferred"
+
+
+async def test_end_call_sends_bye(server: RunningServer, sip_port: int, admin_token: str, script: Script,
+                                  question: np.ndarray) -> None:
+    number = await _persona_on_number(server, admin_token, ["end_call"])
+    script.responses = [{"tool_calls": [{"name": "end_call", "arguments": {"reason": "done"}}]},
+                        {"text": "Goodbye!"}]
+    phone = SipCaller(("127.0.0.1", sip_port), callee=number)
+    try:
+        assert await phone.call() == 200
+        phone.say(question, 16000)
+        await asyncio.wait_for(phone.hung_up.wait(), 40)
+        assert phone.first_sound_after(0) is not None, "the goodbye was not heard before the BYE"
+    finally:
+        await phone.close()
+    assert not server.app[SERVICES].sip.dialogs

@@ -1,0 +1,130 @@
+"""Twilio-style media streams, driven by streamdouble (a real Media Streams simulator from PyPI)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from conftest import RunningServer, write_wav
+from phone_peers import stored_call
+from streamdouble.api import CallReport, run_scenario
+from streamdouble.session import SessionConfig
+from test_voice_call import LONG_REPLY, trim, words
+
+from pono.context import SERVICES
+from pono.signaling.audio_out import Resampler
+from pono.signaling.phone import g711
+from pono.testing.scripted_llm import Script
+
+TOKEN = "provider-secret"  # the session server's PONO_TWILIO_TOKEN (tests/conftest.py)
+
+
+def stream_url(server: RunningServer, token: str = TOKEN) -> str:
+    return server.url.replace("http://", "ws://") + f"/api/phone/twilio?token={token}"
+
+
+def scenario(folder: Path, steps: str) -> Path:
+    path = folder / f"scenario-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(f"name: pono test\nsteps:\n{steps}")
+    return path
+
+
+@pytest.fixture
+def speech(tmp_path: Path, question: np.ndarray) -> Path:
+    path = tmp_path / "question.wav"
+    write_wav(path, trim(question), 16000)
+    return path
+
+
+async def twilio_calls(server: RunningServer, token: str, since: float) -> list[dict]:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{server.url}/api/calls", params={"since": str(since), "limit": "10"},
+            headers={"Authorization": f"Bearer {token}"}) as r:
+        return [c for c in (await r.json())["calls"] if c["transport"] == "twilio"]
+
+
+async def test_stream_holds_a_spoken_conversation(server: RunningServer, admin_token: str, script: Script,
+                                                  speech: Path) -> None:
+    script.reply = "Certainly, your table for two is booked for seven."
+    persona = f"line-{uuid.uuid4().hex[:6]}"
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{server.url}/api/personas", headers={"Authorization": f"Bearer {admin_token}"},
+            json={"name": persona, "system_prompt": "You answer the phone."}) as r:
+        assert r.status == 201
+    since = time.time() - 1
+    # Like Twilio, the caller's line keeps streaming (silence) after the question, until the reply is heard.
+    steps = f"  - wait: 0.5\n  - say: {speech}\n  - wait_for: {{event: mark, timeout: 40}}\n"
+    report: CallReport = await run_scenario(stream_url(server), scenario(speech.parent, steps), config=SessionConfig(
+        custom_parameters={"persona": persona, "caller": "+15550003333"}, response_timeout_s=40))
+    assert report.violations == [] and report.spoke, report.to_dict()
+    assert report.time_to_first_audio_ms is not None and report.time_to_first_audio_ms > 0
+    assert report.metrics.marks_received >= 1 and report.metrics.marks_echoed >= 1
+    # What the caller heard is the agent's reply, at telephone bandwidth.
+    heard_pcm = Resampler(16000)(g711.decode(report.audio_received, "PCMU"), 8000)
+    heard = await server.app[SERVICES].models.run_stt(heard_pcm)
+    assert len(words(heard) & words(script.reply)) >= 4, heard
+
+    calls = await twilio_calls(server, admin_token, since)
+    assert calls, "the stream was not stored as a call"
+    call = await stored_call(server, admin_token, calls[0]["id"])
+    assert call["persona"] == persona and call["caller"] == "+15550003333"
+    user = " ".join(t["text"].lower() for t in call["turns"] if t["role"] == "user")
+    assert sum(w in user for w in ("book", "table", "two", "seven", "tonight")) >= 2, call["turns"]
+    assert any(t["role"] == "agent" and t["text"] == script.reply for t in call["turns"])
+
+
+async def test_barge_in_sends_clear(server: RunningServer, admin_token: str, script: Script, speech: Path) -> None:
+    script.reply = LONG_REPLY
+    since = time.time() - 1
+    steps = (f"  - say: {speech}\n  - wait_for: {{event: audio, timeout: 40}}\n  - wait: 2\n"
+             f"  - say: {speech}\n  - expect: clear\n  - wait: 1\n")
+    report = await run_scenario(stream_url(server), scenario(speech.parent, steps),
+                                config=SessionConfig(response_timeout_s=40, quiet_period_s=0.5))
+    assert report.violations == [], report.to_dict()
+    assert report.metrics.clears_received >= 1, report.to_dict()
+    assert report.result.failed_expectations == []
+    calls = await twilio_calls(server, admin_token, since)
+    call = await stored_call(server, admin_token, calls[0]["id"])
+    interrupted = [t for t in call["turns"] if t["role"] == "agent" and t["interrupted"]]
+    assert interrupted and len(interrupted[0]["text"]) < len(LONG_REPLY)
+
+
+async def test_stream_needs_the_provider_token(server: RunningServer) -> None:
+    url = f"{server.url}/api/phone/twilio"
+    async with aiohttp.ClientSession() as http:
+        for params, headers in (({}, {}), ({"token": "wrong"}, {}), ({}, {"Authorization": "Bearer wrong"})):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(url, params=params, headers=headers)
+            assert refused.value.status == 401
+        ws = await http.ws_connect(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        await ws.close()
+
+
+async def test_malformed_stream_messages_close_only_that_stream(server: RunningServer, admin_token: str,
+                                                                script: Script, speech: Path) -> None:
+    script.reply = "Yes, we are open."
+    steps = f"  - say: {speech}\n  - wait_for: {{event: mark, timeout: 40}}\n"
+    good = asyncio.create_task(run_scenario(stream_url(server), scenario(speech.parent, steps),
+                                            config=SessionConfig(response_timeout_s=40)))
+    async with aiohttp.ClientSession() as http:
+        bad_messages = ["not json", "[1, 2]", '{"event": "media", "media": {"payload": "x"}}',
+                        '{"event": "start", "start": {"streamSid": "MZ1"}}\n' + "x" * 10,
+                        '{"event": "start", "start": {"streamSid": "MZ2", "customParameters": {"persona": "nobody"}}}']
+        for bad in bad_messages:
+            ws = await http.ws_connect(stream_url(server))
+            await ws.send_str(bad)
+            closing = await ws.receive(timeout=10)
+            assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1003, (bad, closing)
+            assert closing.extra, "the close says why"
+        ws = await http.ws_connect(stream_url(server))
+        await ws.send_bytes(b"\x00\x01")
+        assert (await ws.receive(timeout=10)).data == 1003
+        async with http.get(f"{server.url}/api/health") as r:
+            assert r.status == 200
+    report = await good
+    assert report.spoke and report.violations == [], report.to_dict()
