@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from pono.agent.embedded import free_port
+from pono.signaling.audio_out import Resampler
 from pono.testing.ready import wait_until_ready
 from pono.testing.scripted_llm import Script, ScriptedLLM
 from pono.testing.sip_caller import SipCaller
@@ -118,8 +119,8 @@ async def main() -> None:
     with wave.open(str(wav), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(question.tobytes())
+        w.setframerate(8000)  # what a phone network carries
+        w.writeframes(Resampler(8000)(question, 16000).tobytes())
     speech_s = len(question) / 16000
     llm = ScriptedLLM(Script(reply=REPLY, first_token_s=0.1, token_interval_s=0.02))
     await llm.start()

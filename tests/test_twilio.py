@@ -36,8 +36,8 @@ def scenario(folder: Path, steps: str) -> Path:
 
 @pytest.fixture
 def speech(tmp_path: Path, question: np.ndarray) -> Path:
-    path = tmp_path / "question.wav"
-    write_wav(path, trim(question), 16000)
+    path = tmp_path / "question-8k.wav"  # what a phone network carries
+    write_wav(path, Resampler(8000)(trim(question), 16000), 8000)
     return path
 
 

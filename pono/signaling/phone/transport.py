@@ -35,7 +35,7 @@ class PhoneTransport:
         self._down = Resampler(PHONE_RATE)
         self._pending = np.zeros(0, np.int16)
         self._closed = asyncio.Event()
-        self._closing = False
+        self._closing: asyncio.Future[None] | None = None
 
     # -- fed by the wire --------------------------------------------------------------------------
     def receive_audio(self, pcm8k: np.ndarray) -> None:
@@ -95,7 +95,9 @@ class PhoneTransport:
         await self._closed.wait()
 
     async def close(self) -> None:
-        if not self._closing:  # once, whoever ended it: the wire side frees the media
-            self._closing = True
+        # Once, whoever ended it. The wire-side teardown (BYE, freeing the media) runs as its own task:
+        # the end_call tool's task that asked for it is cancelled as soon as the call loop sees the end.
+        if self._closing is None:
             self.ended()
-            await self._on_close()
+            self._closing = asyncio.ensure_future(self._on_close())
+        await asyncio.shield(self._closing)
