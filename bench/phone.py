@@ -110,7 +110,8 @@ async def main() -> None:
     ap.add_argument("--calls", type=int, default=5, help="sequential calls per voice-to-voice figure")
     ap.add_argument("--levels", default="5,10,20,30,40,60", help="concurrent SIP call counts to try")
     ap.add_argument("--hold", type=float, default=12.0, help="seconds each concurrency level holds its calls")
-    ap.add_argument("--rates", default="5,10,20,40", help="sipp call set-up rates (per second) to try")
+    ap.add_argument("--rates", default="10,20,40,80,160", help="sipp call set-up rates (per second) to try")
+    ap.add_argument("--parts", default="v2v,concurrency,setups", help="which figures to measure")
     args = ap.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="pono-phone-bench-"))
@@ -121,7 +122,6 @@ async def main() -> None:
         w.setsampwidth(2)
         w.setframerate(8000)  # what a phone network carries
         w.writeframes(Resampler(8000)(question, 16000).tobytes())
-    speech_s = len(question) / 16000
     llm = ScriptedLLM(Script(reply=REPLY, first_token_s=0.1, token_interval_s=0.02))
     await llm.start()
     port, sip_port = free_port(), free_port()
@@ -135,43 +135,60 @@ async def main() -> None:
     sip = ("127.0.0.1", sip_port)
     try:
         await wait_until_ready(url, 120, server)
-        sip_results = [await sip_v2v(sip, question) for _ in range(args.calls)]
-        stream_url = f"ws://127.0.0.1:{port}/api/phone/twilio?token={TOKEN}"
-        twilio_results = [await twilio_v2v(stream_url, wav, speech_s) for _ in range(args.calls)]
         print(f"Pono phone figures: STT {args.stt_model}, scripted LLM first token 100 ms")
-        for label, results in (("SIP (PCMU RTP)", sip_results), ("Twilio stream", twilio_results)):
-            got = [r for r in results if r is not None]
-            print(f"  voice-to-voice, {label}: {len(got)}/{len(results)} answered, "
-                  f"median {round(1000 * statistics.median(got)) if got else None} ms, "
-                  f"p90 {round(1000 * pct(got, 0.9)) if got else None} ms")
-        best = 0
-        for level in (int(x) for x in args.levels.split(",")):
-            try:
-                p99 = await concurrent_lateness(sip, question, level, args.hold)
-            except RuntimeError as exc:
-                print(f"  {level} concurrent SIP calls: {exc}")
-                break
-            print(f"  {level} concurrent SIP calls with media: p99 paced-output lateness {p99:.1f} ms")
-            if p99 > 20:
-                break
-            best = level
-            await asyncio.sleep(2)
-        print(f"  maximum concurrent SIP calls with p99 lateness within 20 ms: {best}")
-        best_rate, achieved = 0, 0.0
-        for rate in (int(x) for x in args.rates.split(",")):
-            ok, per_second = await sipp_setups(sip_port, rate, rate * 5)
-            print(f"  sipp at {rate} set-ups/s: {'all succeeded' if ok else 'failures'}, "
-                  f"achieved {per_second:.1f} set-ups/s")
-            if not ok:
-                break
-            best_rate, achieved = rate, per_second
-            await asyncio.sleep(2)
-        print(f"  SIP call set-ups per second (every call INVITE→200→ACK→BYE→200): {achieved:.1f} "
-              f"(offered {best_rate}/s)")
+        parts = set(args.parts.split(","))
+        if "v2v" in parts:
+            await voice_to_voice(sip, f"ws://127.0.0.1:{port}/api/phone/twilio?token={TOKEN}", question, wav,
+                                 args.calls)
+        if "concurrency" in parts:
+            await max_concurrent(sip, question, [int(x) for x in args.levels.split(",")], args.hold)
+        if "setups" in parts:
+            await setups(sip_port, [int(x) for x in args.rates.split(",")])
     finally:
         server.terminate()
         await server.wait()
         await llm.stop()
+
+
+async def voice_to_voice(sip: tuple[str, int], stream_url: str, question: np.ndarray, wav: Path,
+                         calls: int) -> None:
+    sip_results = [await sip_v2v(sip, question) for _ in range(calls)]
+    twilio_results = [await twilio_v2v(stream_url, wav, len(question) / 16000) for _ in range(calls)]
+    for label, results in (("SIP (PCMU RTP)", sip_results), ("Twilio stream", twilio_results)):
+        got = [r for r in results if r is not None]
+        print(f"  voice-to-voice, {label}: {len(got)}/{len(results)} answered, "
+              f"median {round(1000 * statistics.median(got)) if got else None} ms, "
+              f"p90 {round(1000 * pct(got, 0.9)) if got else None} ms")
+
+
+async def max_concurrent(sip: tuple[str, int], question: np.ndarray, levels: list[int], hold: float) -> None:
+    best = 0
+    for level in levels:
+        try:
+            p99 = await concurrent_lateness(sip, question, level, hold)
+        except RuntimeError as exc:
+            print(f"  {level} concurrent SIP calls: {exc}")
+            break
+        print(f"  {level} concurrent SIP calls with media: p99 paced-output lateness {p99:.1f} ms")
+        if p99 > 20:
+            break
+        best = level
+        await asyncio.sleep(2)
+    print(f"  maximum concurrent SIP calls with p99 lateness within 20 ms: {best}")
+
+
+async def setups(sip_port: int, rates: list[int]) -> None:
+    best_rate, achieved = 0, 0.0
+    for rate in rates:
+        ok, per_second = await sipp_setups(sip_port, rate, rate * 5)
+        print(f"  sipp at {rate} set-ups/s: {'all succeeded' if ok else 'failures'}, "
+              f"achieved {per_second:.1f} set-ups/s")
+        if not ok:
+            break
+        best_rate, achieved = rate, per_second
+        await asyncio.sleep(2)
+    print(f"  SIP call set-ups per second (every call INVITE→200→ACK→BYE→200): {achieved:.1f} "
+          f"(offered {best_rate}/s)")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 from conftest import RunningServer
 from phone_peers import sipp, stored_call, ulaw_wav
+from pydantic import SecretStr
 
+from pono.agent.embedded import free_port
 from pono.context import SERVICES
+from pono.signaling.phone.server import SipServer
 from pono.testing.scripted_llm import Script
 from pono.testing.sip_caller import SipCaller
 
@@ -141,11 +144,20 @@ async def _wait(condition, timeout: float = 30) -> None:  # type: ignore[no-unty
     raise AssertionError("timed out")
 
 
-async def test_hold_stops_our_audio_and_resume_brings_it_back(server: RunningServer, sip_port: int) -> None:
-    phone = SipCaller(("127.0.0.1", sip_port))
+async def test_hold_stops_our_audio_and_resume_brings_it_back(server: RunningServer, sip_port: int,
+                                                              admin_token: str) -> None:
+    phone = SipCaller(("127.0.0.1", sip_port), caller="+15550007777")
     assert await phone.call() == 200
     try:
         await _wait(lambda: len(phone.received) > 10, 5)  # comfort silence flows from the start
+        # Live like any call: in the registry (what the console shows) and in the metrics.
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
+            async with http.get(f"{server.url}/api/calls", params={"state": "live"}) as r:
+                live = [c for c in (await r.json())["calls"] if c["call_id"] == phone.call_id]
+            async with http.get(f"{server.url}/metrics") as r:
+                metrics = await r.text()
+        assert live and live[0]["transport"] == "sip" and live[0]["caller"] == "+15550007777", live
+        assert 'pono_active_calls{transport="sip"} 1.0' in metrics
         held = await phone.hold(True)
         assert held.status == 200 and b"a=recvonly" in held.body
         await asyncio.sleep(0.3)
@@ -199,3 +211,57 @@ async def test_end_call_sends_bye(server: RunningServer, sip_port: int, admin_to
     finally:
         await phone.close()
     await _wait(lambda: not server.app[SERVICES].sip.dialogs, 5)  # our BYE was answered: the media is freed
+
+
+async def _guarded_sip_server(server: RunningServer, **settings: object) -> SipServer:
+    """A second SIP listener on the same call manager, with its own trunk settings."""
+    services = server.app[SERVICES]
+    sip = SipServer(services.settings.model_copy(update={"sip_port": free_port(), **settings}), services.calls,
+                    services.calls.persona_for_number)
+    await sip.start()
+    return sip
+
+
+async def test_digest_authentication_of_the_trunk(server: RunningServer) -> None:
+    sip = await _guarded_sip_server(server, sip_auth_user="trunk", sip_auth_password=SecretStr("s3cret-trunk"))
+    try:
+        code, output = await sipp("auth.xml", sip.port, extra=["-au", "trunk", "-ap", "s3cret-trunk"])
+        assert code == 0, output
+        code, output = await sipp("auth.xml", sip.port, extra=["-au", "trunk", "-ap", "wrong"], timeout=8)
+        assert code != 0 and "401" in output, output
+        phone = SipCaller(("127.0.0.1", sip.port))
+        assert await phone.call() == 401  # no credentials at all
+        await phone.close()
+    finally:
+        await sip.close()
+
+
+async def test_source_allow_list(server: RunningServer) -> None:
+    refusing = await _guarded_sip_server(server, sip_allowed_sources=["10.0.0.0/8"])
+    allowing = await _guarded_sip_server(server, sip_allowed_sources=["10.0.0.0/8", "127.0.0.0/8"])
+    try:
+        phone = SipCaller(("127.0.0.1", refusing.port))
+        assert await phone.call() == 403
+        await phone.close()
+        phone = SipCaller(("127.0.0.1", allowing.port))
+        assert await phone.call() == 200
+        assert await phone.bye() == 200
+    finally:
+        await refusing.close()
+        await allowing.close()
+
+
+async def test_a_phone_that_vanishes_is_hung_up(server: RunningServer, admin_token: str) -> None:
+    sip = await _guarded_sip_server(server, sip_media_timeout_s=1.5)
+    phone = SipCaller(("127.0.0.1", sip.port))
+    started = time.time() - 1
+    try:
+        assert await phone.call() == 200
+        await asyncio.sleep(0.5)
+        phone.muted = True  # no BYE, no RTP: the network went away
+        await asyncio.wait_for(phone.hung_up.wait(), 10)
+    finally:
+        await phone.close()
+        await sip.close()
+    call = await latest_sip_call(server, admin_token, started)
+    assert call["end_reason"] == "media_timeout"

@@ -58,6 +58,7 @@ class SipCaller:
         self._responses: asyncio.Queue[SipMessage] = asyncio.Queue()
         self._outgoing = np.zeros(0, np.int16)
         self._speaking = False
+        self.muted = False  # True: send no RTP at all, like a phone that lost its network
         self._sender: asyncio.Task[None] | None = None
         self.remote_tag = ""
         self.remote_rtp: tuple[str, int] | None = None
@@ -189,7 +190,7 @@ class SipCaller:
             frame, self._outgoing = self._outgoing[:FRAME], self._outgoing[FRAME:]
             if frame.size < FRAME:
                 frame = np.concatenate([frame, np.zeros(FRAME - frame.size, np.int16)])
-            if self.remote_rtp is not None and self._rtp.transport is not None:
+            if self.remote_rtp is not None and self._rtp.transport is not None and not self.muted:
                 packet = RtpPacket(0, sequence, timestamp, ssrc, g711.encode(frame, "PCMU"))
                 self._rtp.transport.sendto(packet.to_bytes(), self.remote_rtp)
             if self._speaking and self._outgoing.size == 0:

@@ -142,7 +142,8 @@ class RtpSession(asyncio.DatagramProtocol):
 
     def __init__(self, codec: str, payload_type: int, dtmf_type: int | None, remote: tuple[str, int],
                  on_audio: Callable[[np.ndarray], None], on_dtmf: Callable[[str], None],
-                 measure_lateness: bool = False) -> None:
+                 measure_lateness: bool = False, media_timeout_s: float = 0.0,
+                 on_media_timeout: Callable[[], None] | None = None) -> None:
         self.codec = codec
         self.payload_type = payload_type
         self.dtmf_type = dtmf_type
@@ -154,6 +155,9 @@ class RtpSession(asyncio.DatagramProtocol):
         self.out = PacedAudioTrack(rate=8000)
         self.stats = MediaStats(lateness_ms=[] if measure_lateness else None)
         self.sending = True  # False while the peer holds the call
+        self.media_timeout_s = media_timeout_s
+        self.on_media_timeout = on_media_timeout
+        self.last_heard = time.monotonic()
         self._latched = False
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -185,6 +189,7 @@ class RtpSession(asyncio.DatagramProtocol):
         if not self._latched:
             self.remote, self._latched = addr, True
         self.stats.received += 1
+        self.last_heard = time.monotonic()
         if packet.payload_type == self.dtmf_type:
             digit = self.dtmf.digit(packet)
             if digit is not None:
@@ -206,6 +211,10 @@ class RtpSession(asyncio.DatagramProtocol):
                 # Lost, late, or the far end stopped sending (silence suppression, a muted phone): the call's
                 # timeline goes on, so the turn detector hears silence rather than a line gone dead.
                 self.on_audio(silence)
+            if (self.media_timeout_s and self.sending and self.on_media_timeout is not None
+                    and time.monotonic() - self.last_heard > self.media_timeout_s):
+                callback, self.on_media_timeout = self.on_media_timeout, None
+                callback()  # once: a phone that vanished without a BYE
 
     async def _send(self) -> None:
         started = time.monotonic()

@@ -229,7 +229,9 @@ class SipServer:
             lambda: RtpSession(offer.codec, offer.payload_type, offer.dtmf_type, (offer.address, offer.port),
                                on_audio=lambda pcm: transport.receive_audio(pcm) if transport else None,
                                on_dtmf=lambda digit: transport.receive_dtmf(digit) if transport else None,
-                               measure_lateness=self.rtp_lateness is not None),
+                               measure_lateness=self.rtp_lateness is not None,
+                               media_timeout_s=self.settings.sip_media_timeout_s,
+                               on_media_timeout=lambda: self._spawn(self._media_timed_out(dialog))),
             local_addr=(self.host, 0))
         dialog.rtp = rtp
         if dialog.cancelled:
@@ -244,6 +246,13 @@ class SipServer:
         call = self.calls.start(msg.call_id, transport, persona=persona, caller=caller)
         call.events.subscribe(lambda event: self._on_call_event(dialog, event))
         self._spawn(self._until_acked(dialog))
+
+    async def _media_timed_out(self, dialog: Dialog) -> None:
+        log.warning("SIP call %s: no RTP for %s s; hanging up", dialog.call_id, self.settings.sip_media_timeout_s)
+        if (call := self.calls.calls.get(dialog.call_id)) is not None:
+            call.end_reason = "media_timeout"
+        if dialog.transport is not None:
+            await dialog.transport.close()
 
     def _contact(self) -> list[tuple[str, str]]:
         return [("contact", f"<sip:pono@{self.public_address}:{self.port}>"), ("allow", ALLOW),
@@ -282,6 +291,7 @@ class SipServer:
         assert offer is not None
         held = offer.direction in ("sendonly", "inactive") or offer.address == "0.0.0.0"
         dialog.rtp.sending = not held  # on hold: stop sending, keep the call
+        dialog.rtp.last_heard = time.monotonic()  # a held phone may fall silent; the media clock restarts
         if not held and offer.address != "0.0.0.0":
             dialog.rtp.remote = (offer.address, offer.port)
         dialog.offer, dialog.sdp_version = offer, dialog.sdp_version + 1
