@@ -16,47 +16,22 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 from pono.agent.personas import Persona
 from pono.calls import CallManager
 from pono.events import CallEvent, EventType
 from pono.settings import Settings
+from pono.signaling.phone.dialog import T1, T2, Dialog, Send
 from pono.signaling.phone.digest import DigestAuth
 from pono.signaling.phone.message import SipMessage, SipParseError, parse, response, tag, uri_user
 from pono.signaling.phone.rtp import RtpSession
-from pono.signaling.phone.sdp import Offer, SdpError, answer, parse_offer
+from pono.signaling.phone.sdp import SdpError, answer, parse_offer
 from pono.signaling.phone.transport import PhoneTransport
 
 log = logging.getLogger(__name__)
 
-T1, T2 = 0.5, 4.0
 ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, NOTIFY, INFO"
-Send = Callable[[bytes], None]
 PersonaLookup = Callable[[str], Awaitable[Persona]]
-
-
-@dataclass
-class Dialog:
-    call_id: str
-    invite: SipMessage
-    send: Send
-    local_tag: str = field(default_factory=lambda: secrets.token_hex(6))
-    state: str = "early"  # early → confirmed → ended
-    cseq: int = 0
-    sdp_version: int = 1
-    offer: Offer | None = None
-    rtp: RtpSession | None = None
-    transport: PhoneTransport | None = None
-    final: bytes | None = None  # the INVITE's final response, resent until ACK
-    acked: asyncio.Event = field(default_factory=asyncio.Event)
-    cancelled: bool = False
-
-    @property
-    def remote_uri(self) -> str:
-        contact = self.invite.get("contact") or self.invite.get("from") or ""
-        found = re.search(r"<([^>]+)>", contact)
-        return found.group(1) if found else contact.split(";")[0].strip()
 
 
 class SipServer:
