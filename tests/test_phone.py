@@ -18,6 +18,8 @@ from pydantic import SecretStr
 
 from pono.agent.embedded import free_port
 from pono.context import SERVICES
+from pono.signaling.phone import g711
+from pono.signaling.phone.rtp import RtpPacket
 from pono.signaling.phone.server import SipServer
 from pono.testing.scripted_llm import Script
 from pono.testing.sip_caller import SipCaller
@@ -251,17 +253,47 @@ async def test_source_allow_list(server: RunningServer) -> None:
         await allowing.close()
 
 
-async def test_a_phone_that_vanishes_is_hung_up(server: RunningServer, admin_token: str) -> None:
+async def test_a_phone_that_vanishes_is_hung_up_through_the_proxy(server: RunningServer, admin_token: str) -> None:
     sip = await _guarded_sip_server(server, sip_media_timeout_s=1.5)
-    phone = SipCaller(("127.0.0.1", sip.port))
+    # As if the INVITE came through a proxy that stays in the path (RFC 3261 §16.6): its Via and Record-Route.
+    proxy = [("via", "SIP/2.0/UDP proxy.example.com;branch=z9hG4bKproxy1"),
+             ("record-route", "<sip:proxy.example.com;lr>")]
+    phone = SipCaller(("127.0.0.1", sip.port), invite_headers=proxy)
     started = time.time() - 1
     try:
         assert await phone.call() == 200
+        assert phone.answer is not None and phone.answer.all("record-route") == ["<sip:proxy.example.com;lr>"]
+        assert phone.answer.all("via")[0] == proxy[0][1] and len(phone.answer.all("via")) == 2
         await asyncio.sleep(0.5)
         phone.muted = True  # no BYE, no RTP: the network went away
         await asyncio.wait_for(phone.hung_up.wait(), 10)
     finally:
         await phone.close()
         await sip.close()
+    bye = next(r for r in phone.requests if r.method == "BYE")
+    assert bye.all("route") == ["<sip:proxy.example.com;lr>"]  # our BYE follows the route set
     call = await latest_sip_call(server, admin_token, started)
     assert call["end_reason"] == "media_timeout"
+
+
+async def test_rtp_from_a_stranger_is_ignored(server: RunningServer, sip_port: int) -> None:
+    phone = SipCaller(("127.0.0.1", sip_port))
+    assert await phone.call() == 200
+    try:
+        await _wait(lambda: len(phone.received) > 5, 5)
+        rtp = server.app[SERVICES].sip.dialogs[phone.call_id].rtp
+        assert rtp is not None
+        heard = rtp.stats.received
+        loud = g711.encode((np.sin(np.arange(160) / 3) * 20000).astype(np.int16), "PCMU")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:  # another port: not the caller
+            stranger.setblocking(False)
+            for seq in range(50):
+                stranger.sendto(RtpPacket(0, seq, seq * 160, 99, loud).to_bytes(), ("127.0.0.1", rtp.local_port))
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.3)
+            with pytest.raises(BlockingIOError):
+                stranger.recv(2048)  # and nothing is sent to it
+        assert rtp.stats.ignored_sources >= 50
+        assert rtp.stats.received - heard <= 30, "the caller's own packets are the only ones counted"
+    finally:
+        await phone.bye()

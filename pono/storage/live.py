@@ -59,6 +59,7 @@ class LiveState:
         self._outbox: deque[tuple[str, str, dict[str, Any] | None]] = deque(maxlen=10_000)
         self._redaction: dict[str, tuple[DlpPolicy, dict[int, str]]] = {}
         self._wake = asyncio.Event()
+        self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -133,7 +134,7 @@ class LiveState:
 
     async def _heartbeat(self) -> None:
         interval = max(1.0, self.ttl_s / 3)
-        while True:
+        while not self._closed:
             if await self._ping():
                 try:
                     await self._refresh_all()
@@ -153,7 +154,7 @@ class LiveState:
             await pipe.execute()
 
     async def _publisher(self) -> None:
-        while True:
+        while not self._closed:
             await self._wake.wait()
             self._wake.clear()
             if not self.up:
@@ -206,10 +207,14 @@ class LiveState:
         return int(count) <= limit, retry_after
 
     async def close(self) -> None:
+        # The flag as well as the cancel: a cancel that lands as a Redis socket timeout fires is turned into
+        # a TimeoutError by Python 3.11's asyncio.timeout, and a loop that handles Redis errors would go on.
+        self._closed = True
+        self._wake.set()
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         with contextlib.suppress(RedisError, OSError):
             if self.calls and self.up:
                 async with self.redis.pipeline(transaction=False) as pipe:

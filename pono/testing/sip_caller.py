@@ -50,6 +50,9 @@ class SipCaller:
     received: list[Received] = field(default_factory=list)
     requests: list[SipMessage] = field(default_factory=list)  # what Pono sent us (BYE, REFER…)
     speech_ended_at: float | None = None  # monotonic time the last queued speech packet was sent
+    # Added to the INVITE, e.g. the Via and Record-Route a proxy on the way would add.
+    invite_headers: list[tuple[str, str]] = field(default_factory=list)
+    answer: SipMessage | None = None  # the INVITE's final response
 
     def __post_init__(self) -> None:
         self.call_id = secrets.token_hex(8)
@@ -75,7 +78,9 @@ class SipCaller:
         await loop.create_datagram_endpoint(lambda: self._rtp, local_addr=("127.0.0.1", 0))
         self.sip_port = self._sip.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
         self.rtp_port = self._rtp.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
-        answer = await self._transaction("INVITE", self._sdp("sendrecv"), timeout)
+        invite = self._request("INVITE", self._sdp("sendrecv"))
+        invite.headers[0:0] = self.invite_headers
+        answer = self.answer = await self._transaction("INVITE", b"", timeout, invite)
         if answer.status != 200:
             return answer.status or 0
         self.remote_tag = re.search(r"tag=([^;>\s]+)", answer.get("to") or "").group(1)  # type: ignore[union-attr]
