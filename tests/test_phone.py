@@ -297,3 +297,30 @@ async def test_rtp_from_a_stranger_is_ignored(server: RunningServer, sip_port: i
         assert rtp.stats.received - heard <= 30, "the caller's own packets are the only ones counted"
     finally:
         await phone.bye()
+
+
+async def test_the_answer_is_retransmitted_until_acked(server: RunningServer, sip_port: int) -> None:
+    """RFC 3261 timer G: over UDP the 200 OK repeats at T1, 2·T1, 4·T1… until the ACK comes."""
+    phone = SipCaller(("127.0.0.1", sip_port))
+    assert await phone.call(ack=False) == 200
+    try:
+        await asyncio.sleep(2.0)  # sent at 0, 0.5 and 1.5 s; next at 3.5 and 7.5 s
+        answers = lambda: [r for r in phone.responses if r.status == 200 and r.cseq == (1, "INVITE")]  # noqa: E731
+        count = len(answers())
+        assert count >= 3, count
+        phone.ack()
+        await asyncio.sleep(6.0)
+        assert len(answers()) == count, "the 200 OK kept coming after the ACK"
+    finally:
+        assert await phone.bye() == 200
+
+
+async def test_symmetric_rtp_follows_where_the_caller_really_sends_from(server: RunningServer,
+                                                                         sip_port: int) -> None:
+    """Behind NAT the SDP names a port the phone does not use: Pono answers to where the media comes from."""
+    phone = SipCaller(("127.0.0.1", sip_port), advertised_rtp_port=9)  # the discard port: nothing there
+    assert await phone.call() == 200
+    try:
+        await _wait(lambda: len(phone.received) > 10, 5)
+    finally:
+        assert await phone.bye() == 200

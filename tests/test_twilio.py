@@ -128,3 +128,16 @@ async def test_malformed_stream_messages_close_only_that_stream(server: RunningS
             assert r.status == 200
     report = await good
     assert report.spoke and report.violations == [], report.to_dict()
+
+
+async def test_stream_dtmf_reaches_the_agent(server: RunningServer, admin_token: str, script: Script,
+                                             tmp_path: Path) -> None:
+    script.reply = "You chose option four."
+    since = time.time() - 1
+    steps = "  - wait: 0.5\n  - dtmf: 4\n  - wait_for: {event: mark, timeout: 30}\n"
+    report = await run_scenario(stream_url(server), scenario(tmp_path, steps),
+                                config=SessionConfig(response_timeout_s=30))
+    assert report.violations == [] and report.spoke, report.to_dict()
+    call = await stored_call(server, admin_token, (await twilio_calls(server, admin_token, since))[0]["id"])
+    assert [t["text"] for t in call["turns"] if t["role"] == "user"] == ["the caller pressed 4"]
+    assert any(t["role"] == "agent" and t["text"] == script.reply for t in call["turns"])

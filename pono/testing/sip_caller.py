@@ -53,6 +53,9 @@ class SipCaller:
     # Added to the INVITE, e.g. the Via and Record-Route a proxy on the way would add.
     invite_headers: list[tuple[str, str]] = field(default_factory=list)
     answer: SipMessage | None = None  # the INVITE's final response
+    responses: list[SipMessage] = field(default_factory=list)  # every response, retransmissions included
+    # The RTP port written into our SDP, when it is not the one we send from (a NAT rewrote it).
+    advertised_rtp_port: int | None = None
 
     def __post_init__(self) -> None:
         self.call_id = secrets.token_hex(8)
@@ -69,8 +72,8 @@ class SipCaller:
         self.speech_sent = asyncio.Event()  # set when the last queued speech packet went out
 
     # -- SIP ---------------------------------------------------------------------------------------
-    async def call(self, timeout: float = 10) -> int:
-        """INVITE and ACK. The final status (200 when answered)."""
+    async def call(self, timeout: float = 10, ack: bool = True) -> int:
+        """INVITE and ACK (unless told not to). The final status (200 when answered)."""
         loop = asyncio.get_running_loop()
         self._sip = _Udp(self._on_sip)
         await loop.create_datagram_endpoint(lambda: self._sip, local_addr=("127.0.0.1", 0))
@@ -85,9 +88,13 @@ class SipCaller:
             return answer.status or 0
         self.remote_tag = re.search(r"tag=([^;>\s]+)", answer.get("to") or "").group(1)  # type: ignore[union-attr]
         self._learn_media(answer.body.decode())
-        self._send(self._request("ACK", cseq=self.cseq))
+        if ack:
+            self.ack()
         self._sender = asyncio.create_task(self._send_rtp())
         return 200
+
+    def ack(self) -> None:
+        self._send(self._request("ACK", cseq=self.cseq))
 
     async def hold(self, held: bool = True) -> SipMessage:
         """A re-INVITE putting the call on hold (a=sendonly), or taking it off."""
@@ -121,7 +128,7 @@ class SipCaller:
 
     def _sdp(self, direction: str) -> bytes:
         return ("v=0\r\no=caller 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-                f"m=audio {self.rtp_port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
+                f"m=audio {self.advertised_rtp_port or self.rtp_port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
                 f"a=rtpmap:101 telephone-event/8000\r\na=ptime:20\r\na={direction}\r\n").encode()
 
     def _learn_media(self, sdp: str) -> None:
@@ -179,6 +186,7 @@ class SipCaller:
             if message.method == "BYE":
                 self.hung_up.set()
         else:
+            self.responses.append(message)
             self._responses.put_nowait(message)
 
     # -- RTP ---------------------------------------------------------------------------------------
