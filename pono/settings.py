@@ -126,6 +126,7 @@ class Settings(BaseSettings):
     sip_auth_password: SecretStr | None = None
     sip_operator_uri: str | None = None  # where transfer_to_operator REFERs a SIP caller
     sip_ring_ms: int = 0  # ring before answering
+    sip_rtp_ports: str | None = None  # "10000-20000": the UDP range RTP binds in, for firewalls; unset = any
     sip_media_timeout_s: float = 30.0  # no RTP for this long (and not on hold): the line is dead, hang up
 
     # Provider media streams (Twilio): the token the provider must present; unset refuses every stream.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 import uuid
@@ -324,3 +325,21 @@ async def test_symmetric_rtp_follows_where_the_caller_really_sends_from(server: 
         await _wait(lambda: len(phone.received) > 10, 5)
     finally:
         assert await phone.bye() == 200
+
+
+async def test_rtp_stays_in_its_configured_port_range(server: RunningServer) -> None:
+    low = free_port() & ~1
+    sip = await _guarded_sip_server(server, sip_rtp_ports=f"{low}-{low + 3}")  # two even ports: two calls
+    phones = [SipCaller(("127.0.0.1", sip.port)) for _ in range(3)]
+    try:
+        assert [await p.call() for p in phones[:2]] == [200, 200]
+        ports = {int(re.search(rb"m=audio (\d+)", p.answer.body).group(1)) for p in phones[:2]}  # type: ignore[union-attr]
+        assert ports == {low, low + 2}
+        assert await phones[2].call() == 503  # no media port left: refused cleanly, not half-answered
+        await phones[2].close()
+    finally:
+        for phone in phones[:2]:
+            await phone.bye()
+        await sip.close()
+    with pytest.raises(ValueError, match="PONO_SIP_RTP_PORTS"):
+        SipServer(server.app[SERVICES].settings.model_copy(update={"sip_rtp_ports": "5000"}), None, None)  # type: ignore[arg-type]

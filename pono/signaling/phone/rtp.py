@@ -239,3 +239,32 @@ class RtpSession(asyncio.DatagramProtocol):
         self.out.stop()
         if self._transport is not None:
             self._transport.close()
+
+
+class NoMediaPort(RuntimeError):
+    """Every port of the configured RTP range is taken."""
+
+
+def port_range(spec: str | None) -> range | None:
+    """ "10000-20000" → the even ports in it (RTP's convention, RTCP would take the odd one); None → any port."""
+    if not spec:
+        return None
+    low, sep, high = spec.partition("-")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit() or not 0 < int(low) < int(high) < 65536:
+        raise ValueError(f"PONO_SIP_RTP_PORTS must look like 10000-20000, not {spec!r}")
+    return range(int(low) + int(low) % 2, int(high) + 1, 2)
+
+
+async def bind_rtp(factory: Callable[[], RtpSession], host: str, ports: range | None) -> RtpSession:
+    """A media socket: any free port, or the first free one of the range, starting at a random place."""
+    loop = asyncio.get_running_loop()
+    if ports is None:
+        return (await loop.create_datagram_endpoint(factory, local_addr=(host, 0)))[1]
+    start = random.randrange(len(ports))
+    for i in range(len(ports)):
+        try:
+            port = ports[(start + i) % len(ports)]
+            return (await loop.create_datagram_endpoint(factory, local_addr=(host, port)))[1]
+        except OSError:
+            continue
+    raise NoMediaPort(f"no free RTP port in {ports.start}-{ports.stop - 1}")

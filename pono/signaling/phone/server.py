@@ -24,7 +24,7 @@ from pono.settings import Settings
 from pono.signaling.phone.dialog import T1, T2, Dialog, Send
 from pono.signaling.phone.digest import DigestAuth
 from pono.signaling.phone.message import SipMessage, SipParseError, parse, response, tag, uri_user
-from pono.signaling.phone.rtp import RtpSession
+from pono.signaling.phone.rtp import NoMediaPort, RtpSession, bind_rtp, port_range
 from pono.signaling.phone.sdp import SdpError, answer, parse_offer
 from pono.signaling.phone.transport import PhoneTransport
 
@@ -45,6 +45,7 @@ class SipServer:
         self._cache: dict[tuple[str, str], tuple[float, bytes]] = {}  # server transactions: last response
         self._pending: dict[str, asyncio.Future[SipMessage]] = {}  # our client transactions, by branch
         self._tasks: set[asyncio.Task[object]] = set()
+        self._rtp_ports = port_range(settings.sip_rtp_ports)  # a bad range fails the start, loudly
         self._allowed = [ipaddress.ip_network(n, strict=False) for n in settings.sip_allowed_sources]
         password = settings.sip_auth_password
         self._auth = DigestAuth(settings.sip_auth_user, password.get_secret_value()) \
@@ -186,6 +187,10 @@ class SipServer:
         send(response(msg, 180, "Ringing", dialog.local_tag).to_bytes())
         try:
             await self._answer(dialog, msg, send)
+        except NoMediaPort as exc:
+            log.warning("SIP call %s refused: %s", msg.call_id, exc)
+            self._reply(msg, send, 503, "Service Unavailable", dialog.local_tag, headers=[("retry-after", "5")])
+            await self._drop(dialog)
         except Exception:
             log.exception("SIP call %s could not be answered", msg.call_id)
             if dialog.final is None:
@@ -197,17 +202,16 @@ class SipServer:
         if self.settings.sip_ring_ms:
             await asyncio.sleep(self.settings.sip_ring_ms / 1000)
         persona = await self.lookup(uri_user(msg.uri or ""))
-        loop = asyncio.get_running_loop()
         transport: PhoneTransport | None = None
         offer = dialog.offer
-        _, rtp = await loop.create_datagram_endpoint(
+        rtp = await bind_rtp(
             lambda: RtpSession(offer.codec, offer.payload_type, offer.dtmf_type, (offer.address, offer.port),
                                on_audio=lambda pcm: transport.receive_audio(pcm) if transport else None,
                                on_dtmf=lambda digit: transport.receive_dtmf(digit) if transport else None,
                                measure_lateness=self.rtp_lateness is not None,
                                media_timeout_s=self.settings.sip_media_timeout_s,
                                on_media_timeout=lambda: self._spawn(self._media_timed_out(dialog))),
-            local_addr=(self.host, 0))
+            self.host, self._rtp_ports)
         dialog.rtp = rtp
         if dialog.cancelled:
             await self._drop(dialog)
