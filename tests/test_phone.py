@@ -159,6 +159,12 @@ async def test_hold_stops_our_audio_and_resume_brings_it_back(server: RunningSer
                 live = [c for c in (await r.json())["calls"] if c["call_id"] == phone.call_id]
             async with http.get(f"{server.url}/metrics") as r:
                 metrics = await r.text()
+            async with http.ws_connect(f"{server.url.replace('http', 'ws')}/api/console/ws") as console:
+                await console.send_json({"type": "auth", "token": admin_token})
+                while (message := await console.receive_json(timeout=10))["type"] != "calls":
+                    pass
+        on_console = [c for c in message["calls"] if c["call_id"] == phone.call_id]
+        assert on_console and on_console[0]["transport"] == "sip", message
         assert live and live[0]["transport"] == "sip" and live[0]["caller"] == "+15550007777", live
         assert 'pono_active_calls{transport="sip"} 1.0' in metrics
         held = await phone.hold(True)
