@@ -66,3 +66,22 @@ async def stored_call(server: Any, token: str, call_id: str, timeout: float = 15
                         return body
             await asyncio.sleep(0.2)
     raise AssertionError(f"call {call_id} was not stored as ended")
+
+
+async def latest_call(server: Any, token: str, since: float, transport: str, context: str = "") -> dict[str, Any]:
+    """The newest call of this transport started after `since` (epoch seconds), as stored once it ended."""
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{server.url}/api/calls", params={"since": str(since), "limit": "10"},
+            headers={"Authorization": f"Bearer {token}"}) as r:
+        calls = [c for c in (await r.json())["calls"] if c["transport"] == transport]
+    assert calls, f"no {transport} call was stored\n{context}"
+    return await stored_call(server, token, calls[0]["id"])
+
+
+QUESTION_WORDS = ("book", "table", "two", "seven", "tonight")
+
+
+def heard_the_question(call: dict[str, Any]) -> bool:
+    """Telephone bandwidth (8 kHz μ-law) costs Whisper some words of espeak's voice; most must survive."""
+    user = " ".join(t["text"].lower() for t in call["turns"] if t["role"] == "user")
+    return sum(w in user for w in QUESTION_WORDS) >= 2
