@@ -7,8 +7,8 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import numpy as np
@@ -33,28 +33,18 @@ def sip_port(server: RunningServer) -> int:
     return sip.port
 
 
-async def latest_sip_call(server: RunningServer, token: str, since: float) -> dict[str, Any]:
-    return await latest_call(server, token, since, "sip")
-
-
 async def test_sipp_call_speech_persona_by_number_and_bye(server: RunningServer, sip_port: int, admin_token: str,
-                                                         script: Script, question: np.ndarray, tmp_path: Path) -> None:
+                                                         script: Script, phone_question: np.ndarray,
+                                                         tmp_path: Path) -> None:
     script.reply = "Certainly, your table for two is booked."
-    headers = {"Authorization": f"Bearer {admin_token}"}
-    persona = f"phone-{uuid.uuid4().hex[:6]}"
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{server.url}/api/personas", headers=headers,
-                             json={"name": persona, "system_prompt": "You answer the phone."}) as r:
-            assert r.status == 201
-        async with http.put(f"{server.url}/api/phone-numbers/+1 (555) 010-2000", headers=headers,
-                            json={"persona": persona}) as r:
-            assert r.status == 200 and (await r.json())["number"] == "+15550102000"
+    persona, number = await _persona_on_number(server, admin_token, number="+1 (555) 010-2000")
+    assert number == "+15550102000"  # stored as dialed digits, however it was written
     started = time.time() - 1
-    audio = ulaw_wav(np.concatenate([np.zeros(8000, np.int16), question]), tmp_path, "question")
-    code, output = await sipp("call.xml", sip_port, service="+15550102000",
+    audio = ulaw_wav(np.concatenate([np.zeros(8000, np.int16), phone_question]), tmp_path, "question")
+    code, output = await sipp("call.xml", sip_port, service=number,
                               keys={"audio": str(audio), "pause": "9000"})
     assert code == 0, output
-    call = await latest_sip_call(server, admin_token, started)
+    call = await latest_call(server, admin_token, started, "sip")
     assert call["persona"] == persona and call["caller"] == "+15550001111"
     assert call["end_reason"] == "caller_hangup"
     assert heard_the_question(call), call["turns"]
@@ -70,12 +60,12 @@ async def test_sipp_cancel_options_unsupported_and_busy(server: RunningServer, s
     code, output = await sipp("unsupported.xml", sip_port)
     assert code == 0, output
     settings = server.app[SERVICES].settings
-    settings.sip_max_calls = 0
+    limit, settings.sip_max_calls = settings.sip_max_calls, 0
     try:
         code, output = await sipp("busy.xml", sip_port)
         assert code == 0, output
     finally:
-        settings.sip_max_calls = 20
+        settings.sip_max_calls = limit
     assert not server.app[SERVICES].sip.dialogs, "nothing is left behind"
 
 
@@ -85,7 +75,7 @@ async def test_sipp_dtmf_reaches_the_agent(server: RunningServer, sip_port: int,
     started = time.time() - 1
     code, output = await sipp("dtmf.xml", sip_port)
     assert code == 0, output
-    call = await latest_sip_call(server, admin_token, started)
+    call = await latest_call(server, admin_token, started, "sip")
     assert [t["text"] for t in call["turns"] if t["role"] == "user"] == ["the caller pressed 4"]
     assert script.requests and "the caller pressed 4" in str(script.requests[-1]["messages"])
 
@@ -101,6 +91,9 @@ def _udp_exchange(port: int, data: bytes, wait: float = 1.0) -> bytes | None:
 
 
 async def test_malformed_sip_never_hurts(server: RunningServer, sip_port: int) -> None:
+    """Garbage gets 400 or is dropped; the server keeps answering, and a call in progress keeps its audio."""
+    phone = SipCaller(("127.0.0.1", sip_port))
+    assert await phone.call() == 200
     headers = ("Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-bad{n}\r\nFrom: <sip:x@127.0.0.1>;tag=1\r\n"
                "To: <sip:agent@127.0.0.1>\r\nCall-ID: bad-{n}\r\nCSeq: 1 OPTIONS\r\n")
     truncated = f"OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\n{headers.format(n=1)}Max-For".encode()
@@ -117,22 +110,27 @@ async def test_malformed_sip_never_hurts(server: RunningServer, sip_port: int) -
     good = f"OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\n{headers.format(n=3)}Content-Length: 0\r\n\r\n".encode()
     answer = await loop.run_in_executor(None, _udp_exchange, sip_port, good)
     assert answer is not None and answer.startswith(b"SIP/2.0 200 OK")
+    heard = len(phone.received)
+    await asyncio.sleep(0.5)
+    assert len(phone.received) - heard >= 15, "the call in progress lost its audio"
+    assert await phone.bye() == 200
 
 
-async def _persona_on_number(server: RunningServer, token: str, tools: list[str]) -> str:
-    """A persona with these tools, answering a fresh number; the number."""
-    number = f"+1555{uuid.uuid4().int % 10**7:07d}"
+async def _persona_on_number(server: RunningServer, token: str, tools: list[str] | None = None,
+                             number: str | None = None) -> tuple[str, str]:
+    """A persona with these tools answering `number` (a fresh one by default); (its name, the number stored)."""
+    number = number or f"+1555{uuid.uuid4().int % 10**7:07d}"
     name = f"phone-{uuid.uuid4().hex[:6]}"
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
         async with http.post(f"{server.url}/api/personas",
-                             json={"name": name, "system_prompt": "You answer the phone.", "tools": tools}) as r:
+                             json={"name": name, "system_prompt": "You answer the phone.", "tools": tools or []}) as r:
             assert r.status == 201
         async with http.put(f"{server.url}/api/phone-numbers/{number}", json={"persona": name}) as r:
             assert r.status == 200
-    return number
+            return name, (await r.json())["number"]
 
 
-async def _wait(condition, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+async def _wait(condition: Callable[[], bool], timeout: float = 30) -> None:
     for _ in range(int(timeout * 10)):
         if condition():
             return
@@ -176,8 +174,8 @@ async def test_hold_stops_our_audio_and_resume_brings_it_back(server: RunningSer
 
 
 async def test_transfer_refers_to_the_operator_then_leaves(server: RunningServer, sip_port: int, admin_token: str,
-                                                           script: Script, question: np.ndarray) -> None:
-    number = await _persona_on_number(server, admin_token, ["transfer_to_operator"])
+                                                           script: Script, phone_question: np.ndarray) -> None:
+    _, number = await _persona_on_number(server, admin_token, ["transfer_to_operator"])
     script.responses = [{"tool_calls": [{"name": "transfer_to_operator", "arguments": {"reason": "billing"}}]},
                         {"text": "I am getting a colleague for you."}]
     settings = server.app[SERVICES].settings
@@ -186,7 +184,7 @@ async def test_transfer_refers_to_the_operator_then_leaves(server: RunningServer
     started = time.time() - 1
     try:
         assert await phone.call() == 200
-        phone.say(question, 16000)
+        phone.say(phone_question, 16000)
         await _wait(lambda: any(r.method == "REFER" for r in phone.requests))
         refer = next(r for r in phone.requests if r.method == "REFER")
         assert refer.get("refer-to") == "<sip:desk@operators.example.com>"
@@ -195,19 +193,19 @@ async def test_transfer_refers_to_the_operator_then_leaves(server: RunningServer
     finally:
         settings.sip_operator_uri = None
         await phone.close()
-    call = await latest_sip_call(server, admin_token, started)
+    call = await latest_call(server, admin_token, started, "sip")
     assert call["end_reason"] == "transferred"
 
 
 async def test_end_call_sends_bye(server: RunningServer, sip_port: int, admin_token: str, script: Script,
-                                  question: np.ndarray) -> None:
-    number = await _persona_on_number(server, admin_token, ["end_call"])
+                                  phone_question: np.ndarray) -> None:
+    _, number = await _persona_on_number(server, admin_token, ["end_call"])
     script.responses = [{"tool_calls": [{"name": "end_call", "arguments": {"reason": "done"}}]},
                         {"text": "Goodbye!"}]
     phone = SipCaller(("127.0.0.1", sip_port), callee=number)
     try:
         assert await phone.call() == 200
-        phone.say(question, 16000)
+        phone.say(phone_question, 16000)
         await asyncio.wait_for(phone.hung_up.wait(), 40)
         assert phone.first_sound_after(0) is not None, "the goodbye was not heard before the BYE"
     finally:
@@ -272,7 +270,7 @@ async def test_a_phone_that_vanishes_is_hung_up_through_the_proxy(server: Runnin
         await sip.close()
     bye = next(r for r in phone.requests if r.method == "BYE")
     assert bye.all("route") == ["<sip:proxy.example.com;lr>"]  # our BYE follows the route set
-    call = await latest_sip_call(server, admin_token, started)
+    call = await latest_call(server, admin_token, started, "sip")
     assert call["end_reason"] == "media_timeout"
 
 
@@ -283,6 +281,8 @@ async def test_rtp_from_a_stranger_is_ignored(server: RunningServer, sip_port: i
         await _wait(lambda: len(phone.received) > 5, 5)
         rtp = server.app[SERVICES].sip.dialogs[phone.call_id].rtp
         assert rtp is not None
+        phone.muted = True  # from here on, whatever reaches the media socket comes from the stranger
+        await asyncio.sleep(0.2)
         heard = rtp.stats.received
         loud = g711.encode((np.sin(np.arange(160) / 3) * 20000).astype(np.int16), "PCMU")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:  # another port: not the caller
@@ -294,7 +294,7 @@ async def test_rtp_from_a_stranger_is_ignored(server: RunningServer, sip_port: i
             with pytest.raises(BlockingIOError):
                 stranger.recv(2048)  # and nothing is sent to it
         assert rtp.stats.ignored_sources >= 50
-        assert rtp.stats.received - heard <= 30, "the caller's own packets are the only ones counted"
+        assert rtp.stats.received == heard, "a stranger's packets were taken as the caller's"
     finally:
         await phone.bye()
 

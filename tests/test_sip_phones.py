@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -45,17 +46,22 @@ def phone_mic(question: np.ndarray, folder: Path) -> Path:
     return path
 
 
-async def run(args: list[str], timeout: float, env: dict[str, str] | None = None,
-              stdin: bytes | None = None) -> str:
+def wav_pcm(path: Path) -> tuple[np.ndarray, int]:
+    """A phone's recording: its samples and their rate."""
+    with wave.open(str(path)) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), np.int16), w.getframerate()
+
+
+async def run(args: list[str], timeout: float) -> str:
+    """Run a phone to the end; its output (for failure messages)."""
     process = await asyncio.create_subprocess_exec(
-        *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, **(env or {})})
-    out, _ = await asyncio.wait_for(process.communicate(stdin), timeout)
+        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(process.communicate(), timeout)
     return out.decode(errors="replace")
 
 
 async def test_baresip_holds_a_spoken_conversation(server: RunningServer, admin_token: str, script: Script,
-                                                   question: np.ndarray, tmp_path: Path) -> None:
+                                                   phone_question: np.ndarray, tmp_path: Path) -> None:
     baresip = require("baresip", "baresip-core")
     script.reply = "Certainly, your table for two is booked for seven."
     rec = tmp_path / "rec"
@@ -63,8 +69,9 @@ async def test_baresip_holds_a_spoken_conversation(server: RunningServer, admin_
     config = tmp_path / "baresip"
     config.mkdir()
     rtp_port = free_port()
+    mic = phone_mic(phone_question, tmp_path)
     (config / "config").write_text(BARESIP_CONFIG.format(
-        sip_port=free_port(), rec=rec, mic=phone_mic(question, tmp_path), rtp_port=rtp_port, rtp_end=rtp_port + 4))
+        sip_port=free_port(), rec=rec, mic=mic, rtp_port=rtp_port, rtp_end=rtp_port + 4))
     (config / "accounts").write_text("<sip:baresip@127.0.0.1>;regint=0;audio_codecs=PCMU\n")
     since = time.time() - 1
     sip_port = server.app[SERVICES].sip.port
@@ -77,17 +84,12 @@ async def test_baresip_holds_a_spoken_conversation(server: RunningServer, admin_
     # What baresip heard (its sndfile module dumps the decoded far end) is the agent's reply.
     received = sorted(rec.glob("*-dec.wav"))
     assert received, f"baresip recorded nothing: {list(rec.iterdir())}"
-    import wave
-
-    with wave.open(str(received[0])) as w:
-        pcm = np.frombuffer(w.readframes(w.getnframes()), np.int16)
-        rate = w.getframerate()
-    heard = await server.app[SERVICES].models.run_stt(Resampler(16000)(pcm, rate))
+    heard = await server.app[SERVICES].models.run_stt(Resampler(16000)(*wav_pcm(received[0])))
     assert len(words(heard) & words(script.reply)) >= 4, heard
 
 
 async def test_linphone_rich_offer_and_caller_hang_up(server: RunningServer, admin_token: str, script: Script,
-                                                      question: np.ndarray, tmp_path: Path) -> None:
+                                                      phone_question: np.ndarray, tmp_path: Path) -> None:
     linphonec = require("linphonec", "linphone-cli")
     script.reply = "Yes, we have a table."
     home = tmp_path / "home"
@@ -110,7 +112,7 @@ async def test_linphone_rich_offer_and_caller_hang_up(server: RunningServer, adm
 
     watcher = asyncio.create_task(watch_dialogs())
     since = time.time() - 1
-    mic = phone_mic(question, tmp_path)
+    mic = phone_mic(phone_question, tmp_path)
     commands = (f"soundcard use files\nplay {mic}\nrecord {tmp_path / 'heard.wav'}\n"
                 f"call sip:agent@127.0.0.1:{sip.port}\n")
 
@@ -137,3 +139,6 @@ async def test_linphone_rich_offer_and_caller_hang_up(server: RunningServer, adm
     call = await latest_call(server, admin_token, since, "sip", log[-3000:])
     assert call["caller"] == "linphone" and call["end_reason"] == "caller_hangup", call
     assert heard_the_question(call), call["turns"]
+    # linphone recorded what it received: the agent's reply.
+    heard = await server.app[SERVICES].models.run_stt(Resampler(16000)(*wav_pcm(tmp_path / "heard.wav")))
+    assert len(words(heard) & words(script.reply)) >= 3, heard

@@ -35,9 +35,9 @@ def scenario(folder: Path, steps: str) -> Path:
 
 
 @pytest.fixture
-def speech(tmp_path: Path, question: np.ndarray) -> Path:
+def speech(tmp_path: Path, phone_question: np.ndarray) -> Path:
     path = tmp_path / "question-8k.wav"  # what a phone network carries
-    write_wav(path, Resampler(8000)(trim(question), 16000), 8000)
+    write_wav(path, Resampler(8000)(trim(phone_question), 16000), 8000)
     return path
 
 
@@ -91,18 +91,19 @@ async def test_stream_needs_the_provider_token(server: RunningServer) -> None:
                 await http.ws_connect(url, params=params, headers=headers)
             assert refused.value.status == 401
         ws = await http.ws_connect(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert not ws.closed  # the provider's own token opens the stream
         await ws.close()
 
 
-async def test_malformed_stream_messages_close_only_that_stream(server: RunningServer, admin_token: str,
-                                                                script: Script, speech: Path) -> None:
+async def test_malformed_stream_messages_close_only_that_stream(server: RunningServer, script: Script,
+                                                                speech: Path) -> None:
     script.reply = "Yes, we are open."
     steps = f"  - say: {speech}\n  - wait_for: {{event: mark, timeout: 40}}\n"
     good = asyncio.create_task(run_scenario(stream_url(server), scenario(speech.parent, steps),
                                             config=SessionConfig(response_timeout_s=40)))
     async with aiohttp.ClientSession() as http:
         bad_messages = ["not json", "[1, 2]", '{"event": "media", "media": {"payload": "x"}}',
-                        '{"event": "start", "start": {"streamSid": "MZ1"}}\n' + "x" * 10,
+                        '{"event": "start", "start": {"streamSid": "MZ1"}}\n' + "x" * 10,  # trailing junk
                         '{"event": "start", "start": {"streamSid": "MZ2", "customParameters": {"persona": "nobody"}}}']
         for bad in bad_messages:
             ws = await http.ws_connect(stream_url(server))

@@ -207,8 +207,9 @@ class LiveState:
         return int(count) <= limit, retry_after
 
     async def close(self) -> None:
-        # The flag as well as the cancel: a cancel that lands as a Redis socket timeout fires is turned into
-        # a TimeoutError by Python 3.11's asyncio.timeout, and a loop that handles Redis errors would go on.
+        # The flag as well as the cancel: in tests a cancelled publisher was seen still waiting on its wake
+        # event (the cancel lost inside a Redis call, most likely to a socket timeout firing at the same time),
+        # which held shutdown for minutes. The flag ends the loop either way; the wait is bounded.
         self._closed = True
         self._wake.set()
         for task in self._tasks:

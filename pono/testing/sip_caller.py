@@ -1,7 +1,7 @@
 """A scripted SIP phone for benchmarks and tests: INVITE/ACK/BYE over UDP, PCMU RTP paced every 20 ms.
 
 It sends what it is told to say and comfort silence otherwise, records every RTP packet it receives with its
-arrival time, and answers the requests Pono sends it (BYE, REFER) with 200 OK."""
+arrival time, and answers the requests Pono sends it (BYE with 200 OK, REFER with 202 Accepted)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import random
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +32,7 @@ class Received:
 
 
 class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, on_datagram) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
         self.on_datagram = on_datagram
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -83,7 +84,7 @@ class SipCaller:
         self.rtp_port = self._rtp.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
         invite = self._request("INVITE", self._sdp("sendrecv"))
         invite.headers[0:0] = self.invite_headers
-        answer = self.answer = await self._transaction("INVITE", b"", timeout, invite)
+        answer = self.answer = await self._transaction(invite, timeout)
         if answer.status != 200:
             return answer.status or 0
         self.remote_tag = re.search(r"tag=([^;>\s]+)", answer.get("to") or "").group(1)  # type: ignore[union-attr]
@@ -99,8 +100,8 @@ class SipCaller:
     async def hold(self, held: bool = True) -> SipMessage:
         """A re-INVITE putting the call on hold (a=sendonly), or taking it off."""
         self.cseq += 1
-        answer = await self._transaction("INVITE", self._sdp("sendonly" if held else "sendrecv"), 5)
-        self._send(self._request("ACK", cseq=self.cseq))
+        answer = await self._transaction(self._request("INVITE", self._sdp("sendonly" if held else "sendrecv")), 5)
+        self.ack()
         return answer
 
     async def notify(self, sipfrag: str) -> int:
@@ -108,12 +109,12 @@ class SipCaller:
         self.cseq += 1
         request = self._request("NOTIFY", sipfrag.encode(), content_type="message/sipfrag;version=2.0")
         request.headers += [("event", "refer"), ("subscription-state", "terminated;reason=noresource")]
-        answer = await self._transaction("NOTIFY", b"", 5, request)
+        answer = await self._transaction(request, 5)
         return answer.status or 0
 
     async def bye(self) -> int:
         self.cseq += 1
-        answer = await self._transaction("BYE", b"", 5)
+        answer = await self._transaction(self._request("BYE"), 5)
         await self.close()
         return answer.status or 0
 
@@ -149,9 +150,9 @@ class SipCaller:
         return SipMessage(method=method, uri=f"sip:{self.callee}@{self.server[0]}:{self.server[1]}",
                           headers=headers, body=body)
 
-    async def _transaction(self, method: str, body: bytes, timeout: float,
-                           request: SipMessage | None = None) -> SipMessage:
-        request = request or self._request(method, body)
+    async def _transaction(self, request: SipMessage, timeout: float) -> SipMessage:
+        """Send, resend over UDP (0.5 s doubling to 4 s) until the final response to it."""
+        method = request.method
         deadline = time.monotonic() + timeout
         interval = 0.5
         self._send(request)
@@ -225,18 +226,14 @@ class SipCaller:
                 return packet.arrived
         return None
 
-    def recording(self) -> np.ndarray:
-        """Everything received, in arrival order, at 8 kHz."""
-        if not self.received:
-            return np.zeros(0, np.int16)
-        return np.concatenate([g711.decode(p.payload, "PCMU") for p in self.received])
-
-    def arrival_lateness_ms(self) -> list[float]:
-        """How late each packet arrived against the 20 ms grid of the earliest-arriving one (jitter)."""
-        if len(self.received) < 2:
+    def arrival_lateness_ms(self, skip_s: float = 0.0) -> list[float]:
+        """How late each packet arrived against a 20 ms grid anchored on the earliest arrival (jitter),
+        leaving out the first `skip_s` seconds of the call."""
+        packets = [p for p in self.received if p.arrived >= self.received[0].arrived + skip_s] \
+            if self.received else []
+        if len(packets) < 2:
             return []
-        first = self.received[0]
-        expected = [first.arrived + 0.02 * ((p.sequence - first.sequence) & 0xFFFF) for p in self.received]
-        offsets = [p.arrived - e for p, e in zip(self.received, expected, strict=True)]
+        first = packets[0]
+        offsets = [p.arrived - first.arrived - 0.02 * ((p.sequence - first.sequence) & 0xFFFF) for p in packets]
         base = min(offsets)
         return [1000 * (o - base) for o in offsets]

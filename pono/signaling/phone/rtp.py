@@ -134,7 +134,6 @@ class MediaStats:
     received: int = 0
     sent: int = 0
     ignored_sources: int = 0
-    lateness_ms: list[float] | None = None  # how late each paced send was, when measuring
 
 
 class RtpSession(asyncio.DatagramProtocol):
@@ -142,7 +141,7 @@ class RtpSession(asyncio.DatagramProtocol):
 
     def __init__(self, codec: str, payload_type: int, dtmf_type: int | None, remote: tuple[str, int],
                  on_audio: Callable[[np.ndarray], None], on_dtmf: Callable[[str], None],
-                 measure_lateness: bool = False, media_timeout_s: float = 0.0,
+                 media_timeout_s: float = 0.0,
                  on_media_timeout: Callable[[], None] | None = None) -> None:
         self.codec = codec
         self.payload_type = payload_type
@@ -153,7 +152,7 @@ class RtpSession(asyncio.DatagramProtocol):
         self.buffer = JitterBuffer()
         self.dtmf = DtmfReceiver()
         self.out = PacedAudioTrack(rate=8000)
-        self.stats = MediaStats(lateness_ms=[] if measure_lateness else None)
+        self.stats = MediaStats()
         self.sending = True  # False while the peer holds the call
         self.media_timeout_s = media_timeout_s
         self.on_media_timeout = on_media_timeout
@@ -217,12 +216,8 @@ class RtpSession(asyncio.DatagramProtocol):
                 callback()  # once: a phone that vanished without a BYE
 
     async def _send(self) -> None:
-        started = time.monotonic()
         while True:
             frame = await self.out.recv()  # paced by the wall clock; silence when nothing is queued
-            if self.stats.lateness_ms is not None:
-                due = started + self.stats.sent * 0.02
-                self.stats.lateness_ms.append(max(0.0, (time.monotonic() - due) * 1000))
             samples = frame.to_ndarray().reshape(-1)
             if self._transport is not None and self.sending:
                 packet = RtpPacket(self.payload_type, self._seq, self._ts, self._ssrc, g711.encode(samples, self.codec))

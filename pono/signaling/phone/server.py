@@ -41,7 +41,6 @@ class SipServer:
         self.lookup = lookup
         self.host = settings.sip_host or settings.host
         self.dialogs: dict[str, Dialog] = {}
-        self.rtp_lateness: list[float] | None = None  # set to a list to measure paced-send lateness (bench)
         self._cache: dict[tuple[str, str], tuple[float, bytes]] = {}  # server transactions: last response
         self._pending: dict[str, asyncio.Future[SipMessage]] = {}  # our client transactions, by branch
         self._tasks: set[asyncio.Task[object]] = set()
@@ -208,7 +207,6 @@ class SipServer:
             lambda: RtpSession(offer.codec, offer.payload_type, offer.dtmf_type, (offer.address, offer.port),
                                on_audio=lambda pcm: transport.receive_audio(pcm) if transport else None,
                                on_dtmf=lambda digit: transport.receive_dtmf(digit) if transport else None,
-                               measure_lateness=self.rtp_lateness is not None,
                                media_timeout_s=self.settings.sip_media_timeout_s,
                                on_media_timeout=lambda: self._spawn(self._media_timed_out(dialog))),
             self.host, self._rtp_ports)
@@ -382,7 +380,5 @@ class SipServer:
         if self.dialogs.get(dialog.call_id) is dialog:
             del self.dialogs[dialog.call_id]
         if dialog.rtp is not None:
-            if self.rtp_lateness is not None and dialog.rtp.stats.lateness_ms:
-                self.rtp_lateness.extend(dialog.rtp.stats.lateness_ms)
             await dialog.rtp.close()
             dialog.rtp = None
