@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!BBHII")
 DTMF_EVENTS = "0123456789*#ABCD"
+COMFORT_NOISE = 13  # RFC 3389 payload type
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +62,19 @@ def _seq_delta(a: int, b: int) -> int:
     return (a - b + 0x8000) % 0x10000 - 0x8000
 
 
+MAX_DROPOUT = 3000  # RFC 3550 A.1: a jump ahead bigger than this is not loss but a new numbering
+MAX_MISORDER = 100  # … and a packet further behind than this is not late but a new numbering
+
+
 class JitterBuffer:
     """Reorders packets by sequence number and hands them out in order, one per playout tick.
 
     It waits for `depth` packets before starting, holds at most `capacity` (the oldest go when it overflows),
     drops packets that arrive after their turn has passed, and reports a gap (None) for a lost one.
+
+    It resynchronises (starts afresh on the new stream) when the SSRC changes, and, as RFC 3550 A.1 does,
+    when two consecutive packets both lie more than MAX_DROPOUT ahead of or MAX_MISORDER behind the expected
+    sequence number: what a B2BUA re-INVITE, a transfer or hold/resume does to the stream.
     """
 
     def __init__(self, depth: int = 3, capacity: int = 25) -> None:
@@ -74,15 +83,35 @@ class JitterBuffer:
         self._packets: dict[int, RtpPacket] = {}
         self._next: int | None = None
         self._started = False
-        self.late = self.lost = self.overflow = 0
+        self._ssrc: int | None = None
+        self._stray_next: int | None = None  # the sequence that would confirm a new numbering
+        self.late = self.lost = self.overflow = self.resyncs = self.stray = 0
 
     def __len__(self) -> int:
         return len(self._packets)
 
-    def put(self, packet: RtpPacket) -> None:
-        if self._next is not None and _seq_delta(packet.sequence, self._next) < 0:
-            self.late += 1
-            return
+    def _restart(self) -> None:
+        self._packets.clear()
+        self._next, self._started, self._stray_next = None, False, None
+        self.resyncs += 1
+
+    def put(self, packet: RtpPacket) -> bool:
+        """Take a packet; True when it will be played (False: late, or a stray awaiting confirmation)."""
+        if self._ssrc is not None and packet.ssrc != self._ssrc:
+            self._restart()  # a new source: its numbering has nothing to do with the old one's
+        self._ssrc = packet.ssrc
+        if self._next is not None:
+            delta = _seq_delta(packet.sequence, self._next)
+            if delta > MAX_DROPOUT or delta < -MAX_MISORDER:
+                if packet.sequence != self._stray_next:
+                    self._stray_next = (packet.sequence + 1) & 0xFFFF
+                    self.stray += 1
+                    return False
+                self._restart()  # two in a row in the new numbering: follow it
+            elif delta < 0:
+                self.late += 1
+                return False
+        self._stray_next = None
         self._packets[packet.sequence] = packet
         if self._next is None or (not self._started and _seq_delta(packet.sequence, self._next) < 0):
             self._next = packet.sequence
@@ -95,6 +124,7 @@ class JitterBuffer:
             else:
                 self._next = oldest
             self.overflow += 1
+        return True
 
     def pop(self) -> RtpPacket | None:
         """The next packet in order, or None: still filling, empty, or this one was lost."""
@@ -137,9 +167,12 @@ class MediaStats:
 
 
 class RtpSession(asyncio.DatagramProtocol):
-    """One call's media: receive (jitter buffer → 8 kHz PCM every 20 ms) and send (paced, G.711)."""
+    """One call's media: receive (jitter buffer → 8 kHz PCM every 20 ms) and send (paced, G.711).
 
-    def __init__(self, codec: str, payload_type: int, dtmf_type: int | None, remote: tuple[str, int],
+    `remote`: the (IP literal, port) the SDP named, already checked by sdp_policy; None while the caller
+    holds the call with an unspecified address (nothing is sent, nothing accepted)."""
+
+    def __init__(self, codec: str, payload_type: int, dtmf_type: int | None, remote: tuple[str, int] | None,
                  on_audio: Callable[[np.ndarray], None], on_dtmf: Callable[[str], None],
                  media_timeout_s: float = 0.0,
                  on_media_timeout: Callable[[], None] | None = None) -> None:
@@ -153,7 +186,7 @@ class RtpSession(asyncio.DatagramProtocol):
         self.dtmf = DtmfReceiver()
         self.out = PacedAudioTrack(rate=8000)
         self.stats = MediaStats()
-        self.sending = True  # False while the peer holds the call
+        self.sending = remote is not None  # False while the peer holds the call
         self.media_timeout_s = media_timeout_s
         self.on_media_timeout = on_media_timeout
         self.last_heard = time.monotonic()
@@ -179,7 +212,7 @@ class RtpSession(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         # Symmetric RTP: media is accepted from the signalled host only, and we answer to wherever it
         # really comes from (a NAT may have changed the port). Anything else is ignored.
-        if addr[0] != self.remote[0] or (self._latched and addr != self.remote):
+        if self.remote is None or addr[0] != self.remote[0] or (self._latched and addr != self.remote):
             self.stats.ignored_sources += 1
             return
         packet = RtpPacket.parse(data)
@@ -188,13 +221,23 @@ class RtpSession(asyncio.DatagramProtocol):
         if not self._latched:
             self.remote, self._latched = addr, True
         self.stats.received += 1
-        self.last_heard = time.monotonic()
+        # Only media we use keeps the line alive for the media timeout: packets the jitter buffer throws away
+        # (a stream it cannot follow) or payload types nobody negotiated do not.
         if packet.payload_type == self.dtmf_type:
+            self.last_heard = time.monotonic()
             digit = self.dtmf.digit(packet)
             if digit is not None:
                 self.on_dtmf(digit)
         elif packet.payload_type == self.payload_type:
-            self.buffer.put(packet)
+            if self.buffer.put(packet):
+                self.last_heard = time.monotonic()
+        elif packet.payload_type == COMFORT_NOISE:
+            self.last_heard = time.monotonic()  # RFC 3389: the caller is silent, the line is alive
+
+    def retarget(self, remote: tuple[str, int]) -> None:
+        """A re-INVITE moved the caller's media (checked by sdp_policy): send there, and latch afresh."""
+        if remote != self.remote:
+            self.remote, self._latched = remote, False
 
     async def _playout(self) -> None:
         start = time.monotonic()
@@ -219,7 +262,7 @@ class RtpSession(asyncio.DatagramProtocol):
         while True:
             frame = await self.out.recv()  # paced by the wall clock; silence when nothing is queued
             samples = frame.to_ndarray().reshape(-1)
-            if self._transport is not None and self.sending:
+            if self._transport is not None and self.sending and self.remote is not None:
                 packet = RtpPacket(self.payload_type, self._seq, self._ts, self._ssrc, g711.encode(samples, self.codec))
                 self._transport.sendto(packet.to_bytes(), self.remote)
             self._seq = (self._seq + 1) & 0xFFFF
