@@ -1,59 +1,51 @@
 """What an operator may do to a live call: make the agent say something, take the call over and hand it
-back. Mixed into Call; the console and the control bus call these on the replica that holds the call."""
+back. The call is given one `OperatorControls`; the console and the control bus reach it as `call.operator`
+on the replica that holds the call."""
 
 from __future__ import annotations
-
-import asyncio
-import contextlib
-from typing import Any
 
 import numpy as np
 
 from pono.events import EventStream, EventType
-
-_SAY_WAIT_S = 30.0  # "say" waits for the agent to finish its sentence, but not for ever
+from pono.transport import Transport
+from pono.voice.responder import Responder
+from pono.voice.scheduler import Priority, SpeechHandle
+from pono.voice.state import TurnStateMachine
 
 
 class OperatorControls:
-    # Provided by Call.
-    events: EventStream
-    transport: Any
-    _reply_task: asyncio.Task[None] | None
-    taken_over_by: str | None
+    """Operator actions on one call: `say`, `take_over`, `hand_back` and the taking-over operator's audio."""
 
-    def _start_reply(self, **kwargs: Any) -> asyncio.Task[None]:
-        raise NotImplementedError
+    def __init__(self, events: EventStream, transport: Transport, responder: Responder,
+                 state: TurnStateMachine) -> None:
+        self.events = events
+        self.transport = transport
+        self.responder = responder
+        self.state = state
 
-    async def _cancel_reply(self, reason: str) -> None:
-        raise NotImplementedError
+    @property
+    def taken_over_by(self) -> str | None:
+        """The operator who has the call, or None while the agent has it."""
+        return self.state.operator
 
-    def _set_state(self, state: Any) -> None:
-        raise NotImplementedError
-
-    async def say(self, text: str, actor: str) -> None:
-        """The agent speaks the operator's words next: after the sentence in flight, in the agent's voice."""
+    def say(self, text: str, actor: str) -> SpeechHandle:
+        """The agent speaks the operator's words next: after the utterance in play, before queued replies,
+        in the agent's voice. Returns the handle, whose playout can be awaited."""
         self.events.emit(EventType.OPERATOR, action="say", actor=actor)
-        current = self._reply_task
-        if current is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(current), _SAY_WAIT_S)
-        self._start_reply(greeting=text)
+        return self.responder.say(text, kind="operator", priority=Priority.HIGH)
 
     async def take_over(self, actor: str) -> None:
         """The agent stops and stays quiet; the caller is still transcribed. Audio comes from the operator."""
-        self.taken_over_by = actor
-        await self._cancel_reply(reason="operator_takeover")
+        self.state.take_over(actor)
+        await self.responder.interrupt("operator_takeover", force=True)
         self.events.emit(EventType.OPERATOR, action="take_over", actor=actor)
-        self._set_state("operator")
 
     def hand_back(self, actor: str) -> None:
-        if self.taken_over_by is None:
-            return
-        self.taken_over_by = None
-        self.events.emit(EventType.OPERATOR, action="hand_back", actor=actor)
-        self._set_state("listening")
+        """The agent has the call again; nothing happens if nobody had taken it over."""
+        if self.state.hand_back():
+            self.events.emit(EventType.OPERATOR, action="hand_back", actor=actor)
 
     async def operator_audio(self, frame: np.ndarray) -> None:
-        """A 16 kHz frame of the operator's voice, straight to the caller, while the call is taken over."""
-        if self.taken_over_by is not None:
+        """A 16 kHz int16 frame of the operator's voice, straight to the caller, while the call is taken over."""
+        if self.state.operator is not None:
             await self.transport.send_audio(frame, 16_000)

@@ -121,7 +121,7 @@ class Reply:
         """Stream the LLM's answer to the conversation so far, speaking it as it arrives; run the tools
         it asks for, and ask again with their results, up to the round cap."""
         queue: asyncio.Queue[str | None] = asyncio.Queue()
-        speaker = asyncio.create_task(self._speak(queue), name=f"speak-{self.turn}")
+        speaker = asyncio.create_task(self._speak(queue), name=f"speak-{self.turn}-{self.events.events.call_id}")
         splitter = SentenceSplitter()
         self._text = ""
         try:
