@@ -78,7 +78,7 @@ class OperatorMedia:
         def on_track(track: MediaStreamTrack) -> None:
             if talk and track.kind == "audio":
                 readers.append(asyncio.create_task(read_frames(
-                    track, lambda frame: asyncio.ensure_future(call.operator_audio(frame)))))
+                    track, lambda frame: asyncio.ensure_future(call.operator.operator_audio(frame)))))
 
         async def on_state() -> None:
             if pc.connectionState in ("failed", "closed"):
