@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from pono.agent.dlp.apply import redact_records
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.dlp.evaluate import evaluate, load_corpus
 from pono.context import SERVICES
@@ -71,6 +72,33 @@ def test_policies_mask_custom_patterns_and_reject_bad_regex() -> None:
         assert DEFAULT_POLICY.scan(text).text == text
 
 
+@pytest.mark.timeout(60)  # a guard, not a measurement: RE2 takes microseconds, backtracking takes years
+def test_persona_patterns_scan_in_linear_time() -> None:
+    """`(\\d+)+#` backtracks exponentially in Python's re on a digit run with no `#` (24 digits took 1.36 s
+    holding the GIL; 60 digits would take longer than the age of the universe). Persona patterns run on RE2."""
+    policy = DlpPolicy.from_config({"custom": [{"name": "TICKET", "pattern": r"(\d+)+#"}]})
+    text = "my number is " + "1" * 60 + " thanks"
+    assert policy.scan(text).text == text
+    assert policy.scan("ticket 123# ok").text == "ticket [TICKET] ok"
+
+
+@pytest.mark.timeout(60)  # a guard, not a measurement: linear is milliseconds, quadratic is minutes
+def test_email_recognizer_is_linear_on_dotted_runs() -> None:
+    """The built-in email pattern, on Python's re, rescanned a dotted run from every start (8,000 chars: 0.4 s;
+    200,000: minutes); a 64 KiB webhook answer is redacted before storage. It runs on RE2."""
+    from pono.agent.dlp.recognizers import email
+
+    assert email("1." * 100_000) == []
+    assert [(m.start, m.end) for m in email("write to Ann.Lee@Example.co.uk today")] == [(9, 30)]
+
+
+def test_persona_patterns_that_need_backtracking_are_refused() -> None:
+    for pattern in (r"(\d)\1", r"\d+(?= dollars)", r"(?<!x)y", "a" * 1001):
+        with pytest.raises(ValueError, match="custom: X1") as refused:
+            DlpPolicy.from_config({"custom": [{"name": "X1", "pattern": pattern}]})
+        assert "RE2" in str(refused.value) or "at most" in str(refused.value)
+
+
 def test_dlp_scan_command() -> None:
     lines = f"my card is {CARD}\nno secrets here\nmy key is sk-proj-{'a1B2' * 10}\n"
     out = subprocess.run([sys.executable, "-m", "pono", "dlp", "scan"], input=lines, capture_output=True, text=True,
@@ -86,7 +114,7 @@ def test_dlp_scan_command() -> None:
 
 
 async def test_journal_holds_only_redacted_text(tmp_path: Path) -> None:
-    writer = Writer(None, Journal(tmp_path))  # type: ignore[arg-type]
+    writer = Writer(None, Journal(tmp_path), redact=redact_records)  # type: ignore[arg-type]
     writer.db_up = False  # Postgres is away: everything goes to the journal
     await writer._handle([record("turn", "c1", 0, role="user", text=f"card {CARD}", source="text",
                                  started_at=0.0, ended_at=0.0, interrupted=False, latency={})])

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pono.agent.dlp.patterns import compile_pattern
 from pono.agent.dlp.recognizers import BUILT_IN, Match, Recognizer, custom
 from pono.agent.dlp.spoken import normalize
 
@@ -62,7 +63,8 @@ class DlpPolicy:
     def from_config(cls, config: dict[str, Any] | None) -> DlpPolicy:
         """A persona's `dlp_policy`: {"action", "entities", "custom": [{"name", "pattern"}], "before_llm"}.
 
-        Raises ValueError (naming the field) for an unknown action or entity, or an invalid regex.
+        Raises ValueError (naming the field) for an unknown action or entity, or a custom pattern RE2 can't
+        compile (`patterns.compile_pattern`: syntax, backreferences, lookarounds, size).
         """
         config = config or {}
         action = config.get("action", "redact")
@@ -79,8 +81,8 @@ class DlpPolicy:
             if not re.fullmatch(r"[A-Z][A-Z0-9_]{1,40}", name) or not isinstance(pattern, str):
                 raise ValueError("custom: each entry needs a name (A-Z, 0-9, _) and a pattern")
             try:
-                re.compile(pattern)
-            except re.error as exc:
+                compile_pattern(pattern)  # RE2: linear time, so a persona's pattern can't freeze calls
+            except ValueError as exc:
                 raise ValueError(f"custom: {name} is not a valid regex: {exc}") from None
             patterns[name] = pattern
         return cls(action=action, entities=frozenset(entities) if entities is not None else None,
