@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from pono import textsafe
+
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
@@ -31,11 +33,13 @@ async def read_json_model(request: web.Request, model: type[M]) -> M:
         raise ApiError(415, f"expected Content-Type application/json, got {request.content_type or 'none'}")
     try:
         raw = await request.read()  # raises 413 past client_max_size
-        body = json.loads(raw)
+        body = textsafe.loads(raw)  # lone surrogates repaired here, at the edge
     except web.HTTPRequestEntityTooLarge:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "body must be a JSON object")
     try:

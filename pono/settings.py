@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     hangover_ms: int = 450
     barge_in_min_ms: int = 600
     max_utterance_s: float = 20.0
+    call_text_messages_per_10s: int = 20  # typed messages and key presses per call: a burst, then 1 per 10 s/n
     # Start the LLM on the transcript of a pause before the turn is surely over; dropped if the caller
     # goes on. Costs LLM tokens for nothing when they do, saves up to the hangover when they don't.
     preemptive_reply: bool = True
@@ -128,9 +129,19 @@ class Settings(BaseSettings):
     sip_ring_ms: int = 0  # ring before answering
     sip_rtp_ports: str | None = None  # "10000-20000": the UDP range RTP binds in, for firewalls; unset = any
     sip_media_timeout_s: float = 30.0  # no RTP for this long (and not on hold): the line is dead, hang up
+    # CIDRs where non-public media destinations (RFC 1918, loopback…) named in SDP are allowed; [] = public only
+    # (plus loopback when the SIP listener is on loopback). Link-local, multicast, broadcast: never.
+    sip_media_networks: list[str] = Field(default_factory=list)
+    sip_tcp_max_connections: int = 256  # concurrent SIP TCP connections; more are closed at once
+    sip_tcp_idle_timeout_s: float = 120.0  # a TCP connection with no message for this long (and no call) closes
 
     # Provider media streams (Twilio): the token the provider must present; unset refuses every stream.
     twilio_token: SecretStr | None = None
+    # Real Twilio signs the websocket upgrade (X-Twilio-Signature) with the account's auth token instead.
+    twilio_auth_token: SecretStr | None = None
+    # The externally visible base URL (https://pono.example.com), for signatures made behind a proxy;
+    # unset: the request's own, as X-Forwarded-Proto / X-Forwarded-Host say.
+    public_url: str | None = None
 
     def model_post_init(self, __context: Any) -> None:
         self.data_dir = self.data_dir.expanduser().resolve()

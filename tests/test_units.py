@@ -29,7 +29,10 @@ def test_turn_detector_needs_min_speech_and_hangover() -> None:
 def test_turn_detector_caps_utterance_length() -> None:
     d = TurnDetector(TurnConfig(min_speech_ms=64, hangover_ms=500, max_utterance_ms=1000, chunk_ms=32))
     signals = run(d, [0.9] * 60)
-    assert signals[0] is Signal.START and Signal.END in signals
+    # A long turn is cut into segments (each transcribed and kept); it ends only on silence.
+    assert signals[0] is Signal.START and Signal.SEGMENT in signals and Signal.END not in signals
+    assert d.in_speech
+    assert run(d, [0.0] * 20)[-1] is Signal.END
 
 
 def test_sentence_splitter_speaks_early_and_whole() -> None:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import deque
 from typing import Any
 
 import numpy as np
+from aiolimiter import AsyncLimiter
 
+from pono import textsafe
 from pono.agent.conversation import Conversation
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.llm import LLMClient
@@ -70,6 +71,7 @@ class Call:
         collections: list[str] | None = None,
         language: str = "en",
         voice: str | None = None,
+        text_messages_per_10s: int = 20,
     ) -> None:
         self.call_id = call_id
         self.transport = transport
@@ -87,6 +89,10 @@ class Call:
         self.started = time.time()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stt_busy = False
+        # A per-call budget for typed messages and key presses: a burst is fine, a flood is refused.
+        self._text_budget = AsyncLimiter(max(1, text_messages_per_10s), 10.0)
+        # A per-call budget for typed messages and key presses: a burst is fine, a flood is refused.
+        self._text_budget = AsyncLimiter(max(1, text_messages_per_10s), 10.0)
         toolbox: ToolBox | None = None
         self.responder = Responder(
             self.events, transport, models, llm, conversation, self.state,
@@ -191,10 +197,22 @@ class Call:
                         responder.commit_preemptive()
                     elif not ignored:
                         responder.drop_preemptive()
-                        responder.reply_to(audio=audio, t0=pause_at or time.monotonic(), spec=spec)
+                        turn = responder.commit_user(audio=audio, spec=spec, source="voice")
+                        responder.reply_to(turn, t0=pause_at or time.monotonic(), spoken=True)
                     spec = responder.spec = None
+                elif signal is Signal.SEGMENT:
+                    # A long turn is cut for transcription; each piece is kept, and one reply answers them all.
+                    audio, utterance = np.concatenate(utterance), []
+                    spec = responder.spec = None
+                    responder.drop_preemptive()
+                    if not started_while_busy or barged:
+                        responder.commit_user(audio=audio, source="voice")
                 if detector.in_speech and started_while_busy and not barged:
-                    if detector.voiced_ms >= self.barge_in_min_ms and responder.busy:
+                    if not responder.busy:
+                        # The agent stopped before the caller did: from here on this is the caller's turn.
+                        started_while_busy = False
+                        self.state.caller_started(agent_busy=False)
+                    elif detector.voiced_ms >= self.barge_in_min_ms:
                         barged = True
                         await self._barge_in()
             if (detector.in_speech and self.partial_interval_s > 0 and not self._stt_busy
@@ -218,11 +236,17 @@ class Call:
     async def _text_loop(self) -> None:
         async for raw in self.transport.text_messages():
             try:
-                message = json.loads(raw)
-            except ValueError:
+                message = textsafe.loads(raw)  # lone surrogates are repaired before anything keeps the text
+            except (ValueError, RecursionError):
                 self.events.emit(EventType.ERROR, kind="bad_message", message="messages must be JSON objects")
                 continue
             kind = message.get("type") if isinstance(message, dict) else None
+            if kind in ("text", "dtmf"):
+                if not self._text_budget.has_capacity():
+                    self.events.emit(EventType.ERROR, kind="rate_limited",
+                                     message="too many messages; slow down")
+                    continue
+                await self._text_budget.acquire()
             if kind == "text":
                 text = message.get("text")
                 if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT_CHARS:
@@ -231,13 +255,14 @@ class Call:
                     continue
                 if self.responder.busy:
                     await self._barge_in()
-                self.responder.reply_to(text=text.strip(), t0=time.monotonic())
+                self.responder.reply_to(self.responder.commit_user(text=text.strip()), t0=time.monotonic())
             elif kind == "dtmf" and message.get("digit") in DTMF_KEYS:
                 # A key press is an event, and words for the agent: menus and PINs work the same way.
                 self.events.emit(EventType.DTMF, self.responder.turns, digit=message["digit"])
                 if self.responder.busy:
                     await self._barge_in()
-                self.responder.reply_to(text=f"the caller pressed {message['digit']}", t0=time.monotonic())
+                pressed = self.responder.commit_user(text=f"the caller pressed {message['digit']}")
+                self.responder.reply_to(pressed, t0=time.monotonic())
             elif kind == "hangup":
                 await self.hang_up("caller_hangup")
                 return

@@ -48,6 +48,15 @@ class Preemption:
 
 
 @dataclass
+class UserTurn:
+    """A committed caller turn: its words, whether DLP kept them from the LLM, and when STT finished."""
+
+    text: str
+    blocked: bool
+    transcribed_at: float  # time.monotonic()
+
+
+@dataclass
 class ReplySettings:
     """The persona's choices that shape every reply of a call."""
 
@@ -82,6 +91,7 @@ class Responder:
         self._playing: tuple[SpeechHandle, Reply] | None = None  # the handle that plays now, and its Reply
         self._preempt: Preemption | None = None
         self.spec: asyncio.Task[str] | None = None  # speculative STT of the current pause
+        self._last_commit: asyncio.Task[UserTurn | None] | None = None
 
     @property
     def busy(self) -> bool:
@@ -94,16 +104,42 @@ class Responder:
         return turn
 
     # -- scheduling ---------------------------------------------------------------------------
-    def reply_to(self, *, audio: np.ndarray | None = None, text: str | None = None, t0: float | None = None,
-                 spec: asyncio.Task[str] | None = None, source: str = "text") -> SpeechHandle:
-        """Answer one caller turn: audio (transcribed now, answered when its handle plays) or text."""
+    def commit_user(self, *, text: str | None = None, audio: np.ndarray | None = None,
+                    spec: asyncio.Task[str] | None = None, source: str = "text") -> asyncio.Task[UserTurn | None]:
+        """Commit one caller turn (typed text, or audio and its transcription) to the event stream and the
+        conversation, in arrival order. Returns the task that does it; it resolves to None for audio with no
+        words in it. The commit does not depend on any reply: a barge-in, a burst of messages or a dropped
+        reply never loses what the caller said."""
         if audio is not None and spec is None:
             # Transcription starts at once, even when the answer has to wait for a handle in play.
             spec = self._spawn(self._transcribe(audio), "stt-final")
+        previous = self._last_commit
+
+        async def commit() -> UserTurn | None:
+            words = await spec if spec is not None else text
+            transcribed_at = time.monotonic()
+            if previous is not None:
+                await asyncio.wait({previous})
+            if not words:  # noise, a breath, garbage audio: no turn at all
+                self.events.emit(EventType.TRANSCRIPT_FINAL, None, text="", empty=True)
+                return None
+            self.events.emit(EventType.TRANSCRIPT_FINAL, self.next_turn(), text=words, source=source)
+            llm_text = await self._for_llm(words)
+            self.conversation.add_user(llm_text if llm_text is not None else WITHHELD)
+            return UserTurn(words, llm_text is None, transcribed_at)
+        task = self._spawn(commit(), "user-turn")
+        self._last_commit = task
+        return task
+
+    def reply_to(self, turn: asyncio.Task[UserTurn | None], *, t0: float | None = None,
+                 spoken: bool = False) -> SpeechHandle:
+        """Answer the conversation once `turn` (from `commit_user`) is committed. `t0` is the turn's reference
+        time (the caller stopped speaking, or the message arrived); `spoken` adds the STT latency marks."""
         t0 = t0 or time.monotonic()
+        began = time.monotonic()
 
         async def work(handle: SpeechHandle) -> None:
-            await self._answer(handle, spec, text, t0, source="voice" if audio is not None else source)
+            await self._answer(handle, turn, t0, began if spoken else None)
         return self.scheduler.schedule(SpeechHandle("reply", work, name=f"reply-{self.events.call_id}"))
 
     def say(self, text: str, *, kind: str = "greeting", priority: Priority = Priority.NORMAL,
@@ -199,31 +235,20 @@ class Responder:
         return p.handle
 
     # -- one reply ----------------------------------------------------------------------------
-    async def _answer(self, handle: SpeechHandle, spec: asyncio.Task[str] | None, text: str | None, t0: float,
-                      source: str) -> None:
-        began = time.monotonic()
+    async def _answer(self, handle: SpeechHandle, turn: asyncio.Task[UserTurn | None], t0: float,
+                      speech_end: float | None) -> None:
         with self._watch_speaking() as speaking:
-            if spec is not None:
-                self.state.thinking()
-                text = await spec
-                if not text:  # noise, a breath, garbage audio: no turn at all
-                    self.events.emit(EventType.TRANSCRIPT_FINAL, None, text="", empty=True)
-                    return
-            assert text is not None
-            stt_done = time.monotonic()
-            self.events.emit(EventType.TRANSCRIPT_FINAL, self.next_turn(), text=text, source=source)
-            llm_text = await self._for_llm(text)
-            self.conversation.add_user(llm_text if llm_text is not None else WITHHELD)
-            if self.state.operator is not None:
-                return  # the operator answers; the transcript still reaches the console and storage
-            if llm_text is None:
+            self.state.thinking()
+            committed = await asyncio.shield(turn)  # a barge-in cancels the answer, never the commit
+            if committed is None or self.state.operator is not None:
+                return  # no words; or the operator answers (the transcript still reaches console and storage)
+            if committed.blocked:
                 self.say(BLOCKED_WARNING, kind="warning", priority=Priority.HIGH)
                 return
-            self.state.thinking()
             reply = self._new_reply(handle, t0, speaking)
-            if spec is not None:
-                reply.outcome.marks["speech_end"] = round(began - t0, 4)
-                reply.outcome.marks["stt_final"] = round(stt_done - t0, 4)
+            if speech_end is not None:
+                reply.outcome.marks["speech_end"] = round(speech_end - t0, 4)
+                reply.outcome.marks["stt_final"] = round(committed.transcribed_at - t0, 4)
             await reply.generate()
             self._finish(handle, reply, interrupted=False)
 

@@ -11,6 +11,7 @@ class Signal(Enum):
     PAUSE = "pause"  # first silent chunk after confirmed speech (the earliest end-of-speech guess)
     RESUME = "resume"  # speech came back before the hangover ran out
     END = "end"  # silence lasted the hangover: the caller's turn is over
+    SEGMENT = "segment"  # the utterance reached max_utterance_ms: cut here, the caller's turn goes on
 
 
 @dataclass
@@ -52,8 +53,8 @@ class TurnDetector:
                 self.utterance_ms = self.voiced_ms
                 return Signal.START
             if self.in_speech and self.utterance_ms >= c.max_utterance_ms:
-                self.reset()
-                return Signal.END
+                self.utterance_ms = 0.0
+                return Signal.SEGMENT
             if self.in_speech and was_pausing:
                 return Signal.RESUME
             return None
@@ -65,9 +66,12 @@ class TurnDetector:
                 self.silence_ms = 0.0
             return None
         self.silence_ms += c.chunk_ms
-        if self.silence_ms >= c.hangover_ms or self.utterance_ms >= c.max_utterance_ms:
+        if self.silence_ms >= c.hangover_ms:
             self.reset()
             return Signal.END
+        if self.utterance_ms >= c.max_utterance_ms:
+            self.utterance_ms = 0.0
+            return Signal.SEGMENT
         if self.silence_ms == c.chunk_ms:
             return Signal.PAUSE
         return None

@@ -1,0 +1,36 @@
+"""Text from outside, made safe to keep: lone UTF-16 surrogates (valid in JSON's \\uXXXX escapes, invalid
+in UTF-8) become U+FFFD at the edge, so they can't break an LLM request, a log line or a Postgres row later.
+
+Every input that carries text goes through here: the data channel, HTTP JSON bodies, Twilio parameters,
+SIP headers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def repair_text(text: str) -> str:
+    """`text` with each lone surrogate replaced by U+FFFD; unchanged (same object) when it had none."""
+    return _LONE_SURROGATE.sub("\ufffd", text) if _LONE_SURROGATE.search(text) else text
+
+
+def repair(value: Any) -> Any:
+    """Repair every string in a JSON value (keys too), recursively. Other values pass through."""
+    if isinstance(value, str):
+        return repair_text(value)
+    if isinstance(value, list):
+        return [repair(v) for v in value]
+    if isinstance(value, dict):
+        return {repair_text(k) if isinstance(k, str) else k: repair(v) for k, v in value.items()}
+    return value
+
+
+def loads(raw: str | bytes) -> Any:
+    """`json.loads`, then `repair`. Raises ValueError (json.JSONDecodeError) for malformed JSON, and
+    RecursionError for absurdly deep nesting, like json.loads."""
+    return repair(json.loads(raw))

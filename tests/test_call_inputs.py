@@ -1,0 +1,136 @@
+"""What callers really send, through a real call: odd text, bursts and floods of messages, speech that
+starts as the agent stops, and monologues longer than one utterance. Nothing the caller says is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+import aiohttp
+import numpy as np
+from test_voice_call import open_call, trim
+
+from pono.context import SERVICES
+from pono.testing.scripted_llm import Script
+
+MONOLOGUE = ("My name is Robert and I am calling about the order I placed last week. "
+             "The parcel arrived yesterday but the blue jacket inside was the wrong size. "
+             "I would like to exchange it for a larger one, and please send it to my office address.")
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+async def stored_turns(server, admin_token: str, call_id: str, count: int) -> list[dict[str, Any]]:
+    """The call's stored turns, once at least `count` have reached Postgres (writes are batched)."""
+    turns: list[dict[str, Any]] = []
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
+        for _ in range(100):
+            async with http.get(f"{server.url}/api/calls/{call_id}") as r:
+                turns = (await r.json()).get("turns", [])
+            if len(turns) >= count:
+                break
+            await asyncio.sleep(0.1)
+    return turns
+
+
+async def test_lone_surrogate_is_repaired_and_later_replies_work(server, script: Script, admin_token: str) -> None:
+    script.reply = "Hello there."
+    caller = await open_call(server, audio=False)
+    try:
+        caller.send_raw('{"type": "text", "text": "\\ud800 hi"}')
+        first = await caller.wait_for(lambda e: e["type"] == "agent.final", 20)
+        assert first["text"] == "Hello there." and not first["interrupted"]
+        caller.send_text("are you still there?")
+        second = await caller.wait_for(lambda e: e["type"] == "agent.final" and e["turn"] > first["turn"], 20)
+        assert second["text"] == "Hello there."
+        assert not [e for e in caller.events if e["type"] == "error"]
+        heard = [e["text"] for e in caller.events if e["type"] == "transcript.final"]
+        assert heard == ["\ufffd hi", "are you still there?"]
+    finally:
+        await caller.hang_up()
+    turns = await stored_turns(server, admin_token, caller.call_id, 4)
+    assert [t["text"] for t in turns if t["role"] == "user"] == ["\ufffd hi", "are you still there?"]
+
+
+async def test_a_burst_of_messages_is_all_heard_and_stored(server, script: Script, admin_token: str) -> None:
+    script.reply = "Noted, all of it."
+    caller = await open_call(server, audio=False)
+    sent = [f"item number {n}" for n in range(10)]
+    try:
+        for text in sent:
+            caller.send_text(text)
+        await caller.wait_for(lambda e: e["type"] == "agent.final" and not e["interrupted"], 30)
+        heard = [e["text"] for e in caller.events if e["type"] == "transcript.final"]
+        assert heard == sent
+        # The answer that completed was asked with every message in the conversation.
+        asked = " ".join(m["content"] or "" for m in script.requests[-1]["messages"] if m["role"] == "user")
+        assert all(text in asked for text in sent)
+    finally:
+        await caller.hang_up()
+    turns = await stored_turns(server, admin_token, caller.call_id, 11)
+    assert [t["text"] for t in turns if t["role"] == "user"] == sent
+
+
+async def test_a_text_flood_is_refused_and_the_conversation_stays_bounded(server, script: Script) -> None:
+    script.reply = "Please slow down."
+    caller = await open_call(server, audio=False)
+    try:
+        for n in range(200):
+            caller.send_raw(json.dumps({"type": "text", "text": f"spam {n} " + "x" * 1900}))
+        await caller.wait_for(lambda e: e["type"] == "error" and e.get("kind") == "rate_limited", 20)
+        await caller.wait_for(lambda e: e["type"] == "agent.final" and not e["interrupted"], 30)
+        accepted = [e for e in caller.events if e["type"] == "transcript.final"]
+        assert 0 < len(accepted) < 50
+        longest = max(len(m["content"] or "") for r in script.requests for m in r["messages"])
+        assert longest <= 4000
+    finally:
+        await caller.hang_up()
+
+
+async def test_speech_that_starts_as_the_agent_stops_is_a_turn(server, script: Script, question: np.ndarray) -> None:
+    script.reply = "Okay."
+    caller = await open_call(server)
+    try:
+        caller.send_text("hi")
+        await caller.wait_for(lambda e: e["type"] == "call.state" and e["state"] == "speaking", 20)
+        caller.speak(trim(question))  # starts while the short reply still plays, and outlives it
+        asked = await caller.wait_for(lambda e: e["type"] == "transcript.final" and "table" in e.get("text", ""), 30)
+        answer = await caller.wait_for(lambda e: e["type"] == "agent.final" and e["turn"] > asked["turn"], 30)
+        assert answer["text"] == "Okay."
+        assert not [e for e in caller.events if e["type"] == "speech.stopped" and e.get("ignored")]
+    finally:
+        await caller.hang_up()
+
+
+async def test_a_monologue_longer_than_one_utterance_is_kept_whole(server, script: Script, audio_dir,
+                                                                   admin_token: str) -> None:
+    from conftest import espeak
+
+    speech = trim(espeak(MONOLOGUE, audio_dir / "monologue.wav"))
+    settings = server.app[SERVICES].settings
+    settings.max_utterance_s = 4.0  # the monologue (about 12 s) is cut into several segments
+    try:
+        caller = await open_call(server)
+    finally:
+        settings.max_utterance_s = 20.0
+    script.reply = "I can exchange that jacket for you."
+    try:
+        caller.speak(speech)
+        answer = await caller.wait_for(lambda e: e["type"] == "agent.final", 60)
+        assert answer["text"] == script.reply and not answer["interrupted"]
+        pieces = [e["text"] for e in caller.events if e["type"] == "transcript.final" and e.get("text")]
+        assert len(pieces) >= 2
+        heard = words(" ".join(pieces))
+        assert {"robert", "order", "jacket", "office"} <= heard, heard
+        # One reply, asked with the whole monologue.
+        assert len(script.requests) == 1
+        asked = words(script.requests[0]["messages"][-1]["content"])
+        assert {"robert", "office"} <= asked
+    finally:
+        await caller.hang_up()
+    turns = await stored_turns(server, admin_token, caller.call_id, len(pieces) + 1)
+    assert [t["text"] for t in turns if t["role"] == "user"] == pieces
