@@ -36,6 +36,9 @@ class Metrics:
                                    registry=r)
         self.db_up = Gauge("pono_db_up", "1 when Postgres takes writes directly", registry=r)
         self.redis_up = Gauge("pono_redis_up", "1 when Redis is reachable", registry=r)
+        self.llm_requests = Counter("pono_llm_requests_total", "Requests to each LLM endpoint (primary, fallback)"
+                                    " by outcome (ok, cancelled, error, timeout, rate_limited, skipped)",
+                                    ["endpoint", "outcome"], registry=r)
         self.worst_lag = 0.0
 
     def observe(self, event: CallEvent) -> None:

@@ -68,6 +68,16 @@ class Settings(BaseSettings):
     greeting: str = "Hi, this is Pono. How can I help?"  # the fallback persona's
     speak_greeting: bool = True  # off in tests and benchmarks, where the caller speaks first
     llm_threads: int = 2
+    # Resilience (pono.agent.llm): a failing endpoint (error, timeout, 429) is retried with backoff within
+    # PONO_LLM_TIMEOUT_S, then the turn goes to the fallback; never once a token has been streamed.
+    llm_retries: int = 2  # extra tries per endpoint and turn
+    llm_fallback_url: str | None = None  # an OpenAI-compatible base URL (".../v1") for when the primary fails
+    llm_fallback_model: str | None = None  # the fallback's model (default: PONO_LLM_MODEL)
+    llm_fallback_api_key: SecretStr | None = None  # default: OPENAI_API_KEY
+    # With OPENAI_BASE_URL set and no PONO_LLM_FALLBACK_URL: also start the bundled SmolLM2 as the fallback.
+    llm_fallback_embedded: bool = False
+    llm_breaker_failures: int = 3  # failures in a row that open the primary's circuit (turns go to the fallback)
+    llm_breaker_reset_s: float = 30.0  # then a health probe every this many seconds closes it once it answers
 
     # Storage. Unset DATABASE_URL / REDIS_URL start the embedded Postgres / Valkey in the data dir.
     database_url: SecretStr | None = Field(

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-Failure = Literal["none", "http_500", "hang", "drop"]
+Failure = Literal["none", "http_500", "hang", "drop", "http_429"]
 
 
 @dataclass
@@ -43,6 +43,10 @@ class ScriptedLLM:
         ])
         self._runner: web.AppRunner | None = None
         self.port = 0
+        # Chat requests in progress, and those the client dropped (closed the connection) before the end.
+        self.chats_open = 0
+        self.chats_dropped = 0
+        self.app.middlewares.append(self._track_chats)
 
     @property
     def base_url(self) -> str:
@@ -60,6 +64,19 @@ class ScriptedLLM:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    @web.middleware
+    async def _track_chats(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path != "/v1/chat/completions":
+            return await handler(request)
+        self.chats_open += 1
+        try:
+            return await handler(request)
+        except asyncio.CancelledError:  # handler_cancellation: the client closed the connection
+            self.chats_dropped += 1
+            raise
+        finally:
+            self.chats_open -= 1
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
@@ -85,6 +102,8 @@ class ScriptedLLM:
         script.requests.append(body)
         if script.failure == "http_500":
             return web.json_response({"error": {"message": "scripted failure"}}, status=500)
+        if script.failure == "http_429":
+            return web.json_response({"error": {"message": "scripted rate limit"}}, status=429)
         if script.failure == "hang":
             await asyncio.sleep(3600)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
