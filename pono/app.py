@@ -1,37 +1,30 @@
-"""The aiohttp application: services, start-up and shutdown, and every route."""
+"""The aiohttp application: services, start-up and shutdown; the web routes (pono.web.routes) and signaling's."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import secrets
 import sys
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pono.access import authenticate, rate_limit_by_ip
 from pono.agent.embedded import EmbeddedLLM, free_port
-from pono.agent.knowledge import api as knowledge_api
 from pono.agent.llm import LLMClient
-from pono.auth import TokenSigner, bearer, load_secret
+from pono.auth import TokenSigner, load_secret
 from pono.calls import CallManager
 from pono.context import SERVICES, Services
-from pono.http import ApiError, add_security_headers, errors_as_json
+from pono.http import add_security_headers, errors_as_json
 from pono.metrics import Metrics
 from pono.operators import OperatorDesk
-from pono.operators import routes as operator_routes
 from pono.settings import Settings
 from pono.signaling import api as signaling_api
 from pono.signaling.ice import restrict_host_addresses
 from pono.signaling.operator_media import OperatorMedia
 from pono.signaling.phone.server import SipServer
 from pono.signaling.phone.twilio import routes as twilio_routes
-from pono.storage import accounts_api, numbers_api
-from pono.storage import api as storage_api
 from pono.storage.control import ControlBus
 from pono.storage.logins import Logins
 from pono.storage.retention import purge_daily
@@ -41,6 +34,7 @@ from pono.storage.verifier import Authenticator
 from pono.tracing import CallTracing
 from pono.voice.models import SpeechModels
 from pono.web import routes as web_routes
+from pono.web.access import rate_limit_by_ip
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +75,7 @@ def build_app(settings: Settings) -> web.Application:
         app[EMBEDDED_LLM] = embedded
     app.on_response_prepare.append(add_security_headers)
     app.cleanup_ctx.append(_lifecycle)
-    app.add_routes([
-        web.get("/api/health", health),
-        web.get("/api/startup", startup),
-        web.get("/api/ready", ready),
-        web.get("/metrics", metrics_endpoint),
-        *signaling_api.routes(),
-        *storage_api.routes(),
-        *accounts_api.routes(),
-        *operator_routes(),
-        *numbers_api.routes(),
-        *twilio_routes(),
-        *knowledge_api.routes(),
-        *web_routes.routes(),
-    ])
+    app.add_routes([*web_routes.routes(), *signaling_api.routes(), *twilio_routes()])
     return app
 
 
@@ -176,49 +157,3 @@ async def _probe_llm(services: Services, interval_s: float = 5.0) -> None:
         if services.startup_complete:
             services.llm_reachable = await services.llm.reachable()
 
-
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "alive"})
-
-
-async def startup(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    if services.startup_error:
-        return web.json_response({"status": "failed", "error": services.startup_error}, status=503)
-    if not services.startup_complete:
-        return web.json_response({"status": "starting"}, status=503)
-    return web.json_response({"status": "started"})
-
-
-async def ready(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    writer, live = services.storage.writer, services.storage.live
-    checks = {
-        "models": services.models.loaded.is_set(),
-        "llm": services.llm_reachable,
-        "database": writer is not None and writer.db_up,
-        "redis": live is not None and live.up,
-        "accepting_calls": not services.calls.draining and not services.calls.full,
-    }
-    ok = all(checks.values()) and services.startup_complete
-    body = {"status": "ready" if ok else "not_ready", "checks": checks, "active_calls": len(services.calls.calls)}
-    if services.startup_error:
-        body["error"] = services.startup_error
-    return web.json_response(body, status=200 if ok else 503)
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    token = bearer(request) or ""
-    if not hmac.compare_digest(token.encode(), services.metrics_token.encode()):
-        principal = await authenticate(request)  # or any login or key scoped for metrics
-        if not principal.may("metrics"):
-            raise ApiError(403, "this API key is not scoped for metrics")
-    return render_metrics(request.app)
-
-
-def render_metrics(app: web.Application) -> web.Response:
-    services = app[SERVICES]
-    services.storage.update_gauges()
-    body = generate_latest(services.metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -73,7 +73,8 @@ async def _serve(settings: Settings) -> None:
 
 async def _serve_metrics(app: web.Application, settings: Settings) -> web.AppRunner:
     """/metrics alone, without a token, on its own port: for a scraper inside the cluster network."""
-    from pono.app import METRICS_ONLY, render_metrics
+    from pono.app import METRICS_ONLY
+    from pono.web.health import render_metrics
 
     metrics_app = web.Application()
     metrics_app[METRICS_ONLY] = app

@@ -1,38 +1,20 @@
-"""Operator actions on live calls: run here when the call is ours, routed by the control bus when not.
+"""Operator actions on this replica's calls: the control bus hands each one here once it has found the call.
 
-`act` is the one entry point for the REST API and the console's WebSocket: it checks the role, audits,
-and sends the action to wherever the call lives.
+The HTTP route and the console's WebSocket send actions through pono.web.call_actions.act.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
-from pydantic import BaseModel, Field
-
-from pono.access import audit, require
 from pono.calls import CallManager
-from pono.context import SERVICES, Services
 from pono.events import EventType
-from pono.http import ApiError, read_json_model
 from pono.signaling.operator_media import OperatorMedia
 from pono.storage.control import ActionError
-from pono.storage.users import Principal
-
-ACTIONS = ("say", "hang_up", "listen", "take_over", "hand_back")
-MAX_SAY_CHARS = 1000
-MAX_SDP_CHARS = 64 * 1024
-
-
-class ActionIn(BaseModel):
-    action: str = Field(pattern="^(" + "|".join(ACTIONS) + ")$")
-    text: str | None = Field(default=None, min_length=1, max_length=MAX_SAY_CHARS)
-    sdp: str | None = Field(default=None, min_length=1, max_length=MAX_SDP_CHARS)
 
 
 class OperatorDesk:
-    """Executes actions on this replica's calls."""
+    """Executes actions on this replica's calls. `execute` raises ActionError (404 no such call, 400, 422)."""
 
     def __init__(self, calls: CallManager, media: OperatorMedia) -> None:
         self.calls = calls
@@ -73,28 +55,3 @@ class OperatorDesk:
             return {"sdp": answer} if answer else {}
         raise ActionError(400, f"unknown action {action!r}")
 
-
-async def act(services: Services, who: Principal, call_id: str, body: ActionIn, source_ip: str | None) \
-        -> dict[str, Any]:
-    """Audit, then run an action wherever the call lives. Raises ApiError."""
-    if not who.has("operator"):
-        raise ApiError(403, "this needs the operator role")
-    if body.action == "say" and not body.text:
-        raise ApiError(422, "'say' needs some text")
-    assert services.storage.db is not None and services.control is not None
-    await audit(services.storage.db.pool, who.name, f"call.{body.action}", call_id, source_ip)
-    try:
-        return await services.control.send(call_id, body.action, body.model_dump(exclude_none=True), who.name)
-    except ActionError as exc:
-        raise ApiError(exc.status, exc.message) from None
-
-
-async def call_action(request: web.Request) -> web.Response:
-    who = await require(request, "operator", "calls")
-    body = await read_json_model(request, ActionIn)
-    result = await act(request.app[SERVICES], who, request.match_info["call_id"], body, request.remote)
-    return web.json_response({"call_id": request.match_info["call_id"], "action": body.action, **result})
-
-
-def routes() -> list[web.RouteDef]:
-    return [web.post("/api/calls/{call_id}/actions", call_action)]

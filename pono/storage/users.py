@@ -8,11 +8,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+
+from pono.storage.audit import write_audit
 
 ROLES = ("viewer", "operator", "admin")  # each role can do everything the ones before it can
 # What an API key may be limited to; a key with no scopes may touch every area its role allows.
@@ -99,6 +103,51 @@ async def create_api_key(pool: asyncpg.Pool | asyncpg.Connection, user_id: str, 
         "INSERT INTO api_keys (user_id, name, prefix, token_hash, role, scopes) VALUES ($1, $2, $3, $4, $5, $6)"
         " RETURNING id", user_id, name, token[:12], hash_token(token), role, list(scopes or ()))
     return str(key_id), token
+
+
+async def list_users(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+    """Users not deleted, oldest first: [{"id": str (UUID), "name", "role", "created_at": datetime}]."""
+    rows = await pool.fetch("SELECT id, name, role, created_at FROM users WHERE deleted_at IS NULL ORDER BY created_at")
+    return [{**dict(r), "id": str(r["id"])} for r in rows]
+
+
+async def delete_user(pool: asyncpg.Pool, user_id: uuid.UUID, actor: str, source_ip: str | None) -> bool:
+    """Mark a user deleted, revoke their API keys and login sessions, and audit it, in one transaction.
+
+    False (nothing changed) when there is no such user.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        done = await conn.fetchval("UPDATE users SET deleted_at = now() WHERE id = $1 AND deleted_at IS NULL"
+                                   " RETURNING id", user_id)
+        if done is None:
+            return False
+        await conn.execute("UPDATE api_keys SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+                           user_id)
+        await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+                           user_id)
+        await write_audit(conn, actor, "user.delete", str(user_id), source_ip)
+    return True
+
+
+async def list_keys(pool: asyncpg.Pool, user_id: str, everyone: bool) -> list[dict[str, Any]]:
+    """API keys, oldest first: the user's own, or everyone's. Never the token or its hash.
+
+    Each is {"id": str (UUID), "name", "prefix", "role", "scopes": list[str], "user": owner's name,
+    "created_at": datetime, "last_used_at", "revoked_at": datetime | None}.
+    """
+    rows = await pool.fetch(
+        "SELECT k.id, k.name, k.prefix, k.role, k.scopes, k.created_at, k.last_used_at, k.revoked_at, u.name AS user"
+        " FROM api_keys k JOIN users u ON u.id = k.user_id WHERE ($1::boolean OR k.user_id = $2::uuid)"
+        " ORDER BY k.created_at", everyone, user_id)
+    return [{**dict(r), "id": str(r["id"])} for r in rows]
+
+
+async def revoke_key(pool: asyncpg.Pool, key_id: uuid.UUID, user_id: str, any_owner: bool) -> bool:
+    """Revoke a key of `user_id` (of anyone's with `any_owner`); False when there is no such live key."""
+    done = await pool.fetchval(
+        "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL"
+        " AND ($2::boolean OR user_id = $3::uuid) RETURNING id", key_id, any_owner, user_id)
+    return done is not None
 
 
 async def shared_secret(pool: asyncpg.Pool, name: str) -> bytes:

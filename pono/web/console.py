@@ -18,9 +18,10 @@ from redis.exceptions import RedisError
 
 from pono.context import SERVICES, Services
 from pono.http import ApiError
-from pono.operators import ActionIn, act
+from pono.storage.history import call_turns
 from pono.storage.live import events_channel
 from pono.storage.users import Principal
+from pono.web.call_actions import ActionIn, act
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,9 @@ class ConsoleSession:
             async with live.blocking.pubsub() as pubsub:
                 await pubsub.subscribe(events_channel(call_id))
                 # What was said before the console looked: the stored (redacted) turns so far.
-                turns = await self.services.storage.db.pool.fetch(
-                    "SELECT idx, role, text, latency FROM turns WHERE call_id = $1 ORDER BY idx", call_id)
+                turns = await call_turns(self.services.storage.db.pool, call_id)
                 await self.send({"type": "watching", "call_id": call_id, "turns": [
-                    {"turn": t["idx"], "role": t["role"], "text": t["text"], "latency": json.loads(t["latency"])}
+                    {"turn": t["idx"], "role": t["role"], "text": t["text"], "latency": t["latency"]}
                     for t in turns]})
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
@@ -165,6 +165,7 @@ async def _authenticate(ws: web.WebSocketResponse, services: Services) -> Princi
 
 
 async def console_socket(request: web.Request) -> web.WebSocketResponse:
+    """GET /api/console/ws: the console's WebSocket (authenticated by its first message, then the calls feed)."""
     services = request.app[SERVICES]
     ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=_MAX_MESSAGE_BYTES)
     await ws.prepare(request)

@@ -1,25 +1,68 @@
-"""The browser call page: static HTML, JS and CSS, no build step."""
+"""Every web route, in one list: the HTTP API and WebSockets that are not call set-up, and the static pages.
+
+Call set-up (WebRTC offers, call tokens, provider streams) is routed by pono.signaling; app.py adds both.
+Who may call what is in each handler (pono.web.access.require) and tested by tests/test_access.py.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from aiohttp import web
 
-from pono.web.console import console_socket
-
-STATIC = Path(__file__).parent / "static"
-
-
-async def call_page(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
-
-
-async def console_page(request: web.Request) -> web.FileResponse:
-    # The page itself is public (a login form); everything it shows comes over authenticated APIs.
-    return web.FileResponse(STATIC / "console.html", headers={"Cache-Control": "no-cache"})
+from pono.web import (
+    audit,
+    auth,
+    call_actions,
+    calls,
+    console,
+    health,
+    keys,
+    knowledge,
+    pages,
+    personas,
+    phone_numbers,
+    users,
+)
 
 
 def routes() -> list[web.AbstractRouteDef]:
-    return [web.get("/", call_page), web.get("/console", console_page), web.get("/api/console/ws", console_socket),
-            web.static("/static", STATIC)]
+    """The route definitions for app.router.add_routes."""
+    return [
+        # probes and metrics
+        web.get("/api/health", health.health),
+        web.get("/api/startup", health.startup),
+        web.get("/api/ready", health.ready),
+        web.get("/metrics", health.metrics_endpoint),
+        # calls: history, live list, operator actions
+        web.get("/api/calls", calls.list_calls),
+        web.get("/api/calls/{call_id}", calls.get_call),
+        web.post("/api/calls/{call_id}/actions", call_actions.call_action),
+        # personas and the numbers that reach them
+        web.get("/api/personas", personas.list_personas),
+        web.post("/api/personas", personas.create_persona),
+        web.get("/api/personas/{persona_id}", personas.get_persona),
+        web.put("/api/personas/{persona_id}", personas.update_persona),
+        web.delete("/api/personas/{persona_id}", personas.delete_persona),
+        web.get("/api/phone-numbers", phone_numbers.get_numbers),
+        web.put("/api/phone-numbers/{number}", phone_numbers.put_number),
+        web.delete("/api/phone-numbers/{number}", phone_numbers.remove_number),
+        # accounts
+        web.post("/api/auth/login", auth.login),
+        web.post("/api/auth/refresh", auth.refresh),
+        web.post("/api/auth/logout", auth.logout),
+        web.get("/api/auth/me", auth.me),
+        web.get("/api/users", users.get_users),
+        web.post("/api/users", users.add_user),
+        web.delete("/api/users/{user_id}", users.remove_user),
+        web.get("/api/keys", keys.get_keys),
+        web.post("/api/keys", keys.add_key),
+        web.delete("/api/keys/{key_id}", keys.remove_key),
+        web.get("/api/audit", audit.get_audit),
+        # knowledge
+        web.post("/api/knowledge/{collection}/documents", knowledge.add_document),
+        web.get("/api/knowledge/{collection}/search", knowledge.search),
+        # the pages and the console's feed
+        web.get("/", pages.call_page),
+        web.get("/console", pages.console_page),
+        web.get("/api/console/ws", console.console_socket),
+        web.static("/static", pages.STATIC),
+    ]

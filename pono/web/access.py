@@ -1,24 +1,31 @@
-"""Who is asking: bearer tokens (JWT logins and API keys) to principals, roles and scopes, and the audit log.
+"""Who is asking: bearer tokens (JWT logins and API keys) to principals, roles and scopes; rate limits.
 
 Every endpoint but the call page, its call-token endpoint and the health checks calls `require`.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Any, Literal
 
-import asyncpg
 from aiohttp import web
 
 from pono.auth import bearer
 from pono.context import SERVICES
 from pono.http import ApiError
 from pono.storage.db import CONNECTION_ERRORS
-from pono.storage.users import Principal
+from pono.storage.users import ROLES, SCOPES, Principal
+
+# The roles and scopes as request bodies may name them (the same as storage's, checked below).
+Role = Literal["viewer", "operator", "admin"]
+Scope = Literal["calls", "personas", "knowledge", "users", "keys", "audit", "metrics"]
+assert set(Role.__args__) == set(ROLES) and set(Scope.__args__) == set(SCOPES)  # type: ignore[attr-defined]
 
 
 async def authenticate(request: web.Request) -> Principal:
+    """The caller behind the request's bearer token (a login token or an API key).
+
+    Raises ApiError 401 (no token, or a bad one) or 503 (the database is unavailable).
+    """
     services = request.app[SERVICES]
     token = bearer(request)
     if not token:
@@ -34,7 +41,10 @@ async def authenticate(request: web.Request) -> Principal:
 
 
 async def require(request: web.Request, role: str, area: str) -> Principal:
-    """The caller, if their token is good, their role at least `role`, and their key scoped for `area`."""
+    """The caller, if their token is good, their role at least `role`, and their key scoped for `area`.
+
+    Also counts the request against the key's (or login's) per-second limit. Raises ApiError 401, 403, 429, 503.
+    """
     principal = await authenticate(request)
     if not principal.has(role):
         raise ApiError(403, f"this needs the {role} role")
@@ -48,12 +58,6 @@ async def require(request: web.Request, role: str, area: str) -> Principal:
             raise ApiError(429, "too many requests for this key; slow down", retry_after_s=retry_after,
                            headers={"Retry-After": str(retry_after)})
     return principal
-
-
-async def audit(db: asyncpg.Pool | asyncpg.Connection, actor: str, action: str, target: str | None,
-                source_ip: str | None, **details: Any) -> None:
-    await db.execute("INSERT INTO audit_log (actor, action, target, source_ip, details) VALUES ($1, $2, $3, $4, $5)",
-                     actor, action, target, source_ip, json.dumps(details))
 
 
 _UNLIMITED = frozenset({"/api/health", "/api/ready", "/api/startup"})  # probes must never be refused

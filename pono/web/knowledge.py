@@ -7,10 +7,11 @@ import re
 
 from aiohttp import web
 
-from pono.access import require
+from pono.agent.knowledge.base import KnowledgeBase
 from pono.agent.knowledge.documents import CONTENT_TYPES, DocumentError, extract_text
 from pono.context import SERVICES
 from pono.http import ApiError
+from pono.web.access import require
 
 MAX_DOCUMENT_BYTES = 10 * 1024 * 1024
 _COLLECTION = re.compile(r"^[\w.-]{1,100}$")
@@ -32,9 +33,19 @@ async def _read_limited(request: web.Request) -> bytes:
     return data
 
 
+def _knowledge(request: web.Request) -> KnowledgeBase:
+    knowledge: KnowledgeBase | None = request.app[SERVICES].storage.knowledge
+    assert knowledge is not None  # built at start-up, before any request
+    return knowledge
+
+
 async def add_document(request: web.Request) -> web.Response:
-    """Body: the document itself (text/plain, text/markdown, text/html, application/pdf) with ?source=NAME,
-    or JSON {"source", "text", "title"?}."""
+    """POST /api/knowledge/{collection}/documents (admin, knowledge): 201 created or replaced, 200 unchanged;
+    413 over 10 MiB, 415 for another content type, 422 for an unreadable document.
+
+    Body: the document itself (text/plain, text/markdown, text/html, application/pdf) with ?source=NAME,
+    or JSON {"source", "text", "title"?}.
+    """
     await require(request, "admin", "knowledge")
     collection = _collection(request)
     data = await _read_limited(request)
@@ -59,26 +70,19 @@ async def add_document(request: web.Request) -> web.Response:
         text = extract_text(data, kind)
     except DocumentError as exc:
         raise ApiError(422, f"cannot ingest {source}: {exc}") from None
-    knowledge = request.app[SERVICES].storage.knowledge
-    assert knowledge is not None
-    result = await knowledge.ingest(collection, source, text, title=title)
+    result = await _knowledge(request).ingest(collection, source, text, title=title)
     status = 200 if result.status == "unchanged" else 201
     return web.json_response({"document_id": result.document_id, "source": source, "status": result.status,
                               "chunks": result.chunks}, status=status)
 
 
 async def search(request: web.Request) -> web.Response:
+    """GET /api/knowledge/{collection}/search?q=&k=1..50 (viewer, knowledge): {"results": [...]}, best first."""
     await require(request, "viewer", "knowledge")
     collection = _collection(request)
     query = request.query.get("q", "")
     k = request.query.get("k", "5")
     if not query or not k.isdigit() or not 1 <= int(k) <= 50:
         raise ApiError(422, "invalid query", fields=[{"field": "q/k", "message": "q is required, k from 1 to 50"}])
-    knowledge = request.app[SERVICES].storage.knowledge
-    assert knowledge is not None
-    return web.json_response({"results": await knowledge.search(query, [collection], int(k))})
+    return web.json_response({"results": await _knowledge(request).search(query, [collection], int(k))})
 
-
-def routes() -> list[web.RouteDef]:
-    return [web.post("/api/knowledge/{collection}/documents", add_document),
-            web.get("/api/knowledge/{collection}/search", search)]

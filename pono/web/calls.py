@@ -1,0 +1,90 @@
+"""Calls: the live ones (from the registry, every replica) and the history (from Postgres), one call in full."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from pono.context import SERVICES
+from pono.http import ApiError
+from pono.storage.history import call_dlp_findings, call_tool_calls, call_turns, find_call, find_calls
+from pono.web.access import require
+from pono.web.params import database, decode_cursor, encode_cursor, iso, page_limit
+
+
+def _time(raw: str | None, field: str) -> datetime | None:
+    """?since= / ?until=: ISO 8601 (UTC when it has no zone) or unix seconds. Raises ApiError 422."""
+    if not raw:
+        return None
+    try:
+        value = datetime.fromtimestamp(float(raw), UTC) if raw.replace(".", "", 1).isdigit() \
+            else datetime.fromisoformat(raw)
+    except ValueError:
+        raise ApiError(422, "invalid query", fields=[{"field": field, "message": "ISO 8601 time or unix seconds"}]) \
+            from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _call_json(call: dict[str, Any]) -> dict[str, Any]:
+    return {"id": call["id"], "transport": call["transport"], "persona": call["persona"], "caller": call["caller"],
+            "replica": call["replica"], "started_at": iso(call["started_at"]), "ended_at": iso(call["ended_at"]),
+            "end_reason": call["end_reason"]}
+
+
+async def list_calls(request: web.Request) -> web.Response:
+    """GET /api/calls?state=live|ended&persona=&since=&until=&q=&limit=&cursor= (viewer, calls)."""
+    await require(request, "viewer", "calls")
+    services = request.app[SERVICES]
+    state = request.query.get("state")
+    persona = request.query.get("persona") or None
+    limit = page_limit(request)
+    if state not in (None, "live", "ended"):
+        raise ApiError(422, "invalid query", fields=[{"field": "state", "message": "'live' or 'ended'"}])
+    if state == "live":
+        assert services.storage.live is not None
+        try:
+            calls = await services.storage.live.live_calls()
+        except (RedisError, OSError):
+            raise ApiError(503, "the live call registry (Redis) is unavailable") from None
+        calls = [c for c in calls if persona is None or c.get("persona") == persona]
+        calls.sort(key=lambda c: c.get("started", ""), reverse=True)
+        return web.json_response({"calls": calls[:limit], "next_cursor": None})
+
+    cursor = decode_cursor(request.query.get("cursor"))
+    since = _time(request.query.get("since"), "since")
+    until = _time(request.query.get("until"), "until")
+    text = request.query.get("q") or None  # full-text search over the stored (redacted) turns
+    if text is not None and len(text) > 500:
+        raise ApiError(422, "invalid query", fields=[{"field": "q", "message": "at most 500 characters"}])
+    rows = await find_calls(database(request), persona=persona, since=since, until=until, ended_only=state == "ended",
+                            text=text, before=cursor, count=limit + 1)
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1]["started_at"], page[-1]["id"]) if len(rows) > limit else None
+    return web.json_response({"calls": [_call_json(r) for r in page], "next_cursor": next_cursor})
+
+
+async def get_call(request: web.Request) -> web.Response:
+    """GET /api/calls/{call_id} (viewer, calls): the call with its turns, tool calls and DLP findings."""
+    await require(request, "viewer", "calls")
+    call_id = request.match_info["call_id"]
+    pool = database(request)
+    call = await find_call(pool, call_id)
+    if call is None:
+        raise ApiError(404, f"no call {call_id}")
+    turns = await call_turns(pool, call_id)
+    tools = await call_tool_calls(pool, call_id)
+    findings = await call_dlp_findings(pool, call_id)
+    body = _call_json(call)
+    body["turns"] = [{"index": t["idx"], "role": t["role"], "text": t["text"], "source": t["source"],
+                      "started_at": iso(t["started_at"]), "ended_at": iso(t["ended_at"]),
+                      "interrupted": t["interrupted"], "latency": t["latency"]} for t in turns]
+    body["tool_calls"] = [{"turn": t["turn_idx"], "id": t["tool_call_id"], "name": t["name"],
+                           "arguments": t["arguments"], "result": t["result"],
+                           "duration_ms": t["duration_ms"], "error": t["error"]} for t in tools]
+    body["dlp_findings"] = [{"turn": f["turn_idx"], "entity_type": f["entity_type"], "start": f["span_start"],
+                             "end": f["span_end"], "action": f["action"]} for f in findings]
+    return web.json_response(body)
+

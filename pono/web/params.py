@@ -1,0 +1,60 @@
+"""What handlers read off a request: the database pool, ids in the path, and paging parameters."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from datetime import datetime
+
+import asyncpg
+from aiohttp import web
+
+from pono.context import SERVICES
+from pono.http import ApiError
+
+
+def database(request: web.Request) -> asyncpg.Pool:
+    """The Postgres pool (storage has started before any request is served)."""
+    db = request.app[SERVICES].storage.db
+    assert db is not None
+    return db.pool
+
+
+def path_uuid(request: web.Request, name: str, what: str) -> uuid.UUID:
+    """The path parameter `name` as a UUID. Raises ApiError 404 ("no {what} ...") when it is not one."""
+    raw = request.match_info[name]
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise ApiError(404, f"no {what} {raw}") from None
+
+
+def page_limit(request: web.Request, default: int = 50, most: int = 200) -> int:
+    """?limit=, an integer from 1 to `most`. Raises ApiError 422."""
+    raw = request.query.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise ApiError(422, "invalid query", fields=[{"field": "limit", "message": f"an integer from 1 to {most}"}])
+    return int(raw)
+
+
+def encode_cursor(at: datetime, row_id: str) -> str:
+    """An opaque ?cursor= for the position (time, id) of the last row of a page."""
+    return base64.urlsafe_b64encode(json.dumps([at.isoformat(), row_id]).encode()).decode()
+
+
+def decode_cursor(raw: str | None) -> tuple[datetime, str] | None:
+    """The (time, id) position in a ?cursor= from `encode_cursor`; None when absent. Raises ApiError 422."""
+    if not raw:
+        return None
+    try:
+        at, row_id = json.loads(base64.urlsafe_b64decode(raw.encode()))
+        return datetime.fromisoformat(at), str(row_id)
+    except (ValueError, TypeError):
+        raise ApiError(422, "invalid query", fields=[{"field": "cursor", "message": "not a cursor from this API"}]) \
+            from None
+
+
+def iso(value: datetime | None) -> str | None:
+    """A time as ISO 8601 for a response body, or None."""
+    return value.isoformat() if value else None

@@ -1,0 +1,122 @@
+"""Personas: list, read (viewer); create, replace, delete (admin). Bodies are validated before they are stored."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import asyncpg
+from aiohttp import web
+from pydantic import AfterValidator, BaseModel, Field
+
+from pono.agent.dlp.engine import DlpPolicy
+from pono.agent.tools.specs import parse_tool_specs
+from pono.http import ApiError, read_json_model
+from pono.storage import personas as stored
+from pono.web.access import require
+from pono.web.params import database, decode_cursor, encode_cursor, iso, page_limit, path_uuid
+
+
+class TurnTaking(BaseModel):
+    hangover_ms: int | None = Field(default=None, ge=100, le=3000)
+    min_speech_ms: int | None = Field(default=None, ge=32, le=2000)
+    barge_in_min_ms: int | None = Field(default=None, ge=100, le=5000)
+
+
+def _valid_dlp_policy(value: dict[str, Any]) -> dict[str, Any]:
+    DlpPolicy.from_config(value)  # raises ValueError naming what is wrong: a 422 for the field
+    return value
+
+
+def _valid_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r}") from None
+    return value
+
+
+def _valid_tools(value: list[Any]) -> list[Any]:
+    parse_tool_specs(value)  # raises ValueError naming the bad entry
+    return value
+
+
+class PersonaIn(BaseModel):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[\w .-]+$")
+    system_prompt: str = Field(min_length=1, max_length=20_000)
+    greeting: str = Field(default="", max_length=2000)
+    language: str = Field(default="en", min_length=2, max_length=16)
+    tts_voice: str | None = Field(default=None, max_length=100)
+    llm_model: str | None = Field(default=None, max_length=200)
+    llm_params: dict[str, Any] = Field(default_factory=dict)
+    tools: Annotated[list[Any], AfterValidator(_valid_tools)] = Field(default_factory=list)
+    knowledge_collections: list[str] = Field(default_factory=list)
+    dlp_policy: Annotated[dict[str, Any], AfterValidator(_valid_dlp_policy)] = Field(default_factory=dict)
+    turn_taking: TurnTaking = Field(default_factory=TurnTaking)
+    is_default: bool = False
+    timezone: Annotated[str, AfterValidator(_valid_timezone)] = "UTC"
+    # Anonymous callers of this persona: whether the call page may get call tokens, and how many a minute per IP.
+    call_tokens_enabled: bool = True
+    call_tokens_per_minute: int | None = Field(default=None, ge=1, le=10_000)
+
+
+def _persona_json(persona: dict[str, Any]) -> dict[str, Any]:
+    return {**persona, "created_at": iso(persona["created_at"]), "updated_at": iso(persona["updated_at"])}
+
+
+async def list_personas(request: web.Request) -> web.Response:
+    """GET /api/personas?limit=&cursor= (viewer, personas): oldest first."""
+    await require(request, "viewer", "personas")
+    limit = page_limit(request)
+    cursor = decode_cursor(request.query.get("cursor"))
+    rows = await stored.list_personas(database(request), cursor, limit + 1)
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
+    return web.json_response({"personas": [_persona_json(r) for r in page], "next_cursor": next_cursor})
+
+
+async def get_persona(request: web.Request) -> web.Response:
+    """GET /api/personas/{persona_id} (viewer, personas)."""
+    await require(request, "viewer", "personas")
+    persona_id = path_uuid(request, "persona_id", "persona")
+    persona = await stored.get_persona(database(request), persona_id)
+    if persona is None:
+        raise ApiError(404, f"no persona {persona_id}")
+    return web.json_response(_persona_json(persona))
+
+
+async def _save_persona(request: web.Request, persona_id: uuid.UUID | None) -> web.Response:
+    who = await require(request, "admin", "personas")
+    body = await read_json_model(request, PersonaIn)
+    values = {**body.model_dump(), "turn_taking": body.turn_taking.model_dump(exclude_none=True)}
+    try:
+        persona = await stored.save_persona(database(request), persona_id, values, who.name, request.remote)
+    except stored.PersonaNotFound:
+        raise ApiError(404, f"no persona {persona_id}") from None
+    except asyncpg.UniqueViolationError:
+        raise ApiError(409, f"a persona named {body.name!r} already exists") from None
+    return web.json_response(_persona_json(persona), status=201 if persona_id is None else 200)
+
+
+async def create_persona(request: web.Request) -> web.Response:
+    """POST /api/personas (admin, personas): a PersonaIn body; 201 with the stored persona, 409 on a taken name."""
+    return await _save_persona(request, None)
+
+
+async def update_persona(request: web.Request) -> web.Response:
+    """PUT /api/personas/{persona_id} (admin, personas): replaces every field; 404, 409 on a taken name."""
+    return await _save_persona(request, path_uuid(request, "persona_id", "persona"))
+
+
+async def delete_persona(request: web.Request) -> web.Response:
+    """DELETE /api/personas/{persona_id} (admin, personas): 204; 409 for the default persona."""
+    who = await require(request, "admin", "personas")
+    persona_id = path_uuid(request, "persona_id", "persona")
+    try:
+        await stored.delete_persona(database(request), persona_id, who.name, request.remote)
+    except stored.PersonaNotFound:
+        raise ApiError(404, f"no persona {persona_id}") from None
+    except stored.DefaultPersonaKept:
+        raise ApiError(409, "the default persona cannot be deleted; make another one the default first") from None
+    return web.Response(status=204)
