@@ -10,13 +10,15 @@ import uuid
 from pono.agent.conversation import Conversation
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.llm import LLMClient
-from pono.agent.personas import Persona, load_persona, persona_for_number
+from pono.agent.personas import Persona, UnknownPersona, normalize_number
 from pono.agent.tools.specs import build_registry
 from pono.events import CallEvent, EventType
 from pono.logs import call_context
 from pono.metrics import Metrics
 from pono.settings import Settings
 from pono.storage.db import CONNECTION_ERRORS
+from pono.storage.numbers import persona_id_for_number
+from pono.storage.personas import find_persona
 from pono.storage.service import Storage
 from pono.tracing import CallTracing
 from pono.transport import Transport
@@ -57,10 +59,13 @@ class CallManager:
         if db is None:
             return Persona.from_settings(self.settings)
         try:
-            return await load_persona(db.pool, ref)
+            found = await find_persona(db.pool, ref)
         except CONNECTION_ERRORS as exc:
             log.warning("personas unavailable (%s): using the configured default", type(exc).__name__)
             return Persona.from_settings(self.settings)
+        if found is None:
+            raise UnknownPersona(ref or "default")
+        return Persona.from_record(found)
 
     async def persona_for_number(self, dialed: str) -> Persona:
         """The persona a dialed number maps to (default when none); the configured one without Postgres."""
@@ -68,10 +73,14 @@ class CallManager:
         if db is None:
             return Persona.from_settings(self.settings)
         try:
-            return await persona_for_number(db.pool, dialed)
+            persona_id = await persona_id_for_number(db.pool, normalize_number(dialed))
+            found = await find_persona(db.pool, persona_id)
         except CONNECTION_ERRORS as exc:
             log.warning("personas unavailable (%s): using the configured default", type(exc).__name__)
             return Persona.from_settings(self.settings)
+        if found is None:
+            raise UnknownPersona(persona_id or "default")
+        return Persona.from_record(found)
 
     def start(self, call_id: str, transport: Transport, persona: Persona | None = None,
               caller: str | None = None) -> Call:

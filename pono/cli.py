@@ -21,11 +21,11 @@ from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.dlp.logfilter import install_log_redaction
 from pono.agent.knowledge.base import KnowledgeBase
 from pono.agent.knowledge.documents import DocumentError, extract_text, kind_of
-from pono.agent.personas import UnknownPersona, load_persona
 from pono.logs import configure_logging
 from pono.settings import Settings
 from pono.storage.db import Database, StorageError
 from pono.storage.embedded import EmbeddedPostgres
+from pono.storage.personas import find_persona
 from pono.storage.retention import purge
 from pono.storage.users import ROLES, create_api_key, create_user, set_password
 
@@ -162,11 +162,10 @@ async def _dlp_policy(settings: Settings, persona: str | None, policy_json: str 
     if persona is None:
         return DEFAULT_POLICY
     async with _database(settings) as db:
-        try:
-            found = await load_persona(db.pool, persona)
-        except UnknownPersona:
-            raise SystemExit(f"pono: no persona {persona!r}") from None
-    return DlpPolicy.from_config(found.dlp_policy)
+        found = await find_persona(db.pool, persona)
+    if found is None:
+        raise SystemExit(f"pono: no persona {persona!r}")
+    return DlpPolicy.from_config(found["dlp_policy"])
 
 
 def _dlp_scan(policy: DlpPolicy) -> None:
