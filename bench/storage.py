@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+from pono.agent.dlp.apply import redact_records
 from pono.events import EventStream, EventType
 from pono.storage.db import Database
 from pono.storage.embedded import EmbeddedPostgres
@@ -54,7 +55,7 @@ async def main() -> None:
     await db.connect()
     try:
         # 1. Throughput: a call's events, through the observer, the queue and the batching writer.
-        writer = Writer(db, Journal(workdir / "journal"))
+        writer = Writer(db, Journal(workdir / "journal"), redact=redact_records)
         writer.start()
         events = EventStream(uuid.uuid4().hex)
         events.subscribe(writer.observer(events.call_id, "bench"))
@@ -82,7 +83,7 @@ async def main() -> None:
         # 2. Replay: a journal left by an outage, applied when Postgres returns.
         journal = Journal(workdir / "replay-journal")
         journal.append(turn_records(uuid.uuid4().hex, args.journal - 1))
-        replayer = Writer(db, journal)
+        replayer = Writer(db, journal, redact=redact_records)
         replay_started = time.perf_counter()
         replayed = await replayer.replay()
         replay_s = time.perf_counter() - replay_started

@@ -9,9 +9,12 @@ import secrets
 import sys
 from collections.abc import AsyncIterator
 
+import asyncpg
 from aiohttp import web
 
+from pono.agent.dlp.apply import redact_event, redact_records
 from pono.agent.embedded import EmbeddedLLM, free_port
+from pono.agent.knowledge.base import KnowledgeBase, RemoteEmbedder
 from pono.agent.llm import LLMClient
 from pono.auth import TokenSigner, load_secret
 from pono.calls import CallManager
@@ -61,7 +64,7 @@ def build_app(settings: Settings) -> web.Application:
     metrics = Metrics()
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else load_secret(
         settings.data_dir / "metrics_token").decode()
-    storage = Storage(settings, metrics)
+    storage = Storage(settings, metrics, redact_records=redact_records, redact_event=redact_event)
     services = Services(
         settings=settings, models=models, llm=llm, metrics=metrics,
         calls=CallManager(settings, models, llm, metrics, storage, CallTracing.from_env()),
@@ -79,6 +82,15 @@ def build_app(settings: Settings) -> web.Application:
     return app
 
 
+def _knowledge_base(settings: Settings, pool: asyncpg.Pool) -> KnowledgeBase:
+    """The knowledge base on the storage pool; embeddings from PONO_EMBEDDINGS_URL when set, else local."""
+    remote = None
+    if settings.embeddings_url:
+        remote = RemoteEmbedder(settings.embeddings_url, settings.openai_api_key.get_secret_value(),
+                                settings.embeddings_model)
+    return KnowledgeBase(pool, remote=remote)
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     embedded = app.get(EMBEDDED_LLM)
@@ -89,6 +101,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await services.storage.close()
         raise
     assert services.storage.db is not None
+    services.storage.knowledge = _knowledge_base(services.settings, services.storage.db.pool)
     await _start_auth(services)
     assert services.storage.live is not None
     desk = OperatorDesk(services.calls, OperatorMedia(services.settings))

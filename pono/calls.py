@@ -124,7 +124,7 @@ class CallManager:
         if self.tracing is not None:
             call.events.subscribe(self.tracing.observer(call_id, transport.kind, persona.name))
         if self.storage is not None:
-            self.storage.attach(call, transport.kind, caller, call.dlp)
+            self.storage.attach(call_id, call.events, transport.kind, persona.name, caller, call.dlp)
         self.calls[call_id] = call
         call.serve_mcp(mcp_servers)
         self.metrics.calls_total.labels(transport.kind).inc()

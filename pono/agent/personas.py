@@ -39,7 +39,7 @@ class Persona:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Persona:
-        """A snapshot of a stored persona (a dict as pono.storage.personas gives it: JSON fields decoded,
+        """A snapshot of a stored persona: a dict as the storage repository gives it (JSON fields decoded,
         the id a string). Keys other than the persona's fields are ignored; a missing one raises KeyError."""
         return cls(
             id=str(record["id"]), name=record["name"], system_prompt=record["system_prompt"],

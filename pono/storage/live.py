@@ -12,16 +12,20 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from pono.agent.dlp.apply import redact_event
-from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.events import CallEvent, EventType
 
 log = logging.getLogger(__name__)
+
+# The operators' copy of one event: (event as a JSON dict, the call's DLP policy or None for the default,
+# the agent text so far per turn, which it updates) → the event redacted. Blocking: it runs in a worker thread.
+# A policy is opaque here. The composition root passes pono.agent.dlp.apply.redact_event.
+RedactEvent = Callable[[dict[str, Any], Any, dict[int, str]], dict[str, Any]]
 
 LIVE_SET = "pono:calls:live"  # sorted set: call id → last heartbeat (unix time)
 
@@ -45,8 +49,14 @@ def _delta_follows(items: list[tuple[str, str, dict[str, Any] | None]], i: int) 
 
 
 class LiveState:
-    def __init__(self, url: str, replica: str, ttl_s: int = 15) -> None:
+    """This replica's calls in the shared registry, and their events on each call's channel, redacted first.
+
+    `redact` runs on every published event in a worker thread (see RedactEvent).
+    """
+
+    def __init__(self, url: str, replica: str, ttl_s: int = 15, *, redact: RedactEvent) -> None:
         self.url = url
+        self.redact = redact
         self.replica = replica
         self.ttl_s = ttl_s
         self.redis = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True)
@@ -57,7 +67,7 @@ class LiveState:
         self.calls: dict[str, dict[str, str]] = {}  # this replica's live calls, as registered
         # (what, call id, event): "event" to publish, "state" to update, "unregister" to remove
         self._outbox: deque[tuple[str, str, dict[str, Any] | None]] = deque(maxlen=10_000)
-        self._redaction: dict[str, tuple[DlpPolicy, dict[int, str]]] = {}
+        self._redaction: dict[str, tuple[Any, dict[int, str]]] = {}  # call id → (policy, agent text per turn)
         self._wake = asyncio.Event()
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -91,7 +101,9 @@ class LiveState:
             self._outbox.append(("unregister", call_id, None))
             self._wake.set()
 
-    def observer(self, call_id: str, policy: DlpPolicy = DEFAULT_POLICY) -> Any:
+    def observer(self, call_id: str, policy: Any = None) -> Callable[[CallEvent], None]:
+        """An observer for one call's event stream: keeps its registry entry current and queues its events
+        for publishing (never blocks). `policy` is the call's DLP policy for `redact`; None: the default."""
         self._redaction[call_id] = (policy, {})
 
         def observe(event: CallEvent) -> None:
@@ -117,14 +129,14 @@ class LiveState:
         prepared = []
         for i, (what, call_id, event) in enumerate(items):
             if what == "event" and event is not None:
-                policy, agent_text = self._redaction.get(call_id, (DEFAULT_POLICY, {}))
+                policy, agent_text = self._redaction.get(call_id, (None, {}))
                 if _delta_follows(items, i):
                     # Operators get agent text cumulatively: of a run of deltas only the last is published,
                     # so the text is scanned once per batch, not once per token.
                     turn = event.get("turn") or 0
                     agent_text[turn] = agent_text.get(turn, "") + str(event.get("text", ""))
                     continue
-                message = json.dumps(redact_event(event, policy, agent_text), separators=(",", ":"))
+                message = json.dumps(self.redact(event, policy, agent_text), separators=(",", ":"))
                 prepared.append((what, call_id, message))
                 if event.get("type") == "call.ended":
                     self._redaction.pop(call_id, None)

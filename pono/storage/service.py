@@ -3,31 +3,41 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
-from pono.agent.knowledge.base import KnowledgeBase, RemoteEmbedder
+from pono.events import EventStream
 from pono.metrics import Metrics
 from pono.settings import Settings
 from pono.storage.db import Database
 from pono.storage.embedded import EmbeddedPostgres, EmbeddedValkey
 from pono.storage.journal import Journal
-from pono.storage.live import LiveState
-from pono.storage.writer import Writer
-from pono.voice.call import Call
+from pono.storage.live import LiveState, RedactEvent
+from pono.storage.writer import RedactRecords, Writer
 
 log = logging.getLogger(__name__)
 
 
 class Storage:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    """Postgres, the write queue and Redis live state, started and closed together.
+
+    `redact_records` and `redact_event` are the DLP applied to whatever leaves a call for Postgres, the journal
+    and operators (see RedactRecords and RedactEvent); both are blocking and run in worker threads.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics, *, redact_records: RedactRecords,
+                 redact_event: RedactEvent) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.redact_records = redact_records
+        self.redact_event = redact_event
         self._embedded_pg: EmbeddedPostgres | None = None
         self._embedded_valkey: EmbeddedValkey | None = None
         self.db: Database | None = None
         self.writer: Writer | None = None
         self.live: LiveState | None = None
-        self.knowledge: KnowledgeBase | None = None
+        # The knowledge base on this database (pono.agent.knowledge.base.KnowledgeBase): built and set by the
+        # composition root once the pool is up. Storage itself never uses it.
+        self.knowledge: Any = None
 
     async def start(self) -> None:
         """Raises StorageError with a one-line reason when Postgres cannot be used."""
@@ -39,11 +49,7 @@ class Storage:
             dsn = await self._embedded_pg.start()
         self.db = Database(dsn, min_size=s.db_pool_min, max_size=s.db_pool_max, attempts=s.db_connect_attempts)
         await self.db.connect()
-        remote = None
-        if s.embeddings_url:
-            remote = RemoteEmbedder(s.embeddings_url, s.openai_api_key.get_secret_value(), s.embeddings_model)
-        self.knowledge = KnowledgeBase(self.db.pool, remote=remote)
-        self.writer = Writer(self.db, Journal(s.data_dir / "journal"),
+        self.writer = Writer(self.db, Journal(s.data_dir / "journal"), redact=self.redact_records,
                              on_error=lambda kind: self.metrics.errors.labels(kind).inc())
         self.writer.start()
 
@@ -52,16 +58,20 @@ class Storage:
         else:
             self._embedded_valkey = EmbeddedValkey(s.data_dir)
             redis_url = await self._embedded_valkey.start()
-        self.live = LiveState(redis_url, s.replica_id, s.registry_ttl_s)
+        self.live = LiveState(redis_url, s.replica_id, s.registry_ttl_s, redact=self.redact_event)
         await self.live.start()
 
-    def attach(self, call: Call, transport: str, caller: str | None = None,
-               policy: DlpPolicy = DEFAULT_POLICY) -> None:
-        """Observe a new call: persist what it says, and show it live to every replica (both redacted)."""
+    def attach(self, call_id: str, events: EventStream, transport: str, persona: str | None,
+               caller: str | None = None, policy: Any = None) -> None:
+        """Observe a new call: persist what it says, and show it live to every replica (both redacted).
+
+        `transport` is its kind ("webrtc", "sip", ...), `persona` the persona's name, `policy` its DLP policy
+        (opaque here, handed to the redactors; None: their default). Needs `start` to have run.
+        """
         assert self.writer is not None and self.live is not None
-        call.events.subscribe(self.writer.observer(call.call_id, self.settings.replica_id, caller, policy))
-        self.live.register(call.call_id, transport, call.persona, caller)
-        call.events.subscribe(self.live.observer(call.call_id, policy))
+        events.subscribe(self.writer.observer(call_id, self.settings.replica_id, caller, policy))
+        self.live.register(call_id, transport, persona, caller)
+        events.subscribe(self.live.observer(call_id, policy))
 
     def detach(self, call_id: str) -> None:
         if self.live is not None:

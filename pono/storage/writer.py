@@ -12,17 +12,22 @@ import logging
 import time
 from collections.abc import Callable
 from itertools import groupby
+from typing import Any
 
 import asyncpg
 
-from pono.agent.dlp.apply import redact_records
-from pono.agent.dlp.engine import DlpPolicy
 from pono.events import CallEvent
 from pono.storage.db import CONNECTION_ERRORS, Database
 from pono.storage.journal import Journal
 from pono.storage.records import CallRecorder, Record
 
 log = logging.getLogger(__name__)
+
+# Redaction of a batch of records before they are written or journaled: (records, call id → that call's DLP
+# policy) → the records to keep, texts redacted and findings added. Blocking: it runs in a worker thread.
+# A policy is opaque here; calls with none get the redactor's default. The composition root passes
+# pono.agent.dlp.apply.redact_records.
+RedactRecords = Callable[[list[Record], dict[str, Any]], list[Record]]
 
 _SQL = {
     "call_started": (
@@ -66,15 +71,22 @@ def _args(r: Record) -> tuple[object, ...]:
 
 
 class Writer:
-    def __init__(self, db: Database, journal: Journal, *, batch_max: int = 500, linger_s: float = 0.02,
-                 on_error: Callable[[str], None] | None = None) -> None:
+    """Batches call records into Postgres, journaling them while it is away; every record is redacted first.
+
+    `redact` is run on each batch in a worker thread (see RedactRecords); `on_error(kind)` counts failures
+    ("db_unreachable", "db_write_rejected").
+    """
+
+    def __init__(self, db: Database, journal: Journal, *, redact: RedactRecords, batch_max: int = 500,
+                 linger_s: float = 0.02, on_error: Callable[[str], None] | None = None) -> None:
         self.db = db
         self.journal = journal
+        self.redact = redact
         self.batch_max = batch_max
         self.linger_s = linger_s
         self.on_error = on_error or (lambda kind: None)
         self.queue: asyncio.Queue[Record] = asyncio.Queue()
-        self.policies: dict[str, DlpPolicy] = {}  # per call, from its persona
+        self.policies: dict[str, Any] = {}  # per call, from its persona: opaque, handed to `redact`
         # Start journaled if an earlier run left writes behind (a crash, or an outage at shutdown).
         self.db_up = not journal.has_pending()
         self.written = 0
@@ -83,7 +95,9 @@ class Writer:
 
     # -- the call loop's side -----------------------------------------------------------------
     def observer(self, call_id: str, replica: str, caller: str | None = None,
-                 policy: DlpPolicy | None = None) -> Callable[[CallEvent], None]:
+                 policy: Any = None) -> Callable[[CallEvent], None]:
+        """An observer for one call's event stream that queues its records (never blocks).
+        `policy` is the call's DLP policy for `redact`; None: the redactor's default."""
         recorder = CallRecorder(replica, caller)
         if policy is not None:
             self.policies[call_id] = policy
@@ -124,7 +138,7 @@ class Writer:
 
     async def _handle(self, batch: list[Record]) -> None:
         # Personal data never reaches Postgres or the journal on disk: redact first, off the event loop.
-        batch = await asyncio.to_thread(redact_records, batch, self.policies)
+        batch = await asyncio.to_thread(self.redact, batch, self.policies)
         for rec in batch:
             if rec["kind"] == "call_ended":
                 self.policies.pop(rec["call_id"], None)

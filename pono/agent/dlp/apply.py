@@ -7,7 +7,9 @@ from typing import Any
 
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.dlp.spoken import normalize
-from pono.storage.records import Record, record
+
+# A write record as the storage writer queues it: {"key": idempotency key, "kind", "call_id", "turn", ...}.
+Record = dict[str, Any]
 
 # Events whose text an operator sees; agent deltas are redacted as the text accumulated so far, since a
 # card number can arrive split across several deltas.
@@ -18,7 +20,9 @@ TOOL_EVENTS = ("tool.call", "tool.result")
 def redact_records(records: list[Record], policies: dict[str, DlpPolicy]) -> list[Record]:
     """Blocking (about a millisecond per turn): run it in a worker thread.
 
-    Turn texts are replaced by their redacted form, and each finding becomes a record of its own.
+    `policies` maps a call id to its policy (DEFAULT_POLICY for calls not in it). Turn texts are replaced by
+    their redacted form, tool arguments and results have every string redacted, and each finding becomes a
+    "dlp_finding" record of its own, right after its turn. Records already marked "redacted" pass unchanged.
     """
     out: list[Record] = []
     for rec in records:
@@ -35,9 +39,10 @@ def redact_records(records: list[Record], policies: dict[str, DlpPolicy]) -> lis
         result = policy.scan(rec["text"], "redact" if policy.action == "block_and_warn" else None)
         out.append({**rec, "text": result.text, "redacted": True})
         for f in result.findings:
-            out.append(record("dlp_finding", rec["call_id"], rec["turn"], entity_type=f.entity_type, start=f.start,
-                              end=f.end, action=f.action, recognizer=f.recognizer)
-                       | {"key": f"{rec['call_id']}:{rec['turn']}:dlp:{f.start}:{f.entity_type}"})
+            out.append({"key": f"{rec['call_id']}:{rec['turn']}:dlp:{f.start}:{f.entity_type}",
+                        "kind": "dlp_finding", "call_id": rec["call_id"], "turn": rec["turn"],
+                        "entity_type": f.entity_type, "start": f.start, "end": f.end, "action": f.action,
+                        "recognizer": f.recognizer})
     return out
 
 
@@ -71,8 +76,10 @@ def mask_digit_runs(text: str) -> str:
     return "".join(out)
 
 
-def redact_event(event: dict[str, Any], policy: DlpPolicy, agent_text: dict[int, str]) -> dict[str, Any]:
-    """The operator's copy of an event (a JSON dict), with personal data redacted."""
+def redact_event(event: dict[str, Any], policy: DlpPolicy | None, agent_text: dict[int, str]) -> dict[str, Any]:
+    """The operator's copy of an event (a JSON dict), with personal data redacted. Blocking: run it in a worker
+    thread. `policy` None means DEFAULT_POLICY; `agent_text` (turn → agent text so far) is updated by deltas."""
+    policy = policy if policy is not None else DEFAULT_POLICY
     kind = event.get("type")
     if kind == "agent.delta":
         turn = event.get("turn") or 0
