@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pono.agent.tools.mcp_servers import McpServerConfig
+
 
 class IceServer(BaseModel):
     """One entry of RTCConfiguration.iceServers, as the browser expects it."""
@@ -97,7 +99,13 @@ class Settings(BaseSettings):
     embeddings_model: str = "text-embedding-3-small"
 
     # Tools.
-    webhook_allowed_hosts: list[str] = Field(default_factory=list)  # hosts webhook tools may call
+    # Hosts webhook tools and MCP URLs may reach: names, IPs, CIDRs (pono.agent.tools.netguard). A name only
+    # admits public addresses; loopback/private/link-local ones must be listed as an IP or CIDR.
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    webhook_max_response_bytes: int = 64 * 1024  # a larger webhook answer is an error result
+    # The stdio MCP servers personas may name (JSON: name -> {"command", "args", "env"}; see
+    # pono.agent.tools.mcp_servers). A persona can't give a command itself.
+    mcp_servers: dict[str, McpServerConfig] = Field(default_factory=dict)
     tool_max_rounds: int = 3
     tool_filler_after_s: float = 1.5
 

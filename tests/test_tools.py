@@ -7,13 +7,20 @@ import contextlib
 import hashlib
 import hmac
 import json
+import sys
 import uuid
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from pono.agent.embedded import free_port
+from pono.agent.tools.mcp_servers import BASIC_ENV, parse_mcp_servers
+from pono.agent.tools.mcp_tools import serve_mcp_tools
+from pono.agent.tools.registry import ToolContext, ToolOutcome, ToolRegistry
+from pono.agent.tools.specs import build_registry, parse_tool_specs
+from pono.agent.tools.webhook import webhook_tool
 from pono.context import SERVICES
 from pono.testing.caller import Caller
 from pono.testing.scripted_llm import Script
@@ -244,20 +251,36 @@ async def test_invalid_tool_specs_are_rejected(server, admin_token: str) -> None
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
         for tools, message in ((["teleport"], "unknown built-in"),
                                ([{"type": "webhook", "name": "x", "url": "ftp://x"}], "http(s) url"),
-                               ([{"type": "carrier-pigeon"}], "unsupported tool type")):
+                               ([{"type": "carrier-pigeon"}], "unsupported tool type"),
+                               # A persona may not say what program to run, nor sign with any variable.
+                               ([{"type": "mcp", "name": "x", "command": "python", "args": ["-c", "1"]}],
+                                "PONO_MCP_SERVERS"),
+                               ([{"type": "webhook", "name": "x", "url": "https://api.example.com/x",
+                                  "secret_env": "OPENAI_API_KEY"}], "secret_env must be")):
             async with http.post(f"{server.url}/api/personas",
                                  json={"name": "bad-tools", "system_prompt": "x", "tools": tools}) as r:
                 assert r.status == 422
                 assert message in (await r.json())["fields"][0]["message"]
 
 
-async def test_mcp_server_tools_are_discovered_and_called(server, script: Script, admin_token: str) -> None:
-    import sys
-    from pathlib import Path
+@pytest.fixture
+def mcp_servers(monkeypatch: pytest.MonkeyPatch, server):
+    """The operator's PONO_MCP_SERVERS for the tests' stdio servers: the SDK-built fixture server, and one
+    that exits at once. Set in the environment (which build_registry reads when it is not given them) and
+    on the server's settings."""
+    fixture = Path(__file__).parent / "fixtures" / "mcp_server.py"
+    servers = {"orders": {"command": sys.executable, "args": [str(fixture)]},
+               "dead": {"command": sys.executable, "args": ["-c", "raise SystemExit(3)"]}}
+    monkeypatch.setenv("PONO_MCP_SERVERS", json.dumps(servers))
+    settings = server.app[SERVICES].settings
+    monkeypatch.setattr(settings, "mcp_servers", parse_mcp_servers(servers), raising=False)
+    return servers
 
-    mcp = {"type": "mcp", "name": "orders", "command": sys.executable,
-           "args": [str(Path(__file__).parent / "fixtures" / "mcp_server.py")], "timeout_s": 2}
-    dead = {"type": "mcp", "name": "dead", "command": sys.executable, "args": ["-c", "raise SystemExit(3)"]}
+
+async def test_mcp_server_tools_are_discovered_and_called(server, script: Script, admin_token: str,
+                                                          mcp_servers) -> None:
+    mcp = {"type": "mcp", "name": "orders", "server": "orders", "timeout_s": 2}
+    dead = {"type": "mcp", "name": "dead", "server": "dead"}
     name = await persona(server, admin_token, [mcp, dead])
     caller = await text_call(server, name)
     try:
@@ -301,11 +324,8 @@ async def test_mcp_server_tools_are_discovered_and_called(server, script: Script
 
 
 async def test_spoken_question_uses_knowledge_webhook_and_mcp(server, script: Script, admin_token: str,
-                                                              target: WebhookTarget, audio_dir) -> None:
+                                                              target: WebhookTarget, audio_dir, mcp_servers) -> None:
     """The issue's end-to-end: a persona with knowledge, a webhook and an MCP tool answers a spoken question."""
-    import sys
-    from pathlib import Path
-
     from conftest import espeak
 
     from pono.agent.knowledge.evaluate import ingest_folder
@@ -315,7 +335,7 @@ async def test_spoken_question_uses_knowledge_webhook_and_mcp(server, script: Sc
     fixtures = Path(__file__).parent / "fixtures"
     collection = f"voice-{uuid.uuid4().hex[:6]}"
     await ingest_folder(server.app[SERVICES].storage.knowledge, fixtures / "knowledge", collection)
-    mcp = {"type": "mcp", "name": "orders", "command": sys.executable, "args": [str(fixtures / "mcp_server.py")]}
+    mcp = {"type": "mcp", "name": "orders", "server": "orders"}
     name = f"full-{uuid.uuid4().hex[:6]}"
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
         async with http.post(f"{server.url}/api/personas", json={
@@ -378,10 +398,10 @@ async def test_transfer_to_operator_marks_the_call(server, script: Script, admin
         await caller.hang_up()
 
 
-async def test_mcp_server_over_streamable_http(server, script: Script, admin_token: str) -> None:
-    import sys
-    from pathlib import Path
-
+async def test_mcp_server_over_streamable_http(server, script: Script, admin_token: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # MCP URLs pass the tool host allow-list; loopback must be listed as an address.
+    monkeypatch.setattr(server.app[SERVICES].settings, "webhook_allowed_hosts", ["127.0.0.1"])
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(Path(__file__).parent / "fixtures" / "mcp_server.py"), "--http", str(port),
@@ -414,3 +434,223 @@ async def test_mcp_server_over_streamable_http(server, script: Script, admin_tok
     finally:
         process.terminate()
         await process.wait()
+
+
+# -- the security rules, on the tools themselves (no Pono server) --------------------------------------
+class Backend:
+    """A real HTTP server on loopback: a business backend, a redirector, or an attacker's sink."""
+
+    def __init__(self, routes: list[web.RouteDef]) -> None:
+        self.received: list[bytes] = []
+        self.app = web.Application()
+        self.app.add_routes(routes)
+        self.runner = web.AppRunner(self.app, access_log=None)
+        self.port = free_port()
+
+    async def __aenter__(self) -> Backend:
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+
+def tool_context() -> ToolContext:
+    return ToolContext(call_id="call-1", persona="security")
+
+
+async def run_webhook(spec: dict[str, object], allowed_hosts: list[str]) -> ToolOutcome:
+    registry, _ = build_registry([{"type": "webhook", "name": "hook", **spec}], allowed_hosts, mcp_servers={})
+    return await registry.call("id-1", "hook", "{}", tool_context())
+
+
+async def test_webhook_redirect_is_an_error_and_the_signed_body_goes_nowhere_else(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PONO_WEBHOOK_SECRET", SECRET)
+
+    async def sink(request: web.Request) -> web.Response:
+        attacker.received.append(await request.read())
+        return web.json_response({"stolen": True})
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPPermanentRedirect(f"http://127.0.0.1:{attacker.port}/sink")  # 308: the body is re-sent
+
+    attacker = Backend([web.post("/sink", sink)])
+    async with attacker, Backend([web.post("/hook", redirect)]) as backend:
+        outcome = await run_webhook({"url": f"http://127.0.0.1:{backend.port}/hook"}, ["127.0.0.1"])
+    assert outcome.error is not None and "308" in outcome.error and "redirect" in outcome.error
+    assert attacker.received == []
+
+
+async def test_webhook_to_a_name_that_resolves_to_loopback_needs_the_address_listed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PONO_WEBHOOK_SECRET", SECRET)
+
+    async def hook(request: web.Request) -> web.Response:
+        backend.received.append(await request.read())
+        return web.json_response({"ok": True})
+
+    backend = Backend([web.post("/hook", hook)])
+    async with backend:
+        url = f"http://localhost:{backend.port}/hook"
+        refused = await run_webhook({"url": url}, ["localhost"])  # the name alone: public addresses only
+        assert refused.error is not None and "non-public address" in refused.error
+        assert backend.received == []
+        for addresses in (["localhost", "127.0.0.1", "::1"], ["localhost", "127.0.0.0/8", "::1/128"]):
+            allowed = await run_webhook({"url": url}, addresses)
+            assert allowed.error is None and allowed.result == {"ok": True}
+    assert len(backend.received) == 2
+
+
+async def test_webhook_answer_over_the_size_cap_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PONO_WEBHOOK_SECRET", SECRET)
+    big = b'{"x": "' + b"a" * (70 * 1024) + b'"}'
+
+    async def sized(request: web.Request) -> web.Response:
+        return web.Response(body=big, content_type="application/json")
+
+    async def chunked(request: web.Request) -> web.StreamResponse:  # no Content-Length to go by
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(big), 8192):
+            await response.write(big[start:start + 8192])
+        await response.write_eof()
+        return response
+
+    async with Backend([web.post("/sized", sized), web.post("/chunked", chunked)]) as backend:
+        for path in ("sized", "chunked"):
+            outcome = await run_webhook({"url": f"http://127.0.0.1:{backend.port}/{path}"}, ["127.0.0.1"])
+            assert outcome.error is not None and "65536-byte limit" in outcome.error, outcome
+
+
+async def test_webhook_secret_must_be_a_webhook_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-the-real-key")
+    monkeypatch.setenv("PONO_WEBHOOK_SECRET_CRM", SECRET)
+
+    async def hook(request: web.Request) -> web.Response:
+        backend.received.append(await request.read())
+        return web.json_response({"ok": True})
+
+    backend = Backend([web.post("/hook", hook)])
+    async with backend:
+        url = f"http://127.0.0.1:{backend.port}/hook"
+        with pytest.raises(ValueError, match="secret_env must be"):
+            parse_tool_specs([{"type": "webhook", "name": "hook", "url": url, "secret_env": "OPENAI_API_KEY"}])
+        # A row saved before the rule is left out of the call's tools, and refused at call time anyway.
+        registry, _ = build_registry([{"type": "webhook", "name": "hook", "url": url, "secret_env": "OPENAI_API_KEY"}],
+                                     ["127.0.0.1"], mcp_servers={})
+        assert "hook" not in registry.tools
+        stale = webhook_tool({"name": "hook", "url": url, "secret_env": "OPENAI_API_KEY"}, ["127.0.0.1"])
+        with pytest.raises(ValueError, match="secret_env must be"):
+            await stale.run({}, tool_context())
+        assert backend.received == []
+        allowed = await run_webhook({"url": url, "secret_env": "PONO_WEBHOOK_SECRET_CRM"}, ["127.0.0.1"])
+        assert allowed.error is None and len(backend.received) == 1
+
+
+ENV_SERVER = '''
+import os
+from mcp.server.mcpserver import MCPServer
+server = MCPServer("env")
+
+@server.tool()
+def environment() -> dict:
+    """The server's own environment."""
+    return {"variables": dict(os.environ)}
+
+server.run("stdio")
+'''
+
+
+async def serve(spec: dict[str, object], registry: ToolRegistry, prefix: str) -> tuple[asyncio.Task[None], list[str]]:
+    """Start an MCP entry as a call would; return once its tools are offered or it reported an error."""
+    errors: list[str] = []
+    task = asyncio.create_task(serve_mcp_tools(spec, registry, errors.append))
+    for _ in range(300):
+        if errors or any(name.startswith(f"{prefix}__") for name in registry.tools) or task.done():
+            break
+        await asyncio.sleep(0.05)
+    return task, errors
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_stdio_mcp_servers_come_from_the_operator_and_get_only_their_variables(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-the-real-key")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://pono:secret@db/pono")
+    monkeypatch.setenv("ORDERS_TOKEN", "orders-token")
+    servers = parse_mcp_servers(json.dumps({"envdump": {
+        "command": sys.executable, "args": ["-c", ENV_SERVER],
+        "env": {"ORDERS_TOKEN": "$ORDERS_TOKEN", "MODE": "test"}}}))
+    with pytest.raises(ValueError, match="PONO_MCP_SERVERS"):
+        parse_tool_specs([{"type": "mcp", "name": "evil", "command": "python", "args": ["-c", "print(1)"]}])
+    with pytest.raises(ValueError, match="no MCP server 'nope'"):
+        parse_tool_specs([{"type": "mcp", "name": "x", "server": "nope"}], known_servers=servers)
+    registry, mcp = build_registry([{"type": "mcp", "name": "env", "server": "envdump"},
+                                    {"type": "mcp", "name": "evil", "command": sys.executable, "args": ["-c", "1"]},
+                                    {"type": "mcp", "name": "ghost", "server": "nope"}], [], mcp_servers=servers)
+    tasks = []
+    try:
+        task, errors = await serve(mcp[0], registry, "env")
+        tasks.append(task)
+        assert errors == [] and "env__environment" in registry.tools
+        outcome = await registry.call("id-1", "env__environment", "{}", tool_context())
+        variables = outcome.result["variables"]
+        assert variables["ORDERS_TOKEN"] == "orders-token" and variables["MODE"] == "test"
+        assert "OPENAI_API_KEY" not in variables and "DATABASE_URL" not in variables
+        assert set(variables) <= {"ORDERS_TOKEN", "MODE", "HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER",
+                                  *BASIC_ENV}
+        for entry, name in ((mcp[1], "evil"), (mcp[2], "ghost")):  # a legacy command row; an unknown server
+            task, errors = await serve(entry, registry, name)
+            tasks.append(task)
+            assert len(errors) == 1 and f"MCP server {name} is unavailable" in errors[0]
+            assert not any(tool.startswith(f"{name}__") for tool in registry.tools)
+    finally:
+        for task in tasks:
+            await stop(task)
+
+
+async def test_mcp_url_must_pass_the_tool_host_allow_list() -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).parent / "fixtures" / "mcp_server.py"), "--http", str(port),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await listening(port)
+        cases = ((f"http://127.0.0.1:{port}/mcp", [], "not on the tool host allow-list"),
+                 (f"http://localhost:{port}/mcp", ["localhost"], "non-public address"),
+                 (f"http://127.0.0.1:{port}/mcp", ["127.0.0.1"], None))
+        for url, allowed, refusal in cases:
+            registry, mcp = build_registry([{"type": "mcp", "name": "orders", "url": url}], allowed, mcp_servers={})
+            task, errors = await serve(mcp[0], registry, "orders")
+            try:
+                if refusal is None:
+                    assert errors == [] and "orders__lookup_order" in registry.tools
+                    outcome = await registry.call("id-1", "orders__lookup_order", '{"order_id": "C-3"}', tool_context())
+                    assert outcome.result["status"] == "shipped"
+                else:
+                    assert len(errors) == 1 and refusal in errors[0], errors
+                    assert "orders__lookup_order" not in registry.tools
+            finally:
+                await stop(task)
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def listening(port: int) -> None:
+    for _ in range(200):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")

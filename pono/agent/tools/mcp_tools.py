@@ -1,7 +1,10 @@
-"""MCP servers declared in a persona (stdio command or streamable HTTP URL): their tools, offered to the LLM.
+"""MCP servers a persona names: stdio servers from the operator's PONO_MCP_SERVERS, or streamable-HTTP
+URLs on the tool host allow-list. Their tools are offered to the LLM as `<name>__<tool>`.
 
 Each server lives for one call, in a task of its own (the SDK's streams belong to the task that opened
 them); cancelling that task at the end of the call closes the session and stops a stdio server.
+`serve_mcp_tools` takes the entries `specs.build_registry` returns: `_stdio` (an McpServerConfig),
+`_allowed_hosts` for a URL, or `_error`. An entry without them is refused, never run.
 """
 
 from __future__ import annotations
@@ -13,14 +16,25 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx2
+
+from pono.agent.tools.mcp_servers import McpServerConfig, child_environment
+from pono.agent.tools.netguard import AddressRefused, HostPolicy, guarded_http_client
 from pono.agent.tools.registry import Tool, ToolContext, ToolRegistry
 
 log = logging.getLogger(__name__)
 
 
+class McpRefused(PermissionError):
+    """An MCP entry that may not run: not from PONO_MCP_SERVERS, or a URL off the allow-list."""
+
+
 @contextlib.asynccontextmanager
 async def mcp_session(spec: dict[str, Any]) -> AsyncIterator[Any]:
+    """An initialised MCP ClientSession for a resolved entry (see the module doc). Raises McpRefused or
+    AddressRefused for what may not run; the SDK's errors for a server that fails."""
     from mcp import ClientSession, StdioServerParameters
     from mcp.client.stdio import stdio_client
 
@@ -28,17 +42,39 @@ async def mcp_session(spec: dict[str, Any]) -> AsyncIterator[Any]:
         if spec.get("url"):
             from mcp.client.streamable_http import streamable_http_client
 
-            streams = await stack.enter_async_context(streamable_http_client(spec["url"]))
+            policy = HostPolicy(spec.get("_allowed_hosts") or [])
+            policy.check_host(urlsplit(spec["url"]).hostname or "")
+            # The SDK's own client's timeouts: 30 s, and 300 s to read (a server may hold a stream open).
+            http = await stack.enter_async_context(guarded_http_client(policy, timeout=httpx2.Timeout(30, read=300)))
+            streams = await stack.enter_async_context(streamable_http_client(spec["url"], http_client=http))
             read, write = streams[0], streams[1]
         else:
-            params = StdioServerParameters(command=spec["command"], args=[str(a) for a in spec.get("args", [])],
-                                           env={**os.environ, **spec.get("env", {})})
+            config = spec.get("_stdio")
+            if not isinstance(config, McpServerConfig):
+                raise McpRefused("a stdio MCP server must come from PONO_MCP_SERVERS")
+            params = StdioServerParameters(command=config.command, args=list(config.args),
+                                           env=child_environment(config))
             # A server's chatter on stderr is not ours to print. (Opening /dev/null never blocks.)
             devnull = stack.enter_context(open(os.devnull, "w"))  # noqa: ASYNC230
             read, write = await stack.enter_async_context(stdio_client(params, errlog=devnull))
         session = await stack.enter_async_context(ClientSession(read, write))
         await session.initialize()
         yield session
+
+
+def _refusal(exc: BaseException) -> BaseException | None:
+    """The allow-list refusal inside `exc` (its causes, or an exception group's members), if any."""
+    seen: list[BaseException] = [exc]
+    while seen:
+        current = seen.pop()
+        if isinstance(current, McpRefused | AddressRefused):
+            return current
+        if isinstance(current, BaseExceptionGroup):
+            seen.extend(current.exceptions)
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None and len(seen) < 50:
+                seen.append(linked)
+    return None
 
 
 def _result_value(result: Any) -> Any:
@@ -73,6 +109,10 @@ async def serve_mcp_tools(spec: dict[str, Any], registry: ToolRegistry,
     """Connect, offer the server's tools for the rest of the call, and disconnect when cancelled."""
     name = spec["name"]
     timeout_s = float(spec.get("timeout_s", 10.0))
+    if spec.get("_error"):
+        log.warning("MCP server %s not started: %s", name, spec["_error"])
+        on_error(f"MCP server {name} is unavailable: {spec['_error']}")
+        return
     try:
         async with contextlib.AsyncExitStack() as stack:
             async with asyncio.timeout(open_timeout_s):
@@ -86,9 +126,14 @@ async def serve_mcp_tools(spec: dict[str, Any], registry: ToolRegistry,
             await asyncio.Event().wait()  # until the call ends and cancels us
     except asyncio.CancelledError:
         raise
-    except BaseException as exc:  # a dead or hanging server costs its tools, never the call
-        log.warning("MCP server %s unavailable: %s", name, type(exc).__name__)
-        on_error(f"MCP server {name} is unavailable")
+    except BaseException as exc:  # a dead, hanging or refused server costs its tools, never the call
+        refused = _refusal(exc)
+        if refused is not None:
+            log.warning("MCP server %s refused: %s", name, refused)
+            on_error(f"MCP server {name} is unavailable: {refused}")
+        else:
+            log.warning("MCP server %s unavailable: %s", name, type(exc).__name__)
+            on_error(f"MCP server {name} is unavailable")
     finally:
         for tool_name in [t for t in registry.tools if t.startswith(f"{name}__")]:
             registry.tools.pop(tool_name, None)
