@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
@@ -23,12 +24,20 @@ FRAME = RATE // 50
 
 
 class MicrophoneTrack(MediaStreamTrack):
-    """Plays queued 48 kHz audio in 20 ms frames paced by the wall clock; silence in between."""
+    """Plays queued 48 kHz audio in 20 ms frames paced by the wall clock; silence in between.
+
+    `stereo_channel` (0 left, 1 right) makes the frames 2-channel, packed s16, with the sound on that channel
+    and silence on the other, like a two-input audio interface with the microphone on one input. None (the
+    default) gives mono frames.
+    """
 
     kind = "audio"
 
-    def __init__(self) -> None:
+    def __init__(self, *, stereo_channel: int | None = None) -> None:
         super().__init__()
+        if stereo_channel not in (None, 0, 1):
+            raise ValueError("stereo_channel is 0 (left), 1 (right) or None (mono)")
+        self.stereo_channel = stereo_channel
         self._queue: list[np.ndarray] = []
         self._start: float | None = None
         self._sent = 0
@@ -57,18 +66,30 @@ class MicrophoneTrack(MediaStreamTrack):
                 self.speech_done.set()
         else:
             samples = np.zeros(FRAME, np.int16)
-        frame = int16_frame(samples, RATE)
+        frame = int16_frame(samples, RATE) if self.stereo_channel is None else self._stereo(samples)
         frame.pts = self._sent * FRAME
         frame.time_base = fractions.Fraction(1, RATE)
         self._sent += 1
         return frame
 
+    def _stereo(self, samples: np.ndarray) -> av.AudioFrame:
+        both = np.zeros((FRAME, 2), np.int16)
+        both[:, self.stereo_channel] = samples
+        frame = av.AudioFrame.from_ndarray(both.reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate = RATE
+        return frame
+
+
+SdpEdit = Callable[[str], str]
+
 
 class Caller:
-    def __init__(self, base_url: str) -> None:
+    """`mic` replaces the default mono MicrophoneTrack (e.g. a stereo one)."""
+
+    def __init__(self, base_url: str, *, mic: MicrophoneTrack | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.mic = MicrophoneTrack()
+        self.mic = mic or MicrophoneTrack()
         self.http = aiohttp.ClientSession()
         self.token = ""
         self.call_id = ""
@@ -80,7 +101,15 @@ class Caller:
         self.channel = None
         self.to_48k = Resampler(RATE)
 
-    async def connect(self, *, audio: bool = True, persona: str | None = None) -> dict[str, Any]:
+    async def connect(self, *, audio: bool = True, persona: str | None = None, edit_offer: SdpEdit | None = None,
+                      edit_answer: SdpEdit | None = None) -> dict[str, Any]:
+        """Get a call token, POST an offer, apply the answer; returns the answer body.
+
+        `edit_offer` rewrites the SDP this peer connection made before it is POSTed (a crafted offer, as
+        another client would send it); `edit_answer` rewrites the server's answer before this peer connection
+        applies it (what a client that understands more SDP than aiortc would do with it). The returned body
+        holds the answer as the server sent it. Raises RuntimeError when the offer is refused.
+        """
         async with self.http.post(f"{self.base_url}/api/call-tokens") as r:
             body = await r.json()
             if r.status != 201:
@@ -92,7 +121,8 @@ class Caller:
         self.channel.on("message", self._on_message)
         self.pc.on("track", self._on_track)
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        body: dict[str, Any] = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        sdp = self.pc.localDescription.sdp
+        body: dict[str, Any] = {"sdp": edit_offer(sdp) if edit_offer else sdp, "type": "offer"}
         if persona:
             body["persona"] = persona
         async with self.http.post(f"{self.base_url}/api/calls", json=body, headers=self.auth) as r:
@@ -100,7 +130,8 @@ class Caller:
             if r.status != 201:
                 raise RuntimeError(f"offer refused: {r.status} {answer}")
         self.call_id = answer["call_id"]
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        sdp = edit_answer(answer["sdp"]) if edit_answer else answer["sdp"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=answer["type"]))
         return answer
 
     @property
