@@ -1,4 +1,5 @@
-"""WebRTC transport (aiortc): Opus in → 16 kHz frames, PCM out → paced 48 kHz, JSON over a data channel."""
+"""WebRTC transport (aiortc): Opus in → 16 kHz frames of the voice channel, PCM out → paced 48 kHz, JSON over a
+data channel."""
 
 from __future__ import annotations
 
@@ -23,23 +24,63 @@ _INBOUND_QUEUE_FRAMES = 250  # 5 s: if the call loop stalls longer, the oldest a
 _PENDING_TEXT_MAX = 200
 
 
-def first_channel(frame: av.AudioFrame) -> np.ndarray:
-    """One channel of a decoded frame: planar frames are [channels, n], packed ones interleave L R L R."""
-    channels = len(frame.layout.channels)
+def channels(frame: av.AudioFrame) -> np.ndarray:
+    """A decoded frame's samples as [channels, samples]: planar frames store them so, packed ones interleave
+    L R L R."""
+    count = len(frame.layout.channels)
     samples = frame.to_ndarray()
     if frame.format.is_planar:
-        return samples.reshape(channels, -1)[0]
-    return samples.reshape(-1, channels)[:, 0]
+        return samples.reshape(count, -1)
+    return samples.reshape(-1, count).T
+
+
+def first_channel(frame: av.AudioFrame) -> np.ndarray:
+    """The first channel of a decoded frame, shape [samples]."""
+    return channels(frame)[0]
+
+
+class VoiceChannel:
+    """Turns decoded frames into one channel: the one that carries the voice.
+
+    A two-input audio interface (or a stereo line-in) may send the microphone on one channel and silence, or
+    another source, on the other; Opus is always stereo on the wire. The loudest channel is kept, not a
+    downmix: averaging a voice with a silent channel halves it (-6 dB, toward the VAD's threshold), and
+    summing doubles a mono voice sent as two identical channels (what browsers do) into clipping. The choice
+    has hysteresis: another channel takes over only once a frame carries twice (+3 dB) the energy of the
+    current one, so near-identical channels do not flip every frame. Call once per decoded frame, in order.
+    """
+
+    _SWITCH_RATIO = 2.0
+
+    def __init__(self) -> None:
+        self.current = 0
+
+    def __call__(self, frame: av.AudioFrame) -> np.ndarray:
+        """One frame's samples of the voice channel, shape [samples], in the frame's sample format."""
+        samples = channels(frame)
+        if samples.shape[0] == 1:
+            return samples[0]
+        energy = np.square(samples, dtype=np.float64).sum(axis=1)
+        loudest = int(np.argmax(energy))
+        current = min(self.current, samples.shape[0] - 1)
+        if energy[loudest] > self._SWITCH_RATIO * energy[current]:
+            current = loudest
+        self.current = current
+        return samples[current]
 
 
 async def read_frames(track: MediaStreamTrack, put: Callable[[np.ndarray], object]) -> None:
-    """Decode a received audio track into 16 kHz mono 20 ms frames until it ends."""
+    """Decode a received audio track into 16 kHz mono 20 ms frames (int16, shape [320]) until it ends.
+
+    Of a stereo track the channel that carries the voice is kept (VoiceChannel).
+    """
     resample = Resampler(SAMPLE_RATE)
+    voice = VoiceChannel()
     pending = np.zeros(0, np.int16)
     try:
         while True:
             frame = await track.recv()
-            mono = first_channel(frame)
+            mono = voice(frame)
             pending = np.concatenate([pending, resample(mono.astype(np.int16, copy=False), frame.sample_rate)])
             while pending.size >= FRAME_SAMPLES:
                 put(pending[:FRAME_SAMPLES])
