@@ -8,9 +8,12 @@ import asyncio
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 from aiortc.sdp import grouplines
+from phone_peers import stored_call
 from test_voice_call import words
 
+from pono.context import SERVICES
 from pono.testing.caller import Caller, MicrophoneTrack
 from pono.testing.scripted_llm import Script
 
@@ -60,6 +63,55 @@ async def open_call(server, **kwargs) -> Caller:
     await caller.connect(**kwargs)
     await caller.wait_open()
     return caller
+
+
+# -- audio that is inactive, one-way or implied -------------------------------------------------------------------
+@pytest.mark.parametrize(("direction", "spoken"), [
+    ("inactive", False),  # neither way: a text call
+    ("sendonly", False),  # the caller talks but will not listen: heard, answered in text
+    ("recvonly", True),   # the caller never sends audio but listens: spoken answers
+])
+async def test_audio_direction_decides_whether_replies_are_spoken(server, script: Script, admin_token: str,
+                                                                   question: np.ndarray, direction: str | None,
+                                                                   spoken: bool) -> None:
+    script.reply = REPLY
+    directions = ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive")
+
+    def set_direction(i: int, lines: list[str]) -> list[str]:
+        if kind_of(lines) != "audio":
+            return lines
+        lines = without(directions)(lines)
+        return lines if direction is None else [*lines, f"a={direction}"]
+
+    settings = server.app[SERVICES].settings
+    settings.speak_greeting = True  # read when a call starts
+    try:
+        caller = await open_call(server, edit_offer=lambda sdp: edit_sections(sdp, set_direction))
+    finally:
+        settings.speak_greeting = False
+    greeting = (await server.app[SERVICES].calls.persona(None)).greeting
+    try:
+        # The greeting and a reply each finish on their own, whole; nothing has to barge in to end them.
+        hello = await caller.wait_for(lambda e: e["type"] == "agent.final", 30)
+        assert hello["text"] == greeting and hello["interrupted"] is False
+        caller.send_text("When are you open?")
+        final = await caller.wait_for(lambda e: e["type"] == "agent.final" and e["turn"] > hello["turn"], 30)
+        assert final["text"] == REPLY and final["interrupted"] is False
+        if direction == "sendonly":  # the caller's speech still reaches the agent
+            caller.speak(question)
+            heard = await caller.wait_for(lambda e: e["type"] == "transcript.final" and e.get("source") != "text"
+                                          and e.get("text"), 30)
+            assert {"book", "table"} <= words(heard["text"])
+            await caller.wait_for(lambda e: e["type"] == "agent.final" and e["turn"] > final["turn"], 30)
+        await asyncio.sleep(0.5)
+        loud = caller.recording().size > 0 and int(np.abs(caller.recording()).max()) > 2000
+        assert loud is spoken
+    finally:
+        await caller.hang_up()
+    stored = await stored_call(server, admin_token, caller.call_id)
+    agent = [t for t in stored["turns"] if t["role"] == "agent"]
+    assert agent and all(not t["interrupted"] for t in agent)
+    assert [t["text"] for t in agent][:2] == [greeting, REPLY]
 
 
 # -- stereo input --------------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ async def create_call(request: web.Request) -> web.Response:
 
     started = time.perf_counter()
     pc = RTCPeerConnection(rtc_configuration(services.settings.ice_servers))
-    transport = WebRTCTransport(pc, has_audio="audio" in kinds)
+    transport = WebRTCTransport(pc)
     try:
         try:
             await asyncio.wait_for(
@@ -114,8 +114,8 @@ async def create_call(request: web.Request) -> web.Response:
             )
         except (ValueError, KeyError, IndexError, TypeError, AssertionError) as exc:
             raise ApiError(400, f"invalid SDP offer: {exc or type(exc).__name__}") from None
-        if transport.has_audio:
-            pc.addTrack(transport.out_track)
+        if "audio" in kinds:
+            pc.addTrack(transport.out_track)  # the answer's direction then says whether it is sent
         answer = await pc.createAnswer()
         await asyncio.wait_for(pc.setLocalDescription(answer), _NEGOTIATION_TIMEOUT_S)
     except BaseException:

@@ -90,11 +90,16 @@ async def read_frames(track: MediaStreamTrack, put: Callable[[np.ndarray], objec
 
 
 class WebRTCTransport:
+    """A call over one RTCPeerConnection: audio both ways (as negotiated), JSON text over a data channel.
+
+    Whether the agent speaks follows the negotiated audio direction, not the presence of m=audio: see has_audio.
+    Add `out_track` to the peer connection before creating the answer when the offer's audio is taken.
+    """
+
     kind = "webrtc"
 
-    def __init__(self, pc: RTCPeerConnection, *, has_audio: bool) -> None:
+    def __init__(self, pc: RTCPeerConnection) -> None:
         self.pc = pc
-        self._has_audio = has_audio
         self.out_track = PacedAudioTrack()
         self._resample_out = Resampler(OUT_RATE)
         self._frames: asyncio.Queue[np.ndarray | None] = asyncio.Queue(_INBOUND_QUEUE_FRAMES)
@@ -166,7 +171,15 @@ class WebRTCTransport:
     # -- Transport interface ------------------------------------------------------------------
     @property
     def has_audio(self) -> bool:
-        return self._has_audio
+        """Whether audio we send reaches the caller: the negotiated audio transceiver's current direction
+        (ours) is sendrecv or sendonly, i.e. the caller offered sendrecv or recvonly on a port other than 0
+        (RFC 3264 §6.1). False for a text-only call, an inactive or rejected audio m= line and a caller who only
+        sends (whose audio is still heard). Read on every use: it follows currentDirection, which only an
+        offer/answer exchange changes (Pono takes one per call, so today it is fixed once the call starts)."""
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.kind == "audio" and transceiver.sender.track is self.out_track:
+                return transceiver.currentDirection in ("sendrecv", "sendonly")
+        return False
 
     async def audio_frames(self) -> AsyncIterator[np.ndarray]:
         while True:
@@ -176,7 +189,9 @@ class WebRTCTransport:
             yield frame
 
     async def send_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
-        if not self._has_audio or self._closed.is_set():
+        """Queue int16 mono PCM (any rate) for the caller; returns at once, dropping it, while has_audio is
+        False (nobody pulls the track) or the call has ended."""
+        if not self.has_audio or self._closed.is_set():
             return
         await self.out_track.push(self._resample_out(pcm, sample_rate))
 
@@ -190,7 +205,9 @@ class WebRTCTransport:
 
     @property
     def queued_s(self) -> float:
-        return self.out_track.queued_s
+        """Seconds queued and still to be sent; 0 while has_audio is False, since nothing would ever send them
+        (so a reply that waits for its audio to play out does not wait)."""
+        return self.out_track.queued_s if self.has_audio else 0.0
 
     async def text_messages(self) -> AsyncIterator[str]:
         while True:
