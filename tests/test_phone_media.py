@@ -9,7 +9,8 @@ import pytest
 
 from pono.signaling.phone import g711
 from pono.signaling.phone.rtp import DtmfReceiver, JitterBuffer, RtpPacket
-from pono.signaling.phone.sdp import SdpError, answer, parse_offer
+from pono.signaling.phone.sdp import Offer, SdpError, answer, parse_offer
+from pono.signaling.phone.sdp_policy import MediaPolicy
 
 
 def _reference_g711():  # type: ignore[no-untyped-def]
@@ -140,3 +141,58 @@ def test_sdp_picks_the_first_g711_and_answers_with_ptime_20() -> None:
 def test_sdp_without_a_usable_codec_is_refused(sdp: str) -> None:
     with pytest.raises(SdpError):
         parse_offer(sdp)
+
+
+def test_sdp_answers_every_offered_m_line() -> None:
+    """RFC 3264 §6: one m= line per offered one, in order; the refused ones with port 0."""
+    offer = parse_offer(RICH_OFFER.replace("m=audio", "m=video 9000 RTP/AVP 96 97\r\na=rtpmap:96 VP8/90000\r\n"
+                                           "a=rtpmap:97 H264/90000\r\nm=audio", 1)
+                        + "m=image 9002 udptl t38\r\n")
+    text = answer(offer, "198.51.100.1", 40000)
+    assert [line for line in text.split("\r\n") if line.startswith("m=")] == [
+        "m=video 0 RTP/AVP 96 97", "m=audio 40000 RTP/AVP 8 101", "m=image 0 udptl t38"]
+    assert text.index("a=rtpmap:8 PCMA/8000") > text.index("m=audio")
+
+
+def test_sdp_answers_ipv6_with_ipv6() -> None:
+    offer = parse_offer(RICH_OFFER.replace("IN IP4 192.0.2.10", "IN IP6 2001:db8::10"))
+    assert offer.address == "2001:db8::10"
+    text = answer(offer, "2001:db8::1", 40000)
+    assert "c=IN IP6 2001:db8::1" in text and "IN IP4" not in text
+
+
+PUBLIC = MediaPolicy.build([], "0.0.0.0")  # a listener on every interface, no private media networks
+
+
+@pytest.mark.parametrize(("address", "why"), [
+    ("pbx.example.com", "not an IP address"),  # a hostname: would be resolved on the event loop
+    ("169.254.169.254", "link-local"),  # the cloud metadata service
+    ("fe80::1", "link-local"),
+    ("224.0.0.1", "multicast"),
+    ("255.255.255.255", "broadcast"),
+    ("127.0.0.1", "loopback"),
+    ("10.1.2.3", "not public"),
+    ("::ffff:169.254.169.254", "link-local"),
+])
+def test_media_policy_refuses_unusable_destinations(address: str, why: str) -> None:
+    family = "IP6" if ":" in address else "IP4"
+    offer = parse_offer(RICH_OFFER.replace("IN IP4 192.0.2.10", f"IN {family} {address}"))
+    with pytest.raises(SdpError, match=why):
+        PUBLIC.destination(offer, "2001:db8::1" if family == "IP6" else "198.51.100.1")
+
+
+def test_media_policy_accepts_public_and_listed_and_reads_0000_as_hold() -> None:
+    def offer(address: str) -> Offer:
+        return parse_offer(RICH_OFFER.replace("192.0.2.10", address))
+
+    assert PUBLIC.destination(offer("93.184.216.34"), "198.51.100.1") == ("93.184.216.34", 7078)
+    assert PUBLIC.destination(offer("0.0.0.0"), "198.51.100.1") is None  # hold
+    lan = MediaPolicy.build(["10.0.0.0/8"], "0.0.0.0")
+    assert lan.destination(offer("10.1.2.3"), "198.51.100.1") == ("10.1.2.3", 7078)
+    with pytest.raises(SdpError, match="link-local"):
+        MediaPolicy.build(["169.254.0.0/16"], "0.0.0.0").destination(offer("169.254.169.254"), "198.51.100.1")
+    on_loopback = MediaPolicy.build([], "127.0.0.1")  # the listener itself is on loopback (tests, a local proxy)
+    assert on_loopback.destination(offer("127.0.0.1"), "127.0.0.1") == ("127.0.0.1", 7078)
+    with pytest.raises(SdpError, match="IPv6 media offered"):
+        PUBLIC.destination(parse_offer(RICH_OFFER.replace("IN IP4 192.0.2.10", "IN IP6 2001:4860::1")),
+                           "198.51.100.1")

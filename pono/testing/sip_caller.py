@@ -1,12 +1,14 @@
 """A scripted SIP phone for benchmarks and tests: INVITE/ACK/BYE over UDP, PCMU RTP paced every 20 ms.
 
 It sends what it is told to say and comfort silence otherwise, records every RTP packet it receives with its
-arrival time, and answers the requests Pono sends it (BYE with 200 OK, REFER with 202 Accepted)."""
+arrival time, and answers the requests Pono sends it (BYE with 200 OK, REFER with 202 Accepted). With
+`auth=(user, password)` it answers a 401 challenge with RFC 2617 digest credentials (MD5, qop=auth)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import re
 import secrets
@@ -18,6 +20,7 @@ import numpy as np
 
 from pono.signaling.audio_out import Resampler
 from pono.signaling.phone import g711
+from pono.signaling.phone.digest import parse_fields
 from pono.signaling.phone.message import SipMessage, parse, response
 from pono.signaling.phone.rtp import RtpPacket
 
@@ -57,9 +60,20 @@ class SipCaller:
     responses: list[SipMessage] = field(default_factory=list)  # every response, retransmissions included
     # The RTP port written into our SDP, when it is not the one we send from (a NAT rewrote it).
     advertised_rtp_port: int | None = None
+    # The c= address written into our SDP, when it is not the one we bind (a hostname, 0.0.0.0 for hold…).
+    advertised_rtp_address: str | None = None
+    extra_media: str = ""  # more m= sections appended to our SDP offer (e.g. a video stream)
+    local_host: str = "127.0.0.1"  # the address we bind and advertise (::1 for IPv6)
+    call_id: str = ""  # the SIP Call-ID (a random one when empty)
+    auth: tuple[str, str] | None = None  # (user, password) to answer digest challenges with
+    # Credentials without waiting for a challenge: a WWW-Authenticate value seen earlier (any replica's).
+    preemptive_challenge: str | None = None
+    auth_uri: str | None = None  # the digest uri to sign, when not the Request-URI (a forger's mistake)
 
     def __post_init__(self) -> None:
-        self.call_id = secrets.token_hex(8)
+        self.call_id = self.call_id or secrets.token_hex(8)
+        self.authorization: str | None = None  # the last Authorization header we sent
+        self._nc = 0
         self.tag = secrets.token_hex(4)
         self.cseq = 1
         self._responses: asyncio.Queue[SipMessage] = asyncio.Queue()
@@ -71,20 +85,31 @@ class SipCaller:
         self.remote_rtp: tuple[str, int] | None = None
         self.hung_up = asyncio.Event()
         self.speech_sent = asyncio.Event()  # set when the last queued speech packet went out
+        self._restart: tuple[int, bool] | None = None
+        self.sent = 0  # RTP packets sent
 
     # -- SIP ---------------------------------------------------------------------------------------
     async def call(self, timeout: float = 10, ack: bool = True) -> int:
         """INVITE and ACK (unless told not to). The final status (200 when answered)."""
         loop = asyncio.get_running_loop()
         self._sip = _Udp(self._on_sip)
-        await loop.create_datagram_endpoint(lambda: self._sip, local_addr=("127.0.0.1", 0))
+        await loop.create_datagram_endpoint(lambda: self._sip, local_addr=(self.local_host, 0))
         self._rtp = _Udp(self._on_rtp)
-        await loop.create_datagram_endpoint(lambda: self._rtp, local_addr=("127.0.0.1", 0))
+        await loop.create_datagram_endpoint(lambda: self._rtp, local_addr=(self.local_host, 0))
         self.sip_port = self._sip.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
         self.rtp_port = self._rtp.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
         invite = self._request("INVITE", self._sdp("sendrecv"))
         invite.headers[0:0] = self.invite_headers
+        if self.preemptive_challenge is not None:
+            self._sign(invite, self.preemptive_challenge)
         answer = self.answer = await self._transaction(invite, timeout)
+        if answer.status in (401, 407) and self.auth is not None:
+            self.ack_failure(invite, answer)
+            self.cseq += 1
+            invite = self._request("INVITE", self._sdp("sendrecv"))
+            invite.headers[0:0] = self.invite_headers
+            self._sign(invite, answer.get("www-authenticate") or "")
+            answer = self.answer = await self._transaction(invite, timeout)
         if answer.status != 200:
             return answer.status or 0
         self.remote_tag = re.search(r"tag=([^;>\s]+)", answer.get("to") or "").group(1)  # type: ignore[union-attr]
@@ -97,12 +122,62 @@ class SipCaller:
     def ack(self) -> None:
         self._send(self._request("ACK", cseq=self.cseq))
 
+    def ack_failure(self, invite: SipMessage, answer: SipMessage) -> None:
+        """The ACK of a non-2xx final response: same branch as the INVITE, the response's To (RFC 3261 §17.1.1.3)."""
+        ack = SipMessage(method="ACK", uri=invite.uri, headers=[
+            ("via", invite.get("via") or ""), ("max-forwards", "70"), ("from", invite.get("from") or ""),
+            ("to", answer.get("to") or ""), ("call-id", self.call_id), ("cseq", f"{invite.cseq[0]} ACK")])
+        self._send(ack)
+
     async def hold(self, held: bool = True) -> SipMessage:
         """A re-INVITE putting the call on hold (a=sendonly), or taking it off."""
+        return await self.reinvite(self._sdp("sendonly" if held else "sendrecv"))
+
+    async def reinvite(self, sdp: bytes) -> SipMessage:
+        """A re-INVITE with this offer (answering a digest challenge when we have credentials); its final
+        response, ACKed."""
         self.cseq += 1
-        answer = await self._transaction(self._request("INVITE", self._sdp("sendonly" if held else "sendrecv")), 5)
-        self.ack()
+        request = self._request("INVITE", sdp)
+        answer = await self._transaction(request, 5)
+        if answer.status in (401, 407) and self.auth is not None:
+            self.ack_failure(request, answer)
+            self.cseq += 1
+            request = self._request("INVITE", sdp)
+            self._sign(request, answer.get("www-authenticate") or "")
+            answer = await self._transaction(request, 5)
+        if answer.status == 200:
+            self.ack()
+        else:
+            self.ack_failure(request, answer)
         return answer
+
+    async def info(self, digit: str) -> int:
+        """A DTMF digit as SIP INFO (application/dtmf-relay); the final status."""
+        self.cseq += 1
+        request = self._request("INFO", f"Signal={digit}\r\nDuration=160\r\n".encode(),
+                                content_type="application/dtmf-relay")
+        return (await self._transaction(request, 5)).status or 0
+
+    def restart_stream(self, sequence_jump: int = 20000, new_ssrc: bool = True) -> None:
+        """Go on sending RTP as a new stream would after a B2BUA re-INVITE or a transfer: the sequence
+        number jumps by `sequence_jump` (mod 2^16) and, unless told otherwise, the SSRC changes."""
+        self._restart = (sequence_jump, new_ssrc)
+
+    def _sign(self, request: SipMessage, challenge: str) -> None:
+        """Add RFC 2617 digest credentials (MD5, qop=auth) answering `challenge` to the request."""
+        assert self.auth is not None
+        fields = parse_fields(challenge.partition(" ")[2])
+        user, password = self.auth
+        uri = self.auth_uri or request.uri or ""
+        self._nc += 1
+        nc, cnonce = f"{self._nc:08x}", secrets.token_hex(8)
+        md5 = lambda text: hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()  # noqa: E731
+        ha1 = md5(f"{user}:{fields['realm']}:{password}")
+        digest = md5(f"{ha1}:{fields['nonce']}:{nc}:{cnonce}:auth:{md5(f'{request.method}:{uri}')}")
+        self.authorization = (f'Digest username="{user}", realm="{fields["realm"]}", nonce="{fields["nonce"]}", '
+                              f'uri="{uri}", response="{digest}", algorithm=MD5, qop=auth, nc={nc}, '
+                              f'cnonce="{cnonce}"')
+        request.headers.append(("authorization", self.authorization))
 
     async def notify(self, sipfrag: str) -> int:
         """The transfer's progress (RFC 3515), e.g. "SIP/2.0 200 OK" once the operator answered."""
@@ -127,28 +202,41 @@ class SipCaller:
             if udp.transport is not None:
                 udp.transport.close()
 
+    def offer(self, direction: str = "sendrecv", address: str | None = None, port: int | None = None) -> bytes:
+        """Our SDP offer: PCMU and telephone-event at `address`:`port` (default: where we receive)."""
+        address = address or self.advertised_rtp_address or self.local_host
+        family = "IP6" if ":" in address else "IP4"
+        return (f"v=0\r\no=caller 1 1 IN {family} {address}\r\ns=-\r\nc=IN {family} {address}\r\nt=0 0\r\n"
+                f"m=audio {port or self.advertised_rtp_port or self.rtp_port} RTP/AVP 0 101\r\n"
+                f"a=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=ptime:20\r\na={direction}\r\n"
+                f"{self.extra_media}").encode()
+
     def _sdp(self, direction: str) -> bytes:
-        return ("v=0\r\no=caller 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-                f"m=audio {self.advertised_rtp_port or self.rtp_port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
-                f"a=rtpmap:101 telephone-event/8000\r\na=ptime:20\r\na={direction}\r\n").encode()
+        return self.offer(direction)
 
     def _learn_media(self, sdp: str) -> None:
-        address = re.search(r"c=IN IP4 (\S+)", sdp)
+        address = re.search(r"c=IN IP[46] (\S+)", sdp)
         port = re.search(r"m=audio (\d+)", sdp)
         if address and port:
             self.remote_rtp = (address.group(1), int(port.group(1)))
 
     def _request(self, method: str, body: bytes = b"", cseq: int | None = None,
                  content_type: str = "application/sdp") -> SipMessage:
-        to = f"<sip:{self.callee}@{self.server[0]}:{self.server[1]}>"
-        headers = [("via", f"SIP/2.0/UDP 127.0.0.1:{self.sip_port};branch=z9hG4bK{secrets.token_hex(6)};rport"),
-                   ("max-forwards", "70"), ("from", f"<sip:{self.caller}@127.0.0.1:{self.sip_port}>;tag={self.tag}"),
+        server, me = _hostport(*self.server), _hostport(self.local_host, self.sip_port)
+        to = f"<sip:{self.callee}@{server}>"
+        headers = [("via", f"SIP/2.0/UDP {me};branch=z9hG4bK{secrets.token_hex(6)};rport"),
+                   ("max-forwards", "70"), ("from", f"<sip:{self.caller}@{me}>;tag={self.tag}"),
                    ("to", to + (f";tag={self.remote_tag}" if self.remote_tag else "")), ("call-id", self.call_id),
-                   ("cseq", f"{cseq or self.cseq} {method}"), ("contact", f"<sip:caller@127.0.0.1:{self.sip_port}>")]
+                   ("cseq", f"{cseq or self.cseq} {method}"), ("contact", f"<sip:caller@{me}>")]
         if body:
             headers.append(("content-type", content_type))
-        return SipMessage(method=method, uri=f"sip:{self.callee}@{self.server[0]}:{self.server[1]}",
-                          headers=headers, body=body)
+        return SipMessage(method=method, uri=f"sip:{self.callee}@{server}", headers=headers, body=body)
+
+    def request(self, method: str, body: bytes = b"", content_type: str = "application/sdp") -> SipMessage:
+        """An in-dialog request as this phone would send it next (the CSeq moves on), for a test to alter
+        and send from elsewhere."""
+        self.cseq += 1
+        return self._request(method, body, content_type=content_type)
 
     async def _transaction(self, request: SipMessage, timeout: float) -> SipMessage:
         """Send, resend over UDP (0.5 s doubling to 4 s) until the final response to it."""
@@ -201,12 +289,17 @@ class SipCaller:
         started = time.monotonic()
         sent = 0
         while True:
+            if self._restart is not None:
+                (jump, new_ssrc), self._restart = self._restart, None
+                sequence = (sequence + jump) & 0xFFFF
+                ssrc = random.getrandbits(32) if new_ssrc else ssrc
             frame, self._outgoing = self._outgoing[:FRAME], self._outgoing[FRAME:]
             if frame.size < FRAME:
                 frame = np.concatenate([frame, np.zeros(FRAME - frame.size, np.int16)])
             if self.remote_rtp is not None and self._rtp.transport is not None and not self.muted:
-                packet = RtpPacket(0, sequence, timestamp, ssrc, g711.encode(frame, "PCMU"))
+                packet = RtpPacket(0, sequence & 0xFFFF, timestamp, ssrc, g711.encode(frame, "PCMU"))
                 self._rtp.transport.sendto(packet.to_bytes(), self.remote_rtp)
+                self.sent += 1
             if self._speaking and self._outgoing.size == 0:
                 self._speaking = False
                 self.speech_ended_at = time.monotonic()
@@ -237,3 +330,7 @@ class SipCaller:
         offsets = [p.arrived - first.arrived - 0.02 * ((p.sequence - first.sequence) & 0xFFFF) for p in packets]
         base = min(offsets)
         return [1000 * (o - base) for o in offsets]
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -8,14 +8,21 @@ from dataclasses import dataclass, field
 COMPACT = {"v": "via", "f": "from", "t": "to", "i": "call-id", "m": "contact", "l": "content-length",
            "c": "content-type", "k": "supported", "s": "subject", "e": "content-encoding", "r": "refer-to",
            "b": "referred-by", "o": "event"}
-MAX_MESSAGE_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 16 * 1024  # the start line and headers
+MAX_BODY_BYTES = 64 * 1024
+MAX_MESSAGE_BYTES = MAX_HEADER_BYTES + 4 + MAX_BODY_BYTES
+MAX_ID_CHARS = 256  # Call-ID, tags and branches: real ones are under 100 characters
 _REQUEST_LINE = re.compile(r"^([A-Z]+) (\S+) SIP/2\.0$")
 _STATUS_LINE = re.compile(r"^SIP/2\.0 (\d{3}) (.*)$")
 REQUIRED = ("via", "from", "to", "call-id", "cseq")
 
 
 class SipParseError(ValueError):
-    pass
+    """A malformed or oversized message; `status` is the response it deserves when it can be answered."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 @dataclass
@@ -73,6 +80,9 @@ def _canonical(name: str) -> str:
 
 
 def parse(data: bytes) -> SipMessage:
+    """One SIP message (RFC 3261 §7) from a datagram or a framed stream message. Raises SipParseError when
+    malformed, truncated, or beyond the caps: MAX_HEADER_BYTES of headers, MAX_BODY_BYTES of body,
+    MAX_ID_CHARS for the Call-ID, the From/To tags and the Via branch."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise SipParseError("message too large")
     head, sep, body = data.partition(b"\r\n\r\n")
@@ -80,6 +90,8 @@ def parse(data: bytes) -> SipMessage:
         head, sep, body = data.partition(b"\n\n")
         if not sep:
             raise SipParseError("no blank line after the headers (truncated?)")
+    if len(head) > MAX_HEADER_BYTES:
+        raise SipParseError("header section too large", 513)
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
@@ -107,10 +119,15 @@ def parse(data: bytes) -> SipMessage:
     if missing:
         raise SipParseError(f"missing {', '.join(missing)}")
     message.cseq  # noqa: B018 - validates
+    if len(message.call_id) > MAX_ID_CHARS or len(message.branch) > MAX_ID_CHARS \
+            or any(len(tag(message.get(h)) or "") > MAX_ID_CHARS for h in ("from", "to")):
+        raise SipParseError("Call-ID, tag or branch too long")
     length = message.get("content-length")
     if length is not None:
         if not length.isdigit():
             raise SipParseError("bad Content-Length")
+        if int(length) > MAX_BODY_BYTES:
+            raise SipParseError("body too large", 413)
         if int(length) > len(body):
             raise SipParseError("Content-Length is larger than the body (truncated?)")
         body = body[: int(length)]

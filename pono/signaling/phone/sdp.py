@@ -1,89 +1,148 @@
-"""SDP offer/answer for phone calls: G.711 (PCMU, PCMA) at 8 kHz with RFC 4733 telephone-event, ptime 20."""
+"""SDP offer/answer (RFC 3264) for phone calls: G.711 (PCMU, PCMA) at 8 kHz with RFC 4733 telephone-event,
+ptime 20. The offer is parsed with aiortc's SDP parser; where its media may go is sdp_policy's business."""
 
 from __future__ import annotations
 
+import ipaddress
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from aiortc.sdp import SessionDescription
 
 SUPPORTED = ("PCMU", "PCMA")  # in our order of preference when the offer lists both
-_STATIC = {0: ("PCMU", "8000"), 8: ("PCMA", "8000")}
+_STATIC = {0: ("PCMU", 8000), 8: ("PCMA", 8000)}
+_DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 
 
 class SdpError(ValueError):
-    pass
+    """The offer cannot be accepted (→ 488 Not Acceptable Here, with the reason in a Warning header)."""
+
+
+@dataclass(frozen=True)
+class MediaLine:
+    """One offered m= line, as RFC 3264 §6 needs it to answer (refused lines are answered with port 0)."""
+
+    kind: str  # audio, video, image, application…
+    port: int
+    proto: str  # RTP/AVP, RTP/SAVP, udptl…
+    formats: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Offer:
+    """The audio stream we take from an offer. `address` is its connection address exactly as written
+    (c= of the m-line, else of the session; "" when there is none); `port` its RTP port."""
+
     address: str
     port: int
-    codec: str
+    codec: str  # PCMU or PCMA
     payload_type: int
     dtmf_type: int | None
     direction: str  # sendrecv / sendonly / recvonly / inactive, as the offerer sees it
+    media: tuple[MediaLine, ...] = field(default=())  # every offered m= line, in order
+    chosen: int = 0  # the index in `media` of the line we answer
+
+    @property
+    def held(self) -> bool:
+        """The legacy (RFC 2543) hold: an unspecified connection address, 0.0.0.0 (or ::)."""
+        return self.address in ("0.0.0.0", "::")
+
+
+def _parse(sdp: str) -> SessionDescription:
+    if not sdp.lstrip().startswith("v=0"):
+        raise SdpError("not SDP")
+    # aiortc reads WebRTC's SDP and asserts on some attributes phones write differently (a=rtcp:PORT alone,
+    # an fmtp for a static payload type without rtpmap, three-part extmap): it is given only what we use.
+    kept = [_m_line(line.strip()) for line in sdp.splitlines()
+            if line[:2] in ("v=", "o=", "s=", "c=", "t=", "m=") or line.startswith("a=rtpmap:")
+            or (line.startswith("a=") and line[2:].strip() in _DIRECTIONS)]
+    try:
+        return SessionDescription.parse("\r\n".join(kept) + "\r\n")
+    except Exception as exc:  # aiortc asserts on what it cannot read
+        raise SdpError(f"malformed SDP ({type(exc).__name__})") from None
+
+
+def _m_line(line: str) -> str:
+    """An m= line as aiortc's parser takes it: no port count (49170/2), the transport upper-cased (udptl)."""
+    if not line.startswith("m="):
+        return line
+    fields = line[2:].split()
+    if len(fields) >= 3:
+        fields[1], fields[2] = fields[1].split("/")[0], fields[2].upper()
+    return "m=" + " ".join(fields)
 
 
 def parse_offer(sdp: str) -> Offer:
-    """Pick the first offered codec we support. Raises SdpError (→ 488) when there is none."""
-    session_address = ""
-    media: list[list[str]] = []
-    for raw in sdp.replace("\r\n", "\n").split("\n"):
-        line = raw.strip()
-        if line.startswith("m="):
-            media.append([line])
-        elif media:
-            media[-1].append(line)
-        elif line.startswith("c="):
-            session_address = line.split()[-1]
-    if not sdp.lstrip().startswith("v=0"):
-        raise SdpError("not SDP")
-    for section in media:
-        fields = section[0][2:].split()
-        if len(fields) < 4 or fields[0] != "audio" or not fields[1].isdigit() or int(fields[1]) == 0:
-            continue
-        if not fields[2].startswith("RTP/AVP"):
+    """Pick the first offered audio m-line with a codec we support (the first of them in the offer's order).
+
+    Raises SdpError (→ 488) for malformed SDP or when no audio line offers PCMU or PCMA at 8 kHz over plain
+    RTP/AVP. Addresses are not judged here (see sdp_policy.media_destination)."""
+    session = _parse(sdp)
+    session_direction = next((line[2:].strip() for line in _session_lines(sdp)
+                              if line.startswith("a=") and line[2:].strip() in _DIRECTIONS), "sendrecv")
+    offered = [line.strip()[2:].split() for line in sdp.splitlines() if line.startswith("m=")]
+    lines = tuple(MediaLine(m.kind, m.port, raw[2], tuple(raw[3:])) for m, raw in zip(session.media, offered,
+                                                                                     strict=True))
+    for index, media in enumerate(session.media):
+        if media.kind != "audio" or media.port == 0 or media.profile != "RTP/AVP":
             continue  # no SRTP or DTLS here
-        formats = [int(f) for f in fields[3:] if f.isdigit()]
         names = dict(_STATIC)
-        address, direction = session_address, "sendrecv"
-        for line in section[1:]:
-            if line.startswith("a=rtpmap:"):
-                pt, _, encoding = line[9:].partition(" ")
-                name, _, rest = encoding.partition("/")
-                if pt.isdigit():
-                    names[int(pt)] = (name.upper(), rest.split("/")[0])
-            elif line.startswith("c="):
-                address = line.split()[-1]
-            elif line[2:] in ("sendrecv", "sendonly", "recvonly", "inactive"):
-                direction = line[2:]
-        dtmf = next((pt for pt in formats if names.get(pt) == ("TELEPHONE-EVENT", "8000")), None)
+        for codec in media.rtp.codecs:
+            names[codec.payloadType] = (codec.mimeType.split("/", 1)[1].upper(), codec.clockRate)
+        formats = [int(f) for f in media.fmt]
+        dtmf = next((pt for pt in formats if names.get(pt) == ("TELEPHONE-EVENT", 8000)), None)
         for pt in formats:
-            name, rate = names.get(pt, ("", ""))
-            if name in SUPPORTED and rate == "8000":
-                return Offer(address, int(fields[1]), name, pt, dtmf, direction)
+            name, rate = names.get(pt, ("", 0))
+            if name in SUPPORTED and rate == 8000:
+                return Offer(media.host or session.host or "", media.port, name, pt, dtmf,
+                             media.direction or session_direction, lines, index)
     raise SdpError("no supported audio codec offered (PCMU or PCMA at 8 kHz)")
+
+
+def _session_lines(sdp: str) -> list[str]:
+    out = []
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            break
+        out.append(line)
+    return out
 
 
 _SESSION_ID = int(time.time())
 
 
+def address_version(address: str) -> int:
+    """6 for an IPv6 literal, else 4 (an IPv4 literal, or a host name as PONO_SIP_PUBLIC_ADDRESS may be)."""
+    try:
+        return ipaddress.ip_address(address).version
+    except ValueError:
+        return 4
+
+
 def answer(offer: Offer, address: str, port: int, version: int = 1) -> str:
-    """Our answer: the chosen codec, telephone-event when offered, ptime 20, and the mirrored direction."""
+    """Our answer (RFC 3264 §6): one m= line per offered one, in order. The chosen audio line gets our
+    codec, telephone-event when offered, ptime 20 and the mirrored direction; every other line is refused
+    with port 0. `address` is our media address: IN IP6 for an IPv6 literal, else IN IP4."""
+    family = f"IP{address_version(address)}"
     formats = [str(offer.payload_type)] + ([str(offer.dtmf_type)] if offer.dtmf_type is not None else [])
     direction = {"sendonly": "recvonly", "recvonly": "sendonly", "inactive": "inactive"}.get(offer.direction,
                                                                                            "sendrecv")
-    held = offer.address in ("0.0.0.0", "")
     lines = [
         "v=0",
         # One session id per media port, so a re-offer in the same dialog only bumps the version.
-        f"o=pono {_SESSION_ID + port} {version} IN IP4 {address}",
+        f"o=pono {_SESSION_ID + port} {version} IN {family} {address}",
         "s=pono",
-        f"c=IN IP4 {address}",
+        f"c=IN {family} {address}",
         "t=0 0",
-        f"m=audio {port} RTP/AVP {' '.join(formats)}",
-        f"a=rtpmap:{offer.payload_type} {offer.codec}/8000",
     ]
-    if offer.dtmf_type is not None:
-        lines += [f"a=rtpmap:{offer.dtmf_type} telephone-event/8000", f"a=fmtp:{offer.dtmf_type} 0-15"]
-    lines += ["a=ptime:20", f"a={'recvonly' if held else direction}"]
+    media = offer.media or (MediaLine("audio", offer.port, "RTP/AVP", tuple(formats)),)
+    for index, line in enumerate(media):
+        if index != offer.chosen:
+            lines.append(f"m={line.kind} 0 {line.proto} {' '.join(line.formats) or '0'}")
+            continue
+        lines += [f"m=audio {port} RTP/AVP {' '.join(formats)}",
+                  f"a=rtpmap:{offer.payload_type} {offer.codec}/8000"]
+        if offer.dtmf_type is not None:
+            lines += [f"a=rtpmap:{offer.dtmf_type} telephone-event/8000", f"a=fmtp:{offer.dtmf_type} 0-15"]
+        lines += ["a=ptime:20", f"a={'recvonly' if offer.held else direction}"]
     return "\r\n".join(lines) + "\r\n"

@@ -4,6 +4,11 @@ INVITE (100, 180, 200 with SDP, retransmitted until ACK), ACK, BYE both ways, CA
 re-INVITE (hold, session refresh), NOTIFY for our REFER, INFO DTMF. Responses go back where the request came
 from and in-dialog requests follow the Record-Route set, so it works behind a proxy. Malformed messages get
 400 when they can be answered at all, and are dropped with a log line when not.
+
+In-dialog requests must match a dialog by Call-ID and both tags (RFC 3261 §12.2.2) and come from the
+dialog's peer or the nearest proxy of its route set (else 481 / 403); with digest authentication on, a
+re-INVITE is challenged like the INVITE. Every call gets Pono's own call id; the SIP Call-ID stays on the
+dialog. Offered media addresses go through sdp_policy before anything is sent to them.
 """
 
 from __future__ import annotations
@@ -13,19 +18,21 @@ import contextlib
 import ipaddress
 import logging
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 
 from pono.agent.personas import Persona
-from pono.calls import CallManager
 from pono.events import CallEvent, EventType
 from pono.settings import Settings
-from pono.signaling.phone.dialog import T1, T2, Dialog, Send
+from pono.signaling.phone.calls import CallHost
+from pono.signaling.phone.dialog import T1, T2, Dialog, Dialogs, Send
 from pono.signaling.phone.digest import DigestAuth
 from pono.signaling.phone.message import SipMessage, SipParseError, parse, response, tag, uri_user
 from pono.signaling.phone.rtp import NoMediaPort, RtpSession, bind_rtp, port_range
-from pono.signaling.phone.sdp import SdpError, answer, parse_offer
+from pono.signaling.phone.sdp import Offer, SdpError, answer, parse_offer
+from pono.signaling.phone.sdp_policy import MediaPolicy
+from pono.signaling.phone.tcp import SipTcpListener
+from pono.signaling.phone.transactions import Transactions, bad_request
 from pono.signaling.phone.transport import PhoneTransport
 
 log = logging.getLogger(__name__)
@@ -35,22 +42,30 @@ PersonaLookup = Callable[[str], Awaitable[Persona]]
 
 
 class SipServer:
-    def __init__(self, settings: Settings, calls: CallManager, lookup: PersonaLookup) -> None:
+    """The SIP listener. `calls` runs the calls (CallHost); `lookup(dialed number)` picks the persona
+    (default: calls.persona_for_number); `secret` is the key every replica shares for digest nonces
+    (pono.storage.users.shared_secret; None: derived from the trunk credentials alone).
+    Raises ValueError at construction for a bad PONO_SIP_RTP_PORTS or PONO_SIP_MEDIA_NETWORKS."""
+
+    def __init__(self, settings: Settings, calls: CallHost, lookup: PersonaLookup | None = None,
+                 secret: bytes | None = None) -> None:
         self.settings = settings
-        self.calls = calls
-        self.lookup = lookup
         self.host = settings.sip_host or settings.host
-        self.dialogs: dict[str, Dialog] = {}
-        self._cache: dict[tuple[str, str], tuple[float, bytes]] = {}  # server transactions: last response
-        self._pending: dict[str, asyncio.Future[SipMessage]] = {}  # our client transactions, by branch
-        self._tasks: set[asyncio.Task[object]] = set()
-        self._rtp_ports = port_range(settings.sip_rtp_ports)  # a bad range fails the start, loudly
+        # Bad settings fail the start, loudly.
+        self._rtp_ports = port_range(settings.sip_rtp_ports)
         self._allowed = [ipaddress.ip_network(n, strict=False) for n in settings.sip_allowed_sources]
+        self.media_policy = MediaPolicy.build(settings.sip_media_networks, self.host)
+        self.calls = calls
+        self.lookup = lookup or calls.persona_for_number
+        self.dialogs = Dialogs()  # by Pono's call id
+        self.transactions = Transactions()
+        self._reply = self.transactions.reply
+        self._tasks: set[asyncio.Future[object]] = set()
         password = settings.sip_auth_password
-        self._auth = DigestAuth(settings.sip_auth_user, password.get_secret_value()) \
+        self._auth = DigestAuth(settings.sip_auth_user, password.get_secret_value(), secret) \
             if settings.sip_auth_user and password else None
         self._udp: asyncio.DatagramTransport | None = None
-        self._tcp: asyncio.Server | None = None
+        self._tcp: SipTcpListener | None = None
         self.port = 0
 
     # -- sockets --------------------------------------------------------------------------------
@@ -66,32 +81,28 @@ class SipServer:
         self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=(self.host, self.settings.sip_port or 5060))
         self.port = self._udp.get_extra_info("sockname")[1]
         if self.settings.sip_tcp:
-            self._tcp = await asyncio.start_server(self._tcp_connection, self.host, self.port)
+            self._tcp = SipTcpListener(
+                lambda data, addr, send: self._spawn(self._handle(data, addr, send)),
+                lambda send: any(d.send is send and d.state != "ended" for d in self.dialogs.values()),
+                self.settings.sip_tcp_max_connections, self.settings.sip_tcp_idle_timeout_s)
+            await self._tcp.start(self.host, self.port)
         log.info("SIP listening on %s:%s (udp%s)", self.host, self.port, ", tcp" if self._tcp else "")
 
-    async def _tcp_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        addr = writer.get_extra_info("peername")[:2]
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if not head.strip():
-                    continue  # keep-alive
-                found = re.search(rb"\r\n(?:content-length|l)\s*:\s*(\d+)", head, re.IGNORECASE)
-                body = await reader.readexactly(int(found.group(1))) if found else b""
-                self._spawn(self._handle(head + body, addr, writer.write))
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    def _spawn(self, coro: Awaitable[object]) -> None:
+    def _spawn(self, coro: Awaitable[object]) -> asyncio.Future[object]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     @property
     def public_address(self) -> str:
-        return self.settings.sip_public_address or (self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1")
+        """The address written into SDP and Contact: PONO_SIP_PUBLIC_ADDRESS, else the bound one."""
+        return self.settings.sip_public_address or {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+
+    @property
+    def _hostport(self) -> str:
+        host = self.public_address
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     async def close(self) -> None:
         for dialog in list(self.dialogs.values()):
@@ -111,7 +122,7 @@ class SipServer:
         try:
             msg = parse(data)
         except SipParseError as exc:
-            self._bad_request(data, exc, addr, send)
+            bad_request(data, exc, addr, send)
             return
         if self._allowed and not any(ipaddress.ip_address(addr[0]) in n for n in self._allowed):
             if msg.is_request and msg.method != "ACK":
@@ -119,14 +130,10 @@ class SipServer:
             log.warning("SIP from %s refused: not in PONO_SIP_ALLOWED_SOURCES", addr[0])
             return
         if not msg.is_request:
-            future = self._pending.get(msg.branch)
-            if future is not None and not future.done() and (msg.status or 0) >= 200:
-                future.set_result(msg)
+            self.transactions.answered(msg)
             return
-        key = (msg.branch, msg.method or "")
-        cached = self._cache.get(key)
-        if cached is not None and msg.method != "ACK":
-            send(cached[1])  # a retransmitted request: the same answer again
+        if (again := self.transactions.retransmission(msg)) is not None:
+            send(again)  # a retransmitted request: the same answer again
             return
         handler = getattr(self, f"_on_{(msg.method or '').lower()}", None)
         if handler is None:
@@ -134,37 +141,54 @@ class SipServer:
             return
         await handler(msg, addr, send)
 
-    def _bad_request(self, data: bytes, exc: Exception, addr: tuple[str, int], send: Send) -> None:
-        text = data[:4096].decode("utf-8", "replace")
-        needed = {h: re.search(rf"^{h}\s*:\s*(.+?)\r?$", text, re.IGNORECASE | re.MULTILINE)
-                  for h in ("via", "from", "to", "call-id", "cseq")}
-        if text.split(" ", 1)[0].isupper() and "SIP/2.0" in text.split("\n", 1)[0] and all(needed.values()):
-            request = SipMessage(method="X", uri="x", headers=[(h, m.group(1)) for h, m in needed.items() if m])
-            send(response(request, 400, f"Bad Request ({exc})"[:120]).to_bytes())
-            log.info("SIP 400 to %s: %s", addr[0], exc)
-        else:
-            log.warning("SIP message from %s dropped: %s", addr[0], exc)
+    def _refuse_offer(self, msg: SipMessage, send: Send, exc: SdpError, to_tag: str | None = None) -> None:
+        log.info("SIP offer in Call-ID %s refused: %s", msg.call_id[:80], exc)
+        self._reply(msg, send, 488, "Not Acceptable Here", to_tag, headers=[("warning", f'304 pono "{exc}"')])
 
-    def _reply(self, request: SipMessage, send: Send, status: int, reason: str, to_tag: str | None = None,
-               headers: list[tuple[str, str]] | None = None, body: bytes = b"") -> bytes:
-        out = response(request, status, reason, to_tag, headers, body).to_bytes()
-        send(out)
-        if status >= 200:
-            now = time.monotonic()
-            self._cache[(request.branch, request.method or "")] = (now, out)
-            if len(self._cache) > 2000:  # transactions live 32 s
-                self._cache = {k: v for k, v in self._cache.items() if now - v[0] < 32}
-        return out
+    def _authorised(self, msg: SipMessage, send: Send, to_tag: str | None = None) -> bool:
+        """Digest authentication when configured (RFC 3261 §22.2): False after answering 401."""
+        if self._auth is None:
+            return True
+        refusal = self._auth.verify(msg.get("authorization"), msg.method or "", msg.uri or "")
+        if refusal is None:
+            return True
+        if msg.get("authorization"):
+            log.warning("SIP %s from Call-ID %s not authenticated: %s", msg.method, msg.call_id[:80], refusal)
+        self._reply(msg, send, 401, "Unauthorized", to_tag,
+                    headers=[("www-authenticate", self._auth.challenge(stale=refusal == "stale"))])
+        return False
+
+    def _in_dialog(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> Dialog | None:
+        """The live dialog an in-dialog request belongs to; None after answering 481 or 403."""
+        dialog = self.dialogs.matching(msg)
+        if dialog is None or dialog.state == "ended":
+            self._reply(msg, send, 481, "Call/Transaction Does Not Exist")
+            return None
+        if not dialog.trusts(addr):
+            log.warning("SIP %s for call %s from %s refused: not the dialog's peer or route", msg.method,
+                        dialog.call_id, addr[0])
+            self._reply(msg, send, 403, "Forbidden")
+            return None
+        return dialog
+
+    def _offer(self, msg: SipMessage) -> tuple[Offer, tuple[str, int] | None]:
+        """The SDP offer of an (re-)INVITE and where its media goes (None: held). Raises SdpError."""
+        if (msg.get("content-type") or "").split(";")[0].strip().lower() != "application/sdp":
+            raise SdpError("an SDP offer is required")
+        offer = parse_offer(msg.body.decode("utf-8", "replace"))
+        return offer, self.media_policy.destination(offer, self.public_address)
 
     # -- INVITE ---------------------------------------------------------------------------------
     async def _on_invite(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
         if tag(msg.get("to")):
-            await self._reinvite(msg, send)
+            await self._reinvite(msg, addr, send)
             return
-        if msg.call_id in self.dialogs:
-            return  # a retransmission while we are still working on it
-        if self._auth is not None and not self._auth.check(msg.get("authorization"), "INVITE"):
-            self._reply(msg, send, 401, "Unauthorized", headers=[("www-authenticate", self._auth.challenge())])
+        existing = self.dialogs.creating(msg)
+        if existing is not None and existing.state != "ended":
+            if existing.invite.branch != msg.branch:  # RFC 3261 §8.2.2.2: a merged request
+                self._reply(msg, send, 482, "Loop Detected")
+            return  # else a retransmission while we are still working on it
+        if not self._authorised(msg, send):
             return
         active = sum(1 for d in self.dialogs.values() if d.state != "ended")
         if active >= self.settings.sip_max_calls or self.calls.full or self.calls.draining:
@@ -174,29 +198,29 @@ class SipServer:
             self._reply(msg, send, 503, "Service Unavailable", headers=[("retry-after", "5")])
             return
         try:
-            if (msg.get("content-type") or "").split(";")[0].strip().lower() != "application/sdp":
-                raise SdpError("an SDP offer is required")
-            offer = parse_offer(msg.body.decode("utf-8", "replace"))
+            offer, destination = self._offer(msg)
         except SdpError as exc:
-            self._reply(msg, send, 488, "Not Acceptable Here", headers=[("warning", f'304 pono "{exc}"')])
+            self._refuse_offer(msg, send, exc)
             return
-        dialog = Dialog(msg.call_id, msg, send, offer=offer)
-        self.dialogs[msg.call_id] = dialog
+        dialog = Dialog(self.calls.new_call_id(), msg.call_id, msg, send, peer=addr, offer=offer)
+        self.dialogs.add(dialog)
+        log.info("SIP call %s: Call-ID %s from %s", dialog.call_id, msg.call_id[:80], addr[0])
         send(response(msg, 100, "Trying").to_bytes())
         send(response(msg, 180, "Ringing", dialog.local_tag).to_bytes())
         try:
-            await self._answer(dialog, msg, send)
+            await self._answer(dialog, msg, send, destination)
         except NoMediaPort as exc:
-            log.warning("SIP call %s refused: %s", msg.call_id, exc)
+            log.warning("SIP call %s refused: %s", dialog.call_id, exc)
             self._reply(msg, send, 503, "Service Unavailable", dialog.local_tag, headers=[("retry-after", "5")])
             await self._drop(dialog)
         except Exception:
-            log.exception("SIP call %s could not be answered", msg.call_id)
+            log.exception("SIP call %s could not be answered", dialog.call_id)
             if dialog.final is None:
                 self._reply(msg, send, 500, "Server Internal Error", dialog.local_tag)
             await self._drop(dialog)
 
-    async def _answer(self, dialog: Dialog, msg: SipMessage, send: Send) -> None:
+    async def _answer(self, dialog: Dialog, msg: SipMessage, send: Send, destination: tuple[str, int] | None) \
+            -> None:
         assert dialog.offer is not None
         if self.settings.sip_ring_ms:
             await asyncio.sleep(self.settings.sip_ring_ms / 1000)
@@ -204,7 +228,7 @@ class SipServer:
         transport: PhoneTransport | None = None
         offer = dialog.offer
         rtp = await bind_rtp(
-            lambda: RtpSession(offer.codec, offer.payload_type, offer.dtmf_type, (offer.address, offer.port),
+            lambda: RtpSession(offer.codec, offer.payload_type, offer.dtmf_type, destination,
                                on_audio=lambda pcm: transport.receive_audio(pcm) if transport else None,
                                on_dtmf=lambda digit: transport.receive_dtmf(digit) if transport else None,
                                media_timeout_s=self.settings.sip_media_timeout_s,
@@ -219,8 +243,8 @@ class SipServer:
         body = answer(offer, self.public_address, rtp.local_port, dialog.sdp_version).encode()
         dialog.final = self._reply(msg, send, 200, "OK", dialog.local_tag, headers=self._contact(), body=body)
         rtp.start()
-        caller = uri_user(msg.get("from") or "") or None
-        call = self.calls.start(msg.call_id, transport, persona=persona, caller=caller)
+        caller = uri_user(msg.get("from") or "")[:64] or None
+        call = self.calls.start(dialog.call_id, transport, persona=persona, caller=caller)
         call.events.subscribe(lambda event: self._on_call_event(dialog, event))
         self._spawn(self._until_acked(dialog))
 
@@ -232,7 +256,7 @@ class SipServer:
             await dialog.transport.close()
 
     def _contact(self) -> list[tuple[str, str]]:
-        return [("contact", f"<sip:pono@{self.public_address}:{self.port}>"), ("allow", ALLOW),
+        return [("contact", f"<sip:pono@{self._hostport}>"), ("allow", ALLOW),
                 ("supported", "replaces, timer"), ("content-type", "application/sdp")]
 
     async def _until_acked(self, dialog: Dialog) -> None:
@@ -253,24 +277,26 @@ class SipServer:
         elif dialog.state == "early":
             dialog.state = "confirmed"
 
-    async def _reinvite(self, msg: SipMessage, send: Send) -> None:
-        dialog = self.dialogs.get(msg.call_id)
-        if dialog is None or dialog.state == "ended" or dialog.rtp is None:
+    async def _reinvite(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
+        dialog = self._in_dialog(msg, addr, send)
+        if dialog is None or not self._authorised(msg, send):
+            return
+        if dialog.rtp is None:
             self._reply(msg, send, 481, "Call/Transaction Does Not Exist")
             return
-        offer = dialog.offer
+        offer, destination = dialog.offer, dialog.rtp.remote
         if msg.body:
-            try:
-                offer = parse_offer(msg.body.decode("utf-8", "replace"))
+            try:  # a refused offer leaves the session as it was (RFC 3261 §14.2)
+                offer, destination = self._offer(msg)
             except SdpError as exc:
-                self._reply(msg, send, 488, "Not Acceptable Here", headers=[("warning", f'304 pono "{exc}"')])
+                self._refuse_offer(msg, send, exc, dialog.local_tag)
                 return
         assert offer is not None
-        held = offer.direction in ("sendonly", "inactive") or offer.address == "0.0.0.0"
+        held = offer.direction in ("sendonly", "inactive") or destination is None
         dialog.rtp.sending = not held  # on hold: stop sending, keep the call
         dialog.rtp.last_heard = time.monotonic()  # a held phone may fall silent; the media clock restarts
-        if not held and offer.address != "0.0.0.0":
-            dialog.rtp.remote = (offer.address, offer.port)
+        if destination is not None and not held:
+            dialog.rtp.retarget(destination)
         dialog.offer, dialog.sdp_version = offer, dialog.sdp_version + 1
         dialog.acked.clear()
         body = answer(offer, self.public_address, dialog.rtp.local_port, dialog.sdp_version).encode()
@@ -279,15 +305,15 @@ class SipServer:
 
     # -- other requests -------------------------------------------------------------------------
     async def _on_ack(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
-        dialog = self.dialogs.get(msg.call_id)
-        if dialog is not None:
+        dialog = self.dialogs.matching(msg)
+        if dialog is not None and dialog.trusts(addr):
             dialog.acked.set()
             if dialog.cancelled:
                 await self._drop(dialog)
 
     async def _on_cancel(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
-        dialog = self.dialogs.get(msg.call_id)
-        if dialog is None or dialog.invite.branch != msg.branch:
+        dialog = self.dialogs.creating(msg)
+        if dialog is None or dialog.invite.branch != msg.branch or not dialog.trusts(addr):
             self._reply(msg, send, 481, "Call/Transaction Does Not Exist")
             return
         self._reply(msg, send, 200, "OK")
@@ -297,9 +323,8 @@ class SipServer:
             self._spawn(self._until_acked(dialog))
 
     async def _on_bye(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
-        dialog = self.dialogs.get(msg.call_id)
-        if dialog is None or dialog.state == "ended":
-            self._reply(msg, send, 481, "Call/Transaction Does Not Exist")
+        dialog = self._in_dialog(msg, addr, send)
+        if dialog is None:
             return
         self._reply(msg, send, 200, "OK")
         dialog.state = "ended"
@@ -316,18 +341,22 @@ class SipServer:
                                                     ("supported", "replaces, timer")])
 
     async def _on_notify(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
-        dialog = self.dialogs.get(msg.call_id)
-        self._reply(msg, send, 200 if dialog else 481, "OK" if dialog else "Call/Transaction Does Not Exist")
-        if dialog is not None and re.match(rb"SIP/2\.0 2\d\d", msg.body.strip()) and dialog.transport is not None:
+        dialog = self._in_dialog(msg, addr, send)
+        if dialog is None:
+            return
+        self._reply(msg, send, 200, "OK")
+        if re.match(rb"SIP/2\.0 2\d\d", msg.body.strip()) and dialog.transport is not None:
             if (call := self.calls.calls.get(dialog.call_id)) is not None:
                 call.end_reason = "transferred"
             await dialog.transport.close()  # the operator has the caller: we leave
 
     async def _on_info(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
-        dialog = self.dialogs.get(msg.call_id)
-        self._reply(msg, send, 200 if dialog else 481, "OK" if dialog else "Call/Transaction Does Not Exist")
+        dialog = self._in_dialog(msg, addr, send)
+        if dialog is None:
+            return
+        self._reply(msg, send, 200, "OK")
         found = re.search(rb"Signal\s*=\s*([0-9*#A-D])", msg.body)
-        if dialog is not None and dialog.transport is not None and found:
+        if dialog.transport is not None and found:
             dialog.transport.receive_dtmf(found.group(1).decode())
 
     # -- requests we send -----------------------------------------------------------------------
@@ -336,7 +365,7 @@ class SipServer:
             if self.settings.sip_operator_uri:
                 self._spawn(self._request(dialog, "REFER", [
                     ("refer-to", f"<{self.settings.sip_operator_uri}>"),
-                    ("referred-by", f"<sip:pono@{self.public_address}:{self.port}>")]))
+                    ("referred-by", f"<sip:pono@{self._hostport}>")]))
             else:
                 log.warning("transfer asked on SIP call %s, but PONO_SIP_OPERATOR_URI is not set", dialog.call_id)
 
@@ -349,36 +378,13 @@ class SipServer:
 
     async def _request(self, dialog: Dialog, method: str, extra: list[tuple[str, str]] | None = None) \
             -> SipMessage | None:
-        """An in-dialog request (timer E retransmits over UDP, timer F gives up at 64·T1)."""
-        dialog.cseq += 1
-        invite = dialog.invite
-        branch = "z9hG4bK" + secrets.token_hex(8)
-        from_ours = f"{invite.get('to')};tag={dialog.local_tag}" if ";tag=" not in (invite.get("to") or "") \
-            else invite.get("to") or ""
-        headers = [("via", f"SIP/2.0/UDP {self.public_address}:{self.port};branch={branch};rport"),
-                   ("max-forwards", "70"), ("from", from_ours), ("to", invite.get("from") or ""),
-                   ("call-id", dialog.call_id), ("cseq", f"{dialog.cseq} {method}"),
-                   *[("route", r) for r in invite.all("record-route")],
-                   ("contact", f"<sip:pono@{self.public_address}:{self.port}>"), *(extra or [])]
-        data = SipMessage(method=method, uri=dialog.remote_uri, headers=headers).to_bytes()
-        future: asyncio.Future[SipMessage] = asyncio.get_running_loop().create_future()
-        self._pending[branch] = future
-        interval, deadline = T1, time.monotonic() + 64 * T1
-        try:
-            while time.monotonic() < deadline:
-                dialog.send(data)
-                with contextlib.suppress(TimeoutError):
-                    return await asyncio.wait_for(asyncio.shield(future), interval)
-                interval = min(interval * 2, T2)
-            log.warning("SIP %s on call %s got no answer", method, dialog.call_id)
-            return None
-        finally:
-            self._pending.pop(branch, None)
+        """An in-dialog request of ours, retransmitted until answered (see Transactions.request)."""
+        branch, data = dialog.request(method, self._hostport, extra or [])
+        return await self.transactions.request(dialog.send, data, branch, f"{method} on call {dialog.call_id}")
 
     async def _drop(self, dialog: Dialog) -> None:
         dialog.state = "ended"
-        if self.dialogs.get(dialog.call_id) is dialog:
-            del self.dialogs[dialog.call_id]
+        self.dialogs.remove(dialog)
         if dialog.rtp is not None:
             await dialog.rtp.close()
             dialog.rtp = None
