@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import json
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
 from conftest import RunningServer, write_wav
 from phone_peers import heard_the_question, latest_call
+from pydantic import SecretStr
 from streamdouble.api import CallReport, run_scenario
 from streamdouble.session import SessionConfig
 from test_voice_call import LONG_REPLY, trim, words
@@ -131,3 +138,91 @@ async def test_stream_dtmf_reaches_the_agent(server: RunningServer, admin_token:
     call = await latest_call(server, admin_token, since, "twilio")
     assert [t["text"] for t in call["turns"] if t["role"] == "user"] == ["the caller pressed 4"]
     assert any(t["role"] == "agent" and t["text"] == script.reply for t in call["turns"])
+
+
+async def _stored(server: RunningServer, token: str, since: float, which: Callable[[dict[str, Any]], bool],
+                  timeout: float = 15) -> dict[str, Any]:
+    """The newest stored call since `since` that `which` picks, once the write queue has stored it."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+        for _ in range(int(timeout * 5)):
+            async with http.get(f"{server.url}/api/calls", params={"since": str(since), "limit": "10"}) as r:
+                found = [c for c in (await r.json())["calls"] if which(c)]
+            if found:
+                return found[0]
+            await asyncio.sleep(0.2)
+    raise AssertionError("the call was not stored")
+
+
+def _twilio_start(stream_sid: str, **parameters: str) -> str:
+    """A `start` message as Twilio sends it."""
+    return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": stream_sid, "start": {
+        "streamSid": stream_sid, "accountSid": "AC" + "0" * 32, "callSid": "CA" + uuid.uuid4().hex,
+        "tracks": ["inbound"], "customParameters": parameters,
+        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+
+
+async def test_twilio_signature_authenticates_the_stream(server: RunningServer, admin_token: str) -> None:
+    """Real Twilio strips the query string and sends no Authorization: it signs the upgrade with
+    X-Twilio-Signature over the URL it connected to, keyed with the account's auth token."""
+    auth_token = "twilio-account-auth-token"
+
+    def sign(url: str) -> str:  # Twilio's algorithm: base64(HMAC-SHA1(auth token, URL)), no parameters on a GET
+        return base64.b64encode(hmac.new(auth_token.encode(), url.encode(), hashlib.sha1).digest()).decode()
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http, http.post(
+            f"{server.url}/api/personas", json={"name": (persona := f"tw-{uuid.uuid4().hex[:6]}"),
+                                                "system_prompt": "You answer the phone."}) as r:
+        assert r.status == 201
+    settings = server.app[SERVICES].settings
+    settings.twilio_auth_token = SecretStr(auth_token)
+    url = f"{server.url}/api/phone/twilio"
+    behind_proxy = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "pono.example.com"}
+    since = time.time() - 1
+    try:
+        async with aiohttp.ClientSession() as http:
+            for headers in ({"X-Twilio-Signature": sign("wss://elsewhere.example.com/api/phone/twilio"),
+                             **behind_proxy},  # signed for another URL
+                            {"X-Twilio-Signature": sign("wss://pono.example.com/api/phone/twilio") + "x",
+                             **behind_proxy},
+                            {"X-Twilio-Signature": sign(url.replace("http://", "ws://"))[::-1]}):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(url, headers=headers)
+                assert refused.value.status == 401, headers
+            # Behind a TLS proxy: the URL Twilio signed is the public one the forwarded headers describe.
+            ws = await http.ws_connect(url, headers={"X-Twilio-Signature": sign("wss://pono.example.com/api/phone/twilio"),
+                                                     **behind_proxy})
+            await ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+            await ws.send_str(_twilio_start("MZ" + uuid.uuid4().hex, persona=persona, caller="+15550006666"))
+            await ws.send_str(json.dumps({"event": "stop", "streamSid": "MZ0"}))
+            await ws.close()
+            # With PONO_PUBLIC_URL set, that is the URL signed, whatever the request's own host is.
+            settings.public_url = "https://voice.example.org"
+            ws = await http.ws_connect(url, headers={"X-Twilio-Signature": sign("wss://voice.example.org/api/phone/twilio")})
+            assert not ws.closed
+            await ws.close()
+            # The provider token keeps working for other providers.
+            ws = await http.ws_connect(url, headers={"Authorization": f"Bearer {TOKEN}"})
+            assert not ws.closed
+            await ws.close()
+    finally:
+        settings.twilio_auth_token, settings.public_url = None, None
+    call = await _stored(server, admin_token, since, lambda c: c["caller"] == "+15550006666")
+    assert call["persona"] == persona  # the custom parameters still choose
+
+
+async def test_provider_ids_are_checked_and_never_our_call_id(server: RunningServer, admin_token: str) -> None:
+    """A streamSid or callSid from the provider is only an attribute, and must look like one."""
+    async with aiohttp.ClientSession() as http:
+        for sid in ("MZ" + "x" * 10_000, "MZ\u0000../../etc", ""):
+            ws = await http.ws_connect(stream_url(server))
+            await ws.send_str(_twilio_start(sid))
+            closing = await ws.receive(timeout=10)
+            assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1003, (sid[:20], closing)
+        since = time.time() - 1
+        stream_sid = "MZ" + uuid.uuid4().hex
+        ws = await http.ws_connect(stream_url(server))
+        await ws.send_str(_twilio_start(stream_sid))
+        await ws.send_str(json.dumps({"event": "stop", "streamSid": stream_sid}))
+        await ws.close()
+    call = await _stored(server, admin_token, since, lambda c: c["transport"] == "twilio")
+    assert call["id"] != stream_sid and len(call["id"]) == 32

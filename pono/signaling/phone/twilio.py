@@ -2,7 +2,15 @@
 
 In: connected, start (persona and caller in customParameters), media (base64 μ-law 8 kHz), dtmf, mark, stop.
 Out: media (paced in real time), mark after each stretch of speech, and clear on barge-in so the provider
-drops what it has buffered. The provider authenticates with PONO_TWILIO_TOKEN (?token=, or a Bearer header).
+drops what it has buffered.
+
+Authentication: real Twilio strips the query string from `<Stream url>` and sends no Authorization header;
+it signs the upgrade request with X-Twilio-Signature (base64 HMAC-SHA1, keyed with the account's auth token,
+over the URL it connected to; a GET has no parameters to append), checked when PONO_TWILIO_AUTH_TOKEN is set.
+Other providers present PONO_TWILIO_TOKEN (?token=, or a Bearer header). Either one, when valid, is enough.
+
+The provider's streamSid and callSid are checked (short, plain identifiers) and kept for logs and the
+protocol: the call itself always gets Pono's own call id.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
@@ -30,13 +40,16 @@ log = logging.getLogger(__name__)
 
 _MAX_MESSAGE_BYTES = 64 * 1024
 _CLOSE_BAD = 1003
+_PROVIDER_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # Twilio: MZ/CA + 32 hex; other providers: similar
 
 
 class MediaStream:
     def __init__(self, ws: web.WebSocketResponse, services: Services) -> None:
         self.ws = ws
         self.services = services
-        self.stream_sid = ""
+        self.stream_sid = ""  # the provider's ids, checked against _PROVIDER_ID
+        self.call_sid = ""
+        self.call_id = ""  # ours
         self.out = PacedAudioTrack(rate=8000)
         self.transport: PhoneTransport | None = None
         self.marks_sent = 0
@@ -79,7 +92,11 @@ class MediaStream:
         start = message.get("start")
         if not isinstance(start, dict) or not isinstance(start.get("streamSid") or message.get("streamSid"), str):
             return "'start' needs a streamSid"
-        self.stream_sid = start.get("streamSid") or message["streamSid"]
+        stream_sid, call_sid = start.get("streamSid") or message["streamSid"], start.get("callSid") or ""
+        if not _PROVIDER_ID.fullmatch(stream_sid) or not (call_sid == "" or (isinstance(call_sid, str)
+                                                                            and _PROVIDER_ID.fullmatch(call_sid))):
+            return "streamSid and callSid must be short identifiers (letters, digits, _ . : -)"
+        self.stream_sid, self.call_sid = stream_sid, call_sid
         params = start.get("customParameters") or {}
         if not isinstance(params, dict):
             return "customParameters must be an object"
@@ -96,8 +113,9 @@ class MediaStream:
             return "the server cannot take a call now"
         caller = params.get("caller") or params.get("From") or params.get("from")
         self.transport = PhoneTransport("twilio", self.out, on_close=self._close, on_clear=self._clear)
-        calls.start(calls.new_call_id(), self.transport, persona=persona,
-                    caller=str(caller)[:64] if caller else None)
+        self.call_id = calls.new_call_id()
+        log.info("media stream %s (callSid %s) is call %s", self.stream_sid, self.call_sid or "-", self.call_id)
+        calls.start(self.call_id, self.transport, persona=persona, caller=str(caller)[:64] if caller else None)
         self._sender = asyncio.create_task(self._send_audio(), name=f"twilio-out-{self.stream_sid}")
         return None
 
@@ -148,13 +166,48 @@ class MediaStream:
         self.out.stop()
 
 
+def signed_urls(request: web.Request, public_url: str | None) -> list[str]:
+    """The URLs the provider may have signed for this request: its public URL (PONO_PUBLIC_URL as the base,
+    else the scheme and host X-Forwarded-Proto / X-Forwarded-Host or the request itself give) in the ws(s)
+    and http(s) spellings, each with and without the scheme's default port, as Twilio's own validator tries."""
+    if public_url:
+        base = urlsplit(public_url)
+        scheme, host, prefix = base.scheme, base.netloc, base.path.rstrip("/")
+    else:
+        forwarded_proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip()
+        forwarded_host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+        scheme, host, prefix = forwarded_proto or request.scheme, forwarded_host or request.host, ""
+    secure = scheme in ("https", "wss")
+    default_port = "443" if secure else "80"
+    name, port = (host.rpartition(":")[0], host.rpartition(":")[2]) if re.search(r":\d+$", host) else (host, "")
+    hosts = {host, f"{host}:{default_port}" if not port else name if port == default_port else host}
+    schemes = ("wss", "https") if secure else ("ws", "http")
+    return [f"{s}://{h}{prefix}{request.rel_url}" for s in schemes for h in sorted(hosts)]
+
+
+def twilio_signature(auth_token: str, url: str) -> str:
+    """X-Twilio-Signature for a request without POST parameters: base64(HMAC-SHA1(auth token, url))."""
+    return base64.b64encode(hmac.new(auth_token.encode(), url.encode(), "sha1").digest()).decode()
+
+
 def _authorised(request: web.Request, services: Services) -> None:
-    expected = services.settings.twilio_token
-    if expected is None:
-        raise ApiError(503, "provider media streams are not configured (PONO_TWILIO_TOKEN)")
-    given = request.query.get("token") or bearer(request) or ""
-    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
-        raise ApiError(401, "a valid provider token is required (?token= or Authorization: Bearer)")
+    settings = services.settings
+    token, auth_token = settings.twilio_token, settings.twilio_auth_token
+    if token is None and auth_token is None:
+        raise ApiError(503, "provider media streams are not configured (PONO_TWILIO_AUTH_TOKEN or PONO_TWILIO_TOKEN)")
+    signature = request.headers.get("X-Twilio-Signature", "")
+    if auth_token is not None and signature:
+        key = auth_token.get_secret_value()
+        if any(hmac.compare_digest(signature.encode(), twilio_signature(key, url).encode())
+               for url in signed_urls(request, settings.public_url)):
+            return
+        log.warning("media stream refused: X-Twilio-Signature does not match %s (set PONO_PUBLIC_URL?)",
+                    signed_urls(request, settings.public_url)[0])
+    if token is not None:
+        given = request.query.get("token") or bearer(request) or ""
+        if hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            return
+    raise ApiError(401, "a valid X-Twilio-Signature or provider token is required")
 
 
 async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
