@@ -170,9 +170,9 @@ async def test_tokens_are_required_and_scoped(server) -> None:
         # Someone else's token cannot hang up this call: it looks like a call that does not exist.
         async with other.http.delete(f"{server.url}/api/calls/{caller.call_id}", headers=other.auth) as r:
             assert r.status == 404
-        # A call token opens one call only.
-        async with caller.http.post(f"{server.url}/api/calls", json={"sdp": "v=0\r\nm=application 9 x\r\n",
-                                                                       "type": "offer"}, headers=caller.auth) as r:
+        # A call token opens one call only, even with a good offer.
+        offer = {"sdp": caller.pc.localDescription.sdp, "type": "offer"}
+        async with caller.http.post(f"{server.url}/api/calls", json=offer, headers=caller.auth) as r:
             assert r.status == 409
         assert caller.call_id in server.app[SERVICES].calls.calls
     finally:
