@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import warnings
 
 import numpy as np
 import pytest
 
 from pono.signaling.phone import g711
-from pono.signaling.phone.rtp import DtmfReceiver, JitterBuffer, RtpPacket
+from pono.signaling.phone.rtp import DtmfReceiver, JitterBuffer, RtpPacket, RtpSession, bind_rtp
 from pono.signaling.phone.sdp import Offer, SdpError, answer, parse_offer
 from pono.signaling.phone.sdp_policy import MediaPolicy
 
@@ -94,6 +96,29 @@ def test_jitter_buffer_ignores_a_single_stray_packet() -> None:
     assert not buffer.put(_packet(30000))
     assert buffer.put(_packet(110)) and buffer.resyncs == 0 and buffer.stray == 1
     assert buffer.pop().sequence == 100  # type: ignore[union-attr]
+
+
+async def test_media_nobody_plays_does_not_keep_a_dead_line_alive() -> None:
+    """Packets of a payload type nobody negotiated (or that the jitter buffer throws away) are not media:
+    the media timeout still hangs up a line that carries nothing else."""
+    timed_out = asyncio.Event()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
+        phone.bind(("127.0.0.1", 0))
+        phone.setblocking(False)
+        rtp = await bind_rtp(lambda: RtpSession("PCMU", 0, 101, phone.getsockname(), on_audio=lambda pcm: None,
+                                                on_dtmf=lambda digit: None, media_timeout_s=0.3,
+                                                on_media_timeout=timed_out.set), "127.0.0.1", None)
+        rtp.start()
+        try:
+            for seq in range(500):  # up to 10 s of packets every 20 ms, none of them PCMU
+                phone.sendto(RtpPacket(96, seq, seq * 160, 7, b"\x00" * 160).to_bytes(), ("127.0.0.1", rtp.local_port))
+                if timed_out.is_set():
+                    break
+                await asyncio.sleep(0.02)
+            assert timed_out.is_set(), "the junk kept the line alive"
+            assert rtp.stats.received > 0
+        finally:
+            await rtp.close()
 
 
 def test_dtmf_one_digit_per_event() -> None:

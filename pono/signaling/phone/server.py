@@ -224,7 +224,7 @@ class SipServer:
         assert dialog.offer is not None
         if self.settings.sip_ring_ms:
             await asyncio.sleep(self.settings.sip_ring_ms / 1000)
-        persona = await self.lookup(uri_user(msg.uri or ""))
+        persona = await self.lookup(uri_user(msg.uri or "")[:64])
         transport: PhoneTransport | None = None
         offer = dialog.offer
         rtp = await bind_rtp(

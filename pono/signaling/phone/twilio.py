@@ -106,7 +106,7 @@ class MediaStream:
             if isinstance(params.get("persona"), str):
                 persona = await calls.persona(params["persona"][:200])
             else:
-                persona = await calls.persona_for_number(str(params.get("to") or params.get("To") or ""))
+                persona = await calls.persona_for_number(str(params.get("to") or params.get("To") or "")[:64])
         except UnknownPersona:
             return f"unknown persona {str(params.get('persona'))[:60]!r}"
         if not calls.models.loaded.is_set() or calls.full or calls.draining:
