@@ -151,9 +151,12 @@ async def _set_password(settings: Settings, name: str) -> None:
 
 
 async def _purge(settings: Settings) -> None:
+    """Print {"removed": {table: rows}, "failed": {table: why}}; exit 1 when any table failed."""
     async with _database(settings) as db:
-        removed = await purge(db.pool, settings.retention_days)
-    print(json.dumps(removed))
+        result = await purge(db.pool, settings.retention_days)
+    print(json.dumps(result.as_dict()))
+    if result.failed:
+        raise SystemExit(1)
 
 
 async def _dlp_policy(settings: Settings, persona: str | None, policy_json: str | None) -> DlpPolicy:

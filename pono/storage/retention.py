@@ -1,33 +1,70 @@
-"""Retention: soft-deleted rows are kept for a while (undo, audits), then purged for good."""
+"""Retention: calls are kept for PONO_RETENTION_DAYS, soft-deleted rows (undo, audits) as long; then both are
+deleted for good, with everything that references them (turns, tool calls, DLP findings, chunks, keys, refresh
+tokens, phone numbers) by ON DELETE CASCADE."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 
 import asyncpg
 
 log = logging.getLogger(__name__)
 
-# Tables with a deleted_at column; children (turns, chunks, ...) go with their parents by ON DELETE CASCADE.
+# Tables with a deleted_at column; what references them goes with them by ON DELETE CASCADE.
 SOFT_DELETED = ("calls", "personas", "documents", "users")
+# Beyond deleted_at, what makes a row old enough to purge: a call's transcript lasts as long as a deleted row.
+_AGED = {"calls": " OR started_at < now() - make_interval(days => $1)"}
+_BATCH = 1000  # rows per DELETE, so one purge never holds long locks over a big table
 
 
-async def purge(pool: asyncpg.Pool, retention_days: int) -> dict[str, int]:
-    removed: dict[str, int] = {}
-    for table in SOFT_DELETED:
+@dataclass
+class PurgeResult:
+    """What one purge did: rows removed per table, and for each table whose purge failed, why."""
+
+    removed: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, dict[str, int] | dict[str, str]]:
+        """{"removed": {table: rows}, "failed": {table: "ErrorType: message"}} for `pono purge`'s output."""
+        return {"removed": self.removed, "failed": self.failed}
+
+
+async def _purge_table(pool: asyncpg.Pool, table: str, retention_days: int) -> int:
+    removed = 0
+    while True:
         status = await pool.execute(
-            f"DELETE FROM {table} WHERE deleted_at < now() - make_interval(days => $1)", retention_days)
-        removed[table] = int(status.split()[-1])
-    if any(removed.values()):
-        log.info("purged rows past %d days of retention: %s", retention_days, removed)
-    return removed
+            f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table}"
+            f" WHERE deleted_at < now() - make_interval(days => $1){_AGED.get(table, '')} LIMIT {_BATCH})",
+            retention_days)
+        count = int(status.split()[-1])
+        removed += count
+        if count < _BATCH:
+            return removed
+
+
+async def purge(pool: asyncpg.Pool, retention_days: int) -> PurgeResult:
+    """Delete calls that started more than `retention_days` days ago and rows soft-deleted that long ago, with
+    what references them. Each table is purged on its own: a failure (an unknown reference, a lost connection)
+    is logged and reported in `failed`, and the other tables are still purged. Never raises for a table."""
+    result = PurgeResult()
+    for table in SOFT_DELETED:
+        try:
+            result.removed[table] = await _purge_table(pool, table, retention_days)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            result.failed[table] = f"{type(exc).__name__}: {exc}"
+            log.warning("retention purge of %s failed: %s", table, result.failed[table])
+    if any(result.removed.values()):
+        log.info("purged rows past %d days of retention: %s", retention_days, result.removed)
+    return result
 
 
 async def purge_daily(pool: asyncpg.Pool, retention_days: int) -> None:
+    """Run `purge` now and then every 24 hours, until cancelled; a failed day is logged and retried the next."""
     while True:
         try:
             await purge(pool, retention_days)
-        except Exception as exc:  # an outage delays the purge; the next day catches up
+        except Exception as exc:  # not expected (purge reports table failures); the next day catches up
             log.warning("retention purge failed: %s", type(exc).__name__)
         await asyncio.sleep(24 * 3600)
