@@ -119,6 +119,7 @@ class Settings(BaseSettings):
     # Logins: JWT access tokens and rotating refresh tokens.
     access_token_ttl_s: int = 3600
     refresh_token_ttl_s: int = 7 * 24 * 3600
+    console_reauth_s: float = 30.0  # the console's WebSocket re-checks its token this often (and on every action)
 
     # HTTP limits.
     max_body_bytes: int = 256 * 1024

@@ -385,3 +385,97 @@ async def test_replica_logs_traces_and_metrics(server: RunningServer, replica: P
                    "pono_event_loop_lag_seconds_bucket", "pono_db_write_queue_depth", "pono_journal_bytes",
                    "pono_calls_total"):
         assert family in body, family
+
+
+async def _closed(ws: aiohttp.ClientWebSocketResponse, timeout: float = 15.0) -> aiohttp.WSMessage:
+    """The close frame, skipping the feed's messages before it."""
+    deadline = time.monotonic() + timeout
+    while (msg := await ws.receive(timeout=max(0.1, deadline - time.monotonic()))).type == aiohttp.WSMsgType.TEXT:
+        pass
+    return msg
+
+
+async def _login(server: RunningServer, http: aiohttp.ClientSession, name: str, password: str) -> dict[str, Any]:
+    async with http.post(f"{server.url}/api/auth/login", json={"name": name, "password": password}) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def test_console_checks_its_principal_on_every_action_and_periodically(server: RunningServer,
+                                                                             admin_token: str) -> None:
+    services = server.app[SERVICES]
+    pool = services.storage.db.pool
+    from pono.storage.users import create_api_key, create_user
+
+    admin = {"Authorization": f"Bearer {admin_token}"}
+    key_id, key = await create_api_key(pool, await create_user(pool, f"op-{uuid.uuid4().hex[:6]}", "operator"),
+                                       "operator", "console")
+    async with aiohttp.ClientSession() as http:
+        # A revoked key: its very next action closes the socket, whatever the re-check interval.
+        ws = await _socket(server, http)
+        await ws.send_str(json.dumps({"type": "auth", "token": key}))
+        await _next(ws, "hello")
+        async with http.delete(f"{server.url}/api/keys/{key_id}", headers=admin) as r:
+            assert r.status == 204
+        await ws.send_str(json.dumps({"type": "action", "action": "hang_up", "call_id": "nope", "ref": 1}))
+        msg = await _closed(ws)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401 and "revoked" in msg.extra, msg
+
+        # A deleted user's login, and a login that expires: an idle console closes by itself.
+        services.settings.console_reauth_s = 0.2
+        try:
+            name, password = await _operator_login(server, admin_token)
+            tokens = await _login(server, http, name, password)
+            ws = await _socket(server, http)
+            await ws.send_str(json.dumps({"type": "auth", "token": tokens["access_token"]}))
+            await _next(ws, "hello")
+            async with http.delete(f"{server.url}/api/users/{tokens['user']['id']}", headers=admin) as r:
+                assert r.status == 204
+            msg = await _closed(ws)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401, msg
+
+            import jwt
+
+            secret = await pool.fetchval("SELECT value FROM server_secrets WHERE name = 'jwt'")
+            admin_name, admin_password = f"admin-{uuid.uuid4().hex[:6]}", "a long admin password"
+            async with http.post(f"{server.url}/api/users", headers=admin,
+                                 json={"name": admin_name, "role": "admin", "password": admin_password}) as r:
+                admin_id = (await r.json())["id"]
+            now = int(time.time())
+            short = jwt.encode({"sub": admin_id, "name": admin_name, "role": "admin", "typ": "access", "iat": now,
+                                "exp": now + 2, "jti": "short"}, secret.encode(), algorithm="HS256")
+            ws = await _socket(server, http)
+            await ws.send_str(json.dumps({"type": "auth", "token": short}))
+            await _next(ws, "hello")
+            msg = await _closed(ws)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401 and "expired" in msg.extra, msg
+        finally:
+            services.settings.console_reauth_s = 30.0
+
+
+async def test_console_takes_a_fresh_token_for_the_same_user(server: RunningServer, admin_token: str) -> None:
+    """The console sends {"type": "auth"} after each refresh (about hourly): the socket stays open."""
+    name, password = await _operator_login(server, admin_token)
+    other, other_password = await _operator_login(server, admin_token)
+    async with aiohttp.ClientSession() as http:
+        first = await _login(server, http, name, password)
+        ws = await _socket(server, http)
+        await ws.send_str(json.dumps({"type": "auth", "token": first["access_token"]}))
+        await _next(ws, "hello")
+        async with http.post(f"{server.url}/api/auth/refresh", json={"refresh_token": first["refresh_token"]}) as r:
+            second = await r.json()
+        await ws.send_str(json.dumps({"type": "auth", "token": second["access_token"]}))
+        assert (await _next(ws, "auth.ok"))["user"]["name"] == name
+        await ws.send_str(json.dumps({"type": "ping"}))
+        await _next(ws, "pong")
+        # Someone else's token does not take over an open console; a bad one closes it.
+        stranger = await _login(server, http, other, other_password)
+        await ws.send_str(json.dumps({"type": "auth", "token": stranger["access_token"]}))
+        msg = await _closed(ws)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401 and "same user" in msg.extra, msg
+        ws = await _socket(server, http)
+        await ws.send_str(json.dumps({"type": "auth", "token": second["access_token"]}))
+        await _next(ws, "hello")
+        await ws.send_str(json.dumps({"type": "auth", "token": "pono_not-a-real-key"}))
+        msg = await _closed(ws)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401, msg

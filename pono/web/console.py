@@ -1,7 +1,10 @@
 """The operator console's live feed: one WebSocket per open console.
 
 The console authenticates with its first message, gets a snapshot of live calls on every replica and then
-deltas, follows one call's redacted event channel from Redis, and sends actions on it.
+deltas, follows one call's redacted event channel from Redis, and sends actions on it. Its token is checked
+again before every watch and action and every PONO_CONSOLE_REAUTH_S; a revoked key, a deleted user or an expired
+login closes the socket (4401; 4403 when the principal may no longer use the console). A later
+{"type": "auth", "token"} (the console sends one after each refresh) replaces the token for the same user.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from redis.exceptions import RedisError
 
 from pono.context import SERVICES, Services
 from pono.http import ApiError
+from pono.storage.db import CONNECTION_ERRORS
 from pono.storage.history import call_turns
 from pono.storage.live import events_channel
 from pono.storage.users import Principal
@@ -28,18 +32,76 @@ log = logging.getLogger(__name__)
 _AUTH_TIMEOUT_S = 10.0
 _POLL_S = 0.5
 _MAX_MESSAGE_BYTES = 96 * 1024
-# Close codes: 1008 policy violation (auth), 1003 unsupported data (garbage), 1009 too big.
-_CLOSE_AUTH, _CLOSE_GARBAGE = 4401, 1003
+# Close codes: 4401 not (or no longer) authenticated, 4403 authenticated but not allowed, 1003 garbage.
+_CLOSE_AUTH, _CLOSE_FORBIDDEN, _CLOSE_GARBAGE = 4401, 4403, 1003
+
+
+class SessionEnded(Exception):
+    """The socket must close: `code` (4401, 4403 or 1003) and a reason the console shows."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _admit(who: Principal | None) -> Principal:
+    """The principal if it may use the console; raises SessionEnded (4401 no principal, 4403 not allowed)."""
+    if who is None:
+        raise SessionEnded(_CLOSE_AUTH, "invalid, expired or revoked token (or the user was deleted)")
+    if not who.may("calls"):
+        raise SessionEnded(_CLOSE_FORBIDDEN, "this API key is not scoped for calls")
+    return who
 
 
 class ConsoleSession:
-    def __init__(self, ws: web.WebSocketResponse, services: Services, who: Principal, remote: str | None) -> None:
+    def __init__(self, ws: web.WebSocketResponse, services: Services, who: Principal, token: str,
+                 remote: str | None) -> None:
         self.ws = ws
         self.services = services
         self.who = who
+        self.token = token  # what `who` was verified from; checked again before each action and periodically
         self.remote = remote
         self.watch_task: asyncio.Task[None] | None = None
         self.watching: str | None = None
+
+    async def recheck(self) -> None:
+        """Verify the session's token again and take the principal as it is now (role, deletion, revocation).
+
+        Raises SessionEnded. While Postgres is unreachable the last principal is kept; a login's expiry is
+        checked without it, so an expired one still ends the session.
+        """
+        try:
+            who = await self.services.auth.verify(self.token)
+        except CONNECTION_ERRORS:
+            log.warning("console: the database is unavailable; keeping %s's session for now", self.who.name)
+            return
+        self.who = _admit(who)
+
+    async def reauth(self, token: object) -> None:
+        """{"type": "auth", "token"} on an open socket: a fresh token for the same user replaces the old one."""
+        if not isinstance(token, str) or not token:
+            raise SessionEnded(_CLOSE_AUTH, "an auth message needs a token")
+        try:
+            who = _admit(await self.services.auth.verify(token))
+        except CONNECTION_ERRORS:
+            await self.send({"type": "error", "error": "the database is unavailable; the token was not renewed"})
+            return
+        if who.user_id != self.who.user_id:
+            raise SessionEnded(_CLOSE_AUTH, "a new token on an open console must be for the same user")
+        self.who, self.token = who, token
+        await self.send({"type": "auth.ok", "user": {"name": who.name, "role": who.role}})
+
+    async def keep_checking(self) -> None:
+        """Every PONO_CONSOLE_REAUTH_S, re-verify the token; close the socket when it no longer holds."""
+        while not self.ws.closed:
+            await asyncio.sleep(max(0.1, self.services.settings.console_reauth_s))
+            try:
+                await self.recheck()
+            except SessionEnded as ended:
+                log.info("console of %s closed: %s", self.who.name, ended.reason)
+                await self.ws.close(code=ended.code, message=ended.reason.encode()[:120])
+                return
 
     async def send(self, message: dict[str, Any]) -> None:
         if not self.ws.closed:
@@ -94,16 +156,20 @@ class ConsoleSession:
         except (RedisError, OSError):
             await self.send({"type": "error", "error": "lost the call's event channel (Redis)"})
 
-    async def handle(self, raw: str) -> str | None:
-        """One message from the console; returns a reason to close the socket, or None."""
+    async def handle(self, raw: str) -> None:
+        """One message from the console. Raises SessionEnded when the socket must close."""
         try:
             message = json.loads(raw)
         except ValueError:
-            return "messages must be JSON"
+            raise SessionEnded(_CLOSE_GARBAGE, "messages must be JSON") from None
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            return "messages must be JSON objects with a 'type'"
+            raise SessionEnded(_CLOSE_GARBAGE, "messages must be JSON objects with a 'type'")
         kind = message["type"]
-        if kind == "watch" and isinstance(message.get("call_id"), str) and len(message["call_id"]) <= 64:
+        if kind in ("watch", "action"):
+            await self.recheck()  # what it may see and do is decided now, not at login
+        if kind == "auth":
+            await self.reauth(message.get("token"))
+        elif kind == "watch" and isinstance(message.get("call_id"), str) and len(message["call_id"]) <= 64:
             await self.watch(message["call_id"])
         elif kind == "unwatch":
             if self.watch_task is not None:
@@ -114,8 +180,7 @@ class ConsoleSession:
         elif kind == "ping":
             await self.send({"type": "pong"})
         else:
-            return f"unknown message type {str(kind)[:40]!r}"
-        return None
+            raise SessionEnded(_CLOSE_GARBAGE, f"unknown message type {str(kind)[:40]!r}")
 
     async def _action(self, message: dict[str, Any]) -> None:
         ref = message.get("ref")
@@ -141,27 +206,26 @@ class ConsoleSession:
                 await self.watch_task
 
 
-async def _authenticate(ws: web.WebSocketResponse, services: Services) -> Principal | str:
-    """The first message must be {"type": "auth", "token": ...}; a principal, or why not."""
+async def _authenticate(ws: web.WebSocketResponse, services: Services) -> tuple[Principal, str]:
+    """The first message must be {"type": "auth", "token": ...}: (principal, token). Raises SessionEnded."""
     try:
         first = await ws.receive(timeout=_AUTH_TIMEOUT_S)
     except TimeoutError:
-        return "authentication timed out"
+        raise SessionEnded(_CLOSE_AUTH, "authentication timed out") from None
     if first.type is not WSMsgType.TEXT:
-        return "the first message must be an auth message"
+        raise SessionEnded(_CLOSE_AUTH, "the first message must be an auth message")
     try:
         message = json.loads(first.data)
         token = message["token"] if message.get("type") == "auth" else None
     except (ValueError, KeyError, TypeError, AttributeError):
         token = None
     if not isinstance(token, str):
-        return "the first message must be {\"type\": \"auth\", \"token\": ...}"
-    who = await services.auth.verify(token)
-    if who is None:
-        return "invalid, expired or revoked token"
-    if not who.may("calls"):
-        return "this API key is not scoped for calls"
-    return who
+        raise SessionEnded(_CLOSE_AUTH, "the first message must be {\"type\": \"auth\", \"token\": ...}")
+    try:
+        who = await services.auth.verify(token)
+    except CONNECTION_ERRORS:
+        raise SessionEnded(_CLOSE_AUTH, "the database is unavailable; try again shortly") from None
+    return _admit(who), token
 
 
 async def console_socket(request: web.Request) -> web.WebSocketResponse:
@@ -169,26 +233,29 @@ async def console_socket(request: web.Request) -> web.WebSocketResponse:
     services = request.app[SERVICES]
     ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=_MAX_MESSAGE_BYTES)
     await ws.prepare(request)
-    who = await _authenticate(ws, services)
-    if isinstance(who, str):
-        await ws.close(code=_CLOSE_AUTH, message=who.encode())
+    try:
+        who, token = await _authenticate(ws, services)
+    except SessionEnded as refused:
+        await ws.close(code=refused.code, message=refused.reason.encode()[:120])
         return ws
-    session = ConsoleSession(ws, services, who, request.remote)
+    session = ConsoleSession(ws, services, who, token, request.remote)
     ice_servers = [s.model_dump(exclude_none=True) for s in services.settings.ice_servers]
     await session.send({"type": "hello", "user": {"name": who.name, "role": who.role}, "ice_servers": ice_servers})
-    lister = asyncio.create_task(session.live_list())
+    tasks = [asyncio.create_task(session.live_list()), asyncio.create_task(session.keep_checking())]
     try:
         async for msg in ws:
-            if msg.type is WSMsgType.TEXT:
-                reason = await session.handle(msg.data)
-            else:
-                reason = "binary messages are not accepted" if msg.type is WSMsgType.BINARY else None
-            if reason is not None:
-                await ws.close(code=_CLOSE_GARBAGE, message=reason.encode()[:120])
+            try:
+                if msg.type is WSMsgType.TEXT:
+                    await session.handle(msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    raise SessionEnded(_CLOSE_GARBAGE, "binary messages are not accepted")
+            except SessionEnded as ended:
+                await ws.close(code=ended.code, message=ended.reason.encode()[:120])
                 break
     finally:
-        lister.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await lister
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await session.close()
     return ws
