@@ -23,5 +23,5 @@ async def recent_audit(pool: asyncpg.Pool, action_prefix: str | None, limit: int
     """
     rows = await pool.fetch(
         "SELECT at, actor, action, target, source_ip, details FROM audit_log"
-        " WHERE ($1::text IS NULL OR action LIKE $1 || '%') ORDER BY id DESC LIMIT $2", action_prefix, limit)
+        " WHERE ($1::text IS NULL OR starts_with(action, $1)) ORDER BY id DESC LIMIT $2", action_prefix, limit)
     return [{**dict(r), "details": json.loads(r["details"])} for r in rows]

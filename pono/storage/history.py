@@ -17,9 +17,10 @@ async def find_calls(pool: asyncpg.Pool, *, persona: str | None, since: datetime
     """Up to `count` calls, newest first (by start time, then id), not deleted.
 
     Filters: `persona` name; started at or after `since` and before `until` (timezone-aware); ended ones only;
-    `text`, a web-search query over the stored turns; and `before`, a (started_at, id) position to continue
-    after. Each call is {"id", "transport", "persona", "caller", "replica", "started_at": datetime,
-    "ended_at": datetime | None, "end_reason": str | None}.
+    `text`, a web-search query over the stored turns ("quoted phrase", or, -word; a turn that holds the text as
+    typed matches too, since the web-search syntax splits "db.example.com:5432" apart); and `before`, a
+    (started_at, id) position to continue after. Each call is {"id", "transport", "persona", "caller", "replica",
+    "started_at": datetime, "ended_at": datetime | None, "end_reason": str | None}.
     """
     rows = await pool.fetch(
         f"SELECT {_CALL_COLUMNS} FROM calls"
@@ -30,7 +31,8 @@ async def find_calls(pool: asyncpg.Pool, *, persona: str | None, since: datetime
         "   AND ($4::timestamptz IS NULL OR (started_at, id) < ($4, $5))"
         "   AND ($7::timestamptz IS NULL OR started_at < $7)"
         "   AND ($8::text IS NULL OR EXISTS (SELECT 1 FROM turns t WHERE t.call_id = calls.id"
-        "        AND t.text_search @@ websearch_to_tsquery('english', $8)))"
+        "        AND (t.text_search @@ websearch_to_tsquery('english', $8)"
+        "             OR t.text_search @@ phraseto_tsquery('english', $8))))"
         " ORDER BY started_at DESC, id DESC LIMIT $6",
         persona, since, ended_only, before[0] if before else None, before[1] if before else "", count,
         until, text)

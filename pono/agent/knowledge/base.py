@@ -108,12 +108,12 @@ class KnowledgeBase:
         async with self.pool.acquire() as conn:
             by_vector = await conn.fetch(
                 f"{columns} WHERE {live} ORDER BY c.embedding <=> $2 LIMIT {_CANDIDATES}", collections, vector)
-            # Full text: any of the query's words may match (OR), ranked by cover density.
-            words = await conn.fetchval(
-                "SELECT array_to_string(tsvector_to_array(to_tsvector('english', $1)), ' | ')", query)
+            # Full text: any of the query's words may match (OR), ranked by cover density. Each word is parsed
+            # by plainto_tsquery as the chunks were (so "db.example.com:5432" or "a & !b" is words, not syntax).
             by_text = await conn.fetch(
-                f"{columns} CROSS JOIN to_tsquery('english', $2) q WHERE {live} AND c.text_search @@ q"
-                f" ORDER BY ts_rank_cd(c.text_search, q) DESC LIMIT {_CANDIDATES}", collections, words) if words else []
+                f"{columns} CROSS JOIN (SELECT tsquery_or_agg(plainto_tsquery('english', w)) AS q"
+                f" FROM regexp_split_to_table($2, '\\s+') AS w) AS words WHERE {live} AND c.text_search @@ words.q"
+                f" ORDER BY ts_rank_cd(c.text_search, words.q) DESC LIMIT {_CANDIDATES}", collections, query)
         scores: dict[int, float] = {}
         rows: dict[int, asyncpg.Record] = {}
         for ranking in (by_vector, by_text):
