@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -35,20 +34,6 @@ class Services:
     llm_reachable: bool = False
     control: ControlBus | None = None  # operator actions, routed to the replica holding the call
     sip: SipServer | None = None  # when PONO_SIP_PORT is set
-    call_tokens: dict[str, str] = field(default_factory=dict)  # call id → token id that opened it
-    _spent_tokens: dict[str, int] = field(default_factory=dict)  # token id → expiry
-
-    def spend_call_token(self, token_id: str, expires: int) -> bool:
-        """Mark a call token used; False if it already opened a call. A token opens one call only."""
-        now = time.time()
-        for old in [t for t, exp in self._spent_tokens.items() if exp < now]:
-            del self._spent_tokens[old]
-        for call_id in [c for c in self.call_tokens if c not in self.calls.calls]:
-            del self.call_tokens[call_id]
-        if token_id in self._spent_tokens:
-            return False
-        self._spent_tokens[token_id] = expires
-        return True
 
 
 SERVICES = web.AppKey("services", Services)

@@ -34,6 +34,9 @@ class OperatorDesk:
             call.events.emit(EventType.OPERATOR, action="hang_up", actor=actor)
             await self.calls.hang_up(call_id, "operator_hangup")
             return {}
+        if action == "caller_hang_up":  # the caller's own DELETE /api/calls/{id}, routed from another replica
+            await self.calls.hang_up(call_id, "caller_hangup")
+            return {}
         if action == "hand_back":
             call.hand_back(actor)
             await self.media.close_call(call_id, talkers_only=True)

@@ -20,16 +20,20 @@ from aiortc.rtcdtlstransport import X509_DIGEST_ALGORITHMS
 from aiortc.rtcpeerconnection import find_common_codecs
 from pydantic import BaseModel, Field
 
-from pono.agent.personas import UnknownPersona
-from pono.auth import bearer
-from pono.context import SERVICES, Services
+from pono.context import SERVICES
 from pono.http import ApiError, read_json_model
+from pono.signaling.call_tokens import (
+    create_call_token,
+    delete_call,
+    spend_call_token,
+    token_persona,
+    verify_call_token,
+)
 from pono.signaling.ice import rtc_configuration
 from pono.signaling.webrtc import WebRTCTransport
 
 log = logging.getLogger(__name__)
 
-CALL_TOKEN_TTL_S = 300
 MAX_SDP_CHARS = 64 * 1024
 _NEGOTIATION_TIMEOUT_S = 10
 _CONNECT_TIMEOUT_S = 30
@@ -41,41 +45,9 @@ class CallOffer(BaseModel):
     persona: str | None = Field(default=None, max_length=200)
 
 
-def _call_token(request: web.Request, services: Services) -> dict[str, object]:
-    token = bearer(request)
-    claims = services.signer.verify(token, "call") if token else None
-    if claims is None:
-        raise ApiError(401, "a valid call token is required (POST /api/call-tokens)")
-    return claims
-
-
-async def create_call_token(request: web.Request) -> web.Response:
-    """Public: the call page gets one per call. A persona may switch these off or allow fewer."""
-    services = request.app[SERVICES]
-    assert services.storage.live is not None
-    ref = request.query.get("persona") or None
-    if ref is not None and len(ref) > 200:
-        raise ApiError(422, "invalid query", fields=[{"field": "persona", "message": "at most 200 characters"}])
-    try:
-        persona = await services.calls.persona(ref)
-    except UnknownPersona:
-        raise ApiError(404, f"no persona {ref!r}") from None
-    if not persona.call_tokens_enabled:
-        raise ApiError(403, f"persona {persona.name!r} does not take calls from the public call page")
-    limit = min(services.settings.call_tokens_per_minute, persona.call_tokens_per_minute or 1 << 30)
-    allowed, retry_after = await services.storage.live.hit(f"call-token:{persona.name}:{request.remote}", limit, 60)
-    if not allowed:
-        raise ApiError(429, "too many call tokens requested; slow down", retry_after_s=retry_after,
-                       headers={"Retry-After": str(retry_after)})
-    claims = {"persona": persona.name} if ref is not None else {}
-    token = services.signer.issue("call", CALL_TOKEN_TTL_S, **claims)
-    return web.json_response({"token": token, "expires_in": CALL_TOKEN_TTL_S, "persona": persona.name},
-                             status=201)
-
-
 async def ice_servers(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    _call_token(request, services)
+    verify_call_token(request, services)
     servers = [s.model_dump(exclude_none=True) for s in services.settings.ice_servers]
     return web.json_response({"iceServers": servers})
 
@@ -296,26 +268,16 @@ async def create_call(request: web.Request) -> web.Response:
     prepare_offer() refuses (before the token is spent), 409 when the token already opened a call.
     """
     services = request.app[SERVICES]
-    claims = _call_token(request, services)
+    claims = verify_call_token(request, services)
     body = await read_json_model(request, CallOffer)
     if not services.models.loaded.is_set() or services.calls.draining:
         raise ApiError(503, "the server is not ready for calls yet", retry_after_s=2)
     if services.calls.full:
         raise ApiError(503, "too many calls in progress", retry_after_s=5)
-    # A token got for one persona opens calls with that persona only.
-    bound = claims.get("persona")
-    if bound is not None and body.persona not in (None, bound):
-        raise ApiError(403, f"this call token is for persona {bound!r}")
-    try:
-        persona = await services.calls.persona(body.persona or bound)  # type: ignore[arg-type]
-    except UnknownPersona:
-        raise ApiError(404, f"no persona {body.persona or bound!r}") from None
-    if not persona.call_tokens_enabled:
-        raise ApiError(403, f"persona {persona.name!r} does not take calls from the public call page")
+    persona = await token_persona(services, claims, body.persona)  # a token opens its own persona only
     offer = prepare_offer(body.sdp)  # after the checks of who may call, before the token is spent
-    token_id = str(claims["jti"])
-    if not services.spend_call_token(token_id, int(claims["exp"])):  # type: ignore[call-overload]
-        raise ApiError(409, "this call token has already opened a call; fetch a new one")
+    call_id = services.calls.new_call_id()
+    await spend_call_token(services, claims, call_id)  # once, across replicas and restarts
 
     started = time.perf_counter()
     pc = RTCPeerConnection(rtc_configuration(services.settings.ice_servers))
@@ -338,24 +300,11 @@ async def create_call(request: web.Request) -> web.Response:
     except BaseException:
         await transport.close()
         raise
-    call_id = services.calls.new_call_id()
-    services.call_tokens[call_id] = token_id
     services.calls.start(call_id, transport, persona=persona, caller=request.remote)
     transport.expect_connection_within(_CONNECT_TIMEOUT_S)
     log.info("call %s answered in %.0f ms (%s; speaks: %s)", call_id, 1000 * (time.perf_counter() - started),
              ",".join(sorted(offer.kinds)), transport.has_audio)
     return web.json_response({"sdp": answer_sdp, "type": "answer", "call_id": call_id}, status=201)
-
-
-async def delete_call(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    claims = _call_token(request, services)
-    call_id = request.match_info["call_id"]
-    # A call token acts on its own call only; any other id looks like one that does not exist.
-    if services.call_tokens.get(call_id) != claims["jti"] or call_id not in services.calls.calls:
-        raise ApiError(404, f"no call {call_id}")
-    await services.calls.hang_up(call_id, "caller_hangup")
-    return web.json_response({"call_id": call_id, "state": "ended"})
 
 
 def routes() -> list[web.RouteDef]:

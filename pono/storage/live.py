@@ -38,6 +38,10 @@ def events_channel(call_id: str) -> str:
     return f"pono:events:{call_id}"
 
 
+def _token_key(token_id: str) -> str:
+    return f"pono:call-token:{token_id}"
+
+
 def _delta_follows(items: list[tuple[str, str, dict[str, Any] | None]], i: int) -> bool:
     """Whether items[i] is an agent delta that the next item (a delta of the same turn) supersedes."""
     event = items[i][2]
@@ -200,6 +204,19 @@ class LiveState:
                 pipe.hgetall(call_key(call_id))
             rows = await pipe.execute()
         return [row for row in rows if row]
+
+    # -- single-use call tokens ----------------------------------------------------------------
+    async def spend_call_token(self, token_id: str, call_id: str, ttl_s: int) -> bool:
+        """Mark a call token (its `jti`) spent on `call_id`, for every replica and across restarts of this one.
+
+        True the first time only (SET NX); the mark expires after `ttl_s` seconds, once the token no longer
+        verifies anyway. Raises RedisError or OSError when Redis is unreachable (callers refuse the call).
+        """
+        return bool(await self.redis.set(_token_key(token_id), call_id, nx=True, ex=max(1, ttl_s)))
+
+    async def call_of_token(self, token_id: str) -> str | None:
+        """The call a spent call token opened, or None. Raises RedisError or OSError."""
+        return await self.redis.get(_token_key(token_id))  # type: ignore[no-any-return]
 
     # -- rate limits --------------------------------------------------------------------------
     async def hit(self, key: str, limit: int, window_s: int) -> tuple[bool, int]:

@@ -103,14 +103,15 @@ class Caller:
 
     async def connect(self, *, audio: bool = True, persona: str | None = None, edit_offer: SdpEdit | None = None,
                       edit_answer: SdpEdit | None = None) -> dict[str, Any]:
-        """Get a call token, POST an offer, apply the answer; returns the answer body.
+        """Get a call token (for `persona` when given), POST an offer, apply the answer; returns the answer body.
 
         `edit_offer` rewrites the SDP this peer connection made before it is POSTed (a crafted offer, as
         another client would send it); `edit_answer` rewrites the server's answer before this peer connection
         applies it (what a client that understands more SDP than aiortc would do with it). The returned body
         holds the answer as the server sent it. Raises RuntimeError when the offer is refused.
         """
-        async with self.http.post(f"{self.base_url}/api/call-tokens") as r:
+        query = {"persona": persona} if persona else None  # a token opens calls with its own persona only
+        async with self.http.post(f"{self.base_url}/api/call-tokens", params=query) as r:
             body = await r.json()
             if r.status != 201:
                 raise RuntimeError(f"no call token: {r.status} {body}")
