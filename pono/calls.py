@@ -10,7 +10,7 @@ import uuid
 from pono.agent.conversation import Conversation
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.llm import LLMClient
-from pono.agent.personas import Persona, UnknownPersona, normalize_number
+from pono.agent.personas import Persona, PersonaUnavailable, UnknownPersona, normalize_number
 from pono.agent.tools.specs import build_registry
 from pono.events import CallEvent, EventType
 from pono.logs import call_context
@@ -51,36 +51,58 @@ class CallManager:
         return uuid.uuid4().hex
 
     async def persona(self, ref: str | None) -> Persona:
-        """The persona a new call asked for (or the default). Raises UnknownPersona.
+        """The persona a new call asked for: `ref` is an id or a name, None the default.
 
-        With Postgres unreachable, the call still goes on, with the configured fallback persona.
+        Raises UnknownPersona when there is none. With Postgres unreachable, the last-known copy (Redis, then this
+        process) is used; with none, PersonaUnavailable, except for the default (None), which then falls back to
+        the configured persona. Each successful load refreshes the last-known copy.
         """
-        db = self.storage.db if self.storage is not None else None
-        if db is None:
+        if self.storage is None or self.storage.db is None:
             return Persona.from_settings(self.settings)
         try:
-            found = await find_persona(db.pool, ref)
+            found = await find_persona(self.storage.db.pool, ref)
         except CONNECTION_ERRORS as exc:
-            log.warning("personas unavailable (%s): using the configured default", type(exc).__name__)
-            return Persona.from_settings(self.settings)
+            return await self._last_known(ref, type(exc).__name__)
         if found is None:
             raise UnknownPersona(ref or "default")
+        await self.storage.persona_cache.remember(found)
         return Persona.from_record(found)
 
     async def persona_for_number(self, dialed: str) -> Persona:
-        """The persona a dialed number maps to (default when none); the configured one without Postgres."""
-        db = self.storage.db if self.storage is not None else None
-        if db is None:
+        """The persona a dialed number maps to (the default when none). Raises UnknownPersona; with Postgres
+        unreachable, the last-known mapping and persona, or PersonaUnavailable for a number never seen."""
+        if self.storage is None or self.storage.db is None:
             return Persona.from_settings(self.settings)
+        number, pool, cache = normalize_number(dialed), self.storage.db.pool, self.storage.persona_cache
         try:
-            persona_id = await persona_id_for_number(db.pool, normalize_number(dialed))
-            found = await find_persona(db.pool, persona_id)
+            persona_id = await persona_id_for_number(pool, number)
+            found = await find_persona(pool, persona_id)
         except CONNECTION_ERRORS as exc:
-            log.warning("personas unavailable (%s): using the configured default", type(exc).__name__)
-            return Persona.from_settings(self.settings)
+            known, persona_id = await cache.recall_number(number)
+            if not known:
+                log.warning("personas unavailable (%s) and number %s never seen: refused", type(exc).__name__,
+                            number)
+                raise PersonaUnavailable(f"the persona of {number}") from None
+            return await self._last_known(persona_id, type(exc).__name__)
         if found is None:
             raise UnknownPersona(persona_id or "default")
+        await cache.remember_number(number, persona_id)
+        await cache.remember(found)
         return Persona.from_record(found)
+
+    async def _last_known(self, ref: str | None, why: str) -> Persona:
+        """Postgres is unreachable: the persona's last-known copy, the configured one for the default when none
+        is known, else PersonaUnavailable."""
+        assert self.storage is not None
+        cached = await self.storage.persona_cache.recall(ref)
+        if cached is not None:
+            log.warning("personas unavailable (%s): using the last-known copy of %s", why, cached["name"])
+            return Persona.from_record(cached)
+        if ref is None:
+            log.warning("personas unavailable (%s) and no default known: using the configured one", why)
+            return Persona.from_settings(self.settings)
+        log.warning("personas unavailable (%s) and no copy of %r: refused", why, ref[:60])
+        raise PersonaUnavailable(ref)
 
     def start(self, call_id: str, transport: Transport, persona: Persona | None = None,
               caller: str | None = None) -> Call:

@@ -14,6 +14,14 @@ class UnknownPersona(LookupError):
     """No persona by that name or id (or no default persona); the argument says which was asked for."""
 
 
+class PersonaUnavailable(UnknownPersona):
+    """The persona cannot be verified now: the database is unreachable and no last-known copy of it is kept.
+
+    Calls for it are refused rather than given a guess. It is an UnknownPersona, so whatever refuses an unknown
+    persona refuses this one too; HTTP answers it with 503 instead of 404.
+    """
+
+
 @dataclass(frozen=True)
 class Persona:
     name: str

@@ -15,7 +15,7 @@ import time
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from pono.agent.personas import Persona, UnknownPersona
+from pono.agent.personas import Persona, PersonaUnavailable, UnknownPersona
 from pono.auth import bearer
 from pono.context import SERVICES, Services
 from pono.http import ApiError
@@ -38,9 +38,13 @@ def verify_call_token(request: web.Request, services: Services) -> dict[str, obj
 
 
 async def load_persona(services: Services, ref: str | None) -> Persona:
-    """The persona `ref` (an id or name; None: the default), for a token or a call. Raises ApiError 404."""
+    """The persona `ref` (an id or name; None: the default), for a token or a call. Raises ApiError 404, or 503
+    when it cannot be verified (the database is unreachable and no last-known copy is kept)."""
     try:
         return await services.calls.persona(ref)
+    except PersonaUnavailable:
+        raise ApiError(503, f"persona {ref!r} cannot be verified while the database is unavailable; try again "
+                       "shortly", retry_after_s=5) from None
     except UnknownPersona:
         raise ApiError(404, f"no persona {ref!r}") from None
 
@@ -50,7 +54,7 @@ async def create_call_token(request: web.Request) -> web.Response:
 
     The token opens one call with that persona (the default when none is asked). 403 when the persona takes no
     calls from the public page, 404 when there is no such persona, 429 past the per-IP limit (the persona's own
-    call_tokens_per_minute when lower than PONO_CALL_TOKENS_PER_MINUTE).
+    call_tokens_per_minute when lower than PONO_CALL_TOKENS_PER_MINUTE), 503 when the persona cannot be verified.
     """
     services = request.app[SERVICES]
     assert services.storage.live is not None
@@ -74,7 +78,7 @@ async def token_persona(services: Services, claims: dict[str, object], asked: st
     """The persona a call opened with this token gets: the token's own, looked up again now.
 
     `asked` is the offer's "persona" (an id or name) or None. Raises ApiError 403 when it names another persona or
-    the persona no longer takes public calls, 404 when it is gone.
+    the persona no longer takes public calls, 404 when it is gone, 503 when it cannot be verified.
     """
     name, persona_id = str(claims["persona"]), str(claims.get("persona_id") or "")
     if asked is not None and asked not in (name, persona_id):

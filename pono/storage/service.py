@@ -12,6 +12,7 @@ from pono.storage.db import Database
 from pono.storage.embedded import EmbeddedPostgres, EmbeddedValkey
 from pono.storage.journal import Journal
 from pono.storage.live import LiveState, RedactEvent
+from pono.storage.persona_cache import PersonaCache
 from pono.storage.writer import RedactRecords, Writer
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Storage:
         self.db: Database | None = None
         self.writer: Writer | None = None
         self.live: LiveState | None = None
+        self.persona_cache = PersonaCache(lambda: self.live)  # last-known personas, for Postgres outages
         # The knowledge base on this database (pono.agent.knowledge.base.KnowledgeBase): built and set by the
         # composition root once the pool is up. Storage itself never uses it.
         self.knowledge: Any = None

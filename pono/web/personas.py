@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from pono.agent.dlp.engine import DlpPolicy
 from pono.agent.tools.specs import parse_tool_specs
+from pono.context import SERVICES
 from pono.http import ApiError, read_json_model
 from pono.storage import personas as stored
 from pono.web.access import require
@@ -96,6 +97,7 @@ async def _save_persona(request: web.Request, persona_id: uuid.UUID | None) -> w
         raise ApiError(404, f"no persona {persona_id}") from None
     except asyncpg.UniqueViolationError:
         raise ApiError(409, f"a persona named {body.name!r} already exists") from None
+    await request.app[SERVICES].storage.persona_cache.remember(persona)  # what calls get during an outage
     return web.json_response(_persona_json(persona), status=201 if persona_id is None else 200)
 
 
@@ -119,4 +121,5 @@ async def delete_persona(request: web.Request) -> web.Response:
         raise ApiError(404, f"no persona {persona_id}") from None
     except stored.DefaultPersonaKept:
         raise ApiError(409, "the default persona cannot be deleted; make another one the default first") from None
+    await request.app[SERVICES].storage.persona_cache.forget(str(persona_id))
     return web.Response(status=204)

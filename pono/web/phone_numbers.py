@@ -6,6 +6,7 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 
 from pono.agent.personas import normalize_number
+from pono.context import SERVICES
 from pono.http import ApiError, read_json_model
 from pono.storage.audit import write_audit
 from pono.storage.numbers import delete_number, list_numbers, set_number
@@ -42,6 +43,7 @@ async def put_number(request: web.Request) -> web.Response:
     if persona is None:
         raise ApiError(422, f"no persona {body.persona!r}")
     await set_number(pool, number, persona["id"])
+    await request.app[SERVICES].storage.persona_cache.remember_number(number, persona["id"])
     await write_audit(pool, who.name, "phone_number.set", number, request.remote, persona=persona["name"])
     return web.json_response({"number": number, "persona": persona["name"]})
 
@@ -53,5 +55,6 @@ async def remove_number(request: web.Request) -> web.Response:
     pool = database(request)
     if not await delete_number(pool, number):
         raise ApiError(404, f"no mapping for {number}")
+    await request.app[SERVICES].storage.persona_cache.remember_number(number, None)  # unmapped: the default
     await write_audit(pool, who.name, "phone_number.delete", number, request.remote)
     return web.Response(status=204)

@@ -1,0 +1,91 @@
+"""Personas while Postgres is down: the last-known copy of each persona decides, never a guess.
+
+A server on its own Postgres and Valkey (so stopping them does not touch the session's shared servers)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import RunningServer, make_settings, start_server
+from servers import PostgresProcess, ValkeyProcess
+
+from pono.agent.personas import PersonaUnavailable
+from pono.context import SERVICES
+from pono.storage.users import create_api_key, create_user
+from pono.testing.caller import Caller
+from pono.testing.scripted_llm import Script, ScriptedLLM
+
+
+@pytest.fixture(scope="module")
+async def outage(tmp_path_factory: pytest.TempPathFactory, scripted_llm: ScriptedLLM) \
+        -> AsyncIterator[tuple[RunningServer, PostgresProcess, ValkeyProcess, str]]:
+    pg = PostgresProcess(tmp_path_factory.mktemp("outage-pg"))
+    valkey = ValkeyProcess(tmp_path_factory.mktemp("outage-valkey"))
+    settings = make_settings(tmp_path_factory.mktemp("outage"), stt_model="tiny.en",
+                             openai_base_url=scripted_llm.base_url, llm_model="scripted",
+                             database_url=pg.uri, redis_url=valkey.url)
+    running = await start_server(settings)
+    pool = running.app[SERVICES].storage.db.pool
+    _, token = await create_api_key(pool, await create_user(pool, "outage-admin", "admin"), "admin", "t")
+    yield running, pg, valkey, token
+    await running.runner.cleanup()
+    valkey.stop()
+    pg.close()
+
+
+async def _token(http: aiohttp.ClientSession, url: str, persona: str | None) -> tuple[int, dict[str, Any]]:
+    async with http.post(f"{url}/api/call-tokens", params={"persona": persona} if persona else None) as r:
+        return r.status, await r.json()
+
+
+async def test_personas_fail_closed_while_postgres_is_down(outage, script: Script) -> None:
+    server, pg, valkey, token = outage
+    admin = {"Authorization": f"Bearer {token}"}
+    closed, sommelier = f"internal-{uuid.uuid4().hex[:6]}", f"tea-{uuid.uuid4().hex[:6]}"
+    async with aiohttp.ClientSession() as http:
+        for name, extra in ((closed, {"call_tokens_enabled": False}),
+                            (sommelier, {"system_prompt": "You are a tea sommelier."})):
+            async with http.post(f"{server.url}/api/personas", headers=admin,
+                                 json={"name": name, "system_prompt": "Be brief.", **extra}) as r:
+                assert r.status == 201, await r.text()
+        async with http.put(f"{server.url}/api/phone-numbers/+15550100", headers=admin,
+                            json={"persona": sommelier}) as r:
+            assert r.status == 200
+        calls = server.app[SERVICES].calls
+
+        await pg.astop()
+        try:
+            # Changed through the API before the outage: the copy in Redis decides.
+            assert (await _token(http, server.url, closed))[0] == 403
+            status, body = await _token(http, server.url, f"nobody-{uuid.uuid4().hex[:4]}")
+            assert status == 503 and "cannot be verified" in body["error"], body
+            assert (await _token(http, server.url, None))[0] == 201  # the default, as configured
+            script.reply = "Oolong, certainly."
+            caller = Caller(server.url)
+            try:
+                await caller.connect(audio=False, persona=sommelier)
+                await caller.wait_open()
+                caller.send_text("What do you recommend?")
+                await caller.wait_for(lambda e: e["type"] == "agent.final", 15)
+                assert script.requests[-1]["messages"][0]["content"] == "You are a tea sommelier."
+            finally:
+                await caller.hang_up()
+            assert (await calls.persona_for_number("+1 555 0100")).name == sommelier
+            with pytest.raises(PersonaUnavailable):
+                await calls.persona_for_number("+15550199")  # never seen: not guessed to be the default
+
+            # Redis away too: this replica's own copies still decide.
+            await valkey.astop()
+            try:
+                assert (await _token(http, server.url, closed))[0] == 403
+                assert (await _token(http, server.url, f"nobody-{uuid.uuid4().hex[:4]}"))[0] == 503
+            finally:
+                await valkey.astart()
+        finally:
+            await pg.astart()
+        # Back: the database decides again.
+        assert (await _token(http, server.url, sommelier))[0] == 201
