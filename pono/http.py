@@ -60,8 +60,16 @@ _SECURITY_HEADERS = {
 }
 
 
+def _has_nul(request: web.Request) -> bool:
+    """Whether the decoded path or query holds U+0000, which no Postgres text column or parameter can hold."""
+    return "\x00" in request.path or any("\x00" in k or "\x00" in v for k, v in request.query.items())
+
+
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as a JSON body ({"error": ...}); a URL with NUL in it is a 400 before any handler sees it."""
+    if _has_nul(request):
+        raise ApiError(400, "NUL characters are not allowed in the URL")
     try:
         response = await handler(request)
     except ApiError:

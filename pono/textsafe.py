@@ -1,5 +1,6 @@
 """Text from outside, made safe to keep: lone UTF-16 surrogates (valid in JSON's \\uXXXX escapes, invalid
-in UTF-8) become U+FFFD at the edge, so they can't break an LLM request, a log line or a Postgres row later.
+in UTF-8) and NUL (valid in JSON as \\u0000, refused by Postgres text) become U+FFFD at the edge, so they can't
+break an LLM request, a log line or a Postgres row later.
 
 Every input that carries text goes through here: the data channel, HTTP JSON bodies, Twilio parameters,
 SIP headers.
@@ -11,12 +12,12 @@ import json
 import re
 from typing import Any
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_UNKEEPABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def repair_text(text: str) -> str:
-    """`text` with each lone surrogate replaced by U+FFFD; unchanged (same object) when it had none."""
-    return _LONE_SURROGATE.sub("\ufffd", text) if _LONE_SURROGATE.search(text) else text
+    """`text` with each lone surrogate and NUL replaced by U+FFFD; unchanged (same object) when it had none."""
+    return _UNKEEPABLE.sub("\ufffd", text) if _UNKEEPABLE.search(text) else text
 
 
 def repair(value: Any) -> Any:

@@ -94,7 +94,7 @@ class ControlBus:
         try:
             request = json.loads(raw)
             request_id = str(request["id"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             log.warning("control bus: dropped a malformed message")
             return
         try:

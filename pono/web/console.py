@@ -19,6 +19,7 @@ from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from pono import textsafe
 from pono.context import SERVICES, Services
 from pono.http import ApiError
 from pono.storage.db import CONNECTION_ERRORS
@@ -159,8 +160,8 @@ class ConsoleSession:
     async def handle(self, raw: str) -> None:
         """One message from the console. Raises SessionEnded when the socket must close."""
         try:
-            message = json.loads(raw)
-        except ValueError:
+            message = textsafe.loads(raw)
+        except (ValueError, RecursionError):
             raise SessionEnded(_CLOSE_GARBAGE, "messages must be JSON") from None
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise SessionEnded(_CLOSE_GARBAGE, "messages must be JSON objects with a 'type'")
@@ -215,9 +216,9 @@ async def _authenticate(ws: web.WebSocketResponse, services: Services) -> tuple[
     if first.type is not WSMsgType.TEXT:
         raise SessionEnded(_CLOSE_AUTH, "the first message must be an auth message")
     try:
-        message = json.loads(first.data)
+        message = textsafe.loads(first.data)
         token = message["token"] if message.get("type") == "auth" else None
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         token = None
     if not isinstance(token, str):
         raise SessionEnded(_CLOSE_AUTH, "the first message must be {\"type\": \"auth\", \"token\": ...}")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 from aiohttp import web
 
+from pono import textsafe
 from pono.agent.knowledge.base import KnowledgeBase
 from pono.agent.knowledge.documents import CONTENT_TYPES, DocumentError, extract_text
 from pono.context import SERVICES
@@ -52,10 +52,15 @@ async def add_document(request: web.Request) -> web.Response:
     title = request.query.get("title")
     if request.content_type == "application/json":
         try:
-            body = json.loads(data)
+            body = textsafe.loads(data)  # NUL and lone surrogates repaired here, at the edge
+        except (ValueError, RecursionError):
+            raise ApiError(400, "body is not valid JSON") from None
+        try:
             source, text, title = str(body["source"]), str(body["text"]), body.get("title", title)
-        except (ValueError, KeyError, TypeError):
+        except (KeyError, TypeError, AttributeError):
             raise ApiError(422, "JSON documents need 'source' and 'text'") from None
+        if not isinstance(title, str | None):
+            raise ApiError(422, "a JSON document's 'title' is a string")
         kind = "markdown"
         data = text.encode()
     else:

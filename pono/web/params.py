@@ -50,7 +50,7 @@ def decode_cursor(raw: str | None) -> tuple[datetime, str] | None:
     try:
         at, row_id = json.loads(base64.urlsafe_b64decode(raw.encode()))
         return datetime.fromisoformat(at), str(row_id)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         raise ApiError(422, "invalid query", fields=[{"field": "cursor", "message": "not a cursor from this API"}]) \
             from None
 

@@ -9,6 +9,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+from pono import textsafe
+
 
 class DocumentError(ValueError):
     """A document that cannot be read (empty, corrupt, unsupported): nothing of it is stored."""
@@ -49,6 +51,9 @@ class _HTMLText(HTMLParser):
 
 
 def extract_text(data: bytes, kind: str) -> str:
+    """The text of a document (`kind`: "text", "markdown", "html" or "pdf"), blank runs squeezed, NUL and lone
+    surrogates made U+FFFD (Postgres text holds neither). CPU-bound (a big PDF takes seconds): call it in a worker
+    thread from async code. Raises DocumentError for a corrupt, non-UTF-8 or empty document."""
     if kind == "pdf":
         from pypdf import PdfReader
         from pypdf.errors import PdfReadError
@@ -67,7 +72,7 @@ def extract_text(data: bytes, kind: str) -> str:
             parser = _HTMLText()
             parser.feed(text)
             text = "".join(parser.parts)
-    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r"[ \t]+", " ", textsafe.repair_text(text))
     text = re.sub(r"\n\s*\n\s*", "\n\n", text).strip()
     if not text:
         raise DocumentError("the document has no text")

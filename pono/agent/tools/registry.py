@@ -104,6 +104,8 @@ class ToolRegistry:
                 raise ValueError("arguments must be a JSON object")
         except ValueError as exc:
             return outcome(error=f"arguments are not valid JSON: {exc}")
+        except RecursionError:
+            return outcome(error="arguments are not valid JSON: nested too deeply")
         try:
             async with asyncio.timeout(tool.timeout_s):
                 result = await tool.run(args, ctx)

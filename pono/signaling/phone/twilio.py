@@ -123,7 +123,7 @@ class MediaStream:
         """One provider message; a reason to close the stream, or None."""
         try:
             message = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return "messages must be JSON"
         if not isinstance(message, dict):
             return "messages must be JSON objects"
