@@ -51,17 +51,29 @@ def build_app(settings: Settings) -> web.Application:
 
     embedded: EmbeddedLLM | None = None
     base_url = settings.openai_base_url
+    fallback_url, fallback_model = settings.llm_fallback_url, settings.llm_fallback_model
     if settings.embedded_llm:
         embedded = EmbeddedLLM(settings.data_dir, settings.llm_model, settings.llm_threads)
         embedded.port = free_port()
         base_url = embedded.base_url
+    elif settings.llm_fallback_embedded and not fallback_url:
+        # A remote primary, with the bundled SmolLM2 started beside it as the fallback.
+        fallback_model = fallback_model or "smollm2"
+        embedded = EmbeddedLLM(settings.data_dir, fallback_model, settings.llm_threads)
+        embedded.port = free_port()
+        fallback_url = embedded.base_url
     assert base_url is not None
+    metrics = Metrics()
+    fallback_key = settings.llm_fallback_api_key
     llm = LLMClient(
         base_url, settings.openai_api_key.get_secret_value(), settings.llm_model,
         timeout_s=settings.llm_timeout_s, max_tokens=settings.llm_max_tokens, temperature=settings.llm_temperature,
+        retries=settings.llm_retries, fallback_url=fallback_url, fallback_model=fallback_model,
+        fallback_api_key=fallback_key.get_secret_value() if fallback_key else None,
+        breaker_failures=settings.llm_breaker_failures, breaker_reset_s=settings.llm_breaker_reset_s,
+        requests_counter=metrics.llm_requests,
     )
     models = SpeechModels(settings)
-    metrics = Metrics()
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else load_secret(
         settings.data_dir / "metrics_token").decode()
     storage = Storage(settings, metrics, redact_records=redact_records, redact_event=redact_event)
@@ -109,7 +121,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services.control.start()
     sip: SipServer | None = None
     if services.settings.sip_port is not None or services.settings.sip_host is not None:
-        sip = SipServer(services.settings, services.calls, services.calls.persona_for_number)
+        sip = SipServer(services.settings, services.calls, services.calls.persona_for_number,
+                        secret=await shared_secret(services.storage.db.pool, "sip_digest"))
         await sip.start()
         services.sip = sip
     startup_task = asyncio.create_task(_start(services, embedded), name="startup")
@@ -141,12 +154,13 @@ async def _start_auth(services: Services) -> None:
     pool, s = services.storage.db.pool, services.settings
     services.signer = TokenSigner(await shared_secret(pool, "call_tokens"))
     services.auth.logins = Logins(lambda: pool, await shared_secret(pool, "jwt"), s.access_token_ttl_s,
-                                  s.refresh_token_ttl_s)
+                                  s.refresh_token_ttl_s, s.login_max_age_s)
     first = await bootstrap_admin(pool)
     if first is not None:
         # Printed once, on the console of whoever started the first replica; only its hash is stored.
         print(f"\n  First start: log in to http://{s.host}:{s.port}/console as {first[0]!r} with the one-time"
-              f" password {first[1]!r}\n  (change it: pono users passwd --name {first[0]})\n",
+              f" password {first[1]!r}\n  (it must be changed at the first login, or with:"
+              f" pono users passwd --name {first[0]})\n",
               file=sys.stderr, flush=True)
 
 

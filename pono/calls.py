@@ -42,10 +42,26 @@ class CallManager:
         self.calls: dict[str, Call] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.draining = False
+        self._reserved = 0  # places held by calls still being set up
 
     @property
     def full(self) -> bool:
-        return len(self.calls) >= self.settings.max_calls
+        """True when live calls plus calls being set up (reserved) fill PONO_MAX_CALLS."""
+        return len(self.calls) + self._reserved >= self.settings.max_calls
+
+    def reserve(self) -> bool:
+        """Hold a place for a call being set up, before the first await; False when full.
+
+        Checking `full` and starting the call later would let concurrent set-ups all pass the check. The
+        place is given back by `start(..., reserved=True)` or `release()`."""
+        if self.full or self.draining:
+            return False
+        self._reserved += 1
+        return True
+
+    def release(self) -> None:
+        """Give back a place from `reserve()` whose call was never started (a bad offer, an error)."""
+        self._reserved = max(0, self._reserved - 1)
 
     def new_call_id(self) -> str:
         return uuid.uuid4().hex
@@ -105,11 +121,16 @@ class CallManager:
         raise PersonaUnavailable(ref)
 
     def start(self, call_id: str, transport: Transport, persona: Persona | None = None,
-              caller: str | None = None) -> Call:
+              caller: str | None = None, *, reserved: bool = False) -> Call:
+        """Start a call's loop on `transport` and wire its observers. `reserved`: a place taken with
+        `reserve()` becomes this call's."""
+        if reserved:
+            self.release()
         s = self.settings
         persona = persona or Persona.from_settings(s)
         transport = TappedTransport(transport)  # operators may listen in
-        tools, mcp_servers = build_registry(persona.tools, s.webhook_allowed_hosts)
+        tools, mcp_servers = build_registry(persona.tools, s.webhook_allowed_hosts, mcp_servers=s.mcp_servers,
+                                            max_response_bytes=s.webhook_max_response_bytes)
         turn_taking = persona.turn_taking
         llm_options = {"model": persona.llm_model or None,
                        "temperature": persona.llm_params.get("temperature"),
@@ -138,6 +159,9 @@ class CallManager:
             collections=persona.knowledge_collections,
             language=persona.language,
             voice=persona.tts_voice,
+            text_messages_per_10s=s.call_text_messages_per_10s,
+            max_duration_s=s.call_max_s,
+            idle_timeout_s=s.call_idle_timeout_s,
         )
         # Observers of the call's event stream: the caller's own view, and metrics.
         call.events.subscribe(lambda e: transport.send_text(e.to_json()))

@@ -28,7 +28,7 @@ class OperatorDesk:
             text = args.get("text")
             if not isinstance(text, str) or not text.strip():
                 raise ActionError(422, "'say' needs some text")
-            call._spawn(call.say(text.strip(), actor), "operator-say")
+            call.operator.say(text.strip(), actor)
             return {}
         if action == "hang_up":
             call.events.emit(EventType.OPERATOR, action="hang_up", actor=actor)
@@ -38,7 +38,7 @@ class OperatorDesk:
             await self.calls.hang_up(call_id, "caller_hangup")
             return {}
         if action == "hand_back":
-            call.hand_back(actor)
+            call.operator.hand_back(actor)
             await self.media.close_call(call_id, talkers_only=True)
             return {}
         if action in ("listen", "take_over"):
@@ -52,7 +52,7 @@ class OperatorDesk:
             elif action == "listen":
                 raise ActionError(422, "'listen' needs a WebRTC offer (sdp)")
             if action == "take_over":
-                await call.take_over(actor)
+                await call.operator.take_over(actor)
             else:
                 call.events.emit(EventType.OPERATOR, action="listen", actor=actor)
             return {"sdp": answer} if answer else {}

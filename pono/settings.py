@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     hangover_ms: int = 450
     barge_in_min_ms: int = 600
     max_utterance_s: float = 20.0
+    call_max_s: float = 3600.0  # a call this long hears a goodbye and is hung up; 0: no limit
+    call_idle_timeout_s: float = 300.0  # no audio frames nor messages from the caller this long: hang up; 0: never
     call_text_messages_per_10s: int = 20  # typed messages and key presses per call: a burst, then 1 per 10 s/n
     # Start the LLM on the transcript of a pause before the turn is surely over; dropped if the caller
     # goes on. Costs LLM tokens for nothing when they do, saves up to the hangover when they don't.
@@ -119,6 +121,7 @@ class Settings(BaseSettings):
     # Logins: JWT access tokens and rotating refresh tokens.
     access_token_ttl_s: int = 3600
     refresh_token_ttl_s: int = 7 * 24 * 3600
+    login_max_age_s: int = 30 * 24 * 3600  # a login ends this long after the password was given, refreshed or not
     console_reauth_s: float = 30.0  # the console's WebSocket re-checks its token this often (and on every action)
 
     # HTTP limits.

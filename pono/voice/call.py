@@ -29,6 +29,7 @@ from pono.voice.actions import AgentActions
 from pono.voice.models import SpeechModels
 from pono.voice.operator import OperatorControls
 from pono.voice.responder import BLOCKED_WARNING, WITHHELD, ReplySettings, Responder
+from pono.voice.scheduler import Priority
 from pono.voice.state import CallState, TurnStateMachine
 from pono.voice.turns import Signal, TurnConfig, TurnDetector
 
@@ -37,6 +38,8 @@ __all__ = ["BLOCKED_WARNING", "WITHHELD", "Call", "CallState"]
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 2000
+TIME_LIMIT_GOODBYE = "We have reached the time limit for this call. Thank you for calling, goodbye."
+GOODBYE_WAIT_S = 15.0  # a goodbye that can't be played in this long (a dead line) doesn't hold the hang-up
 DTMF_KEYS = tuple("0123456789*#ABCD")
 _PREROLL_MS = 300  # audio kept from before speech was confirmed, so the first syllable is not clipped
 
@@ -72,6 +75,8 @@ class Call:
         language: str = "en",
         voice: str | None = None,
         text_messages_per_10s: int = 20,
+        max_duration_s: float = 0.0,
+        idle_timeout_s: float = 0.0,
     ) -> None:
         self.call_id = call_id
         self.transport = transport
@@ -87,6 +92,10 @@ class Call:
         self.state = TurnStateMachine(lambda state: self.events.emit(EventType.STATE, state=str(state)))
         self.end_reason = "hangup"
         self.started = time.time()
+        self.max_duration_s = max_duration_s  # 0: no limit
+        self.idle_timeout_s = idle_timeout_s  # 0: no limit
+        self._last_activity = time.monotonic()
+        self._closing: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stt_busy = False
         # A per-call budget for typed messages and key presses: a burst is fine, a flood is refused.
@@ -114,7 +123,8 @@ class Call:
         self.events.emit(EventType.CALL_STARTED, transport=t.kind, has_audio=t.has_audio, persona=self.persona)
         # The audio loop runs even while the transport has no audio: a caller may start sending it later.
         loops = [asyncio.create_task(self._text_loop(), name=f"text-{self.call_id}"),
-                 asyncio.create_task(self._audio_loop(), name=f"audio-{self.call_id}")]
+                 asyncio.create_task(self._audio_loop(), name=f"audio-{self.call_id}"),
+                 asyncio.create_task(self._watch_limits(), name=f"limits-{self.call_id}")]
         if self.greeting:
             self.responder.say(self.greeting, kind="greeting")
         try:
@@ -126,15 +136,46 @@ class Call:
             for task in [*loops, *self._tasks]:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            await t.close()
+            await self._close_transport()
             self.events.emit(
                 EventType.CALL_ENDED, reason=self.end_reason, duration_s=round(time.time() - self.started, 3)
             )
 
+    async def end_with_goodbye(self, reason: str, text: str) -> None:
+        """Stop whatever the agent says, say `text` whole (no barge-in), then hang up for `reason`.
+
+        A goodbye that cannot be played within GOODBYE_WAIT_S (a dead line) does not delay the hang-up."""
+        await self.responder.interrupt(reason, force=True)
+        goodbye = self.responder.say(text, kind="notice", priority=Priority.HIGH, allow_interruptions=False)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(goodbye.wait_for_playout(), GOODBYE_WAIT_S)
+        await self.hang_up(reason)
+
+    async def _watch_limits(self) -> None:
+        """Hang up a call past its maximum duration (with a goodbye), or one whose caller sent nothing, neither
+        audio frames nor messages, for the idle timeout while the agent had nothing to say."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            if self.max_duration_s and time.time() - self.started >= self.max_duration_s:
+                await self.end_with_goodbye("max_duration", TIME_LIMIT_GOODBYE)
+                return
+            if (self.idle_timeout_s and not self.responder.busy
+                    and now - self._last_activity >= self.idle_timeout_s):
+                await self.hang_up("media_timeout")
+                return
+
     async def hang_up(self, reason: str = "hangup") -> None:
         """End the call for `reason` (stored as its end reason); `run()` then cleans up and returns."""
         self.end_reason = reason
-        await self.transport.close()
+        # Shielded: the caller of hang_up may be one of the call's own tasks, which run() cancels as the call
+        # ends; a transport close cut half-way (aiortc's pc.close) would never finish.
+        await asyncio.shield(self._close_transport())
+
+    def _close_transport(self) -> asyncio.Future[None]:
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self.transport.close())
+        return self._closing
 
     def serve_mcp(self, specs: list[dict[str, Any]]) -> None:
         """Connect the persona's MCP servers for the length of the call."""
@@ -165,6 +206,7 @@ class Call:
         last_partial = 0.0
         barged = started_while_busy = False
         async for frame in self.transport.audio_frames():
+            self._last_activity = time.monotonic()
             if detector.in_speech:
                 utterance.append(frame)
             else:
@@ -235,6 +277,7 @@ class Call:
 
     async def _text_loop(self) -> None:
         async for raw in self.transport.text_messages():
+            self._last_activity = time.monotonic()
             try:
                 message = textsafe.loads(raw)  # lone surrogates are repaired before anything keeps the text
             except (ValueError, RecursionError):

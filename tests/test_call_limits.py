@@ -1,0 +1,77 @@
+"""Calls end: at the maximum duration with a goodbye, and when the caller's media stops."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from test_call_inputs import stored_turns
+from test_voice_call import open_call
+
+from pono.context import SERVICES
+from pono.voice.call import TIME_LIMIT_GOODBYE
+
+
+@contextmanager
+def settings_for_new_calls(server, **values: object) -> Iterator[None]:
+    settings = server.app[SERVICES].settings
+    before = {k: getattr(settings, k) for k in values}
+    for k, v in values.items():
+        setattr(settings, k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(settings, k, v)
+
+
+async def call_gone(server, call_id: str, within_s: float = 20.0) -> bool:
+    calls = server.app[SERVICES].calls.calls
+    for _ in range(int(within_s * 10)):
+        if call_id not in calls:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def stored_end_reason(server, admin_token: str, call_id: str) -> str | None:
+    import aiohttp
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
+        for _ in range(100):
+            async with http.get(f"{server.url}/api/calls/{call_id}") as r:
+                reason = (await r.json()).get("end_reason")
+            if reason:
+                return reason
+            await asyncio.sleep(0.1)
+    return None
+
+
+async def test_a_call_past_its_maximum_duration_hears_a_goodbye_and_ends(server, script, admin_token) -> None:
+    script.reply = "Let me tell you a long story about our restaurant and its history. " * 4
+    with settings_for_new_calls(server, call_max_s=4.0):
+        caller = await open_call(server)
+    try:
+        caller.send_text("Tell me everything")
+        goodbye = await caller.wait_for(lambda e: e["type"] == "agent.final" and e["text"] == TIME_LIMIT_GOODBYE, 30)
+        assert goodbye["interrupted"] is False
+        assert await call_gone(server, caller.call_id)
+    finally:
+        await caller.hang_up()
+    assert await stored_end_reason(server, admin_token, caller.call_id) == "max_duration"
+    turns = await stored_turns(server, admin_token, caller.call_id, 3)
+    assert turns[-1]["text"] == TIME_LIMIT_GOODBYE
+
+
+async def test_a_caller_whose_media_stops_is_hung_up(server, script, admin_token) -> None:
+    with settings_for_new_calls(server, call_idle_timeout_s=3.0):
+        caller = await open_call(server)
+    try:
+        await asyncio.sleep(4.0)  # audio frames (silence) keep flowing: the call stays up
+        assert caller.call_id in server.app[SERVICES].calls.calls
+        caller.mic.stop()  # the caller's RTP stops, as when a browser tab freezes or a network dies
+        assert await call_gone(server, caller.call_id)
+    finally:
+        await caller.hang_up()
+    assert await stored_end_reason(server, admin_token, caller.call_id) == "media_timeout"
