@@ -144,10 +144,10 @@ async def _set_password(settings: Settings, name: str) -> None:
         user_id = await db.pool.fetchval("SELECT id FROM users WHERE name = $1 AND deleted_at IS NULL", name)
         if user_id is None:
             raise SystemExit(f"pono: no user named {name!r}")
-        await set_password(db.pool, str(user_id), password)
+        await set_password(db.pool, str(user_id), password)  # also ends every session of the user
         await db.pool.execute("INSERT INTO audit_log (actor, action, target) VALUES ('cli', 'user.password', $1)",
                               str(user_id))
-    print(f"password set for {name}")
+    print(f"password set for {name}; every login session of theirs is signed out")
 
 
 async def _purge(settings: Settings) -> None:

@@ -42,6 +42,7 @@ PROTECTED: list[tuple[str, str, Any, str, str]] = [
     ("GET", "/api/audit", None, "admin", "audit"),
     ("GET", "/metrics", None, "viewer", "metrics"),
     ("GET", "/api/auth/me", None, "viewer", "any"),
+    ("POST", "/api/auth/password", {}, "viewer", "any"),
     ("GET", "/api/phone-numbers", None, "viewer", "personas"),
     ("PUT", "/api/phone-numbers/+15550100", {}, "admin", "personas"),
     ("DELETE", "/api/phone-numbers/+15550199", None, "admin", "personas"),

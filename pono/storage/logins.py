@@ -1,4 +1,8 @@
-"""Login sessions: short-lived JWT access tokens and rotating, revocable refresh tokens (stored hashed)."""
+"""Login sessions: short-lived JWT access tokens and rotating, revocable refresh tokens (stored hashed).
+
+A login (one refresh family) ends `max_age_s` after the password was given, however often it is refreshed;
+access tokens carry the user's token generation, which a password change bumps (see users.set_password).
+"""
 
 from __future__ import annotations
 
@@ -33,20 +37,27 @@ class RefreshReused(Exception):
 
 
 class Logins:
-    def __init__(self, pool_getter: object, secret: bytes, access_ttl_s: int, refresh_ttl_s: int) -> None:
+    """`access_ttl_s`, `refresh_ttl_s`: each token's lifetime; `max_age_s`: a whole login's (seconds)."""
+
+    def __init__(self, pool_getter: object, secret: bytes, access_ttl_s: int, refresh_ttl_s: int,
+                 max_age_s: int = 30 * 24 * 3600) -> None:
         self._pool_getter = pool_getter
         self._secret = secret
         self.access_ttl_s = access_ttl_s
         self.refresh_ttl_s = refresh_ttl_s
+        self.max_age_s = max_age_s
 
     @property
     def _pool(self) -> asyncpg.Pool:
         return self._pool_getter()  # type: ignore[operator,no-any-return]
 
-    def access_token(self, who: Principal) -> str:
+    def access_token(self, who: Principal, not_after: float | None = None) -> str:
+        """A signed access token for `who` (with their token generation, "gen"), expiring after access_ttl_s
+        or at `not_after` (unix s, the login's end), whichever is first."""
         now = int(time.time())
-        claims = {"sub": who.user_id, "name": who.name, "role": who.role, "typ": "access",
-                  "iat": now, "exp": now + self.access_ttl_s, "jti": secrets.token_urlsafe(8)}
+        exp = now + self.access_ttl_s if not_after is None else min(now + self.access_ttl_s, int(not_after))
+        claims = {"sub": who.user_id, "name": who.name, "role": who.role, "typ": "access", "gen": who.generation,
+                  "iat": now, "exp": exp, "jti": secrets.token_urlsafe(8)}
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
 
     def verify_access(self, token: str) -> dict[str, object] | None:
@@ -58,13 +69,20 @@ class Logins:
         return claims if claims.get("typ") == "access" else None
 
     async def issue(self, who: Principal, family: uuid.UUID | None = None,
-                    conn: asyncpg.Connection | None = None) -> TokenPair:
+                    conn: asyncpg.Connection | None = None, login_at: datetime | None = None) -> TokenPair:
+        """A token pair for `who`: a new login (family None, `login_at` now), or the next of a family that began
+        at `login_at`. Neither token outlives the login's max age."""
+        now = datetime.now(UTC)
+        login_at = login_at or now
+        ends = login_at + timedelta(seconds=self.max_age_s)
         refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
-        expires = datetime.now(UTC) + timedelta(seconds=self.refresh_ttl_s)
+        expires = min(now + timedelta(seconds=self.refresh_ttl_s), ends)
         await (conn or self._pool).execute(
-            "INSERT INTO refresh_tokens (user_id, family, token_hash, expires_at) VALUES ($1, $2, $3, $4)",
-            who.user_id, family or uuid.uuid4(), hash_token(refresh), expires)
-        return TokenPair(self.access_token(who), refresh, self.access_ttl_s)
+            "INSERT INTO refresh_tokens (user_id, family, token_hash, expires_at, login_at)"
+            " VALUES ($1, $2, $3, $4, $5)", who.user_id, family or uuid.uuid4(), hash_token(refresh), expires, login_at)
+        access = self.access_token(who, ends.timestamp())
+        expires_in = int(min(self.access_ttl_s, (ends - now).total_seconds()))
+        return TokenPair(access, refresh, expires_in)
 
     async def rotate(self, refresh: str) -> tuple[Principal, TokenPair] | None:
         """Spend a refresh token for a new pair. None if unknown or expired; RefreshReused if spent before."""
@@ -77,18 +95,20 @@ class Logins:
     async def _rotate(self, conn: asyncpg.Connection, refresh: str) \
             -> tuple[Principal, TokenPair] | RefreshReused | None:
         row = await conn.fetchrow(
-            "SELECT r.id, r.family, r.expires_at, r.revoked_at, u.id AS user_id, u.name, u.role"
-            " FROM refresh_tokens r JOIN users u ON u.id = r.user_id"
+            "SELECT r.id, r.family, r.expires_at, r.revoked_at, r.login_at, u.id AS user_id, u.name, u.role,"
+            " u.must_change_password, u.token_generation FROM refresh_tokens r JOIN users u ON u.id = r.user_id"
             " WHERE r.token_hash = $1 AND u.deleted_at IS NULL FOR UPDATE OF r", hash_token(refresh))
-        if row is None or row["expires_at"] < datetime.now(UTC):
+        now = datetime.now(UTC)
+        if row is None or row["expires_at"] < now or row["login_at"] + timedelta(seconds=self.max_age_s) < now:
             return None
         if row["revoked_at"] is not None:
             await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE family = $1"
                                " AND revoked_at IS NULL", row["family"])
             return RefreshReused(str(row["user_id"]))
         await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE id = $1", row["id"])
-        who = Principal(str(row["user_id"]), row["name"], row["role"])
-        return who, await self.issue(who, row["family"], conn)
+        who = Principal(str(row["user_id"]), row["name"], row["role"],
+                        must_change_password=row["must_change_password"], generation=row["token_generation"])
+        return who, await self.issue(who, row["family"], conn, row["login_at"])
 
     async def revoke(self, refresh: str) -> str | None:
         """Log out: revoke the token's whole family. Returns the user id, or None for an unknown token."""

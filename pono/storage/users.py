@@ -34,6 +34,8 @@ class Principal:
     role: str
     key_id: str | None = None  # None for a login (JWT)
     scopes: tuple[str, ...] = ()
+    must_change_password: bool = False  # a one-time password: nothing but POST /api/auth/password until changed
+    generation: int = 0  # the user's token generation: a password change bumps it and older access tokens stop
 
     def has(self, role: str) -> bool:
         return ROLES.index(self.role) >= ROLES.index(role)
@@ -70,13 +72,33 @@ async def create_user(pool: asyncpg.Pool | asyncpg.Connection, name: str, role: 
         "INSERT INTO users (name, role, password_hash) VALUES ($1, $2, $3) RETURNING id", name, role, password_hash))
 
 
-async def set_password(pool: asyncpg.Pool, user_id: str, password: str) -> None:
-    await pool.execute("UPDATE users SET password_hash = $1 WHERE id = $2", await hash_password(password), user_id)
+async def set_password(pool: asyncpg.Pool, user_id: str, password: str, *, must_change: bool = False) \
+        -> Principal | None:
+    """Set a user's password and end every session they have, in one transaction.
+
+    Every refresh token of the user is revoked and their token generation bumped, so access tokens issued before
+    stop too (API keys stay). `must_change`: the password is one-time and must be changed at the next login.
+    Returns the user as a login principal now (None when there is no such user); ValueError for a short password.
+    """
+    password_hash = await hash_password(password)
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "UPDATE users SET password_hash = $1, token_generation = token_generation + 1,"
+            " must_change_password = $3 WHERE id = $2 AND deleted_at IS NULL"
+            " RETURNING id, name, role, token_generation", password_hash, user_id, must_change)
+        if row is None:
+            return None
+        await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+                           row["id"])
+    return Principal(str(row["id"]), row["name"], row["role"], must_change_password=must_change,
+                     generation=row["token_generation"])
 
 
 async def check_password(pool: asyncpg.Pool, name: str, password: str) -> Principal | None:
+    """The user `name` as a login principal when `password` is theirs, else None (as slow for unknown names)."""
     row = await pool.fetchrow(
-        "SELECT id, name, role, password_hash FROM users WHERE name = $1 AND deleted_at IS NULL", name)
+        "SELECT id, name, role, password_hash, must_change_password, token_generation FROM users"
+        " WHERE name = $1 AND deleted_at IS NULL", name)
     stored = row["password_hash"] if row is not None and row["password_hash"] else _DUMMY_HASH
 
     def verify() -> bool:
@@ -88,7 +110,8 @@ async def check_password(pool: asyncpg.Pool, name: str, password: str) -> Princi
     ok = await asyncio.to_thread(verify)
     if not ok or row is None or not row["password_hash"]:
         return None
-    return Principal(str(row["id"]), row["name"], row["role"])
+    return Principal(str(row["id"]), row["name"], row["role"], must_change_password=row["must_change_password"],
+                     generation=row["token_generation"])
 
 
 async def create_api_key(pool: asyncpg.Pool | asyncpg.Connection, user_id: str, role: str, name: str,
@@ -158,12 +181,16 @@ async def shared_secret(pool: asyncpg.Pool, name: str) -> bytes:
 
 
 async def bootstrap_admin(pool: asyncpg.Pool) -> tuple[str, str] | None:
-    """With no users at all, create an admin with a random password; (name, password) to print once."""
+    """With no users at all, create an admin with a random one-time password; (name, password) to print once.
+
+    The password must be changed at the first login (POST /api/auth/password) before anything else is allowed.
+    """
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("LOCK TABLE users IN EXCLUSIVE MODE")  # two replicas starting at once make one admin
         if await conn.fetchval("SELECT count(*) FROM users") > 0:
             return None
         password = secrets.token_urlsafe(15)
-        await create_user(conn, "admin", "admin", password)
+        user_id = await create_user(conn, "admin", "admin", password)
+        await conn.execute("UPDATE users SET must_change_password = true WHERE id = $1", user_id)
         await conn.execute("INSERT INTO audit_log (actor, action, target) VALUES ('pono', 'user.bootstrap', 'admin')")
     return "admin", password

@@ -27,6 +27,8 @@ class Authenticator:
         return self._pool_getter()  # type: ignore[operator,no-any-return]
 
     async def verify(self, token: str) -> Principal | None:
+        """The principal behind a login's access token or an API key as things stand (role, deletion, revocation,
+        password changes), or None. Cached for up to _CACHE_S. Raises asyncpg/OS errors when Postgres is away."""
         if token.startswith(TOKEN_PREFIX):
             return await self._verify_key(token)
         if self.logins is None:
@@ -34,8 +36,10 @@ class Authenticator:
         claims = self.logins.verify_access(token)
         if claims is None:
             return None
-        # The token's role is what it was at login; the user's current role and existence decide now.
-        return await self._cached(f"user:{claims['sub']}", self._load_user, str(claims["sub"]))
+        # The token's role is what it was at login; the user's current role and existence decide now, and a
+        # password changed since the token was issued ends it (its generation is older).
+        who = await self._cached(f"user:{claims['sub']}", self._load_user, str(claims["sub"]))
+        return who if who is not None and claims.get("gen", 0) == who.generation else None
 
     async def _verify_key(self, token: str) -> Principal | None:
         principal = await self._cached(f"key:{hash_token(token)}", self._load_key, hash_token(token))
@@ -62,16 +66,19 @@ class Authenticator:
 
     async def _load_key(self, digest: str) -> Principal | None:
         row = await self._pool.fetchrow(
-            "SELECT k.id, k.role, k.scopes, u.id AS user_id, u.name, u.role AS user_role FROM api_keys k"
+            "SELECT k.id, k.role, k.scopes, u.id AS user_id, u.name, u.role AS user_role, u.must_change_password"
+            " FROM api_keys k"
             " JOIN users u ON u.id = k.user_id WHERE k.token_hash = $1 AND k.revoked_at IS NULL"
             " AND u.deleted_at IS NULL", digest)
         if row is None:
             return None
         # A key never does more than its user can now.
         role = min(row["role"], row["user_role"], key=ROLES.index)
-        return Principal(str(row["user_id"]), row["name"], role, str(row["id"]), tuple(row["scopes"]))
+        return Principal(str(row["user_id"]), row["name"], role, str(row["id"]), tuple(row["scopes"]),
+                         must_change_password=row["must_change_password"])
 
     async def _load_user(self, user_id: str) -> Principal | None:
-        row = await self._pool.fetchrow("SELECT id, name, role FROM users WHERE id = $1 AND deleted_at IS NULL",
-                                        user_id)
-        return Principal(str(row["id"]), row["name"], row["role"]) if row else None
+        row = await self._pool.fetchrow("SELECT id, name, role, must_change_password, token_generation FROM users"
+                                        " WHERE id = $1 AND deleted_at IS NULL", user_id)
+        return Principal(str(row["id"]), row["name"], row["role"], must_change_password=row["must_change_password"],
+                         generation=row["token_generation"]) if row else None

@@ -21,10 +21,11 @@ Scope = Literal["calls", "personas", "knowledge", "users", "keys", "audit", "met
 assert set(Role.__args__) == set(ROLES) and set(Scope.__args__) == set(SCOPES)  # type: ignore[attr-defined]
 
 
-async def authenticate(request: web.Request) -> Principal:
+async def authenticate(request: web.Request, *, changing_password: bool = False) -> Principal:
     """The caller behind the request's bearer token (a login token or an API key).
 
-    Raises ApiError 401 (no token, or a bad one) or 503 (the database is unavailable).
+    Raises ApiError 401 (no token, or a bad one), 403 while the user's password is one-time and must be changed
+    (unless `changing_password`: POST /api/auth/password) or 503 (the database is unavailable).
     """
     services = request.app[SERVICES]
     token = bearer(request)
@@ -37,6 +38,8 @@ async def authenticate(request: web.Request) -> Principal:
         raise ApiError(503, "the database is unavailable; try again shortly") from None
     if principal is None:
         raise ApiError(401, "invalid, expired or revoked token", headers={"WWW-Authenticate": "Bearer"})
+    if principal.must_change_password and not changing_password:
+        raise ApiError(403, "password change required: set a new one with POST /api/auth/password")
     return principal
 
 

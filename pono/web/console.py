@@ -52,6 +52,8 @@ def _admit(who: Principal | None) -> Principal:
         raise SessionEnded(_CLOSE_AUTH, "invalid, expired or revoked token (or the user was deleted)")
     if not who.may("calls"):
         raise SessionEnded(_CLOSE_FORBIDDEN, "this API key is not scoped for calls")
+    if who.must_change_password:
+        raise SessionEnded(_CLOSE_FORBIDDEN, "password change required: set a new one with POST /api/auth/password")
     return who
 
 

@@ -49,6 +49,7 @@ def routes() -> list[web.AbstractRouteDef]:
         web.post("/api/auth/login", auth.login),
         web.post("/api/auth/refresh", auth.refresh),
         web.post("/api/auth/logout", auth.logout),
+        web.post("/api/auth/password", auth.change_password),
         web.get("/api/auth/me", auth.me),
         web.get("/api/users", users.get_users),
         web.post("/api/users", users.add_user),

@@ -27,6 +27,7 @@ async function get(path) {
 function keepTokens(data) {
   state.access = data.access_token;
   state.refresh = data.refresh_token;
+  state.mustChangePassword = Boolean(data.password_change_required);
   sessionStorage.setItem("pono.refresh", data.refresh_token);
   clearTimeout(state.refreshTimer);
   // Rotate a minute before the access token expires; the refresh token is single-use.
@@ -43,8 +44,10 @@ async function login(event) {
   event.preventDefault();
   $("login-error").textContent = "";
   try {
-    keepTokens(await post("/api/auth/login", { name: $("login-name").value, password: $("login-password").value }, false));
-    enter();
+    const session = await post("/api/auth/login", { name: $("login-name").value, password: $("login-password").value }, false);
+    keepTokens(session);
+    $("new-password-current").value = $("login-password").value;
+    enterOrChangePassword();
   } catch (err) {
     $("login-error").textContent = err.message;
   }
@@ -54,6 +57,25 @@ async function logout() {
   if (state.refresh) await post("/api/auth/logout", { refresh_token: state.refresh }, false).catch(() => {});
   sessionStorage.removeItem("pono.refresh");
   location.reload();
+}
+
+async function changePassword(event) {
+  event.preventDefault();
+  $("new-password-error").textContent = "";
+  try {
+    keepTokens(await post("/api/auth/password", { current_password: $("new-password-current").value,
+      new_password: $("new-password-value").value }));
+    $("new-password").hidden = true;
+    enter();
+  } catch (err) {
+    $("new-password-error").textContent = err.message;
+  }
+}
+
+function enterOrChangePassword() {
+  if (!state.mustChangePassword) return enter();
+  $("login").hidden = true;  // a one-time password: nothing else is allowed until it is changed
+  $("new-password").hidden = false;
 }
 
 function enter() {
@@ -389,6 +411,7 @@ function tab(name) {
 }
 
 $("login").addEventListener("submit", login);
+$("new-password").addEventListener("submit", changePassword);
 $("logout").addEventListener("click", logout);
 $("tab-live").addEventListener("click", () => tab("live"));
 $("tab-history").addEventListener("click", () => tab("history"));
@@ -402,5 +425,5 @@ $("search").addEventListener("submit", search);
 const saved = sessionStorage.getItem("pono.refresh");
 if (saved) {
   state.refresh = saved;
-  refresh().then(enter).catch(() => sessionStorage.removeItem("pono.refresh"));
+  refresh().then(enterOrChangePassword).catch(() => sessionStorage.removeItem("pono.refresh"));
 }
