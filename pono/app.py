@@ -117,7 +117,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await _start_auth(services)
     assert services.storage.live is not None
     desk = OperatorDesk(services.calls, OperatorMedia(services.settings))
-    services.control = ControlBus(services.storage.live, desk.execute)
+    services.control = ControlBus(services.storage.live, desk.execute,
+                                  await shared_secret(services.storage.db.pool, "control_bus"),
+                                  on_refused=lambda reason: services.metrics.control_refused.labels(reason).inc())
     services.control.start()
     sip: SipServer | None = None
     if services.settings.sip_port is not None or services.settings.sip_host is not None:

@@ -36,6 +36,10 @@ class Metrics:
                                    registry=r)
         self.db_up = Gauge("pono_db_up", "1 when Postgres takes writes directly", registry=r)
         self.redis_up = Gauge("pono_redis_up", "1 when Redis is reachable", registry=r)
+        self.control_refused = Counter(
+            "pono_control_refused_total", "Control-bus messages refused (unsigned, bad_signature, stale, replayed, "
+            "wrong_replica, malformed, bad_reply): someone or something else is writing to Redis", ["reason"],
+            registry=r)
         self.llm_requests = Counter("pono_llm_requests_total", "Requests to each LLM endpoint (primary, fallback)"
                                     " by outcome (ok, cancelled, error, timeout, rate_limited, skipped)",
                                     ["endpoint", "outcome"], registry=r)
