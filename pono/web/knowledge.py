@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from aiohttp import web
@@ -25,12 +26,15 @@ def _collection(request: web.Request) -> str:
 
 
 async def _read_limited(request: web.Request) -> bytes:
+    """The whole body (one read returns only what has arrived so far); ApiError 413 past MAX_DOCUMENT_BYTES."""
     if request.content_length is not None and request.content_length > MAX_DOCUMENT_BYTES:
         raise ApiError(413, f"document too large (limit {MAX_DOCUMENT_BYTES} bytes)")
-    data = await request.content.read(MAX_DOCUMENT_BYTES + 1)
-    if len(data) > MAX_DOCUMENT_BYTES:
-        raise ApiError(413, f"document too large (limit {MAX_DOCUMENT_BYTES} bytes)")
-    return data
+    data = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        data += chunk
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise ApiError(413, f"document too large (limit {MAX_DOCUMENT_BYTES} bytes)")
+    return bytes(data)
 
 
 def _knowledge(request: web.Request) -> KnowledgeBase:
@@ -72,7 +76,7 @@ async def add_document(request: web.Request) -> web.Response:
         if not source:
             raise ApiError(422, "a ?source= name is required")
     try:
-        text = extract_text(data, kind)
+        text = await asyncio.to_thread(extract_text, data, kind)  # seconds for a big PDF: off the event loop
     except DocumentError as exc:
         raise ApiError(422, f"cannot ingest {source}: {exc}") from None
     result = await _knowledge(request).ingest(collection, source, text, title=title)

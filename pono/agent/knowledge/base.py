@@ -67,15 +67,15 @@ class KnowledgeBase:
     async def ingest(self, collection: str, source: str, text: str, *, title: str | None = None,
                      metadata: dict[str, Any] | None = None) -> IngestResult:
         """Store a document and its chunks in one transaction. An unchanged document is skipped; a changed
-        one has its chunks replaced."""
-        digest = hashlib.sha256(text.encode()).hexdigest()
+        one has its chunks replaced. Hashing and chunking run in a worker thread (a big document takes a while)."""
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(text.encode()).hexdigest())
         existing = await self.pool.fetchrow(
             "SELECT id, content_hash FROM documents WHERE collection = $1 AND source = $2 AND deleted_at IS NULL",
             collection, source)
         if existing is not None and existing["content_hash"] == digest:
             count = await self.pool.fetchval("SELECT count(*) FROM chunks WHERE document_id = $1", existing["id"])
             return IngestResult(str(existing["id"]), source, "unchanged", count)
-        chunks = chunk_text(text)
+        chunks = await asyncio.to_thread(chunk_text, text)
         vectors = await self.embed([c.text for c in chunks])  # before the transaction: it holds no lock while
         async with self.pool.acquire() as conn, conn.transaction():
             if existing is None:
