@@ -155,6 +155,7 @@ async def _start_auth(services: Services) -> None:
     assert services.storage.db is not None
     pool, s = services.storage.db.pool, services.settings
     services.signer = TokenSigner(await shared_secret(pool, "call_tokens"))
+    services.storage.persona_cache.use_secret(await shared_secret(pool, "persona_cache"))
     services.auth.logins = Logins(lambda: pool, await shared_secret(pool, "jwt"), s.access_token_ttl_s,
                                   s.refresh_token_ttl_s, s.login_max_age_s)
     first = await bootstrap_admin(pool)

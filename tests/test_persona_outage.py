@@ -4,12 +4,14 @@ A server on its own Postgres and Valkey (so stopping them does not touch the ses
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from conftest import RunningServer, make_settings, start_server
 from servers import PostgresProcess, ValkeyProcess
 
@@ -46,16 +48,25 @@ async def test_personas_fail_closed_while_postgres_is_down(outage, script: Scrip
     server, pg, valkey, token = outage
     admin = {"Authorization": f"Bearer {token}"}
     closed, sommelier = f"internal-{uuid.uuid4().hex[:6]}", f"tea-{uuid.uuid4().hex[:6]}"
+    created: dict[str, dict[str, Any]] = {}
     async with aiohttp.ClientSession() as http:
         for name, extra in ((closed, {"call_tokens_enabled": False}),
                             (sommelier, {"system_prompt": "You are a tea sommelier."})):
             async with http.post(f"{server.url}/api/personas", headers=admin,
                                  json={"name": name, "system_prompt": "Be brief.", **extra}) as r:
                 assert r.status == 201, await r.text()
+                created[name] = await r.json()
         async with http.put(f"{server.url}/api/phone-numbers/+15550100", headers=admin,
                             json={"persona": sommelier}) as r:
             assert r.status == 200
         calls = server.app[SERVICES].calls
+        # Redis is not trusted to keep the copies honest: one written there by anyone but a replica is ignored.
+        raw = aioredis.from_url(valkey.url)
+        try:
+            forged = {**created[closed], "call_tokens_enabled": True}
+            await raw.hset("pono:personas:known", forged["id"], json.dumps(forged))
+        finally:
+            await raw.aclose()
 
         await pg.astop()
         try:
