@@ -8,10 +8,12 @@ import logging
 import uuid
 
 from pono.agent.conversation import Conversation
+from pono.agent.dlp.apply import redact_event
 from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.llm import LLMClient
 from pono.agent.personas import Persona, PersonaUnavailable, UnknownPersona, normalize_number
 from pono.agent.tools.specs import build_registry
+from pono.caller_view import CallerView
 from pono.events import CallEvent, EventType
 from pono.logs import call_context
 from pono.metrics import Metrics
@@ -41,6 +43,7 @@ class CallManager:
         self.metrics = metrics
         self.calls: dict[str, Call] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._views: dict[str, CallerView] = {}
         self.draining = False
         self._reserved = 0  # places held by calls still being set up
 
@@ -164,7 +167,9 @@ class CallManager:
             idle_timeout_s=s.call_idle_timeout_s,
         )
         # Observers of the call's event stream: the caller's own view, and metrics.
-        call.events.subscribe(lambda e: transport.send_text(e.to_json()))
+        view = CallerView(transport.send_text, redact_event, call.dlp)  # the caller's subset, redacted
+        call.events.subscribe(view.observe, flush=view.flush)
+        self._views[call_id] = view
         call.events.subscribe(self.metrics.observe)
         call.events.subscribe(_log_event)
         if self.tracing is not None:
@@ -183,6 +188,9 @@ class CallManager:
     def _ended(self, call_id: str, kind: str, task: asyncio.Task[None]) -> None:
         self.calls.pop(call_id, None)
         self._tasks.pop(call_id, None)
+        view = self._views.pop(call_id, None)
+        if view is not None and task.cancelled():
+            view.stop()  # a call cancelled before it could say call.ended
         self.metrics.active_calls.labels(kind).dec()
         if self.storage is not None:
             self.storage.detach(call_id)

@@ -6,9 +6,11 @@ with a plain callback that must not block; one that needs I/O hands the event to
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -62,6 +64,7 @@ class CallEvent:
 
 
 Observer = Callable[[CallEvent], None]
+Flush = Callable[[], Awaitable[None]]
 
 
 class EventStream:
@@ -70,9 +73,21 @@ class EventStream:
     def __init__(self, call_id: str) -> None:
         self.call_id = call_id
         self._observers: list[Observer] = []
+        self._flushes: list[Flush] = []
 
-    def subscribe(self, observer: Observer) -> None:
+    def subscribe(self, observer: Observer, flush: Flush | None = None) -> None:
+        """Call `observer(event)` for every event from now on. An observer that sends events on later (off
+        the loop, in batches) gives `flush`, awaited by `flush()` before the call closes its line."""
         self._observers.append(observer)
+        if flush is not None:
+            self._flushes.append(flush)
+
+    async def flush(self, timeout_s: float = 1.0) -> None:
+        """Let observers that deliver later finish what they hold (at most `timeout_s`): the caller's view
+        gets the last words before the line closes."""
+        if self._flushes:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(f() for f in self._flushes)), timeout_s)
 
     def emit(self, type_: EventType, turn: int | None = None, **data: Any) -> CallEvent:
         event = CallEvent(type_, self.call_id, turn, data)

@@ -134,3 +134,24 @@ async def test_a_monologue_longer_than_one_utterance_is_kept_whole(server, scrip
         await caller.hang_up()
     turns = await stored_turns(server, admin_token, caller.call_id, len(pieces) + 1)
     assert [t["text"] for t in turns if t["role"] == "user"] == pieces
+
+
+async def test_the_caller_sees_its_own_subset_redacted(server, script: Script, admin_token: str) -> None:
+    script.reply = "Thanks, noted."
+    caller = await open_call(server, audio=False)
+    try:
+        caller.send_text("my card is 4111 1111 1111 1111")
+        heard = await caller.wait_for(lambda e: e["type"] == "transcript.final", 20)
+        assert "4111" not in heard["text"] and "card" in heard["text"]
+        await caller.wait_for(lambda e: e["type"] == "agent.final", 20)
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
+            async with http.post(f"{server.url}/api/calls/{caller.call_id}/actions",
+                                 json={"action": "say", "text": "An operator is here."}) as r:
+                assert r.status == 200
+        await caller.wait_for(lambda e: e["type"] == "agent.final" and e["text"] == "An operator is here.", 20)
+        # Who the operators are is not the caller's business.
+        assert not [e for e in caller.events if e["type"] == "operator.action"]
+        assert {e["type"] for e in caller.events} <= {
+            "call.started", "call.state", "transcript.final", "agent.delta", "agent.final", "latency"}
+    finally:
+        await caller.hang_up()

@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from feeds import operator_feed
 
 from pono.agent.embedded import free_port
 from pono.agent.tools.mcp_servers import BASIC_ENV, parse_mcp_servers
@@ -103,10 +104,13 @@ async def test_one_tool_round_and_storage(server, script: Script, admin_token: s
     script.responses = [{"tool_calls": [{"name": "current_datetime", "arguments": {}}]}, {"text": "It is noon."}]
     caller = await text_call(server, name)
     try:
-        caller.send_text("What day is it?")
-        final = await caller.wait_for(lambda e: e["type"] == "agent.final", 10)
+        async with operator_feed(server, caller.call_id) as feed:
+            caller.send_text("What day is it?")
+            final = await caller.wait_for(lambda e: e["type"] == "agent.final", 10)
+            result = await feed.wait_for(lambda e: e["type"] == "tool.result")
         assert final["text"] == "It is noon."
-        result = next(e for e in caller.events if e["type"] == "tool.result")
+        # Tool results are for operators and storage, never the caller's channel.
+        assert not [e for e in caller.events if e["type"] in ("tool.call", "tool.result")]
         assert result["name"] == "current_datetime" and result["error"] is None
         assert result["result"]["timezone"] == "Europe/Paris"
         first, second = script.requests[-2:]
@@ -220,10 +224,12 @@ async def test_round_cap(server, script: Script, admin_token: str) -> None:
     script.responses = [loop_call] * 4 + [{"text": "Enough tools."}]
     caller = await text_call(server, name)
     try:
-        caller.send_text("Loop forever")
-        final = await caller.wait_for(lambda e: e["type"] == "agent.final", 15)
+        async with operator_feed(server, caller.call_id) as feed:
+            caller.send_text("Loop forever")
+            final = await caller.wait_for(lambda e: e["type"] == "agent.final", 15)
+            await feed.wait_for(lambda e: e["type"] == "agent.final")
         assert final["text"] == "Enough tools."
-        assert len([e for e in caller.events if e["type"] == "tool.result" and e["error"] is None]) == 3
+        assert len([e for e in feed.events if e["type"] == "tool.result" and e["error"] is None]) == 3
         assert "round limit" in json.loads(tool_messages(script.requests[-1])[-1]["content"])["error"]
         assert "tools" not in script.requests[-1]  # the last request offers no tools
     finally:
@@ -344,9 +350,11 @@ async def test_spoken_question_uses_knowledge_webhook_and_mcp(server, script: Sc
             assert r.status == 201, await r.text()
     question = espeak("Are dogs allowed at the restaurant?", audio_dir / "dogs.wav")
     caller = Caller(server.url)
+    feeds = contextlib.AsyncExitStack()
     try:
         await caller.connect(persona=name)
         await caller.wait_open()
+        feed = await feeds.enter_async_context(operator_feed(server, caller.call_id))
         call = server.app[SERVICES].calls.calls[caller.call_id]
         for _ in range(100):
             if "orders__lookup_order" in call.toolbox.registry.tools:
@@ -363,9 +371,11 @@ async def test_spoken_question_uses_knowledge_webhook_and_mcp(server, script: Sc
         assert "restaurant" in heard["text"].lower()
         final = await caller.wait_for(lambda e: e["type"] == "agent.final", 30)
         assert final["text"].endswith("your table on Sunday is booked.")
-        used = await caller.wait_for(lambda e: e["type"] == "knowledge.used", 5)
+        used = await feed.wait_for(lambda e: e["type"] == "knowledge.used", 5)
         assert used["documents"][0]["document"] == "policies.txt"
-        results = {e["name"]: e for e in caller.events if e["type"] == "tool.result"}
+        await feed.wait_for(lambda e: e["type"] == "agent.final", 5)
+        results = {e["name"]: e for e in feed.events if e["type"] == "tool.result"}
+        assert not [e for e in caller.events if e["type"] in ("tool.result", "knowledge.used")]
         assert set(results) == {"search_knowledge", "book_table", "orders__lookup_order"}
         assert all(r["error"] is None for r in results.values())
         assert len(target.received) == 1
@@ -374,6 +384,7 @@ async def test_spoken_question_uses_knowledge_webhook_and_mcp(server, script: Sc
         spoken = await server.app[SERVICES].models.run_stt(Resampler(16000)(audio, RATE))
         assert {"terrace", "booked"} & set(spoken.lower().replace(",", " ").replace(".", " ").split()), spoken
     finally:
+        await feeds.aclose()
         await caller.hang_up()
 
 
@@ -383,9 +394,10 @@ async def test_transfer_to_operator_marks_the_call(server, script: Script, admin
                         {"text": "I am getting a colleague for you."}]
     caller = await text_call(server, name)
     try:
-        caller.send_text("I want to talk to a person about my bill")
-        await caller.wait_for(lambda e: e["type"] == "call.transfer_requested" and e["reason"] == "billing", 10)
-        await caller.wait_for(lambda e: e["type"] == "agent.final", 10)
+        async with operator_feed(server, caller.call_id) as feed:
+            caller.send_text("I want to talk to a person about my bill")
+            await feed.wait_for(lambda e: e["type"] == "call.transfer_requested" and e["reason"] == "billing", 10)
+            await caller.wait_for(lambda e: e["type"] == "agent.final", 10)
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
             for _ in range(50):
                 async with http.get(f"{server.url}/api/calls?state=live") as r:

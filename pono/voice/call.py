@@ -168,6 +168,7 @@ class Call:
     async def hang_up(self, reason: str = "hangup") -> None:
         """End the call for `reason` (stored as its end reason); `run()` then cleans up and returns."""
         self.end_reason = reason
+        await self.events.flush()  # what was said reaches the caller's screen before the line closes
         # Shielded: the caller of hang_up may be one of the call's own tasks, which run() cancels as the call
         # ends; a transport close cut half-way (aiortc's pc.close) would never finish.
         await asyncio.shield(self._close_transport())
