@@ -155,3 +155,42 @@ async def test_the_caller_sees_its_own_subset_redacted(server, script: Script, a
             "call.started", "call.state", "transcript.final", "agent.delta", "agent.final", "latency"}
     finally:
         await caller.hang_up()
+
+
+async def test_an_answer_that_breaks_off_is_owned_up_to_and_marked(server, script: Script, admin_token: str) -> None:
+    from pono.voice.reply import TRUNCATED_APOLOGY
+
+    for failure in ("truncate", "drop"):  # the body just ends; the connection drops
+        script.reply = "The store opens at nine in the morning tomorrow and closes at six."
+        script.failure = failure  # type: ignore[assignment]
+        caller = await open_call(server, audio=False)
+        try:
+            caller.send_text("When do you open?")
+            final = await caller.wait_for(lambda e: e["type"] == "agent.final", 20)
+            assert final["text"].startswith("The store opens") and final["text"].endswith(TRUNCATED_APOLOGY)
+            assert final["truncated"] is True and final["interrupted"] is False
+            assert [e["kind"] for e in caller.events if e["type"] == "error"] == ["llm_truncated"]
+        finally:
+            script.failure = "none"
+            await caller.hang_up()
+        turns = await stored_turns(server, admin_token, caller.call_id, 2)
+        assert turns[-1]["role"] == "agent" and turns[-1]["truncated"] is True, failure
+
+
+async def test_an_empty_answer_is_asked_again_then_the_caller_hears_why(server, script: Script) -> None:
+    from pono.voice.reply import EMPTY_ANSWER
+
+    caller = await open_call(server, audio=False)
+    try:
+        script.responses = [{"text": ""}, {"text": "We open at nine."}]
+        caller.send_text("When do you open?")
+        first = await caller.wait_for(lambda e: e["type"] == "agent.final", 20)
+        assert first["text"] == "We open at nine." and len(script.requests) >= 2
+        script.responses = [{"text": ""}, {"text": ""}]
+        caller.send_text("And on Sunday?")
+        second = await caller.wait_for(lambda e: e["type"] == "agent.final" and e["turn"] > first["turn"], 20)
+        assert second["text"] == EMPTY_ANSWER
+        assert [e["kind"] for e in caller.events if e["type"] == "error"] == ["llm_empty"]
+    finally:
+        script.responses = []
+        await caller.hang_up()

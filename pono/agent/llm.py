@@ -30,7 +30,12 @@ log = logging.getLogger(__name__)
 
 
 class LLMError(Exception):
-    """The LLM could not produce a reply (down, timed out, refused)."""
+    """The LLM could not produce a reply (down, timed out, refused), or its stream broke off."""
+
+
+class LLMTruncated(LLMError):
+    """The stream ended without a finish reason: the body simply stopped (a dropped proxy, a crashed
+    worker). What came before it is only part of an answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,12 +198,17 @@ class LLMClient:
         outcome = "cancelled"
         try:
             chunk = first
+            finished = False
             # Between tokens, a stall as long as the whole timeout means the server is gone.
             while chunk is not None:
+                finished = finished or any(c.finish_reason for c in chunk.choices or ())
                 for part in _parts(chunk):
                     yield part
                 async with asyncio.timeout(self.timeout_s):
                     chunk = await anext(stream, None)
+            if not finished:
+                outcome = "truncated"
+                raise LLMTruncated(f"{endpoint.name}'s stream ended without a finish reason")
             outcome = "ok"
         except (TimeoutError, openai.OpenAIError) as exc:
             outcome = outcome_of(exc)

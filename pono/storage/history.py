@@ -47,9 +47,10 @@ async def find_call(pool: asyncpg.Pool, call_id: str) -> dict[str, Any] | None:
 
 async def call_turns(pool: asyncpg.Pool, call_id: str) -> list[dict[str, Any]]:
     """A call's turns in order: {"idx": int, "role": "user" | "agent", "text" (redacted), "source",
-    "started_at", "ended_at": datetime | None, "interrupted": bool, "latency": {mark: seconds}}."""
+    "started_at", "ended_at": datetime | None, "interrupted": bool, "truncated": bool (the LLM broke off),
+    "latency": {mark: seconds}}."""
     rows = await pool.fetch(
-        "SELECT idx, role, text, source, started_at, ended_at, interrupted, latency FROM turns"
+        "SELECT idx, role, text, source, started_at, ended_at, interrupted, truncated, latency FROM turns"
         " WHERE call_id = $1 ORDER BY idx", call_id)
     return [{**dict(r), "latency": json.loads(r["latency"])} for r in rows]
 

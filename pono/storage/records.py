@@ -49,7 +49,8 @@ class CallRecorder:
         elif t is EventType.AGENT_FINAL and event.turn is not None:
             return record("turn", event.call_id, event.turn, role="agent", text=d.get("text", ""), source="agent",
                           started_at=self._agent_started.pop(event.turn, event.ts), ended_at=event.ts,
-                          interrupted=bool(d.get("interrupted")), latency=self._latency.pop(event.turn, {}))
+                          interrupted=bool(d.get("interrupted")), latency=self._latency.pop(event.turn, {}),
+                          truncated=bool(d.get("truncated")))
         elif t is EventType.TOOL_RESULT and event.turn is not None:
             return record("tool_call", event.call_id, event.turn, tool_call_id=d["id"], name=d["name"],
                           arguments=d.get("arguments"), result=d.get("result"), error=d.get("error"),

@@ -35,8 +35,8 @@ _SQL = {
         " VALUES ($1, $2, $3, $4, $5, to_timestamp($6)) ON CONFLICT (id) DO NOTHING"
     ),
     "turn": (
-        "INSERT INTO turns (call_id, idx, role, text, source, started_at, ended_at, interrupted, latency)"
-        " VALUES ($1, $2, $3, $4, $5, to_timestamp($6), to_timestamp($7), $8, $9::jsonb)"
+        "INSERT INTO turns (call_id, idx, role, text, source, started_at, ended_at, interrupted, latency, truncated)"
+        " VALUES ($1, $2, $3, $4, $5, to_timestamp($6), to_timestamp($7), $8, $9::jsonb, $10)"
         " ON CONFLICT (call_id, idx) DO NOTHING"
     ),
     "call_ended": (
@@ -59,7 +59,7 @@ def _args(r: Record) -> tuple[object, ...]:
         return (r["call_id"], r["transport"], r["persona"], r["caller"], r["replica"], r["at"])
     if kind == "turn":
         return (r["call_id"], r["turn"], r["role"], r["text"], r["source"], r["started_at"], r["ended_at"],
-                r["interrupted"], json.dumps(r["latency"]))
+                r["interrupted"], json.dumps(r["latency"]), r.get("truncated", False))
     if kind == "call_ended":
         return (r["call_id"], r["at"], r["reason"])
     if kind == "tool_call":

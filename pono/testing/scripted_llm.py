@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-Failure = Literal["none", "http_500", "hang", "drop", "http_429"]
+Failure = Literal["none", "http_500", "hang", "drop", "http_429", "truncate"]
 
 
 @dataclass
@@ -124,6 +124,9 @@ class ScriptedLLM:
         for i, token in enumerate(_tokens(planned["text"])):
             if script.failure == "drop" and i == 3:
                 request.transport.close()  # type: ignore[union-attr]
+                return
+            if script.failure == "truncate" and i == 4:
+                await response.write_eof()  # the body just ends: no finish_reason, no [DONE]
                 return
             chunk = {"id": "scripted", "object": "chat.completion.chunk", "created": created, "model": "scripted",
                      "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]}

@@ -23,6 +23,9 @@ from pono.voice.sentences import SentenceSplitter, split_all
 
 log = logging.getLogger(__name__)
 
+TRUNCATED_APOLOGY = "Sorry, I lost my train of thought. Could you ask me that again?"
+EMPTY_ANSWER = "Sorry, I don't have an answer for that right now. Could you put it another way?"
+
 
 class HeldEvents:
     """A reply's events, held back until its turn is committed, then passed through in order.
@@ -54,6 +57,7 @@ class HeldEvents:
 class ReplyOutcome:
     text: str = ""  # what the agent said (or, if interrupted, what the caller heard of it)
     interrupted: bool = False
+    truncated: bool = False  # the LLM's stream broke off mid-answer
     marks: dict[str, float] = field(default_factory=dict)
 
 
@@ -127,7 +131,22 @@ class Reply:
         try:
             started = time.monotonic()
             rounds = 0
-            while calls := await self._stream_round(queue, splitter):
+            empty_retries = 1  # an empty completion is asked again once, then the caller hears why
+            while True:
+                calls = await self._stream_round(queue, splitter)
+                if calls is None:
+                    break
+                if not calls:
+                    if self._text.strip():
+                        break
+                    if empty_retries:
+                        empty_retries -= 1
+                        log.warning("turn %s: the LLM answered nothing; asking again", self.turn)
+                        continue
+                    self.events.emit(EventType.ERROR, self.turn, kind="llm_empty",
+                                     message="the language model gave an empty answer")
+                    self._say(EMPTY_ANSWER, queue, splitter)
+                    break
                 if self.toolbox is None or rounds >= self.toolbox.max_rounds or self._no_more_tools:
                     # Over the cap: the calls get an error result, and one last request, offered no tools,
                     # must answer with what it has.
@@ -182,6 +201,13 @@ class Reply:
                     self._say(part, queue, splitter)
         except LLMError as exc:
             log.warning("LLM failed on turn %s: %s", self.turn, exc)
+            if self._round_text.strip():
+                # It broke off mid-answer: say so honestly rather than stop mid-sentence in silence.
+                self.outcome.truncated = True
+                self.events.emit(EventType.ERROR, self.turn, kind="llm_truncated",
+                                 message="the language model's answer broke off")
+                self._say(("" if self._text.endswith(" ") else "… ") + TRUNCATED_APOLOGY, queue, splitter)
+                return None
             self.events.emit(EventType.ERROR, self.turn, kind="llm", message="the language model failed")
             if not self._text.strip():  # never leave the caller in silence
                 self._say(APOLOGY, queue, splitter)

@@ -280,7 +280,8 @@ class Responder:
         outcome.interrupted = interrupted
         handle.heard = outcome.text
         reply.emit_latency()
-        self.events.emit(EventType.AGENT_FINAL, reply.turn, text=outcome.text, interrupted=interrupted)
+        self.events.emit(EventType.AGENT_FINAL, reply.turn, text=outcome.text, interrupted=interrupted,
+                         truncated=outcome.truncated)
         self.conversation.add_agent(outcome.text, interrupted=interrupted)
         if self._playing is not None and self._playing[1] is reply:
             self._playing = None

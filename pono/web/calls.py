@@ -80,7 +80,8 @@ async def get_call(request: web.Request) -> web.Response:
     body = _call_json(call)
     body["turns"] = [{"index": t["idx"], "role": t["role"], "text": t["text"], "source": t["source"],
                       "started_at": iso(t["started_at"]), "ended_at": iso(t["ended_at"]),
-                      "interrupted": t["interrupted"], "latency": t["latency"]} for t in turns]
+                      "interrupted": t["interrupted"], "truncated": t["truncated"], "latency": t["latency"]}
+                     for t in turns]
     body["tool_calls"] = [{"turn": t["turn_idx"], "id": t["tool_call_id"], "name": t["name"],
                            "arguments": t["arguments"], "result": t["result"],
                            "duration_ms": t["duration_ms"], "error": t["error"]} for t in tools]
