@@ -32,7 +32,7 @@ from pono.storage.control import ControlBus
 from pono.storage.logins import Logins
 from pono.storage.retention import purge_daily
 from pono.storage.service import Storage
-from pono.storage.users import bootstrap_admin, shared_secret
+from pono.storage.users import bootstrap_admin, may_still_act, shared_secret
 from pono.storage.verifier import Authenticator
 from pono.tracing import CallTracing
 from pono.voice.models import SpeechModels
@@ -131,13 +131,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     lag_task = asyncio.create_task(services.metrics.watch_loop_lag(), name="loop-lag")
     llm_probe = asyncio.create_task(_probe_llm(services), name="llm-probe")
     purge_task = asyncio.create_task(purge_daily(services.storage.db.pool, services.settings.retention_days))
+    pool = services.storage.db.pool
+    desk_task = asyncio.create_task(desk.watch(lambda who: may_still_act(pool, who, "operator"),
+                                               lambda: services.settings.console_reauth_s), name="operator-watch")
     yield
     await services.calls.close_all()
     if sip is not None:
         await sip.close()
     if services.control is not None:
         await services.control.close()
-    for task in (startup_task, lag_task, llm_probe, purge_task):
+    for task in (startup_task, lag_task, llm_probe, purge_task, desk_task):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task

@@ -479,3 +479,50 @@ async def test_console_takes_a_fresh_token_for_the_same_user(server: RunningServ
         await ws.send_str(json.dumps({"type": "auth", "token": "pono_not-a-real-key"}))
         msg = await _closed(ws)
         assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401, msg
+
+
+async def test_an_operator_who_may_no_longer_act_loses_the_call(server: RunningServer, admin_token: str) -> None:
+    """A take-over (with the operator's audio) ends once the operator's key is revoked: the agent has the call
+    again and the operator's connection closes, wherever the action was asked."""
+    services = server.app[SERVICES]
+    pool = services.storage.db.pool
+    from pono.storage.users import create_api_key, create_user
+
+    key_id, key = await create_api_key(pool, await create_user(pool, f"op-{uuid.uuid4().hex[:6]}", "operator"),
+                                       "operator", "take-over")
+    caller = Caller(server.url)
+    operator = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    services.settings.console_reauth_s = 0.2
+    try:
+        await caller.connect()
+        await caller.wait_open()
+        operator.addTrack(MicrophoneTrack())
+        await operator.setLocalDescription(await operator.createOffer())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{server.url}/api/calls/{caller.call_id}/actions",
+                                 json={"action": "take_over", "sdp": operator.localDescription.sdp},
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 200, await r.text()
+                answer = await r.json()
+            await operator.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+            await caller.wait_for(lambda e: e["type"] == "call.state" and e["state"] == "operator")
+            mark = len(caller.events)
+            async with http.delete(f"{server.url}/api/keys/{key_id}",
+                                   headers={"Authorization": f"Bearer {admin_token}"}) as r:
+                assert r.status == 204
+        for _ in range(150):
+            if any(e["type"] == "call.state" and e["state"] == "listening" for e in caller.events[mark:]):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the revoked operator still has the call")
+        desk = services.control.execute.__self__  # type: ignore[union-attr]
+        for _ in range(50):
+            if not desk.media.owned():
+                break
+            await asyncio.sleep(0.1)
+        assert not desk.media.owned()
+    finally:
+        services.settings.console_reauth_s = 30.0
+        await operator.close()
+        await caller.hang_up()

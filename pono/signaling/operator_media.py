@@ -65,9 +65,16 @@ class OperatorMedia:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._sessions: dict[str, list[tuple[RTCPeerConnection, bool]]] = {}  # call id → (pc, talks)
+        self._owners: dict[RTCPeerConnection, object] = {}  # who opened each, as given to `open`
 
-    async def open(self, call: Call, sdp: str, *, talk: bool) -> str:
-        """Answer an operator's offer: they hear the call mixed, and with `talk` their microphone is taken."""
+    def owned(self) -> list[tuple[str, RTCPeerConnection, bool, object]]:
+        """Every operator peer connection of this replica: (call id, pc, talks, owner as given to `open`)."""
+        return [(call_id, pc, talks, self._owners.get(pc)) for call_id, sessions in self._sessions.items()
+                for pc, talks in sessions]
+
+    async def open(self, call: Call, sdp: str, *, talk: bool, owner: object = None) -> str:
+        """Answer an operator's offer: they hear the call mixed, and with `talk` their microphone is taken.
+        `owner` (anything; who asked) is kept with the connection for `owned`."""
         tapped = call.transport
         if not isinstance(tapped, TappedTransport) or not tapped.has_audio:
             raise ValueError("this call has no audio to listen to")
@@ -96,6 +103,7 @@ class OperatorMedia:
             raise
         tapped.taps.add(mix)
         self._sessions.setdefault(call.call_id, []).append((pc, talk))
+        self._owners[pc] = owner
         call.events.subscribe(lambda e: asyncio.ensure_future(self.close_call(call.call_id))
                               if e.type == "call.ended" else None)
         return str(pc.localDescription.sdp)
@@ -106,6 +114,7 @@ class OperatorMedia:
         mix.stop()
         for task in readers:
             task.cancel()
+        self._owners.pop(pc, None)
         sessions = self._sessions.get(call_id, [])
         self._sessions[call_id] = [s for s in sessions if s[0] is not pc]
         if not self._sessions[call_id]:

@@ -128,6 +128,27 @@ async def create_api_key(pool: asyncpg.Pool | asyncpg.Connection, user_id: str, 
     return str(key_id), token
 
 
+async def may_still_act(pool: asyncpg.Pool, who: dict[str, Any], role: str) -> bool:
+    """Whether a principal that was allowed to act still has `role`: `who` is {"user_id", "key_id" (None for a
+    login), "generation" (a login's token generation)}. False once the user is deleted or demoted, the key revoked,
+    or the login's password changed. Raises asyncpg/OS errors when Postgres is unreachable."""
+    row = await pool.fetchrow(
+        "SELECT u.role, u.token_generation, k.role AS key_role, k.revoked_at FROM users u"
+        " LEFT JOIN api_keys k ON k.id = $2::uuid AND k.user_id = u.id WHERE u.id = $1::uuid AND u.deleted_at IS NULL",
+        who["user_id"], who.get("key_id"))
+    if row is None:
+        return False
+    if who.get("key_id"):
+        if row["key_role"] is None or row["revoked_at"] is not None:
+            return False
+        granted = min(row["role"], row["key_role"], key=ROLES.index)
+    else:
+        if row["token_generation"] != who.get("generation", 0):
+            return False
+        granted = row["role"]
+    return ROLES.index(granted) >= ROLES.index(role)
+
+
 async def list_users(pool: asyncpg.Pool) -> list[dict[str, Any]]:
     """Users not deleted, oldest first: [{"id": str (UUID), "name", "role", "created_at": datetime}]."""
     rows = await pool.fetch("SELECT id, name, role, created_at FROM users WHERE deleted_at IS NULL ORDER BY created_at")

@@ -38,8 +38,11 @@ async def act(services: Services, who: Principal, call_id: str, body: ActionIn, 
         raise ApiError(422, "'say' needs some text")
     assert services.storage.db is not None and services.control is not None
     await write_audit(services.storage.db.pool, who.name, f"call.{body.action}", call_id, source_ip)
+    # Who acts, so the replica holding the call can end their audio once they may no longer (see OperatorDesk.watch).
+    by = {"user_id": who.user_id, "key_id": who.key_id, "generation": who.generation}
     try:
-        return await services.control.send(call_id, body.action, body.model_dump(exclude_none=True), who.name)
+        return await services.control.send(call_id, body.action, {**body.model_dump(exclude_none=True), "by": by},
+                                           who.name)
     except ActionError as exc:
         raise ApiError(exc.status, exc.message) from None
 
