@@ -122,7 +122,8 @@ class Settings(BaseSettings):
     access_token_ttl_s: int = 3600
     refresh_token_ttl_s: int = 7 * 24 * 3600
     login_max_age_s: int = 30 * 24 * 3600  # a login ends this long after the password was given, refreshed or not
-    console_reauth_s: float = 30.0  # the console's WebSocket re-checks its token this often (and on every action)
+    # The console re-checks its token this often (and on every action); operators' audio and take-overs, this often.
+    console_reauth_s: float = 30.0
 
     # HTTP limits.
     max_body_bytes: int = 256 * 1024
