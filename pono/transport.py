@@ -23,7 +23,8 @@ class Transport(Protocol):
 
     @property
     def has_audio(self) -> bool:
-        """Whether the caller sends and receives audio (False for a text-only call)."""
+        """Whether audio we send reaches the caller (False for a text-only call, or audio the caller only
+        sends or has set inactive). Read it each time: it may change during a call."""
         ...
 
     def audio_frames(self) -> AsyncIterator[np.ndarray]:

@@ -186,6 +186,8 @@ async def test_an_empty_answer_is_asked_again_then_the_caller_hears_why(server, 
         caller.send_text("When do you open?")
         first = await caller.wait_for(lambda e: e["type"] == "agent.final", 20)
         assert first["text"] == "We open at nine." and len(script.requests) >= 2
+        latency = await caller.wait_for(lambda e: e["type"] == "latency" and e["turn"] == first["turn"], 5)
+        assert latency["llm_endpoint"] == "primary"  # which endpoint answered the turn
         script.responses = [{"text": ""}, {"text": ""}]
         caller.send_text("And on Sunday?")
         second = await caller.wait_for(lambda e: e["type"] == "agent.final" and e["turn"] > first["turn"], 20)

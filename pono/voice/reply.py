@@ -98,6 +98,7 @@ class Reply:
         self.playout = PlayoutTracker()
         self.outcome = ReplyOutcome()
         self._latency_sent = False
+        self.llm_endpoint: str | None = None
         self.finished = False
 
     def mark(self, name: str) -> None:
@@ -109,7 +110,9 @@ class Reply:
             # The reference point on the wall clock too, so a caller on the same host can split its own
             # voice-to-voice figure into the way in, the server, and the way out.
             t0_wall = time.time() - (time.monotonic() - self.t0)
-            self.events.emit(EventType.LATENCY, self.turn, marks=dict(self.outcome.marks), t0=round(t0_wall, 4))
+            extra = {"llm_endpoint": self.llm_endpoint} if self.llm_endpoint else {}
+            self.events.emit(EventType.LATENCY, self.turn, marks=dict(self.outcome.marks), t0=round(t0_wall, 4),
+                             **extra)
 
     async def speak_text(self, text: str) -> None:
         """Say fixed text (a greeting, an operator's line) without asking the LLM."""
@@ -188,7 +191,9 @@ class Reply:
             await asyncio.gather(*self.toolbox.in_flight, return_exceptions=True)
         try:
             prompt = self.conversation.prompt(self.pending_user)
-            async for part in self.llm.stream(prompt, tools=tools, **self.llm_options):
+            stream = self.llm.stream(prompt, tools=tools, **self.llm_options)
+            async for part in stream:
+                self.llm_endpoint = stream.endpoint  # which endpoint answered: primary or fallback
                 if isinstance(part, ToolCallPart):
                     call = parts.setdefault(part.index, {"id": None, "name": "", "arguments": ""})
                     call["id"] = call["id"] or part.id
@@ -260,7 +265,7 @@ class Reply:
 
     async def _speak(self, queue: asyncio.Queue[str | None]) -> None:
         t = self.transport
-        rate = self.models.tts_rate if t.has_audio else 0
+        rate = self.models.tts_rate
         while (piece := await queue.get()) is not None:
             if not t.has_audio:
                 continue
