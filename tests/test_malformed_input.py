@@ -161,3 +161,13 @@ async def test_deep_tool_arguments_from_the_llm_are_a_tool_error() -> None:
     outcome = await registry.call("id-1", "echo", "[" * 10_000 + "]" * 10_000, ToolContext("call-1", "p"))
     assert outcome.error is not None and "JSON" in outcome.error
     assert (await registry.call("id-2", "echo", '{"word": "ok"}', ToolContext("call-1", "p"))).result == "ok"
+
+
+async def test_numbers_in_the_query_are_ascii_digits(server: RunningServer, admin_token: str) -> None:
+    """str.isdigit() says yes to "²", which int() refuses: a check with it once let a 500 through."""
+    async with aiohttp.ClientSession(server.url, headers={"Authorization": f"Bearer {admin_token}"}) as http:
+        for path, params in (("/api/calls", {"limit": "\u00b2"}), ("/api/personas", {"limit": "\u00b2"}),
+                             ("/api/audit", {"limit": "\u00b2"}), ("/api/calls", {"limit": "\u0661\u0660"}),
+                             ("/api/knowledge/kb/search", {"q": "hours", "k": "\u00b2"})):
+            async with http.get(path, params=params) as r:
+                assert r.status == 422, (path, params, r.status, await r.text())

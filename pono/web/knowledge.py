@@ -91,7 +91,7 @@ async def search(request: web.Request) -> web.Response:
     collection = _collection(request)
     query = request.query.get("q", "")
     k = request.query.get("k", "5")
-    if not query or not k.isdigit() or not 1 <= int(k) <= 50:
+    if not query or not (k.isascii() and k.isdigit()) or not 1 <= int(k) <= 50:
         raise ApiError(422, "invalid query", fields=[{"field": "q/k", "message": "q is required, k from 1 to 50"}])
     return web.json_response({"results": await _knowledge(request).search(query, [collection], int(k))})
 

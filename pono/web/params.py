@@ -33,7 +33,7 @@ def path_uuid(request: web.Request, name: str, what: str) -> uuid.UUID:
 def page_limit(request: web.Request, default: int = 50, most: int = 200) -> int:
     """?limit=, an integer from 1 to `most`. Raises ApiError 422."""
     raw = request.query.get("limit", str(default))
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
         raise ApiError(422, "invalid query", fields=[{"field": "limit", "message": f"an integer from 1 to {most}"}])
     return int(raw)
 
