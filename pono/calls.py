@@ -165,6 +165,7 @@ class CallManager:
             text_messages_per_10s=s.call_text_messages_per_10s,
             max_duration_s=s.call_max_s,
             idle_timeout_s=s.call_idle_timeout_s,
+            dtmf_interdigit_s=s.dtmf_interdigit_ms / 1000,
         )
         # Observers of the call's event stream: the caller's own view, and metrics.
         view = CallerView(transport.send_text, redact_event, call.dlp)  # the caller's subset, redacted

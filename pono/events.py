@@ -33,6 +33,7 @@ class EventType(StrEnum):
     TOOL_RESULT = "tool.result"
     TRANSFER = "call.transfer_requested"
     KNOWLEDGE_USED = "knowledge.used"
+    DLP_REDACTED = "dlp.redacted"  # earlier turns redacted after the fact: PII that arrived in pieces
     DTMF = "dtmf"  # a key the caller pressed on a phone
     OPERATOR = "operator.action"  # say / take_over / hand_back / listen / hang_up, and by whom
     LATENCY = "latency"

@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     max_utterance_s: float = 20.0
     call_max_s: float = 3600.0  # a call this long hears a goodbye and is hung up; 0: no limit
     call_idle_timeout_s: float = 300.0  # no audio frames nor messages from the caller this long: hang up; 0: never
+    dtmf_interdigit_ms: int = 1000  # keys pressed closer together than this are one entry (a PIN, a card)
     call_text_messages_per_10s: int = 20  # typed messages and key presses per call: a burst, then 1 per 10 s/n
     # Start the LLM on the transcript of a pause before the turn is surely over; dropped if the caller
     # goes on. Costs LLM tokens for nothing when they do, saves up to the hangover when they don't.

@@ -71,7 +71,8 @@ async def test_key_press_and_operator_say_while_caller_speaks_play_one_at_a_time
             seen = {e["turn"] for e in finals}
             finals.append(await caller.wait_for(
                 lambda e, seen=seen: e["type"] == "agent.final" and e["turn"] not in seen, 40))
-        assert [f["text"] for f in finals] == [REPLY, OPERATOR_WORDS, REPLY]
+        # (A key press is answered once the caller stops pressing keys, so the operator's words may go first.)
+        assert sorted(f["text"] for f in finals) == sorted([REPLY, OPERATOR_WORDS, REPLY])
         assert not any(f["interrupted"] for f in finals)
         assert finals[-1]["turn"] > asked["turn"]
         assert utterances_overlap(caller.events) == []

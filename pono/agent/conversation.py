@@ -45,6 +45,14 @@ class Conversation:
             while self.messages and self.messages[0]["role"] == "tool":
                 del self.messages[0]
 
+    def replace_user_text(self, old: str, new: str) -> None:
+        """Replace the caller's words `old` by `new` in the newest user message that holds them (a merged
+        message holds several turns): DLP redacting an earlier turn after the fact."""
+        for message in reversed(self.messages):
+            if message["role"] == "user" and old in (message["content"] or ""):
+                message["content"] = message["content"].replace(old, new)
+                return
+
     def add_agent(self, text: str, *, interrupted: bool = False) -> None:
         if not text:
             return

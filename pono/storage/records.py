@@ -29,7 +29,7 @@ class CallRecorder:
         self._agent_started: dict[int, float] = {}
         self._latency: dict[int, dict[str, float]] = {}
 
-    def __call__(self, event: CallEvent) -> Record | None:
+    def __call__(self, event: CallEvent) -> Record | list[Record] | None:
         t, d = event.type, event.data
         if t is EventType.CALL_STARTED:
             return record("call_started", event.call_id, None, transport=d.get("transport"),
@@ -55,6 +55,16 @@ class CallRecorder:
             return record("tool_call", event.call_id, event.turn, tool_call_id=d["id"], name=d["name"],
                           arguments=d.get("arguments"), result=d.get("result"), error=d.get("error"),
                           duration_ms=d.get("duration_ms")) | {"key": f"{event.call_id}:{event.turn}:tool:{d['id']}"}
+        elif t is EventType.DLP_REDACTED:
+            # Earlier turns held pieces of personal data: their stored text is replaced, and each piece is a
+            # finding of its turn (offsets only).
+            out = [record("turn_text", event.call_id, int(turn), text=text) | {
+                       "key": f"{event.call_id}:{turn}:retext:{event.turn}"} for turn, text in d["turns"].items()]
+            out += [record("dlp_finding", event.call_id, f["turn"], entity_type=f["entity_type"], start=f["start"],
+                           end=f["end"], action=f["action"], recognizer=f["recognizer"]) | {
+                        "key": f"{event.call_id}:{f['turn']}:dlp:{f['start']}:{f['entity_type']}"}
+                    for f in d["findings"]]
+            return out
         elif t is EventType.CALL_ENDED:
             return record("call_ended", event.call_id, None, reason=d.get("reason"), at=event.ts)
         return None

@@ -39,6 +39,7 @@ _SQL = {
         " VALUES ($1, $2, $3, $4, $5, to_timestamp($6), to_timestamp($7), $8, $9::jsonb, $10)"
         " ON CONFLICT (call_id, idx) DO NOTHING"
     ),
+    "turn_text": "UPDATE turns SET text = $3 WHERE call_id = $1 AND idx = $2",
     "call_ended": (
         "UPDATE calls SET ended_at = to_timestamp($2), end_reason = $3 WHERE id = $1 AND ended_at IS NULL"
     ),
@@ -62,6 +63,8 @@ def _args(r: Record) -> tuple[object, ...]:
                 r["interrupted"], json.dumps(r["latency"]), r.get("truncated", False))
     if kind == "call_ended":
         return (r["call_id"], r["at"], r["reason"])
+    if kind == "turn_text":
+        return (r["call_id"], r["turn"], r["text"])
     if kind == "tool_call":
         return (r["call_id"], r["turn"], r["tool_call_id"], r["name"], json.dumps(r["arguments"]),
                 None if r["result"] is None else json.dumps(r["result"], default=str), r["duration_ms"], r["error"])
@@ -104,8 +107,8 @@ class Writer:
 
         def observe(event: CallEvent) -> None:
             rec = recorder(event)
-            if rec is not None:
-                self.queue.put_nowait(rec)
+            for one in rec if isinstance(rec, list) else [] if rec is None else [rec]:
+                self.queue.put_nowait(one)
 
         return observe
 

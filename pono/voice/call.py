@@ -77,6 +77,7 @@ class Call:
         text_messages_per_10s: int = 20,
         max_duration_s: float = 0.0,
         idle_timeout_s: float = 0.0,
+        dtmf_interdigit_s: float = 1.0,
     ) -> None:
         self.call_id = call_id
         self.transport = transport
@@ -96,6 +97,9 @@ class Call:
         self.idle_timeout_s = idle_timeout_s  # 0: no limit
         self._last_activity = time.monotonic()
         self._closing: asyncio.Future[None] | None = None
+        self.dtmf_interdigit_s = dtmf_interdigit_s  # keys pressed closer than this are one entry
+        self._keys: list[str] = []
+        self._keys_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stt_busy = False
         # A per-call budget for typed messages and key presses: a burst is fine, a flood is refused.
@@ -130,6 +134,8 @@ class Call:
         try:
             await t.closed()
         finally:
+            if self._keys_timer is not None:
+                self._keys_timer.cancel()
             await self.responder.close(reason=self.end_reason)
             for task in [*loops, *self._tasks]:
                 task.cancel()
@@ -276,6 +282,13 @@ class Call:
         if text and self.state.state is CallState.USER_SPEAKING and turn == self.responder.turns:
             self.events.emit(EventType.TRANSCRIPT_PARTIAL, turn, text=text)
 
+    def _keys_pressed(self) -> None:
+        keys, self._keys = "".join(self._keys), []
+        self._keys_timer = None
+        if keys:
+            pressed = self.responder.commit_user(text=f"the caller pressed {keys}")
+            self.responder.reply_to(pressed, t0=time.monotonic())
+
     async def _text_loop(self) -> None:
         async for raw in self.transport.text_messages():
             self._last_activity = time.monotonic()
@@ -301,12 +314,20 @@ class Call:
                     await self._barge_in()
                 self.responder.reply_to(self.responder.commit_user(text=text.strip()), t0=time.monotonic())
             elif kind == "dtmf" and message.get("digit") in DTMF_KEYS:
-                # A key press is an event, and words for the agent: menus and PINs work the same way.
+                # A key press is an event at once, and words for the agent once the caller stops pressing:
+                # a menu choice, a PIN or a card number typed on the keypad is one turn, read (and DLP-scanned)
+                # whole. "#" ends the keys at once.
                 self.events.emit(EventType.DTMF, self.responder.turns, digit=message["digit"])
-                if self.responder.busy:
+                if not self._keys and self.responder.busy:
                     await self._barge_in()
-                pressed = self.responder.commit_user(text=f"the caller pressed {message['digit']}")
-                self.responder.reply_to(pressed, t0=time.monotonic())
+                self._keys.append(message["digit"])
+                if self._keys_timer is not None:
+                    self._keys_timer.cancel()
+                if message["digit"] == "#":
+                    self._keys_pressed()
+                else:
+                    self._keys_timer = asyncio.get_running_loop().call_later(self.dtmf_interdigit_s,
+                                                                             self._keys_pressed)
             elif kind == "hangup":
                 await self.hang_up("caller_hangup")
                 return

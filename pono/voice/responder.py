@@ -19,6 +19,7 @@ import numpy as np
 
 from pono.agent.conversation import Conversation
 from pono.agent.dlp.engine import DlpPolicy
+from pono.agent.dlp.window import CrossTurnRedaction, SpeakerWindow
 from pono.agent.llm import LLMClient
 from pono.agent.tools.registry import ToolBox
 from pono.events import EventStream, EventType
@@ -92,6 +93,8 @@ class Responder:
         self._preempt: Preemption | None = None
         self.spec: asyncio.Task[str] | None = None  # speculative STT of the current pause
         self._last_commit: asyncio.Task[UserTurn | None] | None = None
+        self._window = SpeakerWindow(settings.dlp)  # the caller's recent turns, scanned together
+        self._said: dict[int, str] = {}  # turn → the caller's words as the LLM got them (for retro redaction)
 
     @property
     def busy(self) -> bool:
@@ -123,9 +126,20 @@ class Responder:
             if not words:  # noise, a breath, garbage audio: no turn at all
                 self.events.emit(EventType.TRANSCRIPT_FINAL, None, text="", empty=True)
                 return None
-            self.events.emit(EventType.TRANSCRIPT_FINAL, self.next_turn(), text=words, source=source)
-            llm_text = await self._for_llm(words)
+            turn = self.next_turn()
+            # Read with the caller's last turns first: a number in pieces is redacted in every piece, and
+            # this turn's own piece never leaves the call loop unredacted.
+            cross = await asyncio.to_thread(self._window.add, turn, words, transcribed_at)
+            shown = words if cross is None else cross.texts.get(turn, words)
+            self.events.emit(EventType.TRANSCRIPT_FINAL, turn, text=shown, source=source)
+            if cross is not None:
+                self._redact_earlier(turn, cross)
+            llm_text = await self._for_llm(words if cross is None else cross.texts.get(turn, words),
+                                           joined_finding=cross is not None)
             self.conversation.add_user(llm_text if llm_text is not None else WITHHELD)
+            self._said[turn] = words
+            while len(self._said) > 16:
+                del self._said[next(iter(self._said))]
             return UserTurn(words, llm_text is None, transcribed_at)
         task = self._spawn(commit(), "user-turn")
         self._last_commit = task
@@ -252,12 +266,28 @@ class Responder:
             await reply.generate()
             self._finish(handle, reply, interrupted=False)
 
-    async def _for_llm(self, text: str) -> str | None:
-        """What the LLM may see of the caller's words, by the persona's DLP policy; None if blocked."""
-        if not self.settings.dlp.before_llm:
+    async def _for_llm(self, text: str, *, joined_finding: bool = False) -> str | None:
+        """What the LLM may see of the caller's words, by the persona's DLP policy; None if blocked.
+        `joined_finding`: these words finish personal data begun in earlier turns (already redacted here)."""
+        policy = self.settings.dlp
+        if not policy.before_llm:
             return text
-        result = await asyncio.to_thread(self.settings.dlp.scan, text)
+        if joined_finding and policy.action == "block_and_warn":
+            return None
+        result = await asyncio.to_thread(policy.scan, text)
         return None if result.blocked else result.text
+
+    def _redact_earlier(self, turn: int, cross: CrossTurnRedaction) -> None:
+        """Personal data arrived in pieces: storage, operators and (with before_llm) the LLM's copy of the
+        earlier turns get their redacted text; the event carries redacted texts and spans, never values."""
+        earlier = {str(t): text for t, text in cross.texts.items() if t != turn}
+        self.events.emit(EventType.DLP_REDACTED, turn, turns=earlier,
+                         findings=[{"turn": t, "entity_type": f.entity_type, "start": f.start, "end": f.end,
+                                    "action": f.action, "recognizer": f.recognizer} for t, f in cross.findings])
+        if self.settings.dlp.before_llm:
+            for before, text in cross.texts.items():
+                if before != turn and before in self._said:
+                    self.conversation.replace_user_text(self._said[before], text)
 
     def _new_reply(self, handle: SpeechHandle, t0: float, speaking: asyncio.Event, held: HeldEvents | None = None,
                    pending_user: str | None = None) -> Reply:

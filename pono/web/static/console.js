@@ -1,7 +1,8 @@
 // The operator console: log in, watch live calls on every replica, open one, act on it, search history.
 const $ = (id) => document.getElementById(id);
 const state = { access: null, refresh: null, socket: null, calls: new Map(), open: null, iceServers: [],
-  listenPeak: 0, listenPc: null, talkPc: null, refs: 0, pending: new Map(), agentLines: new Map() };
+  listenPeak: 0, listenPc: null, talkPc: null, refs: 0, pending: new Map(), agentLines: new Map(),
+  userLines: new Map() };
 window.consoleState = state; // for tests and curious operators
 
 function showError(message) { $("error").textContent = message || ""; }
@@ -166,6 +167,7 @@ function openCall(callId) {
   stopMedia();
   state.open = callId;
   state.agentLines.clear();
+  state.userLines.clear();
   $("call").hidden = false;
   $("call-id").textContent = callId.slice(0, 8);
   $("actions").hidden = false;
@@ -201,7 +203,17 @@ function onEvent(e) {
       break;
     case "transcript.final":
       partial?.remove();
-      if (e.text) dlpBadge(line("user", e.text), e.dlp);
+      if (e.text) {
+        const div = line("user", e.text);
+        state.userLines.set(e.turn, div);
+        dlpBadge(div, e.dlp);
+      }
+      break;
+    case "dlp.redacted":  // personal data that came in pieces: the earlier turns are shown redacted too
+      for (const [turn, text] of Object.entries(e.turns)) {
+        const div = state.userLines.get(Number(turn));
+        if (div) { div.textContent = text; dlpBadge(div, [...new Set(e.findings.map((f) => f.entity_type))]); }
+      }
       break;
     case "agent.delta": {
       const div = state.agentLines.get(e.turn) || line("agent", "");
