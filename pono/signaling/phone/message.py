@@ -53,7 +53,7 @@ class SipMessage:
     @property
     def cseq(self) -> tuple[int, str]:
         raw = (self.get("cseq") or "").split()
-        if len(raw) != 2 or not raw[0].isdigit():
+        if len(raw) != 2 or not (raw[0].isascii() and raw[0].isdigit()):
             raise SipParseError("bad CSeq")
         return int(raw[0]), raw[1].upper()
 
@@ -124,7 +124,7 @@ def parse(data: bytes) -> SipMessage:
         raise SipParseError("Call-ID, tag or branch too long")
     length = message.get("content-length")
     if length is not None:
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise SipParseError("bad Content-Length")
         if int(length) > MAX_BODY_BYTES:
             raise SipParseError("body too large", 413)
