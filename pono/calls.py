@@ -31,6 +31,8 @@ from pono.voice.turns import TurnConfig
 
 log = logging.getLogger(__name__)
 
+DRAIN_GOODBYE = "This line has to close now for maintenance. Please call again in a moment. Goodbye."
+
 
 class CallManager:
     def __init__(self, settings: Settings, models: SpeechModels, llm: LLMClient, metrics: Metrics,
@@ -46,6 +48,7 @@ class CallManager:
         self._views: dict[str, CallerView] = {}
         self.draining = False
         self._reserved = 0  # places held by calls still being set up
+        self._no_calls = asyncio.Event()  # set when the last call ends (the drain waits for it)
 
     @property
     def full(self) -> bool:
@@ -189,6 +192,8 @@ class CallManager:
     def _ended(self, call_id: str, kind: str, task: asyncio.Task[None]) -> None:
         self.calls.pop(call_id, None)
         self._tasks.pop(call_id, None)
+        if not self.calls:
+            self._no_calls.set()
         view = self._views.pop(call_id, None)
         if view is not None and task.cancelled():
             view.stop()  # a call cancelled before it could say call.ended
@@ -208,6 +213,36 @@ class CallManager:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(task), 5)
         return True
+
+    def start_draining(self) -> None:
+        """Take no new calls from now on (readiness turns 503, offers and INVITEs get 503); live calls go on."""
+        if not self.draining:
+            self.draining = True
+            log.info("draining: no new calls; %d in progress", len(self.calls))
+            if self.storage is not None and self.storage.live is not None:
+                self.storage.live.mark_draining()
+
+    def resume(self) -> None:
+        """Take calls again after `start_draining` (an admin changed their mind)."""
+        self.draining = False
+        if self.storage is not None and self.storage.live is not None:
+            self.storage.live.mark_draining(False)
+
+    async def drain(self, timeout_s: float, goodbye: str = DRAIN_GOODBYE) -> None:
+        """Stop taking calls, let the live ones end by themselves for up to `timeout_s`, then say `goodbye`
+        to those still going and hang them up cleanly (SIP BYE, Twilio stop, WebRTC close)."""
+        self.start_draining()
+        if self.calls:
+            self._no_calls.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._no_calls.wait(), timeout_s)
+        if self.calls:
+            log.info("drain timeout: ending %d calls with a goodbye", len(self.calls))
+            await asyncio.gather(*(call.end_with_goodbye("drain_timeout", goodbye)
+                                   for call in list(self.calls.values())), return_exceptions=True)
+            tasks = list(self._tasks.values())
+            if tasks:
+                await asyncio.wait(tasks, timeout=10)
 
     async def close_all(self, reason: str = "shutdown") -> None:
         self.draining = True

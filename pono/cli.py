@@ -62,9 +62,31 @@ async def _serve(settings: Settings) -> None:
     metrics_runner = await _serve_metrics(app, settings) if settings.metrics_port else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    drains: list[asyncio.Task[None]] = []
+
+    async def drain_then_stop() -> None:
+        from pono.context import SERVICES
+
+        try:
+            await app[SERVICES].calls.drain(settings.drain_timeout_s)
+        finally:
+            stop.set()
+
+    def on_signal() -> None:
+        # The first SIGTERM/SIGINT drains: no new calls, live calls end by themselves (or get a goodbye at
+        # PONO_DRAIN_TIMEOUT_S). A second one stops at once.
+        if drains:
+            log.info("second signal: stopping now")
+            stop.set()
+        else:
+            log.info("draining before shutdown (up to %.0f s); signal again to stop now", settings.drain_timeout_s)
+            drains.append(asyncio.create_task(drain_then_stop(), name="drain"))
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
+    for task in drains:
+        task.cancel()
     log.info("shutting down: hanging up calls")
     if metrics_runner is not None:
         await metrics_runner.cleanup()

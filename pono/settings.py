@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     hangover_ms: int = 450
     barge_in_min_ms: int = 600
     max_utterance_s: float = 20.0
+    drain_timeout_s: float = 3600.0  # on SIGTERM, live calls may go on this long before a goodbye
     call_max_s: float = 3600.0  # a call this long hears a goodbye and is hung up; 0: no limit
     call_idle_timeout_s: float = 300.0  # no audio frames nor messages from the caller this long: hang up; 0: never
     dtmf_interdigit_ms: int = 1000  # keys pressed closer together than this are one entry (a PIN, a card)

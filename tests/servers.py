@@ -82,7 +82,7 @@ class PonoProcess:
                     "PONO_STT_PARTIAL_INTERVAL_S": "0", "PONO_LLM_TIMEOUT_S": "3",
                     "PONO_CALL_TOKENS_PER_MINUTE": "10000", "PONO_REQUESTS_PER_SECOND": "10000",
                     "PONO_KEY_REQUESTS_PER_SECOND": "10000", "PONO_LOGINS_PER_MINUTE": "10000",
-                    "PONO_LOGIN_IP_PER_MINUTE": "10000", **env}
+                    "PONO_LOGIN_IP_PER_MINUTE": "10000", "PONO_DRAIN_TIMEOUT_S": "10", **env}
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self, ready_timeout: float = 120.0) -> None:

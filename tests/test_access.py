@@ -46,6 +46,7 @@ PROTECTED: list[tuple[str, str, Any, str, str]] = [
     ("GET", "/api/phone-numbers", None, "viewer", "personas"),
     ("PUT", "/api/phone-numbers/+15550100", {}, "admin", "personas"),
     ("DELETE", "/api/phone-numbers/+15550199", None, "admin", "personas"),
+    ("POST", "/api/admin/drain", {}, "admin", "calls"),  # {} is a 422: the shared test server never drains
 ]
 # Open to anyone, or guarded by something other than a login (call tokens, refresh tokens, the WS handshake).
 PUBLIC = {("GET", "/"), ("GET", "/console"), ("GET", "/api/health"), ("GET", "/api/ready"), ("GET", "/api/startup"),

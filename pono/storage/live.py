@@ -42,6 +42,11 @@ def _token_key(token_id: str) -> str:
     return f"pono:call-token:{token_id}"
 
 
+# Since when (unix s) this Redis has kept spent call tokens: set once, again only if Redis lost it (a restart of the
+# embedded Valkey, a flush). A token issued before it may have been spent and forgotten, so it is refused.
+TOKENS_SINCE = "pono:call-tokens:since"
+
+
 def _delta_follows(items: list[tuple[str, str, dict[str, Any] | None]], i: int) -> bool:
     """Whether items[i] is an agent delta that the next item (a delta of the same turn) supersedes."""
     event = items[i][2]
@@ -69,6 +74,7 @@ class LiveState:
                                           health_check_interval=15)
         self.up = False
         self.calls: dict[str, dict[str, str]] = {}  # this replica's live calls, as registered
+        self.draining = False  # this replica takes no new calls
         # (what, call id, event): "event" to publish, "state" to update, "unregister" to remove
         self._outbox: deque[tuple[str, str, dict[str, Any] | None]] = deque(maxlen=10_000)
         self._redaction: dict[str, tuple[Any, dict[int, str]]] = {}  # call id → (policy, agent text per turn)
@@ -84,6 +90,7 @@ class LiveState:
     async def _ping(self) -> bool:
         try:
             await self.redis.ping()
+            await self.redis.set(TOKENS_SINCE, f"{time.time():.3f}", nx=True)
             if not self.up:
                 log.info("Redis reachable at %s", self.url.split("@")[-1])
             self.up = True
@@ -98,6 +105,17 @@ class LiveState:
         self.calls[call_id] = {"call_id": call_id, "replica": self.replica, "transport": transport,
                                "persona": persona or "", "caller": caller or "", "state": "listening",
                                "started": f"{time.time():.3f}"}
+        if self.draining:
+            self.calls[call_id]["replica_draining"] = "yes"
+        self._wake.set()
+
+    def mark_draining(self, draining: bool = True) -> None:
+        """This replica takes no new calls (or takes them again): its live calls say so in the registry,
+        which operators see."""
+        self.draining = draining
+        for call_id, entry in self.calls.items():
+            entry["replica_draining"] = "yes" if draining else ""
+            self._outbox.append(("state", call_id, None))
         self._wake.set()
 
     def unregister(self, call_id: str) -> None:
@@ -206,12 +224,20 @@ class LiveState:
         return [row for row in rows if row]
 
     # -- single-use call tokens ----------------------------------------------------------------
-    async def spend_call_token(self, token_id: str, call_id: str, ttl_s: int) -> bool:
-        """Mark a call token (its `jti`) spent on `call_id`, for every replica and across restarts of this one.
+    async def spend_call_token(self, token_id: str, call_id: str, ttl_s: int, issued_at: float) -> bool:
+        """Mark a call token (its `jti`, issued at `issued_at`, unix s) spent on `call_id`, for every replica and
+        across restarts of any.
 
         True the first time only (SET NX); the mark expires after `ttl_s` seconds, once the token no longer
-        verifies anyway. Raises RedisError or OSError when Redis is unreachable (callers refuse the call).
+        verifies anyway. False too for a token issued before Redis began keeping marks (TOKENS_SINCE): it may
+        have been spent and forgotten. Raises RedisError or OSError when Redis is unreachable.
         """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(TOKENS_SINCE, f"{time.time():.3f}", nx=True)
+            pipe.get(TOKENS_SINCE)
+            _, since = await pipe.execute()
+        if issued_at < int(float(since)):  # to the second, as a token's times are
+            return False
         return bool(await self.redis.set(_token_key(token_id), call_id, nx=True, ex=max(1, ttl_s)))
 
     async def call_of_token(self, token_id: str) -> str | None:

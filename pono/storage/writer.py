@@ -89,6 +89,7 @@ class Writer:
         self.linger_s = linger_s
         self.on_error = on_error or (lambda kind: None)
         self.queue: asyncio.Queue[Record] = asyncio.Queue()
+        self._in_flight: list[Record] = []  # taken from the queue, not yet written
         self.policies: dict[str, Any] = {}  # per call, from its persona: opaque, handed to `redact`
         # Start journaled if an earlier run left writes behind (a crash, or an outage at shutdown).
         self.db_up = not journal.has_pending()
@@ -122,9 +123,12 @@ class Writer:
         while True:
             batch = await self._next_batch()
             await self._handle(batch)
+            self._in_flight = []
 
     async def _next_batch(self) -> list[Record]:
-        batch = [await self.queue.get()]
+        # The batch being gathered or written is kept where close() finds it: a shutdown that cancels the
+        # writer mid-batch writes it again (every write is idempotent), never loses it.
+        batch = self._in_flight = [await self.queue.get()]
         deadline = time.monotonic() + self.linger_s
         while len(batch) < self.batch_max:
             try:
@@ -225,7 +229,8 @@ class Writer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        pending: list[Record] = []
+        pending: list[Record] = list(self._in_flight)
+        self._in_flight = []
         while not self.queue.empty():
             pending.append(self.queue.get_nowait())
         if pending:

@@ -41,6 +41,8 @@ async def ready(request: web.Request) -> web.Response:
     }
     ok = all(checks.values()) and services.startup_complete
     body = {"status": "ready" if ok else "not_ready", "checks": checks, "active_calls": len(services.calls.calls)}
+    if services.calls.draining:
+        body["status"] = "draining"
     if services.startup_error:
         body["error"] = services.startup_error
     return web.json_response(body, status=200 if ok else 503)

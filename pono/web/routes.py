@@ -9,6 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from pono.web import (
+    admin,
     audit,
     auth,
     call_actions,
@@ -32,6 +33,7 @@ def routes() -> list[web.AbstractRouteDef]:
         web.get("/api/startup", health.startup),
         web.get("/api/ready", health.ready),
         web.get("/metrics", health.metrics_endpoint),
+        web.post("/api/admin/drain", admin.drain),
         # calls: history, live list, operator actions
         web.get("/api/calls", calls.list_calls),
         web.get("/api/calls/{call_id}", calls.get_call),

@@ -151,7 +151,8 @@ function renderCalls() {
     const row = body.insertRow();
     row.dataset.callId = call.call_id;
     row.className = call.call_id === state.open ? "selected" : "";
-    const state_ = call.operator_requested ? `${call.state} · wants an operator` : call.state;
+    let state_ = call.operator_requested ? `${call.state} · wants an operator` : call.state;
+    if (call.replica_draining) state_ += " · replica draining";
     for (const value of [call.caller || "anonymous", call.transport, call.persona, duration(call), state_,
       call.last_latency_ms ? `${call.last_latency_ms} ms` : "–", call.replica]) {
       row.insertCell().textContent = value;
