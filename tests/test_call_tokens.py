@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from conftest import RunningServer
 from servers import PonoProcess
 
@@ -38,6 +39,30 @@ async def test_a_token_opens_one_call_on_any_replica(server: RunningServer, repl
             async with caller.http.post(f"{url}/api/calls", json=offer, headers=caller.auth) as r:
                 assert r.status == 409, (url, await r.text())
     finally:
+        await caller.hang_up()
+
+
+async def test_a_token_from_before_redis_forgot_is_refused(server: RunningServer, redis_url: str) -> None:
+    """The embedded Valkey keeps no snapshots: restarted, it forgets which tokens were spent. A token issued
+    before Redis began keeping marks is refused rather than trusted to be unspent."""
+    caller = Caller(server.url)
+    raw = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        await caller.connect(audio=False)
+        claims = server.app[SERVICES].signer.verify(caller.token, "call")
+        assert claims is not None
+        # What a restart of Redis loses: every spent token, and when it began keeping them.
+        assert await raw.delete(f"pono:call-token:{claims['jti']}", "pono:call-tokens:since") == 2
+        offer = {"sdp": caller.pc.localDescription.sdp, "type": "offer"}
+        async with caller.http.post(f"{server.url}/api/calls", json=offer, headers=caller.auth) as r:
+            assert r.status == 409, await r.text()
+        fresh = Caller(server.url)
+        try:
+            await fresh.connect(audio=False)  # a token issued now opens a call as usual
+        finally:
+            await fresh.hang_up()
+    finally:
+        await raw.aclose()
         await caller.hang_up()
 
 

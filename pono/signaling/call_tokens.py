@@ -29,7 +29,8 @@ CALLER_HANG_UP = "caller_hang_up"  # the control-bus action a caller's DELETE be
 
 def verify_call_token(request: web.Request, services: Services) -> dict[str, object]:
     """The claims of the request's call token: {"scope": "call", "exp": unix s, "jti", "persona": name,
-    "persona_id": id or ""}. Raises ApiError 401 when there is none or it does not verify (forged, expired)."""
+    "persona_id": id or "", "issued": unix s as text}. Raises ApiError 401 when there is none or it does not
+    verify (forged, expired)."""
     token = bearer(request)
     claims = services.signer.verify(token, "call") if token else None
     if claims is None or not isinstance(claims.get("persona"), str):
@@ -69,7 +70,8 @@ async def create_call_token(request: web.Request) -> web.Response:
     if not allowed:
         raise ApiError(429, "too many call tokens requested; slow down", retry_after_s=retry_after,
                        headers={"Retry-After": str(retry_after)})
-    token = services.signer.issue("call", CALL_TOKEN_TTL_S, persona=persona.name, persona_id=persona.id or "")
+    token = services.signer.issue("call", CALL_TOKEN_TTL_S, persona=persona.name, persona_id=persona.id or "",
+                                  issued=f"{time.time():.3f}")
     return web.json_response({"token": token, "expires_in": CALL_TOKEN_TTL_S, "persona": persona.name},
                              status=201)
 
@@ -90,12 +92,18 @@ async def token_persona(services: Services, claims: dict[str, object], asked: st
 
 
 async def spend_call_token(services: Services, claims: dict[str, object], call_id: str) -> None:
-    """Spend the token on `call_id`, once across every replica. Raises ApiError 409 when it was spent before,
-    503 when Redis cannot say (a token that cannot be checked opens nothing)."""
+    """Spend the token on `call_id`, once across every replica. Raises ApiError 409 when it was spent before (or
+    may have been: issued before Redis last lost its memory), 503 when Redis cannot say (a token that cannot be
+    checked opens nothing)."""
     assert services.storage.live is not None
-    ttl_s = int(claims["exp"]) - int(time.time()) + 60  # type: ignore[call-overload]
+    expires = int(claims["exp"])  # type: ignore[call-overload]
     try:
-        first = await services.storage.live.spend_call_token(str(claims["jti"]), call_id, ttl_s)
+        issued_at = float(str(claims.get("issued") or expires - CALL_TOKEN_TTL_S))
+    except ValueError:
+        issued_at = 0.0
+    try:
+        first = await services.storage.live.spend_call_token(str(claims["jti"]), call_id,
+                                                             expires - int(time.time()) + 60, issued_at)
     except (RedisError, OSError):
         raise ApiError(503, "call tokens cannot be checked right now (Redis is unavailable); try again shortly",
                        retry_after_s=2) from None

@@ -236,7 +236,7 @@ class LiveState:
             pipe.set(TOKENS_SINCE, f"{time.time():.3f}", nx=True)
             pipe.get(TOKENS_SINCE)
             _, since = await pipe.execute()
-        if issued_at < int(float(since)):  # to the second, as a token's times are
+        if issued_at < float(since):
             return False
         return bool(await self.redis.set(_token_key(token_id), call_id, nx=True, ex=max(1, ttl_s)))
 
