@@ -102,3 +102,13 @@ async def test_a_big_upload_is_read_whole(server: RunningServer, admin_token: st
     texts = [r["text"] for r in await pool.fetch(
         "SELECT c.text FROM chunks c JOIN documents d ON d.id = c.document_id WHERE d.collection = $1", collection)]
     assert any("Page 299 of the maintenance manual." in t for t in texts)
+
+
+async def test_a_pdf_pypdf_gives_up_on_is_a_422(server: RunningServer, admin_token: str) -> None:
+    """pypdf refuses some broken files with errors beside PdfReadError (here LimitReachedError, for an xref
+    table whose header lost its count): each is an unreadable document, not a server error."""
+    broken = big_pdf(2, 5).replace(b"xref\n0 8\n", b"xref\n\r\n")
+    headers = {"Authorization": f"Bearer {admin_token}", "Content-Type": "application/pdf"}
+    async with aiohttp.ClientSession(server.url) as http:
+        async with http.post("/api/knowledge/broken/documents?source=broken.pdf", data=broken, headers=headers) as r:
+            assert r.status == 422 and "cannot read the PDF" in (await r.json())["error"], await r.text()

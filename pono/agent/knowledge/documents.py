@@ -56,13 +56,12 @@ def extract_text(data: bytes, kind: str) -> str:
     thread from async code. Raises DocumentError for a corrupt, non-UTF-8 or empty document."""
     if kind == "pdf":
         from pypdf import PdfReader
-        from pypdf.errors import PdfReadError
 
         try:
             reader = PdfReader(io.BytesIO(data))
             text = "\n\n".join(page.extract_text() or "" for page in reader.pages)
-        except (PdfReadError, ValueError, KeyError, TypeError, OSError) as exc:
-            raise DocumentError(f"cannot read the PDF: {exc}") from None
+        except Exception as exc:  # pypdf fails on broken files in many ways (its errors, and builtins)
+            raise DocumentError(f"cannot read the PDF: {type(exc).__name__}: {exc}") from None
     else:
         try:
             text = data.decode("utf-8")
