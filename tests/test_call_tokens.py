@@ -52,7 +52,7 @@ async def test_a_token_from_before_redis_forgot_is_refused(server: RunningServer
         claims = server.app[SERVICES].signer.verify(caller.token, "call")
         assert claims is not None
         # What a restart of Redis loses: every spent token, and when it began keeping them.
-        assert await raw.delete(f"pono:call-token:{claims['jti']}", "pono:call-tokens:since") == 2
+        await raw.delete(f"pono:call-token:{claims['jti']}", "pono:call-tokens:since")
         offer = {"sdp": caller.pc.localDescription.sdp, "type": "offer"}
         async with caller.http.post(f"{server.url}/api/calls", json=offer, headers=caller.auth) as r:
             assert r.status == 409, await r.text()
