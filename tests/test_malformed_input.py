@@ -14,11 +14,14 @@ import aiohttp
 import pytest
 import yarl
 from conftest import RunningServer
+from test_call_inputs import stored_turns
+from test_voice_call import open_call
 
 from pono.agent.tools.registry import ToolContext, ToolRegistry, python_tool
 from pono.context import SERVICES
 from pono.signaling import api as signaling_api
 from pono.storage.control import control_channel
+from pono.testing.scripted_llm import Script
 from pono.web import routes as web_routes
 
 MISSING = str(uuid.uuid4())
@@ -171,3 +174,17 @@ async def test_numbers_in_the_query_are_ascii_digits(server: RunningServer, admi
                              ("/api/knowledge/kb/search", {"q": "hours", "k": "\u00b2"})):
             async with http.get(path, params=params) as r:
                 assert r.status == 422, (path, params, r.status, await r.text())
+
+
+async def test_nul_said_over_the_data_channel_is_kept(server: RunningServer, script: Script, admin_token: str) -> None:
+    """A caller's text with U+0000 once reached the writer as it was; Postgres refused the row and the writer
+    dropped the turn. It is repaired at the edge like a lone surrogate, and stored."""
+    script.reply = "Noted."
+    caller = await open_call(server, audio=False)
+    try:
+        caller.send_raw('{"type": "text", "text": "my code is 12\\u000034"}')
+        await caller.wait_for(lambda e: e["type"] == "agent.final", 20)
+    finally:
+        await caller.hang_up()
+    turns = await stored_turns(server, admin_token, caller.call_id, 2)
+    assert [t["text"] for t in turns if t["role"] == "user"] == ["my code is 12\ufffd34"]
