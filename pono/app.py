@@ -28,6 +28,7 @@ from pono.signaling.ice import restrict_host_addresses
 from pono.signaling.operator_media import OperatorMedia
 from pono.signaling.phone.server import SipServer
 from pono.signaling.phone.twilio import routes as twilio_routes
+from pono.signaling.services import SIGNALING
 from pono.storage.control import ControlBus
 from pono.storage.logins import Logins
 from pono.storage.retention import purge_daily
@@ -86,6 +87,7 @@ def build_app(settings: Settings) -> web.Application:
 
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_as_json, rate_limit_by_ip])
     app[SERVICES] = services
+    app[SIGNALING] = services  # call set-up sees it through pono.signaling.services' Protocols
     if embedded is not None:
         app[EMBEDDED_LLM] = embedded
     app.on_response_prepare.append(add_security_headers)

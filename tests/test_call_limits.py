@@ -75,3 +75,18 @@ async def test_a_caller_whose_media_stops_is_hung_up(server, script, admin_token
     finally:
         await caller.hang_up()
     assert await stored_end_reason(server, admin_token, caller.call_id) == "media_timeout"
+
+
+async def test_concurrent_offers_cannot_overfill_the_server(server) -> None:
+    from pono.testing.caller import Caller
+
+    calls = server.app[SERVICES].calls
+    callers = [Caller(server.url) for _ in range(5)]
+    with settings_for_new_calls(server, max_calls=len(calls.calls) + 2):
+        results = await asyncio.gather(*(c.connect(audio=False) for c in callers), return_exceptions=True)
+    try:
+        accepted = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, RuntimeError) and "503" in str(r)]
+        assert len(accepted) == 2 and len(refused) == 3, results
+    finally:
+        await asyncio.gather(*(c.hang_up() for c in callers), return_exceptions=True)

@@ -20,7 +20,6 @@ from aiortc.rtcdtlstransport import X509_DIGEST_ALGORITHMS
 from aiortc.rtcpeerconnection import find_common_codecs
 from pydantic import BaseModel, Field
 
-from pono.context import SERVICES
 from pono.http import ApiError, read_json_model
 from pono.signaling.call_tokens import (
     create_call_token,
@@ -30,6 +29,7 @@ from pono.signaling.call_tokens import (
     verify_call_token,
 )
 from pono.signaling.ice import rtc_configuration
+from pono.signaling.services import SIGNALING
 from pono.signaling.webrtc import WebRTCTransport
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class CallOffer(BaseModel):
 
 
 async def ice_servers(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[SIGNALING]
     verify_call_token(request, services)
     servers = [s.model_dump(exclude_none=True) for s in services.settings.ice_servers]
     return web.json_response({"iceServers": servers})
@@ -267,17 +267,22 @@ async def create_call(request: web.Request) -> web.Response:
     401 without a valid call token, 503 when not ready or full, 403/404 for the persona, 400 for an offer
     prepare_offer() refuses (before the token is spent), 409 when the token already opened a call.
     """
-    services = request.app[SERVICES]
+    services = request.app[SIGNALING]
     claims = verify_call_token(request, services)
     body = await read_json_model(request, CallOffer)
     if not services.models.loaded.is_set() or services.calls.draining:
         raise ApiError(503, "the server is not ready for calls yet", retry_after_s=2)
-    if services.calls.full:
+    # A place is held before the first await, so concurrent offers cannot all pass a check of "full".
+    if not services.calls.reserve():
         raise ApiError(503, "too many calls in progress", retry_after_s=5)
-    persona = await token_persona(services, claims, body.persona)  # a token opens its own persona only
-    offer = prepare_offer(body.sdp)  # after the checks of who may call, before the token is spent
-    call_id = services.calls.new_call_id()
-    await spend_call_token(services, claims, call_id)  # once, across replicas and restarts
+    try:
+        persona = await token_persona(services, claims, body.persona)  # a token opens its own persona only
+        offer = prepare_offer(body.sdp)  # after the checks of who may call, before the token is spent
+        call_id = services.calls.new_call_id()
+        await spend_call_token(services, claims, call_id)  # once, across replicas and restarts
+    except BaseException:
+        services.calls.release()
+        raise
 
     started = time.perf_counter()
     pc = RTCPeerConnection(rtc_configuration(services.settings.ice_servers))
@@ -298,9 +303,10 @@ async def create_call(request: web.Request) -> web.Response:
         await asyncio.wait_for(pc.setLocalDescription(answer), _NEGOTIATION_TIMEOUT_S)
         answer_sdp = restore_answer(offer, pc.localDescription.sdp)
     except BaseException:
+        services.calls.release()
         await transport.close()
         raise
-    services.calls.start(call_id, transport, persona=persona, caller=request.remote)
+    services.calls.start(call_id, transport, persona=persona, caller=request.remote, reserved=True)
     transport.expect_connection_within(_CONNECT_TIMEOUT_S)
     log.info("call %s answered in %.0f ms (%s; speaks: %s)", call_id, 1000 * (time.perf_counter() - started),
              ",".join(sorted(offer.kinds)), transport.has_audio)

@@ -17,8 +17,8 @@ from redis.exceptions import RedisError
 
 from pono.agent.personas import Persona, PersonaUnavailable, UnknownPersona
 from pono.auth import bearer
-from pono.context import SERVICES, Services
 from pono.http import ApiError
+from pono.signaling.services import SIGNALING, SignalingServices
 from pono.storage.control import ActionError
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ CALL_TOKEN_TTL_S = 300
 CALLER_HANG_UP = "caller_hang_up"  # the control-bus action a caller's DELETE becomes (pono.operators runs it)
 
 
-def verify_call_token(request: web.Request, services: Services) -> dict[str, object]:
+def verify_call_token(request: web.Request, services: SignalingServices) -> dict[str, object]:
     """The claims of the request's call token: {"scope": "call", "exp": unix s, "jti", "persona": name,
     "persona_id": id or "", "issued": unix s as text}. Raises ApiError 401 when there is none or it does not
     verify (forged, expired)."""
@@ -38,7 +38,7 @@ def verify_call_token(request: web.Request, services: Services) -> dict[str, obj
     return claims
 
 
-async def load_persona(services: Services, ref: str | None) -> Persona:
+async def load_persona(services: SignalingServices, ref: str | None) -> Persona:
     """The persona `ref` (an id or name; None: the default), for a token or a call. Raises ApiError 404, or 503
     when it cannot be verified (the database is unreachable and no last-known copy is kept)."""
     try:
@@ -57,7 +57,7 @@ async def create_call_token(request: web.Request) -> web.Response:
     calls from the public page, 404 when there is no such persona, 429 past the per-IP limit (the persona's own
     call_tokens_per_minute when lower than PONO_CALL_TOKENS_PER_MINUTE), 503 when the persona cannot be verified.
     """
-    services = request.app[SERVICES]
+    services = request.app[SIGNALING]
     assert services.storage.live is not None
     ref = request.query.get("persona") or None
     if ref is not None and len(ref) > 200:
@@ -76,7 +76,7 @@ async def create_call_token(request: web.Request) -> web.Response:
                              status=201)
 
 
-async def token_persona(services: Services, claims: dict[str, object], asked: str | None) -> Persona:
+async def token_persona(services: SignalingServices, claims: dict[str, object], asked: str | None) -> Persona:
     """The persona a call opened with this token gets: the token's own, looked up again now.
 
     `asked` is the offer's "persona" (an id or name) or None. Raises ApiError 403 when it names another persona or
@@ -91,7 +91,7 @@ async def token_persona(services: Services, claims: dict[str, object], asked: st
     return persona
 
 
-async def spend_call_token(services: Services, claims: dict[str, object], call_id: str) -> None:
+async def spend_call_token(services: SignalingServices, claims: dict[str, object], call_id: str) -> None:
     """Spend the token on `call_id`, once across every replica. Raises ApiError 409 when it was spent before (or
     may have been: issued before Redis last lost its memory), 503 when Redis cannot say (a token that cannot be
     checked opens nothing)."""
@@ -117,7 +117,7 @@ async def delete_call(request: web.Request) -> web.Response:
     Works on any replica: the hang-up reaches the one holding the call over the control bus. 404 for a call
     this token did not open or that is no longer live, 401 without a valid token, 503/504 when the bus fails.
     """
-    services = request.app[SERVICES]
+    services = request.app[SIGNALING]
     claims = verify_call_token(request, services)
     call_id = request.match_info["call_id"]
     assert services.storage.live is not None and services.control is not None

@@ -30,11 +30,11 @@ from aiohttp import WSMsgType, web
 
 from pono.agent.personas import Persona, UnknownPersona
 from pono.auth import bearer
-from pono.context import SERVICES, Services
 from pono.http import ApiError
 from pono.signaling.audio_out import PacedAudioTrack
 from pono.signaling.phone import g711
 from pono.signaling.phone.transport import PhoneTransport
+from pono.signaling.services import SIGNALING, SignalingServices
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ _PROVIDER_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # Twilio: MZ/CA + 32 hex; o
 
 
 class MediaStream:
-    def __init__(self, ws: web.WebSocketResponse, services: Services) -> None:
+    def __init__(self, ws: web.WebSocketResponse, services: SignalingServices) -> None:
         self.ws = ws
         self.services = services
         self.stream_sid = ""  # the provider's ids, checked against _PROVIDER_ID
@@ -190,7 +190,7 @@ def twilio_signature(auth_token: str, url: str) -> str:
     return base64.b64encode(hmac.new(auth_token.encode(), url.encode(), "sha1").digest()).decode()
 
 
-def _authorised(request: web.Request, services: Services) -> None:
+def _authorised(request: web.Request, services: SignalingServices) -> None:
     settings = services.settings
     token, auth_token = settings.twilio_token, settings.twilio_auth_token
     if token is None and auth_token is None:
@@ -211,7 +211,7 @@ def _authorised(request: web.Request, services: Services) -> None:
 
 
 async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
-    services = request.app[SERVICES]
+    services = request.app[SIGNALING]
     _authorised(request, services)
     ws = web.WebSocketResponse(max_msg_size=_MAX_MESSAGE_BYTES, heartbeat=30.0)
     await ws.prepare(request)
