@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import aiohttp
@@ -108,3 +109,22 @@ async def test_persona_voice_that_cannot_be_had_falls_back_to_the_default(server
         assert abs(caller.recording()).max() > 2000  # spoken in the default voice: "kore" is not bundled
     finally:
         await caller.hang_up()
+
+
+async def test_credentials_saved_in_a_persona_before_the_rules_are_never_shown(server, admin_token: str) -> None:
+    # A row written before tools had to name operator-side servers (no API accepts this any more).
+    pool = server.app[SERVICES].storage.db.pool
+    name = f"legacy-{uuid.uuid4().hex[:6]}"
+    legacy = [{"type": "mcp", "name": "crm", "command": "crm-mcp", "env": {"CRM_TOKEN": "s3cret-value"}},
+              {"type": "webhook", "name": "book", "url": "https://example.com/book",
+               "headers": {"Authorization": "Bearer s3cret-value"}}]
+    persona_id = await pool.fetchval(
+        "INSERT INTO personas (name, system_prompt, tools) VALUES ($1, 'x', $2::jsonb) RETURNING id",
+        name, json.dumps(legacy))
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
+        async with http.get(f"{server.url}/api/personas/{persona_id}") as r:
+            shown = await r.text()
+        async with http.get(f"{server.url}/api/personas", params={"limit": "200"}) as r:
+            listed = await r.text()
+    assert r.status == 200 and "s3cret-value" not in shown and "s3cret-value" not in listed
+    assert json.loads(shown)["tools"][0]["env"] == "[redacted]"

@@ -62,8 +62,25 @@ class PersonaIn(BaseModel):
     call_tokens_per_minute: int | None = Field(default=None, ge=1, le=10_000)
 
 
+# Tool settings that may hold a credential. A persona can no longer be given them (tools name operator-side
+# servers and PONO_WEBHOOK_SECRET_* variables instead), but a row saved before that may still carry them:
+# they are write-only, never shown back.
+SECRET_TOOL_KEYS = frozenset({"env", "headers", "secret", "token", "password", "api_key", "authorization"})
+REDACTED = "[redacted]"
+
+
+def _redact_tool(tool: Any) -> Any:
+    if not isinstance(tool, dict):
+        return tool
+    return {k: (REDACTED if k.lower() in SECRET_TOOL_KEYS else v) for k, v in tool.items()}
+
+
 def _persona_json(persona: dict[str, Any]) -> dict[str, Any]:
-    return {**persona, "created_at": iso(persona["created_at"]), "updated_at": iso(persona["updated_at"])}
+    """A persona as the API shows it: times in ISO 8601, credentials in tool settings redacted."""
+    tools = persona.get("tools")
+    shown = [_redact_tool(t) for t in tools] if isinstance(tools, list) else tools
+    return {**persona, "tools": shown, "created_at": iso(persona["created_at"]),
+            "updated_at": iso(persona["updated_at"])}
 
 
 async def list_personas(request: web.Request) -> web.Response:
