@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install.sh --test
+# checkov (tests/test_k8s.py) pins packaging<24, which pytest refuses: it gets a venv of its own.
+CHECKOV_VERSION=3.3.30
+if [[ "$(.venv/checkov/bin/checkov --version 2>/dev/null)" != "$CHECKOV_VERSION" ]]; then
+  "${PYTHON:-python3}" -m venv .venv/checkov
+  .venv/checkov/bin/python -m pip install -q "checkov==$CHECKOV_VERSION"
+fi
 .venv/bin/ruff check pono tests bench
 
 if unshare --net true 2>/dev/null; then
