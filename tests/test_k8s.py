@@ -340,6 +340,25 @@ def test_postgres_backups(rendered, overlay: str) -> None:
     assert backup["spec"]["schedule"].split() == ["0", "0", "2", "*", "*", "*"]
 
 
+def test_the_restore_manifest(rendered) -> None:
+    """k8s/restore/pono-db.yaml recreates pono-db from the ObjectStore prod archives to, with prod's spec."""
+    (restore,) = list(yaml.safe_load_all((K8S / "restore" / "pono-db.yaml").read_text()))
+    for version in K8S_VERSIONS:
+        assert schema_problems([restore], version) == []
+    prod = one(rendered["prod"], "Cluster", "pono-db")
+    assert restore["metadata"] == {"name": "pono-db", "namespace": OVERLAYS["prod"]}
+    for key in ("instances", "imageName", "storage", "resources", "affinity", "postgresql"):
+        assert restore["spec"][key] == prod["spec"][key], key
+    recovery = restore["spec"]["bootstrap"]["recovery"]
+    (source,) = restore["spec"]["externalClusters"]
+    assert recovery["source"] == source["name"] and (recovery["database"], recovery["owner"]) == ("pono", "pono")
+    (archiving,) = prod["spec"]["plugins"]
+    assert source["plugin"]["parameters"]["barmanObjectName"] == archiving["parameters"]["barmanObjectName"]
+    assert source["plugin"]["parameters"]["serverName"] == "pono-db"  # where prod archives (its cluster name)
+    (new,) = restore["spec"]["plugins"]
+    assert new["parameters"]["serverName"] != "pono-db"  # a fresh archive path for the new timeline
+
+
 def policies_for(objs: list[dict[str, Any]], labels: dict[str, str], kind: str) -> list[dict[str, Any]]:
     out = []
     for p in find(objs, "NetworkPolicy"):
