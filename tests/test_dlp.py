@@ -135,8 +135,10 @@ async def test_call_stores_and_streams_only_redacted_text(server, script: Script
         await caller.wait_open()
         caller.send_text(f"my card is {CARD} and my email is john dot smith at example dot com")
         await caller.wait_for(lambda e: e["type"] == "agent.final", 10)
-        # The caller's own view is not redacted: it is their data.
-        assert any(CARD in e.get("text", "") for e in caller.events if e["type"] == "transcript.final")
+        # The caller's own view is redacted like the operator feed (the security review: nothing on the data
+        # channel may carry the number, whoever else sees that screen or its traffic).
+        finals = [e.get("text", "") for e in caller.events if e["type"] == "transcript.final"]
+        assert finals and all(CARD not in t for t in finals) and "[CREDIT_CARD]" in finals[0]
         published: list[str] = []
         for _ in range(50):
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
