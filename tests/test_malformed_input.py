@@ -99,17 +99,24 @@ async def test_deep_json_on_the_sockets_closes_them_with_a_reason(server: Runnin
 
 async def test_deep_json_on_the_control_bus_is_dropped_and_logged(server: RunningServer,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    """Another replica (or anything that can publish to Redis) sends garbage: it is dropped with a warning, and
-    the bus goes on answering."""
+    """Another replica (or anything that can publish to Redis) sends garbage: it is dropped with a warning and
+    counted as malformed, and the bus goes on listening."""
     services = server.app[SERVICES]
     live = services.storage.live
+    registry = services.metrics.registry
+
+    def malformed() -> float:
+        return registry.get_sample_value("pono_control_refused_total", {"reason": "malformed"}) or 0.0
+
+    before = malformed()
     caplog.set_level(logging.WARNING, logger="pono.storage.control")
     await live.redis.publish(control_channel(live.replica), "[" * 10_000 + "]" * 10_000)
     for _ in range(200):
-        if any("dropped a malformed message" in r.getMessage() for r in caplog.records):
+        if malformed() > before:
             break
         await asyncio.sleep(0.05)
-    assert any("dropped a malformed message" in r.getMessage() for r in caplog.records)
+    assert malformed() == before + 1
+    assert any(r.name == "pono.storage.control" and "malformed" in r.getMessage() for r in caplog.records)
     assert not services.control._task.done()
 
 
