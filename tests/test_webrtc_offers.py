@@ -275,6 +275,7 @@ BAD_OFFERS: dict[str, tuple[Callable[[str], str], str]] = {
     "garbled-fingerprint": (_all(_replace(r"^a=fingerprint:(\S+) .*", r"a=fingerprint:\1 not-a-hash")),
                             "a=fingerprint"),
     "no-setup": (_all(without(("a=setup:",))), "a=setup"),
+    "hostname-address": (_all(_replace(r"^c=IN IP4 .*", "c=IN IP4 host.example.com")), "IP addresses"),
     "holdconn-setup": (_all(_replace(r"^a=setup:.*", "a=setup:holdconn")), "a=setup"),
     "no-ice-ufrag-on-audio": (_audio(without(("a=ice-ufrag:",))), "a=ice-ufrag"),
     "no-ice-pwd-on-data": (_data(without(("a=ice-pwd:",))), "a=ice-pwd"),

@@ -235,7 +235,10 @@ def prepare_offer(text: str) -> Offer:
     offer.bundle = [mid for mid in offered_bundle if mid in taken_mids]
     session.media = [offer.media[i] for i in offer.taken]
     session.group = [aiortc_sdp.GroupDescription(semantic="BUNDLE", items=list(offer.bundle))] if offer.bundle else []
-    offer.sdp = str(session)
+    try:
+        offer.sdp = str(session)
+    except ValueError as exc:  # aiortc writes addresses back as IP literals only (a hostname in c= or a=rtcp)
+        raise _bad(f"addresses in c= and a=rtcp must be IP addresses ({exc})") from None
     return offer
 
 
