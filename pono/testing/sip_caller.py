@@ -2,7 +2,11 @@
 
 It sends what it is told to say and comfort silence otherwise, records every RTP packet it receives with its
 arrival time, and answers the requests Pono sends it (BYE with 200 OK, REFER with 202 Accepted). With
-`auth=(user, password)` it answers a 401 challenge with RFC 2617 digest credentials (MD5, qop=auth)."""
+`auth=(user, password)` it answers a 401 challenge with RFC 2617 digest credentials (MD5, qop=auth).
+
+It speaks PCMU or PCMA (`codec`), and sends in whichever codec the latest answer chose. `wrap_offer` changes
+the INVITE's body (a multipart body around the SDP, or none at all: a delayed offer, RFC 3261 §13.2.1, whose
+answer then goes in the ACK)."""
 
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from pono.signaling.phone.message import SipMessage, parse, response
 from pono.signaling.phone.rtp import RtpPacket
 
 FRAME = 160  # 20 ms at 8 kHz
+PAYLOAD_TYPES = {"PCMU": 0, "PCMA": 8}  # RFC 3551 static payload types
+CODECS = {pt: name for name, pt in PAYLOAD_TYPES.items()}
 
 
 @dataclass
@@ -32,6 +38,7 @@ class Received:
     arrived: float  # time.monotonic()
     sequence: int
     payload: bytes
+    payload_type: int = 0  # 0 PCMU, 8 PCMA
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -69,6 +76,12 @@ class SipCaller:
     # Credentials without waiting for a challenge: a WWW-Authenticate value seen earlier (any replica's).
     preemptive_challenge: str | None = None
     auth_uri: str | None = None  # the digest uri to sign, when not the Request-URI (a forger's mistake)
+    codec: str = "PCMU"  # what we offer (PCMU or PCMA) and send until an answer chooses
+    # The INVITE's body made from our SDP offer: (content type, body); ("", b"") sends no offer at all.
+    wrap_offer: Callable[[bytes], tuple[str, bytes]] | None = None
+    delayed_offer: bool = False  # the INVITE's body (from wrap_offer) holds no offer: the 200 carries Pono's
+    # For a 200 that carries Pono's offer (we sent none): the ACK's body, given that offer (default: our answer).
+    ack_answer: Callable[[str], bytes] | None = None
 
     def __post_init__(self) -> None:
         self.call_id = self.call_id or secrets.token_hex(8)
@@ -87,6 +100,8 @@ class SipCaller:
         self.speech_sent = asyncio.Event()  # set when the last queued speech packet went out
         self._restart: tuple[int, bool] | None = None
         self.sent = 0  # RTP packets sent
+        self.sending_codec = self.codec  # what the latest answer chose
+        self.offer_received: str | None = None  # Pono's offer, when its 200 carried one
 
     # -- SIP ---------------------------------------------------------------------------------------
     async def call(self, timeout: float = 10, ack: bool = True) -> int:
@@ -98,29 +113,51 @@ class SipCaller:
         await loop.create_datagram_endpoint(lambda: self._rtp, local_addr=(self.local_host, 0))
         self.sip_port = self._sip.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
         self.rtp_port = self._rtp.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
-        invite = self._request("INVITE", self._sdp("sendrecv"))
-        invite.headers[0:0] = self.invite_headers
+        invite = self._invite()
         if self.preemptive_challenge is not None:
             self._sign(invite, self.preemptive_challenge)
         answer = self.answer = await self._transaction(invite, timeout)
         if answer.status in (401, 407) and self.auth is not None:
             self.ack_failure(invite, answer)
             self.cseq += 1
-            invite = self._request("INVITE", self._sdp("sendrecv"))
-            invite.headers[0:0] = self.invite_headers
+            invite = self._invite()
             self._sign(invite, answer.get("www-authenticate") or "")
             answer = self.answer = await self._transaction(invite, timeout)
         if answer.status != 200:
             return answer.status or 0
         self.remote_tag = re.search(r"tag=([^;>\s]+)", answer.get("to") or "").group(1)  # type: ignore[union-attr]
-        self._learn_media(answer.body.decode())
+        ack_body = b""
+        if self.delayed_offer or not invite.body:  # no offer from us: the 200 carries Pono's, the ACK our answer
+            self.offer_received = answer.body.decode()
+            ack_body = (self.ack_answer or self.answer_to)(self.offer_received)
+            self._learn_media(ack_body.decode() if ack_body else "", self.offer_received)
+        else:
+            self._learn_media(answer.body.decode())
         if ack:
-            self.ack()
+            self.ack(ack_body)
         self._sender = asyncio.create_task(self._send_rtp())
         return 200
 
-    def ack(self) -> None:
-        self._send(self._request("ACK", cseq=self.cseq))
+    def ack(self, body: bytes = b"") -> None:
+        """The ACK of the INVITE's 2xx; `body`: the SDP answer to an offer the 2xx carried."""
+        self._send(self._request("ACK", body, cseq=self.cseq))
+
+    def _invite(self) -> SipMessage:
+        content_type, body = self.wrap_offer(self._sdp("sendrecv")) if self.wrap_offer is not None \
+            else ("application/sdp", self._sdp("sendrecv"))
+        invite = self._request("INVITE", body, content_type=content_type or "application/sdp")
+        invite.headers[0:0] = self.invite_headers
+        return invite
+
+    def answer_to(self, offer: str) -> bytes:
+        """Our SDP answer to an offer (RFC 3264 §6): `codec` and telephone-event when offered; b"" when the
+        offer has no `codec` (no answer we could give)."""
+        line = re.search(r"^m=audio \d+ RTP/AVP ([\d ]+)", offer, re.MULTILINE)
+        offered = line.group(1).split() if line else []
+        if str(PAYLOAD_TYPES[self.codec]) not in offered:
+            return b""
+        event = re.search(r"^a=rtpmap:(\d+) telephone-event/8000", offer, re.MULTILINE)
+        return self.offer(formats=[PAYLOAD_TYPES[self.codec], *([int(event.group(1))] if event else [])])
 
     def ack_failure(self, invite: SipMessage, answer: SipMessage) -> None:
         """The ACK of a non-2xx final response: same branch as the INVITE, the response's To (RFC 3261 §17.1.1.3)."""
@@ -134,8 +171,8 @@ class SipCaller:
         return await self.reinvite(self._sdp("sendonly" if held else "sendrecv"))
 
     async def reinvite(self, sdp: bytes) -> SipMessage:
-        """A re-INVITE with this offer (answering a digest challenge when we have credentials); its final
-        response, ACKed."""
+        """A re-INVITE with this offer, or none (b"": Pono offers in the 200, our answer goes in the ACK),
+        answering a digest challenge when we have credentials; its final response, ACKed."""
         self.cseq += 1
         request = self._request("INVITE", sdp)
         answer = await self._transaction(request, 5)
@@ -145,7 +182,15 @@ class SipCaller:
             request = self._request("INVITE", sdp)
             self._sign(request, answer.get("www-authenticate") or "")
             answer = await self._transaction(request, 5)
-        if answer.status == 200:
+        if answer.status == 200 and not sdp and answer.body:  # the 200 carries Pono's offer, the ACK our answer
+            self.offer_received = answer.body.decode()
+            body = (self.ack_answer or self.answer_to)(self.offer_received)
+            if body:
+                self._learn_media(body.decode(), self.offer_received)
+            self.ack(body)
+        elif answer.status == 200:
+            if answer.body:
+                self._learn_media(answer.body.decode())
             self.ack()
         else:
             self.ack_failure(request, answer)
@@ -202,23 +247,31 @@ class SipCaller:
             if udp.transport is not None:
                 udp.transport.close()
 
-    def offer(self, direction: str = "sendrecv", address: str | None = None, port: int | None = None) -> bytes:
-        """Our SDP offer: PCMU and telephone-event at `address`:`port` (default: where we receive)."""
+    def offer(self, direction: str = "sendrecv", address: str | None = None, port: int | None = None,
+              formats: list[int] | None = None) -> bytes:
+        """Our SDP offer: `codec` (or these payload types: 0 PCMU, 8 PCMA, others telephone-event) at
+        `address`:`port` (default: where we receive)."""
         address = address or self.advertised_rtp_address or self.local_host
         family = "IP6" if ":" in address else "IP4"
+        formats = formats or [PAYLOAD_TYPES[self.codec], 101]
+        rtpmaps = "".join(f"a=rtpmap:{pt} {CODECS[pt]}/8000\r\n" if pt in CODECS
+                          else f"a=rtpmap:{pt} telephone-event/8000\r\n" for pt in formats)
         return (f"v=0\r\no=caller 1 1 IN {family} {address}\r\ns=-\r\nc=IN {family} {address}\r\nt=0 0\r\n"
-                f"m=audio {port or self.advertised_rtp_port or self.rtp_port} RTP/AVP 0 101\r\n"
-                f"a=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=ptime:20\r\na={direction}\r\n"
-                f"{self.extra_media}").encode()
+                f"m=audio {port or self.advertised_rtp_port or self.rtp_port} RTP/AVP {' '.join(map(str, formats))}\r\n"
+                f"{rtpmaps}a=ptime:20\r\na={direction}\r\n{self.extra_media}").encode()
 
     def _sdp(self, direction: str) -> bytes:
         return self.offer(direction)
 
-    def _learn_media(self, sdp: str) -> None:
-        address = re.search(r"c=IN IP[46] (\S+)", sdp)
-        port = re.search(r"m=audio (\d+)", sdp)
+    def _learn_media(self, answer: str, offer: str | None = None) -> None:
+        """Where Pono's media is (from its SDP: the answer, or its offer) and the codec the answer chose."""
+        address = re.search(r"c=IN IP[46] (\S+)", offer or answer)
+        port = re.search(r"m=audio (\d+)", offer or answer)
         if address and port:
             self.remote_rtp = (address.group(1), int(port.group(1)))
+        chosen = re.search(r"^m=audio \d+ RTP/AVP (\d+)", answer, re.MULTILINE)
+        if chosen and int(chosen.group(1)) in CODECS:
+            self.sending_codec = CODECS[int(chosen.group(1))]
 
     def _request(self, method: str, body: bytes = b"", cseq: int | None = None,
                  content_type: str = "application/sdp") -> SipMessage:
@@ -297,7 +350,8 @@ class SipCaller:
             if frame.size < FRAME:
                 frame = np.concatenate([frame, np.zeros(FRAME - frame.size, np.int16)])
             if self.remote_rtp is not None and self._rtp.transport is not None and not self.muted:
-                packet = RtpPacket(0, sequence & 0xFFFF, timestamp, ssrc, g711.encode(frame, "PCMU"))
+                codec = self.sending_codec
+                packet = RtpPacket(PAYLOAD_TYPES[codec], sequence & 0xFFFF, timestamp, ssrc, g711.encode(frame, codec))
                 self._rtp.transport.sendto(packet.to_bytes(), self.remote_rtp)
                 self.sent += 1
             if self._speaking and self._outgoing.size == 0:
@@ -309,13 +363,14 @@ class SipCaller:
 
     def _on_rtp(self, data: bytes, addr: tuple[str, int]) -> None:
         packet = RtpPacket.parse(data)
-        if packet is not None and packet.payload_type == 0:
-            self.received.append(Received(time.monotonic(), packet.sequence, packet.payload))
+        if packet is not None and packet.payload_type in CODECS:
+            self.received.append(Received(time.monotonic(), packet.sequence, packet.payload, packet.payload_type))
 
     def first_sound_after(self, moment: float, threshold: int = 1000) -> float | None:
         """When the first audible packet arrived after `moment` (monotonic)."""
         for packet in self.received:
-            if packet.arrived > moment and np.abs(g711.decode(packet.payload, "PCMU")).max() > threshold:
+            if packet.arrived > moment and \
+                    np.abs(g711.decode(packet.payload, CODECS[packet.payload_type])).max() > threshold:
                 return packet.arrived
         return None
 

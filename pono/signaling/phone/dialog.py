@@ -4,16 +4,21 @@ RFC 3261 timers their transactions use."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import logging
 import re
 import secrets
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from pono.signaling.phone.message import SipMessage, tag
 from pono.signaling.phone.rtp import RtpSession
 from pono.signaling.phone.sdp import Offer
 from pono.signaling.phone.transport import PhoneTransport
+
+log = logging.getLogger(__name__)
 
 T1, T2 = 0.5, 4.0  # RFC 3261 round-trip estimate and the cap on retransmit intervals (s)
 Send = Callable[[bytes], None]
@@ -40,6 +45,24 @@ class Dialog:
     final: bytes | None = None  # the INVITE's final response, resent until ACK
     acked: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: bool = False
+    awaiting_answer: int | None = None  # the CSeq of the (re-)INVITE whose 2xx carried our offer, until its ACK
+    begin: Callable[[], None] | None = None  # starts the call, once a delayed offer's answer came in the ACK
+
+    async def until_acked(self, give_up: Callable[[], Awaitable[None]]) -> None:
+        """Timer G: resend the final response (T1, 2T1 … T2) until the ACK; timer H: after 64·T1 without one,
+        `give_up` (hang up). The early dialog is confirmed by the ACK."""
+        interval, deadline = T1, time.monotonic() + 64 * T1
+        while not self.acked.is_set() and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.acked.wait(), interval)
+            if not self.acked.is_set() and self.final is not None:
+                self.send(self.final)
+            interval = min(interval * 2, T2)
+        if not self.acked.is_set():
+            log.warning("SIP call %s: no ACK for the answer; hanging up", self.call_id)
+            await give_up()
+        elif self.state == "early":
+            self.state = "confirmed"
 
     @property
     def remote_tag(self) -> str:

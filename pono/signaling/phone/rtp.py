@@ -16,6 +16,7 @@ import numpy as np
 
 from pono.signaling.audio_out import PacedAudioTrack
 from pono.signaling.phone import g711
+from pono.signaling.phone.sdp import Offer
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ class RtpSession(asyncio.DatagramProtocol):
     """One call's media: receive (jitter buffer → 8 kHz PCM every 20 ms) and send (paced, G.711).
 
     `remote`: the (IP literal, port) the SDP named, already checked by sdp_policy; None while the caller
-    holds the call with an unspecified address (nothing is sent, nothing accepted)."""
+    holds the call with an unspecified address, or before its answer came (nothing is sent, nothing accepted).
+    A new offer or answer in the dialog changes the codec, payload types and direction (`apply`)."""
 
     def __init__(self, codec: str, payload_type: int, dtmf_type: int | None, remote: tuple[str, int] | None,
                  on_audio: Callable[[np.ndarray], None], on_dtmf: Callable[[str], None],
@@ -193,6 +195,8 @@ class RtpSession(asyncio.DatagramProtocol):
         self._latched = False
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._codecs = {payload_type: codec}  # how to decode what we accept: the codec in use, and the one
+        self._old_type: int | None = None  # before a re-negotiation until the new one is heard (see `apply`)
         self._ssrc = random.getrandbits(32)
         self._seq = random.getrandbits(16)
         self._ts = random.getrandbits(32)
@@ -228,11 +232,30 @@ class RtpSession(asyncio.DatagramProtocol):
             digit = self.dtmf.digit(packet)
             if digit is not None:
                 self.on_dtmf(digit)
-        elif packet.payload_type == self.payload_type:
+        elif packet.payload_type == self.payload_type or packet.payload_type == self._old_type:
+            if packet.payload_type == self.payload_type and self._old_type is not None:
+                self._old_type = None  # the new codec is heard: the old one is over
             if self.buffer.put(packet):
                 self.last_heard = time.monotonic()
         elif packet.payload_type == COMFORT_NOISE:
             self.last_heard = time.monotonic()  # RFC 3389: the caller is silent, the line is alive
+
+    def apply(self, session: Offer, remote: tuple[str, int] | None) -> None:
+        """Follow a new offer or answer in the dialog (RFC 3264 §8): its codec and payload types both ways
+        (what we send switches at once), where to send (`remote`, checked by sdp_policy; None: the legacy
+        0.0.0.0 hold), and whether to send at all (not while the peer holds: sendonly or inactive). Packets in
+        the codec used before are still played until the new one is heard (§8.3.2: an offerer may go on
+        sending the old format until it has our answer)."""
+        if (session.payload_type, session.codec) != (self.payload_type, self.codec):
+            self._old_type = self.payload_type if session.payload_type != self.payload_type else None
+            self._codecs = {self.payload_type: self.codec, session.payload_type: session.codec}
+            self.codec, self.payload_type = session.codec, session.payload_type
+        self.dtmf_type = session.dtmf_type
+        held = session.direction in ("sendonly", "inactive") or remote is None
+        self.sending = not held  # on hold: stop sending, keep the call
+        self.last_heard = time.monotonic()  # a held phone may fall silent; the media clock restarts
+        if remote is not None and not held:
+            self.retarget(remote)
 
     def retarget(self, remote: tuple[str, int]) -> None:
         """A re-INVITE moved the caller's media (checked by sdp_policy): send there, and latch afresh."""
@@ -248,7 +271,7 @@ class RtpSession(asyncio.DatagramProtocol):
             await asyncio.sleep(max(0.0, start + ticks * 0.02 - time.monotonic()))
             packet = self.buffer.pop()
             if packet is not None:
-                self.on_audio(g711.decode(packet.payload, self.codec))
+                self.on_audio(g711.decode(packet.payload, self._codecs.get(packet.payload_type, self.codec)))
             elif self.stats.received:
                 # Lost, late, or the far end stopped sending (silence suppression, a muted phone): the call's
                 # timeline goes on, so the turn detector hears silence rather than a line gone dead.

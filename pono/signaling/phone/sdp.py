@@ -119,30 +119,47 @@ def address_version(address: str) -> int:
         return 4
 
 
+OUR_DTMF = 101  # the telephone-event payload type of our own offers
+
+
+def _session(address: str, port: int, version: int) -> list[str]:
+    family = f"IP{address_version(address)}"
+    return ["v=0",
+            # One session id per media port, so a re-offer in the same dialog only bumps the version.
+            f"o=pono {_SESSION_ID + port} {version} IN {family} {address}", "s=pono", f"c=IN {family} {address}",
+            "t=0 0"]
+
+
+def _audio(port: int, codecs: list[tuple[int, str]], dtmf: int | None, direction: str) -> list[str]:
+    """An audio m= section: `codecs` as (payload type, name) at 8 kHz, then telephone-event when given."""
+    formats = [str(pt) for pt, _ in codecs] + ([str(dtmf)] if dtmf is not None else [])
+    lines = [f"m=audio {port} RTP/AVP {' '.join(formats)}", *(f"a=rtpmap:{pt} {name}/8000" for pt, name in codecs)]
+    if dtmf is not None:
+        lines += [f"a=rtpmap:{dtmf} telephone-event/8000", f"a=fmtp:{dtmf} 0-15"]
+    return [*lines, "a=ptime:20", f"a={direction}"]
+
+
+def our_offer(address: str, port: int, version: int = 1, first: str = "PCMU") -> str:
+    """The SDP we offer when the caller made no offer (RFC 3261 §13.3.1, §14.2: an INVITE or re-INVITE without
+    SDP): PCMU and PCMA (`first` of them first: the codec in use, for a re-INVITE) and telephone-event
+    (OUR_DTMF), sendrecv, at our media `address` (IN IP6 for an IPv6 literal) and `port`."""
+    codecs = sorted(((pt, name) for pt, (name, _) in _STATIC.items()), key=lambda c: c[1] != first)
+    return "\r\n".join(_session(address, port, version) + _audio(port, codecs, OUR_DTMF, "sendrecv")) + "\r\n"
+
+
 def answer(offer: Offer, address: str, port: int, version: int = 1) -> str:
     """Our answer (RFC 3264 §6): one m= line per offered one, in order. The chosen audio line gets our
     codec, telephone-event when offered, ptime 20 and the mirrored direction; every other line is refused
     with port 0. `address` is our media address: IN IP6 for an IPv6 literal, else IN IP4."""
-    family = f"IP{address_version(address)}"
-    formats = [str(offer.payload_type)] + ([str(offer.dtmf_type)] if offer.dtmf_type is not None else [])
     direction = {"sendonly": "recvonly", "recvonly": "sendonly", "inactive": "inactive"}.get(offer.direction,
                                                                                            "sendrecv")
-    lines = [
-        "v=0",
-        # One session id per media port, so a re-offer in the same dialog only bumps the version.
-        f"o=pono {_SESSION_ID + port} {version} IN {family} {address}",
-        "s=pono",
-        f"c=IN {family} {address}",
-        "t=0 0",
-    ]
+    lines = _session(address, port, version)
+    formats = [str(offer.payload_type)] + ([str(offer.dtmf_type)] if offer.dtmf_type is not None else [])
     media = offer.media or (MediaLine("audio", offer.port, "RTP/AVP", tuple(formats)),)
     for index, line in enumerate(media):
         if index != offer.chosen:
             lines.append(f"m={line.kind} 0 {line.proto} {' '.join(line.formats) or '0'}")
             continue
-        lines += [f"m=audio {port} RTP/AVP {' '.join(formats)}",
-                  f"a=rtpmap:{offer.payload_type} {offer.codec}/8000"]
-        if offer.dtmf_type is not None:
-            lines += [f"a=rtpmap:{offer.dtmf_type} telephone-event/8000", f"a=fmtp:{offer.dtmf_type} 0-15"]
-        lines += ["a=ptime:20", f"a={'recvonly' if offer.held else direction}"]
+        lines += _audio(port, [(offer.payload_type, offer.codec)], offer.dtmf_type,
+                        "recvonly" if offer.held else direction)
     return "\r\n".join(lines) + "\r\n"

@@ -1,7 +1,9 @@
 """A SIP user agent server (RFC 3261) on UDP, optionally TCP: answers calls from a PBX or trunk.
 
 INVITE (100, 180, 200 with SDP, retransmitted until ACK), ACK, BYE both ways, CANCEL (487), OPTIONS,
-re-INVITE (hold, session refresh), NOTIFY for our REFER, INFO DTMF. Responses go back where the request came
+re-INVITE (hold, a new codec, session refresh), NOTIFY for our REFER, INFO DTMF. An INVITE without an offer
+gets ours in the 200 and the answer is taken from the ACK (negotiation.py); SDP is found in multipart bodies
+too (body.py); a Require we do not support gets 420 (extensions.py). Responses go back where the request came
 from and in-dialog requests follow the Record-Route set, so it works behind a proxy. Malformed messages get
 400 when they can be answered at all, and are dropped with a log line when not.
 
@@ -14,22 +16,23 @@ dialog. Offered media addresses go through sdp_policy before anything is sent to
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
-import re
-import time
 from collections.abc import Awaitable, Callable
 
 from pono.agent.personas import Persona
 from pono.events import CallEvent, EventType
 from pono.settings import Settings
+from pono.signaling.phone.body import UnsupportedBody
 from pono.signaling.phone.calls import CallHost
-from pono.signaling.phone.dialog import T1, T2, Dialog, Dialogs, Send
+from pono.signaling.phone.dialog import Dialog, Dialogs, Send
 from pono.signaling.phone.digest import DigestAuth
+from pono.signaling.phone.extensions import ALLOW, capabilities, unsupported
+from pono.signaling.phone.in_dialog import InDialogRequests
 from pono.signaling.phone.message import SipMessage, SipParseError, parse, response, tag, uri_user
+from pono.signaling.phone.negotiation import Destination, answer_in, bye_reason, offer_in, refusal
 from pono.signaling.phone.rtp import NoMediaPort, RtpSession, bind_rtp, port_range
-from pono.signaling.phone.sdp import Offer, SdpError, answer, parse_offer
+from pono.signaling.phone.sdp import OUR_DTMF, SdpError, answer, our_offer
 from pono.signaling.phone.sdp_policy import MediaPolicy
 from pono.signaling.phone.tcp import SipTcpListener
 from pono.signaling.phone.transactions import Transactions, bad_request
@@ -37,11 +40,10 @@ from pono.signaling.phone.transport import PhoneTransport
 
 log = logging.getLogger(__name__)
 
-ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, NOTIFY, INFO"
 PersonaLookup = Callable[[str], Awaitable[Persona]]
 
 
-class SipServer:
+class SipServer(InDialogRequests):
     """The SIP listener. `calls` runs the calls (CallHost); `lookup(dialed number)` picks the persona
     (default: calls.persona_for_number); `secret` is the key every replica shares for digest nonces
     (pono.storage.users.shared_secret; None: derived from the trunk credentials alone).
@@ -139,44 +141,29 @@ class SipServer:
         if handler is None:
             self._reply(msg, send, 405, "Method Not Allowed", headers=[("allow", ALLOW)])
             return
+        if missing := unsupported(msg):  # RFC 3261 §8.2.2.3: before anything else is done or sent
+            self._reply(msg, send, 420, "Bad Extension", headers=[("unsupported", ", ".join(missing[:32]))])
+            return
         await handler(msg, addr, send)
 
-    def _refuse_offer(self, msg: SipMessage, send: Send, exc: SdpError, to_tag: str | None = None) -> None:
+    def _refuse_offer(self, msg: SipMessage, send: Send, exc: SdpError | UnsupportedBody,
+                      to_tag: str | None = None) -> None:
         log.info("SIP offer in Call-ID %s refused: %s", msg.call_id[:80], exc)
-        self._reply(msg, send, 488, "Not Acceptable Here", to_tag, headers=[("warning", f'304 pono "{exc}"')])
+        status, reason, headers = refusal(exc)
+        self._reply(msg, send, status, reason, to_tag, headers=headers)
 
     def _authorised(self, msg: SipMessage, send: Send, to_tag: str | None = None) -> bool:
         """Digest authentication when configured (RFC 3261 §22.2): False after answering 401."""
         if self._auth is None:
             return True
-        refusal = self._auth.verify(msg.get("authorization"), msg.method or "", msg.uri or "")
-        if refusal is None:
+        problem = self._auth.verify(msg.get("authorization"), msg.method or "", msg.uri or "")
+        if problem is None:
             return True
         if msg.get("authorization"):
-            log.warning("SIP %s from Call-ID %s not authenticated: %s", msg.method, msg.call_id[:80], refusal)
+            log.warning("SIP %s from Call-ID %s not authenticated: %s", msg.method, msg.call_id[:80], problem)
         self._reply(msg, send, 401, "Unauthorized", to_tag,
-                    headers=[("www-authenticate", self._auth.challenge(stale=refusal == "stale"))])
+                    headers=[("www-authenticate", self._auth.challenge(stale=problem == "stale"))])
         return False
-
-    def _in_dialog(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> Dialog | None:
-        """The live dialog an in-dialog request belongs to; None after answering 481 or 403."""
-        dialog = self.dialogs.matching(msg)
-        if dialog is None or dialog.state == "ended":
-            self._reply(msg, send, 481, "Call/Transaction Does Not Exist")
-            return None
-        if not dialog.trusts(addr):
-            log.warning("SIP %s for call %s from %s refused: not the dialog's peer or route", msg.method,
-                        dialog.call_id, addr[0])
-            self._reply(msg, send, 403, "Forbidden")
-            return None
-        return dialog
-
-    def _offer(self, msg: SipMessage) -> tuple[Offer, tuple[str, int] | None]:
-        """The SDP offer of an (re-)INVITE and where its media goes (None: held). Raises SdpError."""
-        if (msg.get("content-type") or "").split(";")[0].strip().lower() != "application/sdp":
-            raise SdpError("an SDP offer is required")
-        offer = parse_offer(msg.body.decode("utf-8", "replace"))
-        return offer, self.media_policy.destination(offer, self.public_address)
 
     # -- INVITE ---------------------------------------------------------------------------------
     async def _on_invite(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
@@ -198,10 +185,11 @@ class SipServer:
             self._reply(msg, send, 503, "Service Unavailable", headers=[("retry-after", "5")])
             return
         try:
-            offer, destination = self._offer(msg)
-        except SdpError as exc:
+            offered = offer_in(msg, self.media_policy, self.public_address)  # None: we make the offer
+        except (SdpError, UnsupportedBody) as exc:
             self._refuse_offer(msg, send, exc)
             return
+        offer, destination = offered or (None, None)
         dialog = Dialog(self.calls.new_call_id(), msg.call_id, msg, send, peer=addr, offer=offer)
         self.dialogs.add(dialog)
         log.info("SIP call %s: Call-ID %s from %s", dialog.call_id, msg.call_id[:80], addr[0])
@@ -219,16 +207,17 @@ class SipServer:
                 self._reply(msg, send, 500, "Server Internal Error", dialog.local_tag)
             await self._drop(dialog)
 
-    async def _answer(self, dialog: Dialog, msg: SipMessage, send: Send, destination: tuple[str, int] | None) \
-            -> None:
-        assert dialog.offer is not None
+    async def _answer(self, dialog: Dialog, msg: SipMessage, send: Send, destination: Destination) -> None:
+        """The 200: our answer, or our offer when the INVITE had none (the call then starts with the ACK's
+        answer, see _take_answer)."""
         if self.settings.sip_ring_ms:
             await asyncio.sleep(self.settings.sip_ring_ms / 1000)
         persona = await self.lookup(uri_user(msg.uri or "")[:64])
         transport: PhoneTransport | None = None
         offer = dialog.offer
+        codec = (offer.codec, offer.payload_type, offer.dtmf_type) if offer else ("PCMU", 0, OUR_DTMF)
         rtp = await bind_rtp(
-            lambda: RtpSession(offer.codec, offer.payload_type, offer.dtmf_type, destination,
+            lambda: RtpSession(*codec, destination,
                                on_audio=lambda pcm: transport.receive_audio(pcm) if transport else None,
                                on_dtmf=lambda digit: transport.receive_dtmf(digit) if transport else None,
                                media_timeout_s=self.settings.sip_media_timeout_s,
@@ -240,13 +229,24 @@ class SipServer:
             return
         transport = PhoneTransport("sip", rtp.out, on_close=lambda: self._hang_up(dialog))
         dialog.transport = transport
-        body = answer(offer, self.public_address, rtp.local_port, dialog.sdp_version).encode()
+        if offer is None:
+            body = our_offer(self.public_address, rtp.local_port, dialog.sdp_version).encode()
+            dialog.awaiting_answer = msg.cseq[0]
+        else:
+            body = answer(offer, self.public_address, rtp.local_port, dialog.sdp_version).encode()
         dialog.final = self._reply(msg, send, 200, "OK", dialog.local_tag, headers=self._contact(), body=body)
-        rtp.start()
-        caller = uri_user(msg.get("from") or "")[:64] or None
-        call = self.calls.start(dialog.call_id, transport, persona=persona, caller=caller)
-        call.events.subscribe(lambda event: self._on_call_event(dialog, event))
-        self._spawn(self._until_acked(dialog))
+
+        def begin() -> None:
+            rtp.start()
+            caller = uri_user(msg.get("from") or "")[:64] or None
+            call = self.calls.start(dialog.call_id, transport, persona=persona, caller=caller)
+            call.events.subscribe(lambda event: self._on_call_event(dialog, event))
+
+        if offer is None:
+            dialog.begin = begin
+        else:
+            begin()
+        self._until_acked(dialog)
 
     async def _media_timed_out(self, dialog: Dialog) -> None:
         log.warning("SIP call %s: no RTP for %s s; hanging up", dialog.call_id, self.settings.sip_media_timeout_s)
@@ -256,26 +256,33 @@ class SipServer:
             await dialog.transport.close()
 
     def _contact(self) -> list[tuple[str, str]]:
-        return [("contact", f"<sip:pono@{self._hostport}>"), ("allow", ALLOW),
-                ("supported", "replaces, timer"), ("content-type", "application/sdp")]
+        return [("contact", f"<sip:pono@{self._hostport}>"), *capabilities(), ("content-type", "application/sdp")]
 
-    async def _until_acked(self, dialog: Dialog) -> None:
-        """Timer G: resend the final response (T1, 2T1 … T2) until the ACK; timer H: give up after 64·T1."""
-        interval, deadline = T1, time.monotonic() + 64 * T1
-        while not dialog.acked.is_set() and time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(dialog.acked.wait(), interval)
-            if not dialog.acked.is_set() and dialog.final is not None:
-                dialog.send(dialog.final)
-            interval = min(interval * 2, T2)
-        if not dialog.acked.is_set():
-            log.warning("SIP call %s: no ACK for the answer; hanging up", dialog.call_id)
-            if dialog.transport is not None:
-                await dialog.transport.close()
-            else:
-                await self._drop(dialog)
-        elif dialog.state == "early":
-            dialog.state = "confirmed"
+    def _until_acked(self, dialog: Dialog) -> None:
+        """Resend the final response just sent until the ACK (Dialog.until_acked); without one the call ends
+        (closing its transport says BYE)."""
+        self._spawn(dialog.until_acked(
+            lambda: dialog.transport.close() if dialog.transport is not None else self._drop(dialog)))
+
+    async def _take_answer(self, dialog: Dialog, ack: SipMessage) -> None:
+        """The ACK of a 2xx that carried our offer: its answer sets the media up (and starts the call after an
+        INVITE without an offer). Without a usable one, a new call cannot work and is hung up with a BYE
+        saying why (RFC 3261 §13.3.1.4 leaves it so); a re-INVITE's session stays as it was (§14.2)."""
+        dialog.awaiting_answer = None
+        try:
+            session, destination = answer_in(ack, self.media_policy, self.public_address)
+        except SdpError as exc:
+            log.warning("SIP call %s: no usable answer in the ACK (%s)", dialog.call_id, exc)
+            if dialog.begin is not None:
+                dialog.begin = None
+                await self._hang_up(dialog, [bye_reason(exc)])
+            return
+        assert dialog.rtp is not None
+        dialog.rtp.apply(session, destination)
+        dialog.offer = session
+        if dialog.begin is not None:
+            begin, dialog.begin = dialog.begin, None
+            begin()
 
     async def _reinvite(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
         dialog = self._in_dialog(msg, addr, send)
@@ -284,24 +291,26 @@ class SipServer:
         if dialog.rtp is None:
             self._reply(msg, send, 481, "Call/Transaction Does Not Exist")
             return
-        offer, destination = dialog.offer, dialog.rtp.remote
-        if msg.body:
-            try:  # a refused offer leaves the session as it was (RFC 3261 §14.2)
-                offer, destination = self._offer(msg)
-            except SdpError as exc:
-                self._refuse_offer(msg, send, exc, dialog.local_tag)
-                return
-        assert offer is not None
-        held = offer.direction in ("sendonly", "inactive") or destination is None
-        dialog.rtp.sending = not held  # on hold: stop sending, keep the call
-        dialog.rtp.last_heard = time.monotonic()  # a held phone may fall silent; the media clock restarts
-        if destination is not None and not held:
-            dialog.rtp.retarget(destination)
-        dialog.offer, dialog.sdp_version = offer, dialog.sdp_version + 1
+        if dialog.awaiting_answer is not None:  # our offer's answer has not come yet (RFC 3261 §14.2)
+            self._reply(msg, send, 491, "Request Pending", dialog.local_tag)
+            return
+        try:  # a refused offer leaves the session as it was (RFC 3261 §14.2)
+            offered = offer_in(msg, self.media_policy, self.public_address)
+        except (SdpError, UnsupportedBody) as exc:
+            self._refuse_offer(msg, send, exc, dialog.local_tag)
+            return
+        dialog.sdp_version += 1
+        if offered is None:  # we offer the session again, the codec in use first; the ACK answers
+            body = our_offer(self.public_address, dialog.rtp.local_port, dialog.sdp_version, dialog.rtp.codec)
+            dialog.awaiting_answer = msg.cseq[0]
+        else:
+            dialog.rtp.apply(*offered)
+            dialog.offer = offered[0]
+            body = answer(offered[0], self.public_address, dialog.rtp.local_port, dialog.sdp_version)
         dialog.acked.clear()
-        body = answer(offer, self.public_address, dialog.rtp.local_port, dialog.sdp_version).encode()
-        dialog.final = self._reply(msg, send, 200, "OK", dialog.local_tag, headers=self._contact(), body=body)
-        self._spawn(self._until_acked(dialog))
+        dialog.final = self._reply(msg, send, 200, "OK", dialog.local_tag, headers=self._contact(),
+                                   body=body.encode())
+        self._until_acked(dialog)
 
     # -- other requests -------------------------------------------------------------------------
     async def _on_ack(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
@@ -310,6 +319,8 @@ class SipServer:
             dialog.acked.set()
             if dialog.cancelled:
                 await self._drop(dialog)
+            elif dialog.state != "ended" and msg.cseq[0] == dialog.awaiting_answer:
+                await self._take_answer(dialog, msg)
 
     async def _on_cancel(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
         dialog = self.dialogs.creating(msg)
@@ -320,44 +331,7 @@ class SipServer:
         if dialog.final is None:  # not answered yet: the INVITE ends with 487
             dialog.cancelled = True
             dialog.final = self._reply(dialog.invite, dialog.send, 487, "Request Terminated", dialog.local_tag)
-            self._spawn(self._until_acked(dialog))
-
-    async def _on_bye(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
-        dialog = self._in_dialog(msg, addr, send)
-        if dialog is None:
-            return
-        self._reply(msg, send, 200, "OK")
-        dialog.state = "ended"
-        dialog.acked.set()
-        if dialog.transport is not None:
-            if (call := self.calls.calls.get(dialog.call_id)) is not None:
-                call.end_reason = "caller_hangup"
-            dialog.transport.ended()  # the call loop ends, and its close() frees the media
-        else:
-            await self._drop(dialog)
-
-    async def _on_options(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
-        self._reply(msg, send, 200, "OK", headers=[("allow", ALLOW), ("accept", "application/sdp"),
-                                                    ("supported", "replaces, timer")])
-
-    async def _on_notify(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
-        dialog = self._in_dialog(msg, addr, send)
-        if dialog is None:
-            return
-        self._reply(msg, send, 200, "OK")
-        if re.match(rb"SIP/2\.0 2\d\d", msg.body.strip()) and dialog.transport is not None:
-            if (call := self.calls.calls.get(dialog.call_id)) is not None:
-                call.end_reason = "transferred"
-            await dialog.transport.close()  # the operator has the caller: we leave
-
-    async def _on_info(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
-        dialog = self._in_dialog(msg, addr, send)
-        if dialog is None:
-            return
-        self._reply(msg, send, 200, "OK")
-        found = re.search(rb"Signal\s*=\s*([0-9*#A-D])", msg.body)
-        if dialog.transport is not None and found:
-            dialog.transport.receive_dtmf(found.group(1).decode())
+            self._until_acked(dialog)
 
     # -- requests we send -----------------------------------------------------------------------
     def _on_call_event(self, dialog: Dialog, event: CallEvent) -> None:
@@ -369,11 +343,12 @@ class SipServer:
             else:
                 log.warning("transfer asked on SIP call %s, but PONO_SIP_OPERATOR_URI is not set", dialog.call_id)
 
-    async def _hang_up(self, dialog: Dialog) -> None:
-        """The call ended on our side (end_call, an operator, shutdown): BYE, unless the caller left first."""
+    async def _hang_up(self, dialog: Dialog, extra: list[tuple[str, str]] | None = None) -> None:
+        """The call ended on our side (end_call, an operator, shutdown, an unusable answer): BYE (with `extra`
+        headers, e.g. a Reason), unless the caller left first."""
         if dialog.state != "ended":
             dialog.state = "ended"
-            await self._request(dialog, "BYE")
+            await self._request(dialog, "BYE", extra)
         await self._drop(dialog)
 
     async def _request(self, dialog: Dialog, method: str, extra: list[tuple[str, str]] | None = None) \
