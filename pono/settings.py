@@ -164,6 +164,9 @@ class Settings(BaseSettings):
     twilio_token: SecretStr | None = None
     # Real Twilio signs the websocket upgrade (X-Twilio-Signature) with the account's auth token instead.
     twilio_auth_token: SecretStr | None = None
+    # Byte order of L16 media (start.mediaFormat audio/x-l16): RFC 3551 says big-endian; some providers send
+    # little-endian ("little").
+    twilio_l16_byte_order: Literal["big", "little"] = "big"
     # The externally visible base URL (https://pono.example.com), for signatures made behind a proxy;
     # unset: the request's own, as X-Forwarded-Proto / X-Forwarded-Host say.
     public_url: str | None = None

@@ -226,3 +226,101 @@ async def test_provider_ids_are_checked_and_never_our_call_id(server: RunningSer
         await ws.close()
     call = await _stored(server, admin_token, since, lambda c: c["transport"] == "twilio")
     assert call["id"] != stream_sid and len(call["id"]) == 32
+
+
+# -- media formats other than μ-law 8 kHz: `start.mediaFormat` ----------------------------------------------------
+
+def _media_start(stream_sid: str, media_format: object, **parameters: str) -> str:
+    return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": stream_sid, "start": {
+        "streamSid": stream_sid, "callSid": "CA" + uuid.uuid4().hex, "tracks": ["inbound"],
+        "customParameters": parameters, "mediaFormat": media_format}})
+
+
+async def _l16_call(server: RunningServer, question: np.ndarray, dtype: str) -> tuple[np.ndarray, list[int]]:
+    """A provider streaming L16 at 16 kHz (`dtype` ">i2" big-endian or "<i2" little-endian): half a second of
+    silence, the question, then silence until the reply has been played (its mark). What came back, decoded
+    the same way, and the byte length of each media payload."""
+    stream_sid = "MZ" + uuid.uuid4().hex
+    frame = 320  # 20 ms at 16 kHz
+    line = np.concatenate([np.zeros(8000, np.int16), question])
+    heard: list[np.ndarray] = []
+    sizes: list[int] = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(stream_url(server)) as ws:
+        await ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await ws.send_str(_media_start(stream_sid, {"encoding": "audio/x-l16", "sampleRate": 16000, "channels": 1},
+                                       caller="+15550008888"))
+
+        async def speak() -> None:
+            started = time.monotonic()
+            for n in range(10_000):
+                chunk = line[n * frame:(n + 1) * frame]
+                chunk = np.concatenate([chunk, np.zeros(frame - chunk.size, np.int16)])
+                payload = base64.b64encode(chunk.astype(dtype).tobytes()).decode()
+                await ws.send_str(json.dumps({"event": "media", "streamSid": stream_sid,
+                                              "media": {"track": "inbound", "payload": payload}}))
+                await asyncio.sleep(max(0.0, started + (n + 1) * 0.02 - time.monotonic()))
+
+        speaker = asyncio.create_task(speak())
+        try:
+            while True:
+                message = await ws.receive(timeout=40)
+                assert message.type is aiohttp.WSMsgType.TEXT, message
+                event = json.loads(message.data)
+                if event["event"] == "media":
+                    payload = base64.b64decode(event["media"]["payload"])
+                    sizes.append(len(payload))
+                    heard.append(np.frombuffer(payload, dtype).astype(np.int16))
+                elif event["event"] == "mark" and heard:
+                    break
+        finally:
+            speaker.cancel()
+        await ws.send_str(json.dumps({"event": "stop", "streamSid": stream_sid}))
+    return np.concatenate(heard), sizes
+
+
+@pytest.mark.parametrize("byte_order", ["big", "little"])
+async def test_an_l16_stream_is_heard_and_answered_in_l16(server: RunningServer, admin_token: str, script: Script,
+                                                          phone_question: np.ndarray, byte_order: str) -> None:
+    """`start.mediaFormat` audio/x-l16 at 16 kHz: the caller's L16 is heard and the reply goes out in the same
+    format (640-byte payloads: 20 ms of 16-bit samples at 16 kHz). L16 is big-endian (RFC 3551 §4.5.11);
+    PONO_TWILIO_L16_BYTE_ORDER=little serves providers that send it little-endian."""
+    script.reply = "Certainly, your table for two is booked for seven."
+    settings = server.app[SERVICES].settings
+    settings.twilio_l16_byte_order = byte_order  # type: ignore[assignment]
+    since = time.time() - 1
+    try:
+        heard, sizes = await _l16_call(server, trim(phone_question), ">i2" if byte_order == "big" else "<i2")
+    finally:
+        settings.twilio_l16_byte_order = "big"
+    assert set(sizes) == {640}, sorted(set(sizes))
+    transcript = await server.app[SERVICES].models.run_stt(heard)
+    assert len(words(transcript) & words(script.reply)) >= 4, transcript
+    call = await latest_call(server, admin_token, since, "twilio")
+    assert call["caller"] == "+15550008888" and heard_the_question(call), call["turns"]
+
+
+@pytest.mark.parametrize("media_format", [
+    {"encoding": "audio/opus", "sampleRate": 48000, "channels": 1},
+    {"encoding": "audio/x-mulaw", "sampleRate": 16000, "channels": 1},
+    {"encoding": "audio/x-l16", "sampleRate": 16000, "channels": 6},
+    {"encoding": "audio/x-l16", "sampleRate": 12, "channels": 1},
+    "audio/x-l16",
+], ids=["opus", "mulaw-16k", "six-channels", "12-hz", "not-an-object"])
+async def test_a_media_format_we_cannot_handle_is_refused_with_the_reason(server: RunningServer,
+                                                                          media_format: object) -> None:
+    async with aiohttp.ClientSession() as http, http.ws_connect(stream_url(server)) as ws:
+        await ws.send_str(_media_start("MZ" + uuid.uuid4().hex, media_format))
+        closing = await ws.receive(timeout=10)
+    assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1003, closing
+    assert "mediaFormat" in (closing.extra or ""), closing.extra
+
+
+async def test_l16_media_that_is_not_whole_samples_closes_the_stream(server: RunningServer) -> None:
+    stream_sid = "MZ" + uuid.uuid4().hex
+    async with aiohttp.ClientSession() as http, http.ws_connect(stream_url(server)) as ws:
+        await ws.send_str(_media_start(stream_sid, {"encoding": "audio/x-l16", "sampleRate": 8000, "channels": 1}))
+        await ws.send_str(json.dumps({"event": "media", "streamSid": stream_sid,
+                                      "media": {"payload": base64.b64encode(b"\x00\x01\x02").decode()}}))
+        closing = await ws.receive(timeout=10)
+    assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1003, closing
+    assert "L16" in (closing.extra or ""), closing.extra

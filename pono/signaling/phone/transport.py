@@ -1,4 +1,5 @@
-"""Phone audio behind the transport interface: 8 kHz G.711 in and out, resampled once each way."""
+"""Phone audio behind the transport interface: the line's own rate in and out (8 kHz for G.711; a media
+stream in L16 may be 16 kHz or more), resampled once each way."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ import numpy as np
 from pono.signaling.audio_out import PacedAudioTrack, Resampler
 from pono.transport import FRAME_SAMPLES, SAMPLE_RATE
 
-PHONE_RATE = 8000
 _INBOUND_FRAMES = 250  # 5 s: if the call loop stalls longer, the oldest audio goes
 
 
 class PhoneTransport:
-    """The shared half of SIP and media-stream calls: frames in, a paced 8 kHz queue out, DTMF as messages.
+    """The shared half of SIP and media-stream calls: frames in, a paced queue out, DTMF as messages.
 
+    `out` is paced at the line's rate (`out.rate`: 8000 for G.711), which is also the rate receive_audio takes.
     `on_clear` tells the provider to drop what it buffered (Twilio's `clear`); `on_close` ends the call on the
     wire (SIP BYE, closing the websocket)."""
 
@@ -32,14 +33,16 @@ class PhoneTransport:
         self._frames: asyncio.Queue[np.ndarray | None] = asyncio.Queue(_INBOUND_FRAMES)
         self._texts: asyncio.Queue[str | None] = asyncio.Queue(100)
         self._up = Resampler(SAMPLE_RATE)
-        self._down = Resampler(PHONE_RATE)
+        self.rate = out.rate  # the line's sample rate, both ways
+        self._down = Resampler(out.rate)
         self._pending = np.zeros(0, np.int16)
         self._closed = asyncio.Event()
         self._closing: asyncio.Future[None] | None = None
 
     # -- fed by the wire --------------------------------------------------------------------------
-    def receive_audio(self, pcm8k: np.ndarray) -> None:
-        self._pending = np.concatenate([self._pending, self._up(pcm8k, PHONE_RATE)])
+    def receive_audio(self, pcm: np.ndarray) -> None:
+        """int16 mono samples heard on the line, at its rate (`rate`)."""
+        self._pending = np.concatenate([self._pending, self._up(pcm, self.rate)])
         while self._pending.size >= FRAME_SAMPLES:
             frame, self._pending = self._pending[:FRAME_SAMPLES], self._pending[FRAME_SAMPLES:]
             if self._frames.full():

@@ -1,8 +1,9 @@
 """Twilio Media Streams (and compatible providers) over a websocket: `GET /api/phone/twilio`.
 
-In: connected, start (persona and caller in customParameters), media (base64 μ-law 8 kHz), dtmf, mark, stop.
-Out: media (paced in real time), mark after each stretch of speech, and clear on barge-in so the provider
-drops what it has buffered.
+In: connected, start (persona and caller in customParameters, the audio format in mediaFormat), media
+(base64, μ-law 8 kHz unless mediaFormat says otherwise: see stream_format.py), dtmf, mark, stop.
+Out: media in the same format (paced in real time), mark after each stretch of speech, and clear on barge-in
+so the provider drops what it has buffered.
 
 Authentication: real Twilio strips the query string from `<Stream url>` and sends no Authorization header;
 it signs the upgrade request with X-Twilio-Signature (base64 HMAC-SHA1, keyed with the account's auth token,
@@ -32,7 +33,7 @@ from pono.agent.personas import Persona, UnknownPersona
 from pono.auth import bearer
 from pono.http import ApiError
 from pono.signaling.audio_out import PacedAudioTrack
-from pono.signaling.phone import g711
+from pono.signaling.phone.stream_format import StreamFormat, StreamFormatError
 from pono.signaling.phone.transport import PhoneTransport
 from pono.signaling.services import SIGNALING, SignalingServices
 
@@ -50,7 +51,8 @@ class MediaStream:
         self.stream_sid = ""  # the provider's ids, checked against _PROVIDER_ID
         self.call_sid = ""
         self.call_id = ""  # ours
-        self.out = PacedAudioTrack(rate=8000)
+        self.format = StreamFormat()  # until the start says otherwise
+        self.out = PacedAudioTrack(rate=self.format.rate)
         self.transport: PhoneTransport | None = None
         self.marks_sent = 0
         self.marks_echoed = 0
@@ -77,7 +79,7 @@ class MediaStream:
                                      "mark": {"name": f"utterance-{self.marks_sent}"}})
                 continue
             speaking = True
-            payload = base64.b64encode(g711.encode(frame.to_ndarray().reshape(-1), "PCMU")).decode()
+            payload = base64.b64encode(self.format.encode(frame.to_ndarray())).decode()
             await self.send({"event": "media", "streamSid": self.stream_sid, "media": {"payload": payload}})
 
     def _clear(self) -> None:
@@ -100,6 +102,12 @@ class MediaStream:
         params = start.get("customParameters") or {}
         if not isinstance(params, dict):
             return "customParameters must be an object"
+        try:
+            self.format = StreamFormat.from_start(start.get("mediaFormat"),
+                                                  self.services.settings.twilio_l16_byte_order)
+        except StreamFormatError as exc:
+            return str(exc)
+        self.out = PacedAudioTrack(rate=self.format.rate)
         calls = self.services.calls
         try:
             persona: Persona
@@ -140,7 +148,10 @@ class MediaStream:
             except (KeyError, TypeError, binascii.Error):
                 return "'media' needs a base64 payload"
             if message["media"].get("track", "inbound") == "inbound":
-                self.transport.receive_audio(g711.decode(payload, "PCMU"))
+                try:
+                    self.transport.receive_audio(self.format.decode(payload))
+                except StreamFormatError as exc:
+                    return str(exc)
         elif event == "dtmf":
             digit = (message.get("dtmf") or {}).get("digit")
             if isinstance(digit, str) and len(digit) == 1:
