@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from pono.agent.personas import Persona
 from pono.events import CallEvent, EventType
+from pono.logs import own
 from pono.settings import Settings
 from pono.signaling.phone.body import UnsupportedBody
 from pono.signaling.phone.calls import CallHost
@@ -88,7 +89,7 @@ class SipServer(InDialogRequests):
                 lambda send: any(d.send is send and d.state != "ended" for d in self.dialogs.values()),
                 self.settings.sip_tcp_max_connections, self.settings.sip_tcp_idle_timeout_s)
             await self._tcp.start(self.host, self.port)
-        log.info("SIP listening on %s:%s (udp%s)", self.host, self.port, ", tcp" if self._tcp else "")
+        log.info("SIP listening on %s:%s (udp%s)", own(self.host), self.port, ", tcp" if self._tcp else "")
 
     def _spawn(self, coro: Awaitable[object]) -> asyncio.Future[object]:
         task = asyncio.ensure_future(coro)
