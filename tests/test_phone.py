@@ -605,3 +605,24 @@ async def test_pono_mints_its_own_call_ids(server: RunningServer, sip_port: int,
         answer = await loop.run_in_executor(None, _udp_exchange, sip_port, invite.encode(), 3.0)
         assert (answer or b"")[:12] == (expected or b"")[:12], (len(call_id), (answer or b"")[:40])
     assert not any(d.sip_call_id.startswith("ccc") for d in server.app[SERVICES].sip.dialogs.values())
+
+
+async def test_a_draining_replica_answers_new_invites_503_and_frees_every_reserved_place(
+        server: RunningServer, sip_port: int) -> None:
+    calls = server.app[SERVICES].calls
+    calls.start_draining()
+    try:
+        phone = SipCaller(("127.0.0.1", sip_port))
+        assert await phone.call(ack=False) == 503
+        await phone.close()
+    finally:
+        calls.resume()
+    # Calls that were refused or never started hold no place: a full count of new calls can still start.
+    assert calls._reserved == 0
+    phone = SipCaller(("127.0.0.1", sip_port))
+    try:
+        assert await phone.call() == 200
+    finally:
+        await phone.bye()
+        await phone.close()
+    assert calls._reserved == 0

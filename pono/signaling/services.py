@@ -19,18 +19,7 @@ from pono.storage.live import LiveState
 
 
 class CallDesk(CallHost, Protocol):
-    """The CallManager as call set-up sees it: CallHost plus places reserved before a set-up awaits."""
-
-    def reserve(self) -> bool:
-        """Hold a place for a call being set up; False when full or draining."""
-        ...
-
-    def release(self) -> None:
-        """Give back a reserved place whose call never started."""
-        ...
-
-    def start(self, call_id: str, transport: Any, persona: Persona | None = None, caller: str | None = None,
-              *, reserved: bool = False) -> Any: ...
+    """The CallManager as call set-up sees it: CallHost plus persona lookup by name and hang-up."""
 
     async def persona(self, ref: str | None) -> Persona:
         """The persona a new call asked for (or the default). Raises UnknownPersona, PersonaUnavailable."""

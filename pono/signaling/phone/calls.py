@@ -45,7 +45,17 @@ class CallHost(Protocol):
         ...
 
     def start(self, call_id: str, transport: Transport, persona: Persona | None = None,
-              caller: str | None = None) -> RunningCall: ...
+              caller: str | None = None, *, reserved: bool = False) -> RunningCall:
+        """Start the call; `reserved`: it takes the place held by `reserve()`."""
+        ...
+
+    def reserve(self) -> bool:
+        """Hold one of PONO_MAX_CALLS for a call being set up, before the first await; False when full."""
+        ...
+
+    def release(self) -> None:
+        """Give back a place from `reserve()` whose call never started."""
+        ...
 
     async def persona_for_number(self, dialed: str) -> Persona:
         """The persona answering a dialed number (the default one when none is mapped)."""

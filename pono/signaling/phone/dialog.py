@@ -47,6 +47,7 @@ class Dialog:
     cancelled: bool = False
     awaiting_answer: int | None = None  # the CSeq of the (re-)INVITE whose 2xx carried our offer, until its ACK
     begin: Callable[[], None] | None = None  # starts the call, once a delayed offer's answer came in the ACK
+    reserved: bool = False  # holds one of PONO_MAX_CALLS from the INVITE until the call starts or the dialog goes
 
     async def until_acked(self, give_up: Callable[[], Awaitable[None]]) -> None:
         """Timer G: resend the final response (T1, 2T1 … T2) until the ACK; timer H: after 64·T1 without one,

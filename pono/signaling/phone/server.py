@@ -20,7 +20,7 @@ import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 
-from pono.agent.personas import Persona
+from pono.agent.personas import Persona, PersonaUnavailable, UnknownPersona
 from pono.events import CallEvent, EventType
 from pono.logs import own
 from pono.settings import Settings
@@ -178,20 +178,22 @@ class SipServer(InDialogRequests):
             return  # else a retransmission while we are still working on it
         if not self._authorised(msg, send):
             return
-        active = sum(1 for d in self.dialogs.values() if d.state != "ended")
-        if active >= self.settings.sip_max_calls or self.calls.full or self.calls.draining:
-            self._reply(msg, send, 486, "Busy Here")
-            return
-        if not self.calls.models.loaded.is_set():
+        if self.calls.draining or not self.calls.models.loaded.is_set():  # draining, or still starting
             self._reply(msg, send, 503, "Service Unavailable", headers=[("retry-after", "5")])
+            return
+        active = sum(1 for d in self.dialogs.values() if d.state != "ended")
+        # A place among PONO_MAX_CALLS is held from here (before any await) until the call starts or fails.
+        if active >= self.settings.sip_max_calls or not self.calls.reserve():
+            self._reply(msg, send, 486, "Busy Here")
             return
         try:
             offered = offer_in(msg, self.media_policy, self.public_address)  # None: we make the offer
         except (SdpError, UnsupportedBody) as exc:
+            self.calls.release()
             self._refuse_offer(msg, send, exc)
             return
         offer, destination = offered or (None, None)
-        dialog = Dialog(self.calls.new_call_id(), msg.call_id, msg, send, peer=addr, offer=offer)
+        dialog = Dialog(self.calls.new_call_id(), msg.call_id, msg, send, peer=addr, offer=offer, reserved=True)
         self.dialogs.add(dialog)
         log.info("SIP call %s: Call-ID %s from %s", dialog.call_id, msg.call_id[:80], addr[0])
         send(response(msg, 100, "Trying").to_bytes())
@@ -201,6 +203,14 @@ class SipServer(InDialogRequests):
         except NoMediaPort as exc:
             log.warning("SIP call %s refused: %s", dialog.call_id, exc)
             self._reply(msg, send, 503, "Service Unavailable", dialog.local_tag, headers=[("retry-after", "5")])
+            await self._drop(dialog)
+        except PersonaUnavailable:  # Postgres is away and this number's persona was never seen: can't verify it
+            log.warning("SIP call %s refused: its persona cannot be verified now", dialog.call_id)
+            self._reply(msg, send, 503, "Service Unavailable", dialog.local_tag, headers=[("retry-after", "30")])
+            await self._drop(dialog)
+        except UnknownPersona:
+            log.warning("SIP call %s refused: the dialed number maps to no persona", dialog.call_id)
+            self._reply(msg, send, 404, "Not Found", dialog.local_tag)
             await self._drop(dialog)
         except Exception:
             log.exception("SIP call %s could not be answered", dialog.call_id)
@@ -240,7 +250,9 @@ class SipServer(InDialogRequests):
         def begin() -> None:
             rtp.start()
             caller = uri_user(msg.get("from") or "")[:64] or None
-            call = self.calls.start(dialog.call_id, transport, persona=persona, caller=caller)
+            call = self.calls.start(dialog.call_id, transport, persona=persona, caller=caller,
+                                    reserved=dialog.reserved)
+            dialog.reserved = False
             call.events.subscribe(lambda event: self._on_call_event(dialog, event))
 
         if offer is None:
@@ -360,6 +372,9 @@ class SipServer(InDialogRequests):
 
     async def _drop(self, dialog: Dialog) -> None:
         dialog.state = "ended"
+        if dialog.reserved:  # the call never started: give its place back
+            dialog.reserved = False
+            self.calls.release()
         self.dialogs.remove(dialog)
         if dialog.rtp is not None:
             await dialog.rtp.close()
