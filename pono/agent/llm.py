@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,22 +58,36 @@ class Endpoint:
         self.base_url = base_url
         self.model = model
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0)
+        self._opening = 0  # requests sent that have not yet streamed their first chunk (or failed)
+        self._streams: weakref.WeakSet[Any] = weakref.WeakSet()  # streams handed over: in flight until closed
+        self._reachable = False  # what the last listing, or the last request, said
+        self._listings: set[asyncio.Future[None]] = set()  # reachable()'s requests in progress
 
     async def open(self, request: dict[str, Any], timeout_s: float) -> tuple[Any, Any]:
         """Start a streamed completion and wait for its first chunk: (the openai AsyncStream, that chunk or
         None for an empty stream). Raises AttemptTimeout after `timeout_s`, or openai's error. The stream is
         closed here if anything (a cancellation too) stops it before it is handed over."""
         stream = None
+        self._opening += 1
         try:
             async with asyncio.timeout(max(0.01, timeout_s)):
+                if self._listings:  # sent first, it would cut this reply short on a one-slot server
+                    await asyncio.wait(set(self._listings))
                 stream = await self.client.chat.completions.create(**request, stream=True)
                 first = await anext(stream, None)
         except TimeoutError:
+            self._reachable = False
             await _close(stream)
             raise AttemptTimeout(f"no first token from {self.name} in {timeout_s:.1f} s") from None
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, openai.APIConnectionError):
+                self._reachable = False
             await _close(stream)
             raise
+        finally:
+            self._opening -= 1
+        self._reachable = True
+        self._streams.add(stream)
         return stream, first
 
     async def healthy(self, timeout_s: float = 5.0) -> bool:
@@ -86,13 +101,33 @@ class Endpoint:
         await _close(stream)
         return True
 
+    def streaming(self) -> bool:
+        """Whether one of our streams from this endpoint is open (its first chunk came, it is not closed)."""
+        return any(not stream.response.is_closed for stream in list(self._streams))
+
     async def reachable(self) -> bool:
+        """Whether the endpoint lists its models within 3 s. While one of our requests to it is in progress,
+        that request answers instead and nothing is sent: a server with one slot cuts the reply it is
+        streaming short to serve any other request (llama.cpp's OpenAI server with interrupt_requests, its
+        default: the stream just ends, with no finish reason), or makes the listing wait for the whole reply.
+        A stream that is open says True; a request still waiting for its first chunk, what was last known.
+        A reply that starts while the listing is in progress waits for it."""
+        if self.streaming():
+            return True
+        if self._opening:
+            return self._reachable
+        listing = asyncio.get_running_loop().create_future()
+        self._listings.add(listing)  # a reply starting now waits for it (a few ms), not the other way round
         try:
             async with asyncio.timeout(3):
                 await self.client.models.list()
-            return True
+            self._reachable = True
         except Exception:
-            return False
+            self._reachable = False
+        finally:
+            self._listings.discard(listing)
+            listing.set_result(None)
+        return self._reachable
 
 
 async def _close(stream: Any) -> None:
