@@ -3,6 +3,7 @@ embedded database gets a first admin whose one-time password is printed once."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import aiohttp
@@ -41,6 +42,19 @@ async def test_embedded_smollm2_answers(tmp_path, capfd: pytest.CaptureFixture[s
             assert not [e for e in caller.events if e["type"] == "error"]
         finally:
             await caller.hang_up()
+        # Two callers at once on the one embedded model: neither answer is cut short by the other's request.
+        callers = [Caller(server.url), Caller(server.url)]
+        try:
+            for c in callers:
+                await c.connect(audio=False)
+                await c.wait_open()
+            for c, question in zip(callers, ("Name three colours.", "Name three animals."), strict=True):
+                c.send_text(question)
+            finals = await asyncio.gather(*(c.wait_for(lambda e: e["type"] == "agent.final", 90) for c in callers))
+            assert all(f["text"] and not f.get("truncated") for f in finals)
+            assert not [e for c in callers for e in c.events if e["type"] == "error"]
+        finally:
+            await asyncio.gather(*(c.hang_up() for c in callers), return_exceptions=True)
         process = embedded.process
         assert process is not None and process.returncode is None
     finally:

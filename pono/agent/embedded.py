@@ -56,6 +56,9 @@ class EmbeddedLLM:
         config.write_text(json.dumps({
             "host": "127.0.0.1",
             "port": self.port,
+            # llama-cpp-python's server otherwise ends a streaming reply ([DONE], no finish_reason) as soon as
+            # any other request waits for the model: two calls at once would cut each other short.
+            "interrupt_requests": False,
             "models": [{
                 "model": str(smollm2_path()), "model_alias": self.model_alias, "chat_format": "chatml",
                 "n_ctx": 2048, "n_threads": self.threads, "verbose": False,
