@@ -48,6 +48,10 @@ METRICS_ONLY = web.AppKey("metrics_of", web.Application)
 
 def build_app(settings: Settings) -> web.Application:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:  # it holds secrets (signing keys, the Valkey password, the metrics token) and the write journal
+        settings.data_dir.chmod(0o700)
+    except OSError as exc:
+        log.warning("cannot make the data dir private (%s): check its permissions", exc.strerror)
     restrict_host_addresses(settings.ice_interfaces)
 
     embedded: EmbeddedLLM | None = None

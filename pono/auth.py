@@ -66,7 +66,11 @@ class TokenSigner:
 
 
 def bearer(request: web.Request) -> str | None:
+    """The token of an `Authorization: Bearer …` header, or None. Every token Pono issues is printable ASCII,
+    so anything else (raw bytes decoded as surrogates, control characters) is no token at all: a 401, never a
+    hash of bytes that cannot be encoded."""
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
-        return header[7:].strip() or None
+        token = header[7:].strip()
+        return token if token and token.isascii() and token.isprintable() else None
     return None

@@ -21,7 +21,7 @@ from pono.agent.dlp.engine import DEFAULT_POLICY, DlpPolicy
 from pono.agent.dlp.logfilter import install_log_redaction
 from pono.agent.knowledge.base import KnowledgeBase
 from pono.agent.knowledge.documents import DocumentError, extract_text, kind_of
-from pono.logs import configure_logging
+from pono.logs import configure_logging, own
 from pono.settings import Settings
 from pono.storage.db import Database, StorageError
 from pono.storage.embedded import EmbeddedPostgres
@@ -58,7 +58,7 @@ async def _serve(settings: Settings) -> None:
         await runner.cleanup()
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc.strerror)
         raise SystemExit(1) from None
-    log.info("pono listening on http://%s:%s (data in %s)", settings.host, settings.port, settings.data_dir)
+    log.info("pono listening on http://%s:%s (data in %s)", own(settings.host), settings.port, own(settings.data_dir))
     metrics_runner = await _serve_metrics(app, settings) if settings.metrics_port else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -108,7 +108,7 @@ async def _serve_metrics(app: web.Application, settings: Settings) -> web.AppRun
     runner = web.AppRunner(metrics_app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.metrics_port).start()
-    log.info("metrics on http://%s:%s/metrics", settings.host, settings.metrics_port)
+    log.info("metrics on http://%s:%s/metrics", own(settings.host), settings.metrics_port)
     return runner
 
 

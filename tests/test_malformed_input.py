@@ -195,3 +195,32 @@ async def test_nul_said_over_the_data_channel_is_kept(server: RunningServer, scr
         await caller.hang_up()
     turns = await stored_turns(server, admin_token, caller.call_id, 2)
     assert [t["text"] for t in turns if t["role"] == "user"] == ["my code is 12\ufffd34"]
+
+
+async def test_review_findings_are_clear_4xx(server: RunningServer, admin_token: str) -> None:
+    """A new user's review: bytes that are not UTF-8 in a bearer token, NaN and Infinity in JSON (which Postgres
+    jsonb refuses), an MCP server the operator never configured, and a drain that is not a boolean."""
+    url = yarl.URL(server.url)
+    for path in ("/api/personas", "/metrics", "/api/auth/me"):  # raw bytes: no client would send them for us
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+                     + b"Authorization: Bearer pono_\xff\xfe\r\n\r\n")
+        status = await reader.readline()
+        writer.close()
+        assert status.split()[1] == b"401", (path, status)
+    async with aiohttp.ClientSession(server.url) as http:
+        auth = {"Authorization": f"Bearer {admin_token}"}
+        for body in ('{"name": "nan1", "system_prompt": "x", "llm_params": {"temperature": NaN}}',
+                     '{"name": "inf1", "system_prompt": "x", "llm_params": {"temperature": 1e999}}',
+                     '{"name": "inf2", "system_prompt": "x", "dlp_policy": {"before_llm": -Infinity}}'):
+            async with http.post("/api/personas", data=body, headers={**auth, "Content-Type": "application/json"}) \
+                    as r:
+                assert r.status == 400 and "JSON" in await r.text(), (body, r.status)
+        async with http.post("/api/personas", json={"name": f"mcp-{uuid.uuid4().hex[:6]}", "system_prompt": "x",
+                                                    "tools": [{"type": "mcp", "name": "crm", "server": "nope"}]},
+                             headers=auth) as r:
+            assert r.status == 422 and "PONO_MCP_SERVERS" in await r.text()
+        async with http.post("/api/admin/drain", json={"drain": "yes"}, headers=auth) as r:
+            assert r.status == 422
+        async with http.get("/api/ready") as r:
+            assert (await r.json())["status"] != "draining"

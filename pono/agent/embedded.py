@@ -12,6 +12,8 @@ from pathlib import Path
 
 import aiohttp
 
+from pono.logs import own
+
 log = logging.getLogger(__name__)
 
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,7 +73,7 @@ class EmbeddedLLM:
         )
         log_file.close()
         await self._wait_ready(ready_timeout_s)
-        log.info("embedded SmolLM2 ready at %s", self.base_url)
+        log.info("embedded SmolLM2 ready at %s", own(self.base_url))
         return self.base_url
 
     async def _wait_ready(self, timeout_s: float) -> None:

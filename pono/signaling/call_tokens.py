@@ -55,10 +55,13 @@ async def create_call_token(request: web.Request) -> web.Response:
 
     The token opens one call with that persona (the default when none is asked). 403 when the persona takes no
     calls from the public page, 404 when there is no such persona, 429 past the per-IP limit (the persona's own
-    call_tokens_per_minute when lower than PONO_CALL_TOKENS_PER_MINUTE), 503 when the persona cannot be verified.
+    call_tokens_per_minute when lower than PONO_CALL_TOKENS_PER_MINUTE), 503 when the persona cannot be verified
+    or this replica is draining.
     """
     services = request.app[SIGNALING]
     assert services.storage.live is not None
+    if services.calls.draining:  # a token now could only open a call this replica will refuse
+        raise ApiError(503, "this server is draining; try again", retry_after_s=5)
     ref = request.query.get("persona") or None
     if ref is not None and len(ref) > 200:
         raise ApiError(422, "invalid query", fields=[{"field": "persona", "message": "at most 200 characters"}])

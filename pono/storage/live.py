@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from pono.events import CallEvent, EventType
+from pono.logs import own
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class LiveState:
             await self.redis.ping()
             await self.redis.set(TOKENS_SINCE, f"{time.time():.3f}", nx=True)
             if not self.up:
-                log.info("Redis reachable at %s", self.url.split("@")[-1])
+                log.info("Redis reachable at %s", own(self.url.split("@")[-1]))  # never the password
             self.up = True
         except (RedisError, OSError) as exc:
             if self.up:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from pono.context import SERVICES
 from pono.http import read_json_model
@@ -12,6 +12,8 @@ from pono.web.access import require
 
 
 class DrainIn(BaseModel):
+    model_config = ConfigDict(strict=True)  # {"drain": "yes"} is a 422, not a guess
+
     drain: bool  # true: take no new calls; false: take calls again
 
 

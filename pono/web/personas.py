@@ -107,6 +107,10 @@ async def get_persona(request: web.Request) -> web.Response:
 async def _save_persona(request: web.Request, persona_id: uuid.UUID | None) -> web.Response:
     who = await require(request, "admin", "personas")
     body = await read_json_model(request, PersonaIn)
+    try:  # a stdio MCP server must be one the operator configured (PONO_MCP_SERVERS), known at save time
+        parse_tool_specs(body.tools, known_servers=request.app[SERVICES].settings.mcp_servers)
+    except ValueError as exc:
+        raise ApiError(422, "invalid request body", fields=[{"field": "tools", "message": str(exc)}]) from None
     values = {**body.model_dump(), "turn_taking": body.turn_taking.model_dump(exclude_none=True)}
     try:
         persona = await stored.save_persona(database(request), persona_id, values, who.name, request.remote)
