@@ -42,6 +42,19 @@ async def test_embedded_smollm2_answers(tmp_path, capfd: pytest.CaptureFixture[s
             assert not [e for e in caller.events if e["type"] == "error"]
         finally:
             await caller.hang_up()
+        # A caller who interrupts a long answer gets a whole answer to the new question.
+        caller = Caller(server.url)
+        try:
+            await caller.connect(audio=False)
+            await caller.wait_open()
+            caller.send_text("Tell me a long story about the sea.")
+            await caller.wait_for(lambda e: e["type"] == "agent.delta", 60)
+            caller.send_text("Actually, what time is it?")
+            second = await caller.wait_for(lambda e: e["type"] == "agent.final" and e["turn"] >= 3, 90)
+            assert second["text"] and not second.get("truncated") and not second["interrupted"]
+            assert not [e for e in caller.events if e["type"] == "error"]
+        finally:
+            await caller.hang_up()
         # Two callers at once on the one embedded model: neither answer is cut short by the other's request.
         callers = [Caller(server.url), Caller(server.url)]
         try:
