@@ -18,6 +18,7 @@ from test_signaling import call_token, settle
 from test_voice_call import words
 
 from pono.context import SERVICES
+from pono.signaling.api import MAX_CANDIDATES_PER_M_LINE, prepare_offer
 from pono.testing.caller import Caller, MicrophoneTrack
 from pono.testing.scripted_llm import Script
 
@@ -295,6 +296,24 @@ BAD_OFFERS: dict[str, tuple[Callable[[str], str], str]] = {
             *(x for x in lines[1:] if not x.startswith(("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:")))],
             _replace(r"^a=group:BUNDLE .*", "a=group:BUNDLE 0")),
         "neither an audio nor a data channel"),
+    "m-port-out-of-range": (_audio(_replace(r"^m=audio \d+", "m=audio 99999999999")), "port 99999999999"),
+    "short-ice-pwd": (_all(_replace(r"^a=ice-pwd:.*", "a=ice-pwd:b")), "a=ice-pwd:b"),
+    "short-ice-ufrag": (_all(_replace(r"^a=ice-ufrag:.*", "a=ice-ufrag:ab")), "a=ice-ufrag:ab"),
+    "candidate-port-out-of-range": (_audio(lambda lines: [*lines, "a=candidate:1 1 UDP 1 10.0.0.1 99999 typ host"]),
+                                    "a=candidate:1 1 UDP 1 10.0.0.1 99999 typ host"),
+    "candidate-rport-out-of-range": (
+        _audio(lambda lines: [*lines, "a=candidate:1 1 UDP 1 10.0.0.1 9 typ srflx raddr 0.0.0.0 rport 70000"]),
+        "rport 70000"),
+    "candidate-hostname": (_audio(lambda lines: [*lines, "a=candidate:1 1 UDP 1 victim.example.com 9 typ host"]),
+                           "victim.example.com"),
+    "candidate-component-zero": (_audio(lambda lines: [*lines, "a=candidate:1 0 UDP 1 10.0.0.1 9 typ host"]),
+                                 "component"),
+    "candidate-priority-too-big": (_audio(lambda lines: [*lines, "a=candidate:1 1 UDP 4294967296 10.0.0.1 9 typ host"]),
+                                   "priority"),
+    "a-thousand-candidates": (
+        _audio(lambda lines: [*lines, *(f"a=candidate:{n} 1 UDP 1 10.{n // 256}.{n % 256}.1 9 typ host"
+                                        for n in range(1000))]),
+        "a=candidate lines; Pono takes at most 32"),
     "inactive-audio-alone": (
         lambda sdp: edit_sections(sdp, lambda i, lines: None if kind_of(lines) == "application"
                                   else _replace("^a=sendrecv$", "a=inactive")(lines),
@@ -330,6 +349,15 @@ async def test_offers_missing_what_the_connection_needs_get_a_clear_400(server, 
     assert pcs == base_pcs == 0
     assert tasks <= base_tasks
     assert not server.app[SERVICES].calls.calls
+
+
+async def test_offers_with_mdns_candidates_or_32_per_m_line_are_taken() -> None:
+    """aioice resolves mDNS .local candidates (draft-ietf-mmusic-mdns-ice-candidates), as browsers send them."""
+    many = [f"a=candidate:{n} 1 UDP {n + 1} 10.0.0.{n + 1} 9 typ host" for n in range(MAX_CANDIDATES_PER_M_LINE - 1)]
+    mdns = "a=candidate:x 1 udp 2 0a1b2c3d-ab12-cd34.local 5000 typ host"
+    edit = _audio(lambda lines: [*without(("a=candidate:",))(lines), *many, mdns])
+    prepared = prepare_offer(edit(await real_offer()))
+    assert "0a1b2c3d-ab12-cd34.local 5000" in prepared.sdp
 
 
 # -- stereo input --------------------------------------------------------------------------------------------------

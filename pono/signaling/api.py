@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import ipaddress
 import itertools
 import logging
 import re
@@ -66,6 +67,15 @@ _HINTS = {  # what a line that aiortc cannot read should look like
     "a=rtpmap:": "a=rtpmap:<payload type> <encoding>/<clock rate>[/<channels>] (RFC 8866 §6.6)",
     "a=fmtp:": "a=fmtp:<payload type of an a=rtpmap> <parameters> (RFC 8866 §6.15)",
 }
+
+
+# A browser gathers a few candidates per network interface (host, server-reflexive and relayed, UDP and TCP, IPv4
+# and IPv6): well under this. Every remote candidate is an address the server sends ICE connectivity checks to,
+# again and again until the call connects, so an offer with an unbounded list would have Pono send packets to
+# any number of hosts the caller chose (RFC 8445 §14.2 bounds the checklist for the same reason).
+MAX_CANDIDATES_PER_M_LINE = 32
+_ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")  # ice-char (RFC 8839 §5.4)
+_MDNS_NAME = re.compile(r"[A-Za-z0-9-]{1,63}\.local")  # what aioice resolves (draft-ietf-mmusic-mdns-ice-candidates)
 
 
 def _bad(message: str) -> ApiError:
@@ -131,6 +141,11 @@ def _check_transport(label: str, media: aiortc_sdp.MediaDescription) -> None:
         raise _bad(f"{label} has no a=ice-ufrag (RFC 8839 §5.4)")
     if not media.ice.password:
         raise _bad(f"{label} has no a=ice-pwd (RFC 8839 §5.4)")
+    for attr, value, least in (("ice-ufrag", media.ice.usernameFragment, 4), ("ice-pwd", media.ice.password, 22)):
+        if not (least <= len(value) <= 256 and _ICE_CHARS.fullmatch(value)):
+            raise _bad(f"{label} has a={attr}:{value[:40]}, which is not {least} to 256 letters, digits, '+' or '/' "
+                       "(RFC 8839 §5.4)")
+    _check_candidates(label, media)
     if media.dtls is None:
         raise _bad(f"{label} has no a=setup; an offer's is actpass (RFC 8842 §5.2)")
     fingerprints = media.dtls.fingerprints
@@ -146,6 +161,36 @@ def _check_transport(label: str, media: aiortc_sdp.MediaDescription) -> None:
         if not re.fullmatch(rf"[0-9A-Fa-f]{{2}}(:[0-9A-Fa-f]{{2}}){{{size - 1}}}", f.value):
             raise _bad(f"{label} has a=fingerprint:{f.algorithm} that is not {size} colon-separated hex bytes "
                        "(RFC 8122 §5)")
+
+
+def _port(value: int | None, least: int = 0) -> bool:
+    return value is None or least <= value <= 65535
+
+
+def _check_candidates(label: str, media: aiortc_sdp.MediaDescription) -> None:
+    """The remote candidates aiortc will send connectivity checks to: few, and each one it can use."""
+    if not _port(media.rtcp_port):
+        raise _bad(f"{label} has a=rtcp:{media.rtcp_port}, a port out of 0-65535")
+    if not _port(media.sctp_port):
+        raise _bad(f"{label} has a=sctp-port:{media.sctp_port}, a port out of 0-65535 (RFC 8841 §5)")
+    if len(media.ice_candidates) > MAX_CANDIDATES_PER_M_LINE:
+        raise _bad(f"{label} has {len(media.ice_candidates)} a=candidate lines; Pono takes at most "
+                   f"{MAX_CANDIDATES_PER_M_LINE}")
+    for c in media.ice_candidates:
+        problem = None
+        if not 1 <= c.component <= 256:
+            problem = "its component is not 1-256"
+        elif not 1 <= c.priority <= 2**31 - 1:
+            problem = "its priority is not 1 to 2^31-1 (RFC 8445 §5.1.2)"
+        elif not _port(c.port) or not _port(c.relatedPort):
+            problem = "a port is out of 0-65535"
+        elif not _MDNS_NAME.fullmatch(c.ip):
+            try:
+                ipaddress.ip_address(c.ip)
+            except ValueError:
+                problem = "its address is neither an IP address nor an mDNS .local name"
+        if problem:
+            raise _bad(f"{label} has 'a=candidate:{aiortc_sdp.candidate_to_sdp(c)[:100]}': {problem} (RFC 8839 §5.1)")
 
 
 def _take(label: str, media: aiortc_sdp.MediaDescription, kinds: set[str]) -> str | None:
@@ -212,6 +257,9 @@ def prepare_offer(text: str) -> Offer:
             mids.add(mid)
             offer.invented.add(mid)
     tag = next((m for m in offer.media if offered_bundle and m.rtp.muxId == offered_bundle[0]), None)
+    for i, media in enumerate(offer.media):
+        if not _port(media.port):
+            raise _bad(f"m= line {i + 1} ({media.kind}) has port {media.port}, out of 0-65535 (RFC 8866 §5.14)")
     rejected: list[str] = []
     for i, media in enumerate(offer.media):
         label = f"m= line {i + 1} ({media.kind})"
