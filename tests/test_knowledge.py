@@ -94,6 +94,13 @@ async def test_documents_api_rejects_bad_input_and_stores_nothing_partial(server
         async with http.post(f"{url}/documents?source=x.doc", data=b"x",
                              headers={"Content-Type": "application/msword"}) as r:
             assert r.status == 415
+        for field, document in [("source", {"source": {"a": 1}, "text": "x"}), ("text", {"source": "a", "text": ["x"]}),
+                                ("title", {"source": "a", "text": "x", "title": 7}),
+                                ("source", {"source": None, "text": "x"})]:
+            async with http.post(f"{url}/documents", json=document) as r:  # never stored as a Python repr
+                body = await r.json()
+                assert r.status == 422 and f"'{field}'" in body["error"], body
+                assert body["fields"][0]["field"] == field, body
         async with http.get(f"{url}/search", params={"q": "vegan dishes", "k": "2"}) as r:
             results = (await r.json())["results"]
             assert results[0]["document"] == "menu.html" and len(results) == 2

@@ -16,6 +16,8 @@ from pono.web.access import require
 
 MAX_DOCUMENT_BYTES = 10 * 1024 * 1024
 _COLLECTION = re.compile(r"^[\w.-]{1,100}$")
+_JSON_TYPES = {dict: "an object", list: "an array", bool: "a boolean", int: "a number", float: "a number",
+               type(None): "null"}
 
 
 def _collection(request: web.Request) -> str:
@@ -60,11 +62,13 @@ async def add_document(request: web.Request) -> web.Response:
         except (ValueError, RecursionError):
             raise ApiError(400, "body is not valid JSON") from None
         try:
-            source, text, title = str(body["source"]), str(body["text"]), body.get("title", title)
+            source, text, title = body["source"], body["text"], body.get("title", title)
         except (KeyError, TypeError, AttributeError):
             raise ApiError(422, "JSON documents need 'source' and 'text'") from None
-        if not isinstance(title, str | None):
-            raise ApiError(422, "a JSON document's 'title' is a string")
+        for name, value in (("source", source), ("text", text), ("title", title)):
+            if not isinstance(value, str) and not (name == "title" and value is None):
+                message = f"a JSON document's '{name}' is a string, not {_JSON_TYPES.get(type(value), 'that')}"
+                raise ApiError(422, message, fields=[{"field": name, "message": message}])
         kind = "markdown"
         data = text.encode()
     else:
