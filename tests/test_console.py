@@ -242,6 +242,20 @@ async def test_console_socket_refuses_strangers_and_garbage(server: RunningServe
             bad = await _socket(server, http)
             await bad.send_str(json.dumps({"type": "auth", "token": admin_token}))
             await _next(bad, "hello")
+        for watch in ({"type": "watch"}, {"type": "watch", "call_id": 7}, {"type": "watch", "call_id": "x" * 65}):
+            await bad.send_str(json.dumps(watch))
+            while (msg := await bad.receive(timeout=10)).type == aiohttp.WSMsgType.TEXT:
+                pass
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1003, watch
+            assert "watch needs a call_id string" in msg.extra, (watch, msg.extra)
+            bad = await _socket(server, http)
+            await bad.send_str(json.dumps({"type": "auth", "token": admin_token}))
+            await _next(bad, "hello")
+        # Watching a call that does not exist is answered in-band, never with "watching".
+        await good.send_str(json.dumps({"type": "watch", "call_id": "no-such-call"}))
+        while (answer := json.loads((await good.receive(timeout=10)).data))["type"] not in ("error", "watching"):
+            pass
+        assert answer["type"] == "error" and "no-such-call" in answer["error"], answer
         # An action on a call that is not live is refused in-band; the other console is unaffected.
         await good.send_str(json.dumps({"type": "action", "action": "hang_up", "call_id": "nope", "ref": 1}))
         error = await _next(good, "action.error")

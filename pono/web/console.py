@@ -24,7 +24,7 @@ from pono.context import SERVICES, Services
 from pono.http import ApiError
 from pono.storage.db import CONNECTION_ERRORS
 from pono.storage.history import call_turns
-from pono.storage.live import events_channel
+from pono.storage.live import call_key, events_channel
 from pono.storage.users import Principal
 from pono.web.call_actions import ActionIn, act
 
@@ -135,7 +135,28 @@ class ConsoleSession:
             known = current
             await asyncio.sleep(_POLL_S)
 
+    async def _exists(self, call_id: str) -> bool | None:
+        """Whether the call is live on some replica or stored (and not deleted); None when neither store answers.
+        Redis first: a call that just started may not be written to Postgres yet."""
+        live, db = self.services.storage.live, self.services.storage.db
+        assert live is not None and db is not None
+        try:
+            if await live.redis.exists(call_key(call_id)):
+                return True
+        except (RedisError, OSError):
+            pass
+        try:
+            return await db.pool.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM calls WHERE id = $1 AND deleted_at IS NULL)", call_id)
+        except CONNECTION_ERRORS:
+            return None
+
     async def watch(self, call_id: str) -> None:
+        exists = await self._exists(call_id)
+        if not exists:  # the call watched before, if any, is still followed
+            await self.send({"type": "error", "call_id": call_id, "error": f"no call {call_id!r} to watch"
+                             if exists is False else "the database is unavailable; cannot watch a call now"})
+            return
         if self.watch_task is not None:
             self.watch_task.cancel()
         self.watching = call_id
@@ -172,8 +193,11 @@ class ConsoleSession:
             await self.recheck()  # what it may see and do is decided now, not at login
         if kind == "auth":
             await self.reauth(message.get("token"))
-        elif kind == "watch" and isinstance(message.get("call_id"), str) and len(message["call_id"]) <= 64:
-            await self.watch(message["call_id"])
+        elif kind == "watch":
+            call_id = message.get("call_id")
+            if not isinstance(call_id, str) or not 1 <= len(call_id) <= 64:
+                raise SessionEnded(_CLOSE_GARBAGE, "watch needs a call_id string of 1 to 64 characters")
+            await self.watch(call_id)
         elif kind == "unwatch":
             if self.watch_task is not None:
                 self.watch_task.cancel()
