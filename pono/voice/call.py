@@ -104,8 +104,6 @@ class Call:
         self._stt_busy = False
         # A per-call budget for typed messages and key presses: a burst is fine, a flood is refused.
         self._text_budget = AsyncLimiter(max(1, text_messages_per_10s), 10.0)
-        # A per-call budget for typed messages and key presses: a burst is fine, a flood is refused.
-        self._text_budget = AsyncLimiter(max(1, text_messages_per_10s), 10.0)
         toolbox: ToolBox | None = None
         self.responder = Responder(
             self.events, transport, models, llm, conversation, self.state,
