@@ -79,8 +79,6 @@ class SpeechHandle:
     def _finished(self, task: asyncio.Task[None], on_done: Callable[[SpeechHandle], None]) -> None:
         if task.cancelled():
             self.interrupted = True
-        elif task.exception() is not None:
-            log.error("%s failed", self.name, exc_info=task.exception())
         self._resolve()
         on_done(self)
 
@@ -97,7 +95,8 @@ class SpeechHandle:
 class ReplyScheduler:
     """One queue of `SpeechHandle`s for one call; at most one plays at a time.
 
-    `on_failed(handle, exc)` is told when a handle's work raised (the call turns it into an error event);
+    `on_failed(handle, exc)` is told when a handle's work raised (the call logs it and turns it into an error
+    event; without `on_failed` the scheduler logs it);
     `on_idle()` when the last handle is done and nothing is queued.
     """
 
@@ -137,9 +136,12 @@ class ReplyScheduler:
         handle._start(self._handle_done)
 
     def _handle_done(self, handle: SpeechHandle) -> None:
-        if handle.task is not None and not handle.task.cancelled() and handle.task.exception() is not None:
+        exc = None if handle.task is None or handle.task.cancelled() else handle.task.exception()
+        if exc is not None:
             if self._on_failed is not None:
-                self._on_failed(handle, handle.task.exception())  # type: ignore[arg-type]
+                self._on_failed(handle, exc)  # it logs the failure
+            else:
+                log.error("%s failed", handle.name, exc_info=exc)
         if self.current is handle:
             self.current = None
         self._next()
