@@ -134,8 +134,7 @@ class Responder:
             self.events.emit(EventType.TRANSCRIPT_FINAL, turn, text=shown, source=source)
             if cross is not None:
                 self._redact_earlier(turn, cross)
-            llm_text = await self._for_llm(words if cross is None else cross.texts.get(turn, words),
-                                           joined_finding=cross is not None)
+            llm_text = await self._for_llm(shown, joined_finding=cross is not None)
             self.conversation.add_user(llm_text if llm_text is not None else WITHHELD)
             self._said[turn] = words
             while len(self._said) > 16:
