@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import jwt
 
-from pono.storage.users import Principal, hash_token
+from pono.storage.users import Principal, hash_token, login_principal
 
 _ALGORITHM = "HS256"
 REFRESH_PREFIX = "ponor_"
@@ -106,8 +106,7 @@ class Logins:
                                " AND revoked_at IS NULL", row["family"])
             return RefreshReused(str(row["user_id"]))
         await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE id = $1", row["id"])
-        who = Principal(str(row["user_id"]), row["name"], row["role"],
-                        must_change_password=row["must_change_password"], generation=row["token_generation"])
+        who = login_principal(row, "user_id")
         return who, await self.issue(who, row["family"], conn, row["login_at"])
 
     async def revoke(self, refresh: str) -> str | None:

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import secrets
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,16 @@ class Principal:
         return f"key:{self.key_id}" if self.key_id else f"user:{self.user_id}"
 
 
+# The users columns a login principal is made of (login_principal); a query selecting them can name this.
+LOGIN_COLUMNS = "name, role, must_change_password, token_generation"
+
+
+def login_principal(row: Mapping[str, Any], user_id: str = "id") -> Principal:
+    """The login principal of a users row with LOGIN_COLUMNS and the user's id (in column `user_id`)."""
+    return Principal(str(row[user_id]), row["name"], row["role"], must_change_password=row["must_change_password"],
+                     generation=row["token_generation"])
+
+
 def hash_token(token: str) -> str:
     # API keys and refresh tokens carry 256 bits of randomness: a fast hash is enough.
     return hashlib.sha256(token.encode()).hexdigest()
@@ -85,20 +96,18 @@ async def set_password(pool: asyncpg.Pool, user_id: str, password: str, *, must_
         row = await conn.fetchrow(
             "UPDATE users SET password_hash = $1, token_generation = token_generation + 1,"
             " must_change_password = $3 WHERE id = $2 AND deleted_at IS NULL"
-            " RETURNING id, name, role, token_generation", password_hash, user_id, must_change)
+            f" RETURNING id, {LOGIN_COLUMNS}", password_hash, user_id, must_change)
         if row is None:
             return None
         await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
                            row["id"])
-    return Principal(str(row["id"]), row["name"], row["role"], must_change_password=must_change,
-                     generation=row["token_generation"])
+    return login_principal(row)
 
 
 async def check_password(pool: asyncpg.Pool, name: str, password: str) -> Principal | None:
     """The user `name` as a login principal when `password` is theirs, else None (as slow for unknown names)."""
     row = await pool.fetchrow(
-        "SELECT id, name, role, password_hash, must_change_password, token_generation FROM users"
-        " WHERE name = $1 AND deleted_at IS NULL", name)
+        f"SELECT id, password_hash, {LOGIN_COLUMNS} FROM users WHERE name = $1 AND deleted_at IS NULL", name)
     stored = row["password_hash"] if row is not None and row["password_hash"] else _DUMMY_HASH
 
     def verify() -> bool:
@@ -110,8 +119,7 @@ async def check_password(pool: asyncpg.Pool, name: str, password: str) -> Princi
     ok = await asyncio.to_thread(verify)
     if not ok or row is None or not row["password_hash"]:
         return None
-    return Principal(str(row["id"]), row["name"], row["role"], must_change_password=row["must_change_password"],
-                     generation=row["token_generation"])
+    return login_principal(row)
 
 
 async def create_api_key(pool: asyncpg.Pool | asyncpg.Connection, user_id: str, role: str, name: str,

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 
 from pono.storage.logins import Logins
-from pono.storage.users import ROLES, TOKEN_PREFIX, Principal, hash_token
+from pono.storage.users import LOGIN_COLUMNS, ROLES, TOKEN_PREFIX, Principal, hash_token, login_principal
 
 _CACHE_S = 30.0  # a revoked key or deleted user stops working within this long on every replica
 
@@ -78,7 +78,6 @@ class Authenticator:
                          must_change_password=row["must_change_password"])
 
     async def _load_user(self, user_id: str) -> Principal | None:
-        row = await self._pool.fetchrow("SELECT id, name, role, must_change_password, token_generation FROM users"
-                                        " WHERE id = $1 AND deleted_at IS NULL", user_id)
-        return Principal(str(row["id"]), row["name"], row["role"], must_change_password=row["must_change_password"],
-                         generation=row["token_generation"]) if row else None
+        row = await self._pool.fetchrow(f"SELECT id, {LOGIN_COLUMNS} FROM users WHERE id = $1 AND deleted_at IS NULL",
+                                        user_id)
+        return login_principal(row) if row else None
