@@ -13,6 +13,7 @@ from pono.agent.knowledge.documents import CONTENT_TYPES, DocumentError, extract
 from pono.context import SERVICES
 from pono.http import ApiError
 from pono.web.access import require
+from pono.web.params import query_int
 
 MAX_DOCUMENT_BYTES = 10 * 1024 * 1024
 _COLLECTION = re.compile(r"^[\w.-]{1,100}$")
@@ -94,8 +95,8 @@ async def search(request: web.Request) -> web.Response:
     await require(request, "viewer", "knowledge")
     collection = _collection(request)
     query = request.query.get("q", "")
-    k = request.query.get("k", "5")
-    if not query or not (k.isascii() and k.isdigit()) or not 1 <= int(k) <= 50:
-        raise ApiError(422, "invalid query", fields=[{"field": "q/k", "message": "q is required, k from 1 to 50"}])
-    return web.json_response({"results": await _knowledge(request).search(query, [collection], int(k))})
+    if not query:
+        raise ApiError(422, "invalid query", fields=[{"field": "q", "message": "required"}])
+    k = query_int(request, "k", default=5, most=50)
+    return web.json_response({"results": await _knowledge(request).search(query, [collection], k)})
 

@@ -30,12 +30,17 @@ def path_uuid(request: web.Request, name: str, what: str) -> uuid.UUID:
         raise ApiError(404, f"no {what} {raw}") from None
 
 
+def query_int(request: web.Request, name: str, default: int, most: int) -> int:
+    """?name=, an integer from 1 to `most` (`default` when absent). Raises ApiError 422 naming the field."""
+    raw = request.query.get(name, str(default))
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
+        raise ApiError(422, "invalid query", fields=[{"field": name, "message": f"an integer from 1 to {most}"}])
+    return int(raw)
+
+
 def page_limit(request: web.Request, default: int = 50, most: int = 200) -> int:
     """?limit=, an integer from 1 to `most`. Raises ApiError 422."""
-    raw = request.query.get("limit", str(default))
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
-        raise ApiError(422, "invalid query", fields=[{"field": "limit", "message": f"an integer from 1 to {most}"}])
-    return int(raw)
+    return query_int(request, "limit", default, most)
 
 
 def encode_cursor(at: datetime, row_id: str) -> str:
