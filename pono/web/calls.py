@@ -12,7 +12,7 @@ from pono.context import SERVICES
 from pono.http import ApiError
 from pono.storage.history import call_dlp_findings, call_tool_calls, call_turns, find_call, find_calls
 from pono.web.access import require
-from pono.web.params import database, decode_cursor, encode_cursor, iso, page_limit
+from pono.web.params import database, decode_cursor, iso, page_limit, paginate
 
 
 def _time(raw: str | None, field: str) -> datetime | None:
@@ -61,8 +61,7 @@ async def list_calls(request: web.Request) -> web.Response:
         raise ApiError(422, "invalid query", fields=[{"field": "q", "message": "at most 500 characters"}])
     rows = await find_calls(database(request), persona=persona, since=since, until=until, ended_only=state == "ended",
                             text=text, before=cursor, count=limit + 1)
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1]["started_at"], page[-1]["id"]) if len(rows) > limit else None
+    page, next_cursor = paginate(rows, limit, "started_at")
     return web.json_response({"calls": [_call_json(r) for r in page], "next_cursor": next_cursor})
 
 

@@ -6,6 +6,7 @@ import base64
 import json
 import uuid
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -58,6 +59,13 @@ def decode_cursor(raw: str | None) -> tuple[datetime, str] | None:
     except (ValueError, TypeError, RecursionError):
         raise ApiError(422, "invalid query", fields=[{"field": "cursor", "message": "not a cursor from this API"}]) \
             from None
+
+
+def paginate(rows: list[Any], limit: int, at: str) -> tuple[list[Any], str | None]:
+    """A page of `rows` (fetched with `limit + 1`, so one past the page tells there is more) and the ?cursor= of
+    the next page (None on the last), from the page's last row's time column `at` and "id"."""
+    page = rows[:limit]
+    return page, encode_cursor(page[-1][at], page[-1]["id"]) if len(rows) > limit else None
 
 
 def iso(value: datetime | None) -> str | None:

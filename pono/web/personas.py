@@ -16,7 +16,7 @@ from pono.context import SERVICES
 from pono.http import ApiError, read_json_model
 from pono.storage import personas as stored
 from pono.web.access import require
-from pono.web.params import database, decode_cursor, encode_cursor, iso, page_limit, path_uuid
+from pono.web.params import database, decode_cursor, iso, page_limit, paginate, path_uuid
 
 
 class TurnTaking(BaseModel):
@@ -89,8 +89,7 @@ async def list_personas(request: web.Request) -> web.Response:
     limit = page_limit(request)
     cursor = decode_cursor(request.query.get("cursor"))
     rows = await stored.list_personas(database(request), cursor, limit + 1)
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
+    page, next_cursor = paginate(rows, limit, "created_at")
     return web.json_response({"personas": [_persona_json(r) for r in page], "next_cursor": next_cursor})
 
 
