@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from pono.signaling.phone.calls import CallHost
@@ -24,17 +25,24 @@ class _Reply(Protocol):
                  headers: list[tuple[str, str]] | None = None, body: bytes = b"") -> bytes: ...
 
 
+Handler = Callable[[SipMessage, tuple[str, int], Send], Awaitable[None]]
+
+
 class InDialogRequests:
-    """Mixed into SipServer, which provides `dialogs`, `calls`, `_reply` (Transactions.reply) and `_drop`."""
+    """The SIP server's (server.py) collaborator for these requests: `dialogs` and `calls` are the server's,
+    `reply` is Transactions.reply, `drop(dialog)` frees a dialog whose call never started. `handlers` maps a
+    method (lower case) to its handler, for the server's dispatch."""
 
-    dialogs: Dialogs
-    calls: CallHost
-    _reply: _Reply
+    def __init__(self, dialogs: Dialogs, calls: CallHost, reply: _Reply,
+                 drop: Callable[[Dialog], Awaitable[None]]) -> None:
+        self.dialogs = dialogs
+        self.calls = calls
+        self._reply = reply
+        self._drop = drop
+        self.handlers: dict[str, Handler] = {"bye": self.bye, "options": self.options, "notify": self.notify,
+                                             "info": self.info}
 
-    async def _drop(self, dialog: Dialog) -> None:
-        raise NotImplementedError
-
-    def _in_dialog(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> Dialog | None:
+    def find(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> Dialog | None:
         """The live dialog an in-dialog request belongs to; None after answering 481 or 403."""
         dialog = self.dialogs.matching(msg)
         if dialog is None or dialog.state == "ended":
@@ -47,8 +55,8 @@ class InDialogRequests:
             return None
         return dialog
 
-    async def _on_bye(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
-        dialog = self._in_dialog(msg, addr, send)
+    async def bye(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
+        dialog = self.find(msg, addr, send)
         if dialog is None:
             return
         self._reply(msg, send, 200, "OK")
@@ -62,11 +70,11 @@ class InDialogRequests:
             dialog.begin = None
             await self._drop(dialog)
 
-    async def _on_options(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
+    async def options(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
         self._reply(msg, send, 200, "OK", headers=capabilities())
 
-    async def _on_notify(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
-        dialog = self._in_dialog(msg, addr, send)
+    async def notify(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
+        dialog = self.find(msg, addr, send)
         if dialog is None:
             return
         self._reply(msg, send, 200, "OK")
@@ -75,8 +83,8 @@ class InDialogRequests:
                 call.end_reason = "transferred"
             await dialog.transport.close()  # the operator has the caller: we leave
 
-    async def _on_info(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
-        dialog = self._in_dialog(msg, addr, send)
+    async def info(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
+        dialog = self.find(msg, addr, send)
         if dialog is None:
             return
         self._reply(msg, send, 200, "OK")

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 PersonaLookup = Callable[[str], Awaitable[Persona]]
 
 
-class SipServer(InDialogRequests):
+class SipServer:
     """The SIP listener. `calls` runs the calls (CallHost); `lookup(dialed number)` picks the persona
     (default: calls.persona_for_number); `secret` is the key every replica shares for digest nonces
     (pono.storage.users.shared_secret; None: derived from the trunk credentials alone).
@@ -63,6 +63,7 @@ class SipServer(InDialogRequests):
         self.dialogs = Dialogs()  # by Pono's call id
         self.transactions = Transactions()
         self._reply = self.transactions.reply
+        self.in_dialog = InDialogRequests(self.dialogs, calls, self._reply, self._drop)
         self._tasks: set[asyncio.Future[object]] = set()
         password = settings.sip_auth_password
         self._auth = DigestAuth(settings.sip_auth_user, password.get_secret_value(), secret) \
@@ -138,7 +139,8 @@ class SipServer(InDialogRequests):
         if (again := self.transactions.retransmission(msg)) is not None:
             send(again)  # a retransmitted request: the same answer again
             return
-        handler = getattr(self, f"_on_{(msg.method or '').lower()}", None)
+        method = (msg.method or "").lower()
+        handler = getattr(self, f"_on_{method}", None) or self.in_dialog.handlers.get(method)
         if handler is None:
             self._reply(msg, send, 405, "Method Not Allowed", headers=[("allow", ALLOW)])
             return
@@ -298,7 +300,7 @@ class SipServer(InDialogRequests):
             begin()
 
     async def _reinvite(self, msg: SipMessage, addr: tuple[str, int], send: Send) -> None:
-        dialog = self._in_dialog(msg, addr, send)
+        dialog = self.in_dialog.find(msg, addr, send)
         if dialog is None or not self._authorised(msg, send):
             return
         if dialog.rtp is None:
