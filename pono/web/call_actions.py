@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from pono.context import SERVICES, Services
 from pono.http import ApiError, read_json_model
+from pono.signaling.api import MAX_SDP_CHARS
 from pono.storage.audit import write_audit
 from pono.storage.control import ActionError
 from pono.storage.users import Principal
@@ -17,7 +18,6 @@ from pono.web.access import require
 
 ACTIONS = ("say", "hang_up", "listen", "take_over", "hand_back")
 MAX_SAY_CHARS = 1000
-MAX_SDP_CHARS = 64 * 1024
 
 
 class ActionIn(BaseModel):
