@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx2
 
 from pono.agent.tools.mcp_servers import McpServerConfig, child_environment
-from pono.agent.tools.netguard import AddressRefused, HostPolicy, guarded_http_client
+from pono.agent.tools.netguard import AddressRefused, HostPolicy, guarded_http_client, refusal_in
 from pono.agent.tools.registry import Tool, ToolContext, ToolRegistry
 
 log = logging.getLogger(__name__)
@@ -60,21 +60,6 @@ async def mcp_session(spec: dict[str, Any]) -> AsyncIterator[Any]:
         session = await stack.enter_async_context(ClientSession(read, write))
         await session.initialize()
         yield session
-
-
-def _refusal(exc: BaseException) -> BaseException | None:
-    """The allow-list refusal inside `exc` (its causes, or an exception group's members), if any."""
-    seen: list[BaseException] = [exc]
-    while seen:
-        current = seen.pop()
-        if isinstance(current, McpRefused | AddressRefused):
-            return current
-        if isinstance(current, BaseExceptionGroup):
-            seen.extend(current.exceptions)
-        for linked in (current.__cause__, current.__context__):
-            if linked is not None and len(seen) < 50:
-                seen.append(linked)
-    return None
 
 
 def _result_value(result: Any) -> Any:
@@ -127,7 +112,7 @@ async def serve_mcp_tools(spec: dict[str, Any], registry: ToolRegistry,
     except asyncio.CancelledError:
         raise
     except BaseException as exc:  # a dead, hanging or refused server costs its tools, never the call
-        refused = _refusal(exc)
+        refused = refusal_in(exc, (McpRefused, AddressRefused))
         if refused is not None:
             log.warning("MCP server %s refused: %s", name, refused)
             on_error(f"MCP server {name} is unavailable: {refused}")

@@ -35,6 +35,25 @@ class AddressRefused(PermissionError):
     """A host or address the allow-list does not admit. Never retried."""
 
 
+def refusal_in(exc: BaseException, kinds: tuple[type[BaseException], ...] = (AddressRefused,)) \
+        -> BaseException | None:
+    """The first exception of `kinds` (a refusal) wrapped in `exc`: `exc` itself, its causes and contexts,
+    aiohttp's `os_error`, an exception group's members. None when there is none (at most 50 looked at)."""
+    pending, seen = [exc], set()
+    while pending and len(seen) < 50:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kinds):
+            return current
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        linked = (current.__cause__, current.__context__, getattr(current, "os_error", None))
+        pending.extend(e for e in linked if isinstance(e, BaseException))
+    return None
+
+
 def _ip(value: str) -> IPAddress | None:
     try:
         address = ipaddress.ip_address(value.strip("[]").split("%", 1)[0])

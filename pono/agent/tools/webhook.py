@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from pono.agent.tools.netguard import AddressRefused, GuardedResolver, HostPolicy
+from pono.agent.tools.netguard import GuardedResolver, HostPolicy, refusal_in
 from pono.agent.tools.registry import Tool, ToolContext
 
 DEFAULT_SECRET_ENV = "PONO_WEBHOOK_SECRET"
@@ -71,14 +71,6 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
         if len(body) > limit:
             raise ValueError(f"webhook answer is over the {limit}-byte limit")
     return bytes(body)
-
-
-def _refused(exc: BaseException) -> AddressRefused | None:
-    while exc is not None:
-        if isinstance(exc, AddressRefused):
-            return exc
-        exc = exc.__cause__ or getattr(exc, "os_error", None)  # type: ignore[assignment]
-    return None
 
 
 def webhook_tool(spec: dict[str, Any], allowed_hosts: list[str],
@@ -132,7 +124,7 @@ def webhook_tool(spec: dict[str, Any], allowed_hosts: list[str],
                 except TimeoutError:
                     failure = f"webhook timed out after {timeout_s:g} s"
                 except aiohttp.ClientError as exc:
-                    refused = _refused(exc)
+                    refused = refusal_in(exc)
                     if refused is not None:
                         raise refused from None
                     failure = f"webhook unreachable: {type(exc).__name__}"
