@@ -39,8 +39,7 @@ def loads(raw: str | bytes) -> Any:
     """`json.loads`, then `repair`. Raises ValueError (json.JSONDecodeError) for malformed JSON, NaN, Infinity
     or numbers too large for a float (Postgres jsonb and every other JSON parser refuse them), and
     RecursionError for absurdly deep nesting, like json.loads."""
-    value = repair(json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float))
-    return value
+    return repair(json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float))
 
 
 def _finite_float(text: str) -> float:

@@ -21,6 +21,7 @@ import openai
 from pono.agent.llm_resilience import (
     AttemptTimeout,
     CircuitBreaker,
+    Outcome,
     count,
     counts_against_endpoint,
     outcome_of,
@@ -230,7 +231,7 @@ class LLMClient:
         endpoint, stream, first = await self._first_token(request, model)
         out.endpoint, out.base_url = endpoint.name, endpoint.base_url
         out.model = model if endpoint is self.primary and model else endpoint.model
-        outcome = "cancelled"
+        outcome: Outcome = "cancelled"
         try:
             chunk = first
             finished = False
@@ -251,7 +252,7 @@ class LLMClient:
                 self.breaker.record_failure()
             raise LLMError(f"{endpoint.name} broke off: {type(exc).__name__}: {exc}") from exc
         finally:
-            count(self.requests_counter, endpoint.name, outcome)  # type: ignore[arg-type]
+            count(self.requests_counter, endpoint.name, outcome)
             await _close(stream)
 
     async def _first_token(self, request: dict[str, Any], model: str | None) -> tuple[Endpoint, Any, Any]:

@@ -23,7 +23,7 @@ from tenacity.wait import wait_exponential_jitter
 log = logging.getLogger(__name__)
 
 # The `outcome` label of pono_llm_requests_total: what happened to one request to one endpoint.
-Outcome = Literal["ok", "cancelled", "error", "timeout", "rate_limited", "skipped"]
+Outcome = Literal["ok", "cancelled", "error", "timeout", "rate_limited", "skipped", "truncated"]
 NOT_RETRIED = (400, 404, 413, 422)  # the request itself is wrong: the same request fails again
 
 

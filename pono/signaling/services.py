@@ -13,7 +13,7 @@ from aiohttp import web
 from pono.agent.personas import Persona
 from pono.auth import TokenSigner
 from pono.settings import Settings
-from pono.signaling.phone.calls import CallHost
+from pono.signaling.phone.calls import CallHost, ModelsState
 from pono.storage.control import ControlBus
 from pono.storage.live import LiveState
 
@@ -38,6 +38,7 @@ class SignalingServices(Protocol):
     """The application's services that call set-up reads (pono.context.Services has them all)."""
 
     settings: Settings
+    models: ModelsState  # the speech models: no call before they are loaded
     calls: CallDesk
     signer: TokenSigner  # replaced at start-up by one keyed with the replicas' shared secret
     storage: LiveStorage

@@ -50,9 +50,8 @@ class Preemption:
 
 @dataclass
 class UserTurn:
-    """A committed caller turn: its words, whether DLP kept them from the LLM, and when STT finished."""
+    """A committed caller turn: whether DLP kept it from the LLM, and when STT finished."""
 
-    text: str
     blocked: bool
     transcribed_at: float  # time.monotonic()
 
@@ -139,7 +138,7 @@ class Responder:
             self._said[turn] = words
             while len(self._said) > 16:
                 del self._said[next(iter(self._said))]
-            return UserTurn(words, llm_text is None, transcribed_at)
+            return UserTurn(llm_text is None, transcribed_at)
         task = self._spawn(commit(), "user-turn")
         self._last_commit = task
         return task
@@ -233,19 +232,16 @@ class Responder:
         self.state.thinking()
         p.held.open()
 
-    def drop_preemptive(self) -> SpeechHandle | None:
-        """The caller went on: cancel the preemptive reply (nothing of it was emitted or played).
-
-        Returns the dropped handle, or None when there was no preemptive reply."""
+    def drop_preemptive(self) -> None:
+        """The caller went on: cancel the preemptive reply (nothing of it was emitted or played)."""
         p, self._preempt = self._preempt, None
         if p is None:
-            return None
+            return
         if p.handle.task is not None:
             p.handle.task.cancel()
         if self._playing is not None and self._playing[0] is p.handle:
             self._playing = None
         self.turns = p.turns_before
-        return p.handle
 
     # -- one reply ----------------------------------------------------------------------------
     async def _answer(self, handle: SpeechHandle, turn: asyncio.Task[UserTurn | None], t0: float,

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 class Priority(IntEnum):
     """Queued handles play highest priority first, then in the order they were scheduled."""
 
-    LOW = 0  # e.g. a filler that may wait behind anything else
     NORMAL = 5  # LLM replies and the greeting
     HIGH = 10  # an operator's words and safety warnings go before queued replies
 
