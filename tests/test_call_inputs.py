@@ -3,16 +3,14 @@ starts as the agent stops, and monologues longer than one utterance. Nothing the
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-from typing import Any
 
 import aiohttp
 import numpy as np
+from helpers import settings_for_new_calls, stored_turns
 from test_voice_call import open_call, trim
 
-from pono.context import SERVICES
 from pono.testing.scripted_llm import Script
 
 MONOLOGUE = ("My name is Robert and I am calling about the order I placed last week. "
@@ -22,19 +20,6 @@ MONOLOGUE = ("My name is Robert and I am calling about the order I placed last w
 
 def words(text: str) -> set[str]:
     return set(re.findall(r"[a-z]+", text.lower()))
-
-
-async def stored_turns(server, admin_token: str, call_id: str, count: int) -> list[dict[str, Any]]:
-    """The call's stored turns, once at least `count` have reached Postgres (writes are batched)."""
-    turns: list[dict[str, Any]] = []
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
-        for _ in range(100):
-            async with http.get(f"{server.url}/api/calls/{call_id}") as r:
-                turns = (await r.json()).get("turns", [])
-            if len(turns) >= count:
-                break
-            await asyncio.sleep(0.1)
-    return turns
 
 
 async def test_lone_surrogate_is_repaired_and_later_replies_work(server, script: Script, admin_token: str) -> None:
@@ -111,12 +96,8 @@ async def test_a_monologue_longer_than_one_utterance_is_kept_whole(server, scrip
     from conftest import espeak
 
     speech = trim(espeak(MONOLOGUE, audio_dir / "monologue.wav"))
-    settings = server.app[SERVICES].settings
-    settings.max_utterance_s = 4.0  # the monologue (about 12 s) is cut into several segments
-    try:
+    with settings_for_new_calls(server, max_utterance_s=4.0):  # the monologue (about 12 s) is cut into segments
         caller = await open_call(server)
-    finally:
-        settings.max_utterance_s = 20.0
     script.reply = "I can exchange that jacket for you."
     try:
         caller.speak(speech)

@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from test_call_inputs import stored_turns
+from helpers import settings_for_new_calls, stored_end_reason, stored_turns
 from test_voice_call import open_call
 
 from pono.context import SERVICES
 from pono.voice.call import TIME_LIMIT_GOODBYE
-
-
-@contextmanager
-def settings_for_new_calls(server, **values: object) -> Iterator[None]:
-    settings = server.app[SERVICES].settings
-    before = {k: getattr(settings, k) for k in values}
-    for k, v in values.items():
-        setattr(settings, k, v)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            setattr(settings, k, v)
 
 
 async def call_gone(server, call_id: str, within_s: float = 20.0) -> bool:
@@ -33,19 +18,6 @@ async def call_gone(server, call_id: str, within_s: float = 20.0) -> bool:
             return True
         await asyncio.sleep(0.1)
     return False
-
-
-async def stored_end_reason(server, admin_token: str, call_id: str) -> str | None:
-    import aiohttp
-
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
-        for _ in range(100):
-            async with http.get(f"{server.url}/api/calls/{call_id}") as r:
-                reason = (await r.json()).get("end_reason")
-            if reason:
-                return reason
-            await asyncio.sleep(0.1)
-    return None
 
 
 async def test_a_call_past_its_maximum_duration_hears_a_goodbye_and_ends(server, script, admin_token) -> None:

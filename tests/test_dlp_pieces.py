@@ -4,17 +4,14 @@ joined number from the LLM when the persona says so."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-import aiohttp
 from feeds import operator_feed
-from test_call_inputs import stored_turns
+from helpers import stored_findings, stored_turns, text_call
 from test_dlp import persona_with_policy
 
 from pono.agent.dlp.engine import DEFAULT_POLICY
 from pono.agent.dlp.window import SpeakerWindow
-from pono.testing.caller import Caller
 from pono.testing.scripted_llm import Script
 from pono.voice.call import BLOCKED_WARNING
 
@@ -36,34 +33,18 @@ def test_turns_far_apart_are_not_joined() -> None:
     assert window.add(1, "1111 1111", 500.0) is None
 
 
-async def stored_findings(server, admin_token: str, call_id: str) -> list[dict[str, object]]:
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
-        for _ in range(50):
-            async with http.get(f"{server.url}/api/calls/{call_id}") as r:
-                findings = (await r.json()).get("dlp_findings", [])
-            if findings:
-                return findings
-            await asyncio.sleep(0.1)
-    return []
-
-
 async def test_a_card_typed_on_the_keypad_is_one_entry_kept_from_the_llm(server, script: Script,
                                                                          admin_token: str) -> None:
     blocking = await persona_with_policy(server, admin_token, {"before_llm": True, "action": "block_and_warn"})
     script.reply = "Noted."
     asked = len(script.requests)
-    caller = Caller(server.url)
-    try:
-        await caller.connect(audio=False, persona=blocking)
-        await caller.wait_open()
+    async with text_call(server.url, blocking) as caller:
         for digit in CARD:
             caller.send_raw(json.dumps({"type": "dtmf", "digit": digit}))
         final = await caller.wait_for(lambda e: e["type"] == "agent.final", 20)
         assert final["text"] == BLOCKED_WARNING
         assert len(script.requests) == asked  # the LLM never saw a digit of it
         assert len([e for e in caller.events if e["type"] == "dtmf"]) == 16
-    finally:
-        await caller.hang_up()
     users = [t["text"] for t in await stored_turns(server, admin_token, caller.call_id, 2) if t["role"] == "user"]
     assert users == ["the caller pressed [CREDIT_CARD]"]
 
@@ -72,10 +53,7 @@ async def test_a_card_in_two_messages_is_redacted_in_both_everywhere(server, scr
                                                                      admin_token: str) -> None:
     redacting = await persona_with_policy(server, admin_token, {"before_llm": True})
     script.reply = "Thanks."
-    caller = Caller(server.url)
-    try:
-        await caller.connect(audio=False, persona=redacting)
-        await caller.wait_open()
+    async with text_call(server.url, redacting) as caller:
         async with operator_feed(server, caller.call_id) as feed:
             caller.send_text("my card is 4111 1111")
             first = await caller.wait_for(lambda e: e["type"] == "agent.final", 20)
@@ -87,8 +65,6 @@ async def test_a_card_in_two_messages_is_redacted_in_both_everywhere(server, scr
         # The LLM's copy of the first piece was redacted before it was asked again.
         asked = " ".join(m["content"] or "" for m in script.requests[-1]["messages"] if m["role"] == "user")
         assert "4111" not in asked and "1111" not in asked
-    finally:
-        await caller.hang_up()
     users = [t["text"] for t in await stored_turns(server, admin_token, caller.call_id, 4) if t["role"] == "user"]
     assert users == ["my card is [CREDIT_CARD]", "[CREDIT_CARD]"]
     findings = await stored_findings(server, admin_token, caller.call_id)

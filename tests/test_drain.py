@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from helpers import fetch_call
 from servers import PonoProcess
 
 from pono.calls import DRAIN_GOODBYE
@@ -27,10 +28,14 @@ async def ready_status(http: aiohttp.ClientSession, url: str) -> int:
         return r.status
 
 
-async def stored_turns(http: aiohttp.ClientSession, url: str, admin_token: str, call_id: str) -> list[dict]:
-    async with http.get(f"{url}/api/calls/{call_id}", headers={"Authorization": f"Bearer {admin_token}"}) as r:
-        assert r.status == 200
-        return (await r.json())["turns"]
+async def call_then_sigterm(process: PonoProcess, caller: Caller, question: str) -> None:
+    """Open a call on the replica, have one question answered, then send the replica SIGTERM."""
+    assert process.process is not None
+    await caller.connect()
+    await caller.wait_open()
+    caller.send_text(question)
+    await caller.wait_for(lambda e: e["type"] == "agent.final", 20)
+    process.process.send_signal(signal.SIGTERM)
 
 
 async def test_sigterm_lets_the_live_call_finish_then_exits_cleanly(
@@ -42,11 +47,7 @@ async def test_sigterm_lets_the_live_call_finish_then_exits_cleanly(
     script.reply = "We are open until ten tonight."
     caller = Caller(process.url)
     try:
-        await caller.connect()
-        await caller.wait_open()
-        caller.send_text("How late are you open?")
-        await caller.wait_for(lambda e: e["type"] == "agent.final", 20)
-        process.process.send_signal(signal.SIGTERM)
+        await call_then_sigterm(process, caller, "How late are you open?")
         async with aiohttp.ClientSession() as http:
             for _ in range(100):
                 if await ready_status(http, process.url) == 503:
@@ -69,7 +70,7 @@ async def test_sigterm_lets_the_live_call_finish_then_exits_cleanly(
         await caller.hang_up()
     assert await asyncio.wait_for(process.process.wait(), 60) == 0
     async with aiohttp.ClientSession() as http:
-        turns = await stored_turns(http, server.url, admin_token, caller.call_id)
+        turns = (await fetch_call(http, server.url, admin_token, caller.call_id))["turns"]
     assert [t["role"] for t in turns] == ["user", "agent", "user", "agent"]
 
 
@@ -83,21 +84,15 @@ async def test_calls_still_live_at_the_drain_timeout_hear_a_goodbye(
     script.reply = "Sure."
     caller = Caller(process.url)
     try:
-        await caller.connect()
-        await caller.wait_open()
-        caller.send_text("Hello")
-        await caller.wait_for(lambda e: e["type"] == "agent.final", 20)
-        process.process.send_signal(signal.SIGTERM)
+        await call_then_sigterm(process, caller, "Hello")
         goodbye = await caller.wait_for(lambda e: e["type"] == "agent.final" and e["text"] == DRAIN_GOODBYE, 30)
         assert goodbye["interrupted"] is False
         assert await asyncio.wait_for(process.process.wait(), 60) == 0
     finally:
         await caller.close()
     async with aiohttp.ClientSession() as http:
-        turns = await stored_turns(http, server.url, admin_token, caller.call_id)
-        async with http.get(f"{server.url}/api/calls/{caller.call_id}",
-                            headers={"Authorization": f"Bearer {admin_token}"}) as r:
-            stored = await r.json()
+        stored = await fetch_call(http, server.url, admin_token, caller.call_id)
+    turns = stored["turns"]
     assert turns[-1]["text"] == DRAIN_GOODBYE and stored["end_reason"] == "drain_timeout"
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import aiohttp
 from feeds import operator_feed
+from helpers import pdf_file, text_call
 
 from pono.agent.knowledge.base import KnowledgeBase
 from pono.agent.knowledge.documents import DocumentError, chunk_text, extract_text
 from pono.agent.knowledge.evaluate import ingest_folder, retrieval_scores
 from pono.context import SERVICES
-from pono.testing.caller import Caller
 from pono.testing.scripted_llm import Script
 
 FIXTURES = Path(__file__).parent / "fixtures" / "knowledge"
@@ -28,15 +28,7 @@ def tiny_pdf(text: str) -> bytes:
                b" /Resources << /Font << /F1 5 0 R >> >> >>",
                b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
                b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for i, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
+    return pdf_file(objects)
 
 
 def test_chunks_follow_headings_overlap_and_keep_offsets() -> None:
@@ -123,10 +115,7 @@ async def test_agent_searches_knowledge_and_cites(server, script: Script, admin_
             assert r.status == 201
     script.responses = [{"tool_calls": [{"name": "search_knowledge", "arguments": {"query": "can I bring a dog"}}]},
                         {"text": "Dogs are welcome on the terrace."}]
-    caller = Caller(server.url)
-    try:
-        await caller.connect(audio=False, persona=name)
-        await caller.wait_open()
+    async with text_call(server.url, name) as caller:
         async with operator_feed(server, caller.call_id) as feed:
             caller.send_text("Can I bring my dog?")
             final = await caller.wait_for(lambda e: e["type"] == "agent.final", 15)
@@ -136,8 +125,6 @@ async def test_agent_searches_knowledge_and_cites(server, script: Script, admin_
         assert used["documents"][0]["document"] == "policies.txt"
         passages = [m["content"] for m in script.requests[-1]["messages"] if m["role"] == "tool"]
         assert "terrace" in passages[0]
-    finally:
-        await caller.hang_up()
 
 
 def test_corrupt_and_empty_documents_are_refused() -> None:

@@ -10,6 +10,7 @@ import uuid
 import aiohttp
 import pytest
 from conftest import RunningServer
+from helpers import pdf_file
 
 import pono.agent.knowledge.base as knowledge_base
 import pono.web.knowledge as knowledge_api
@@ -29,15 +30,7 @@ def big_pdf(pages: int, strokes: int) -> bytes:
         objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents %d 0 R"
                        b" /Resources << /Font << /F1 3 0 R >> >> >>" % (5 + 2 * n))
         objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for i, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
+    return pdf_file(objects)
 
 
 async def test_pdf_ingest_leaves_the_event_loop_free(server: RunningServer, admin_token: str,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -77,11 +78,18 @@ async def fallback() -> AsyncIterator[ScriptedLLM]:
     await llm.stop()
 
 
-def resilient(primary: ScriptedLLM, fallback: ScriptedLLM, metrics: Metrics, **options: Any) -> LLMClient:
+@asynccontextmanager
+async def resilient(primary: ScriptedLLM, fallback: ScriptedLLM, metrics: Metrics,
+                    **options: Any) -> AsyncIterator[LLMClient]:
+    """A client with `primary` and `fallback`, closed on the way out."""
     values: dict[str, Any] = {"timeout_s": 6.0, "retries": 2, "fallback_url": fallback.base_url,
                               "fallback_model": "small-model", "breaker_failures": 100,
                               "requests_counter": metrics.llm_requests}
-    return LLMClient(primary.base_url, "key", "scripted", **{**values, **options})
+    client = LLMClient(primary.base_url, "key", "scripted", **{**values, **options})
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 async def turn(client: LLMClient) -> tuple[str, str | None]:
@@ -101,51 +109,41 @@ async def test_failing_primary_is_retried_then_the_fallback_answers(primary: Scr
                                                                     failure: str, outcome: str) -> None:
     primary.script.failure = failure  # type: ignore[assignment]
     metrics = Metrics()
-    client = resilient(primary, fallback, metrics)
-    try:
+    async with resilient(primary, fallback, metrics) as client:
         assert await turn(client) == ("From the fallback.", "fallback")
         assert len(primary.script.requests) == 3  # the first try and two retries
         assert fallback.script.requests[-1]["model"] == "small-model"
         assert requests(metrics, "primary", outcome) == 3 and requests(metrics, "fallback", "ok") == 1
-    finally:
-        await client.close()
 
 
 async def test_hanging_primary_times_out_within_the_turn_budget_and_the_fallback_answers(
         primary: ScriptedLLM, fallback: ScriptedLLM) -> None:
     primary.script.failure = "hang"
     metrics = Metrics()
-    client = resilient(primary, fallback, metrics, timeout_s=2.0)
-    try:
+    async with resilient(primary, fallback, metrics, timeout_s=2.0) as client:
         assert await turn(client) == ("From the fallback.", "fallback")
         assert requests(metrics, "primary", "timeout") >= 1
         await until(lambda: primary.chats_open == 0, "the hanging request's connection was closed")
-    finally:
-        await client.close()
 
 
 async def test_no_retry_and_no_fallback_once_a_token_was_streamed(primary: ScriptedLLM,
                                                                   fallback: ScriptedLLM) -> None:
     primary.script.failure = "drop"  # the connection breaks after three tokens
     primary.script.reply = "One two three four five six."
-    client = resilient(primary, fallback, Metrics())
     heard: list[str] = []
-    try:
+    async with resilient(primary, fallback, Metrics()) as client:
         with pytest.raises(LLMError):
             async for part in client.stream(MESSAGES):
                 heard.append(str(part))
         assert "".join(heard) == "One two three"
         assert len(primary.script.requests) == 1 and fallback.script.requests == []
-    finally:
-        await client.close()
 
 
 async def test_breaker_spares_a_dead_primary_and_a_probe_closes_it_when_it_recovers(
         primary: ScriptedLLM, fallback: ScriptedLLM) -> None:
     primary.script.failure = "http_500"
     metrics = Metrics()
-    client = resilient(primary, fallback, metrics, retries=0, breaker_failures=3, breaker_reset_s=3600.0)
-    try:
+    async with resilient(primary, fallback, metrics, retries=0, breaker_failures=3, breaker_reset_s=3600.0) as client:
         for _ in range(3):
             assert await turn(client) == ("From the fallback.", "fallback")
         assert client.breaker.state == "open"
@@ -165,8 +163,6 @@ async def test_breaker_spares_a_dead_primary_and_a_probe_closes_it_when_it_recov
         await until(lambda: breaker.probes == 2 and breaker.probing is None, "the second probe ran")
         assert breaker.state == "closed"
         assert await turn(client) == ("From the primary.", "primary")
-    finally:
-        await client.close()
 
 
 async def test_without_a_fallback_a_failing_primary_is_an_llm_error(primary: ScriptedLLM) -> None:

@@ -12,31 +12,20 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from conftest import RunningServer, make_settings, start_server
+from conftest import RunningServer
+from helpers import server_on_own_stores, text_call
 from servers import PostgresProcess, ValkeyProcess
 
 from pono.agent.personas import PersonaUnavailable
 from pono.context import SERVICES
-from pono.storage.users import create_api_key, create_user
-from pono.testing.caller import Caller
 from pono.testing.scripted_llm import Script, ScriptedLLM
 
 
 @pytest.fixture(scope="module")
 async def outage(tmp_path_factory: pytest.TempPathFactory, scripted_llm: ScriptedLLM) \
         -> AsyncIterator[tuple[RunningServer, PostgresProcess, ValkeyProcess, str]]:
-    pg = PostgresProcess(tmp_path_factory.mktemp("outage-pg"))
-    valkey = ValkeyProcess(tmp_path_factory.mktemp("outage-valkey"))
-    settings = make_settings(tmp_path_factory.mktemp("outage"), stt_model="tiny.en",
-                             openai_base_url=scripted_llm.base_url, llm_model="scripted",
-                             database_url=pg.uri, redis_url=valkey.url)
-    running = await start_server(settings)
-    pool = running.app[SERVICES].storage.db.pool
-    _, token = await create_api_key(pool, await create_user(pool, "outage-admin", "admin"), "admin", "t")
-    yield running, pg, valkey, token
-    await running.runner.cleanup()
-    valkey.stop()
-    pg.close()
+    async with server_on_own_stores(tmp_path_factory, scripted_llm, "outage") as stack:
+        yield stack
 
 
 async def _token(http: aiohttp.ClientSession, url: str, persona: str | None) -> tuple[int, dict[str, Any]]:
@@ -76,15 +65,10 @@ async def test_personas_fail_closed_while_postgres_is_down(outage, script: Scrip
             assert status == 503 and "cannot be verified" in body["error"], body
             assert (await _token(http, server.url, None))[0] == 201  # the default, as configured
             script.reply = "Oolong, certainly."
-            caller = Caller(server.url)
-            try:
-                await caller.connect(audio=False, persona=sommelier)
-                await caller.wait_open()
+            async with text_call(server.url, sommelier) as caller:
                 caller.send_text("What do you recommend?")
                 await caller.wait_for(lambda e: e["type"] == "agent.final", 15)
                 assert script.requests[-1]["messages"][0]["content"] == "You are a tea sommelier."
-            finally:
-                await caller.hang_up()
             assert (await calls.persona_for_number("+1 555 0100")).name == sommelier
             with pytest.raises(PersonaUnavailable):
                 await calls.persona_for_number("+15550199")  # never seen: not guessed to be the default

@@ -7,6 +7,7 @@ import json
 import uuid
 
 import aiohttp
+from helpers import text_call
 
 from pono.context import SERVICES
 from pono.testing.caller import Caller
@@ -54,15 +55,10 @@ async def test_call_uses_the_persona_it_asked_for(server, script: Script, admin_
     finally:
         await caller.hang_up()
 
-    by_id = Caller(server.url)
-    try:
-        await by_id.connect(audio=False, persona=persona_id)
-        await by_id.wait_open()
+    async with text_call(server.url, persona_id) as by_id:
         by_id.send_text("Hi")
         await by_id.wait_for(lambda e: e["type"] == "agent.final", 10)
         assert script.requests[-1]["messages"][0]["content"] == "You are a tea sommelier."
-    finally:
-        await by_id.hang_up()
 
 
 async def test_unknown_persona_is_refused_and_default_is_used_otherwise(server, script: Script) -> None:

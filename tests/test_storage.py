@@ -9,8 +9,9 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
-from conftest import RunningServer, make_settings, start_server
-from servers import PonoProcess, PostgresProcess, ValkeyProcess
+from conftest import RunningServer
+from helpers import server_on_own_stores
+from servers import PonoProcess
 
 from pono.context import SERVICES
 from pono.storage.migrate import apply_migrations, migration_files
@@ -190,18 +191,8 @@ async def test_personas_api_and_bad_input(server: RunningServer, admin_token: st
 @pytest.fixture(scope="module")
 async def fragile(tmp_path_factory: pytest.TempPathFactory, scripted_llm: ScriptedLLM):
     """A server on its own Postgres and Valkey, which the tests stop and start under it."""
-    pg = PostgresProcess(tmp_path_factory.mktemp("fragile-pg"))
-    valkey = ValkeyProcess(tmp_path_factory.mktemp("fragile-valkey"))
-    settings = make_settings(tmp_path_factory.mktemp("fragile"), stt_model="tiny.en",
-                             openai_base_url=scripted_llm.base_url, llm_model="scripted",
-                             database_url=pg.uri, redis_url=valkey.url, registry_ttl_s=3)
-    running = await start_server(settings)
-    pool = running.app[SERVICES].storage.db.pool
-    _, token = await create_api_key(pool, await create_user(pool, "fragile-admin", "admin"), "admin", "t")
-    yield running, pg, valkey, token
-    await running.runner.cleanup()
-    valkey.stop()
-    pg.close()
+    async with server_on_own_stores(tmp_path_factory, scripted_llm, "fragile", registry_ttl_s=3) as stack:
+        yield stack
 
 
 async def ready_checks(url: str) -> dict[str, bool]:

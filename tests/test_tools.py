@@ -468,6 +468,17 @@ class Backend:
         await self.runner.cleanup()
 
 
+def hook_backend() -> Backend:
+    """A backend whose POST /hook keeps each body it receives and answers {"ok": true}."""
+
+    async def hook(request: web.Request) -> web.Response:
+        backend.received.append(await request.read())
+        return web.json_response({"ok": True})
+
+    backend = Backend([web.post("/hook", hook)])
+    return backend
+
+
 def tool_context() -> ToolContext:
     return ToolContext(call_id="call-1", persona="security")
 
@@ -499,12 +510,7 @@ async def test_webhook_to_a_name_that_resolves_to_loopback_needs_the_address_lis
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PONO_WEBHOOK_SECRET", SECRET)
 
-    async def hook(request: web.Request) -> web.Response:
-        backend.received.append(await request.read())
-        return web.json_response({"ok": True})
-
-    backend = Backend([web.post("/hook", hook)])
-    async with backend:
+    async with hook_backend() as backend:
         url = f"http://localhost:{backend.port}/hook"
         refused = await run_webhook({"url": url}, ["localhost"])  # the name alone: public addresses only
         assert refused.error is not None and "non-public address" in refused.error
@@ -541,12 +547,7 @@ async def test_webhook_secret_must_be_a_webhook_secret(monkeypatch: pytest.Monke
     monkeypatch.setenv("OPENAI_API_KEY", "sk-the-real-key")
     monkeypatch.setenv("PONO_WEBHOOK_SECRET_CRM", SECRET)
 
-    async def hook(request: web.Request) -> web.Response:
-        backend.received.append(await request.read())
-        return web.json_response({"ok": True})
-
-    backend = Backend([web.post("/hook", hook)])
-    async with backend:
+    async with hook_backend() as backend:
         url = f"http://127.0.0.1:{backend.port}/hook"
         with pytest.raises(ValueError, match="secret_env must be"):
             parse_tool_specs([{"type": "webhook", "name": "hook", "url": url, "secret_env": "OPENAI_API_KEY"}])

@@ -7,6 +7,7 @@ import re
 
 import aiohttp
 import numpy as np
+from helpers import settings_for_new_calls
 
 from pono.agent.conversation import APOLOGY
 from pono.context import SERVICES
@@ -179,12 +180,8 @@ async def test_garbage_audio_makes_no_turn(server, script: Script) -> None:
 
 
 async def test_preemptive_reply_is_committed_at_end_of_turn(server, script: Script, question: np.ndarray) -> None:
-    settings = server.app[SERVICES].settings
-    settings.hangover_ms = 1500  # a long end-of-turn wait: STT and the LLM finish inside it
-    try:
+    with settings_for_new_calls(server, hangover_ms=1500):  # a long end-of-turn wait: STT and the LLM finish inside
         caller = await open_call(server)
-    finally:
-        settings.hangover_ms = 450
     script.reply = "Booked, see you at seven."
     try:
         caller.speak(question)

@@ -1,0 +1,115 @@
+"""Small pieces several test files share: a server on stores of its own, a text call, reading a call back
+through the API, a settings change for new calls, and a hand-built PDF."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import RunningServer, make_settings, start_server
+from servers import PostgresProcess, ValkeyProcess
+
+from pono.context import SERVICES
+from pono.storage.users import create_api_key, create_user
+from pono.testing.caller import Caller
+from pono.testing.scripted_llm import ScriptedLLM
+
+
+@asynccontextmanager
+async def server_on_own_stores(tmp_path_factory: pytest.TempPathFactory, scripted_llm: ScriptedLLM, name: str,
+                               **settings: Any) -> AsyncIterator[tuple[RunningServer, PostgresProcess,
+                                                                       ValkeyProcess, str]]:
+    """A server on its own Postgres and Valkey (which a test may stop and start under it), and an admin token."""
+    pg = PostgresProcess(tmp_path_factory.mktemp(f"{name}-pg"))
+    valkey = ValkeyProcess(tmp_path_factory.mktemp(f"{name}-valkey"))
+    running = await start_server(make_settings(tmp_path_factory.mktemp(name), stt_model="tiny.en",
+                                               openai_base_url=scripted_llm.base_url, llm_model="scripted",
+                                               database_url=pg.uri, redis_url=valkey.url, **settings))
+    pool = running.app[SERVICES].storage.db.pool
+    _, token = await create_api_key(pool, await create_user(pool, f"{name}-admin", "admin"), "admin", "t")
+    yield running, pg, valkey, token
+    await running.runner.cleanup()
+    valkey.stop()
+    pg.close()
+
+
+@asynccontextmanager
+async def text_call(url: str, persona: str | None = None) -> AsyncIterator[Caller]:
+    """An open call without audio (as `persona` when given), hung up on the way out."""
+    caller = Caller(url)
+    try:
+        await caller.connect(audio=False, persona=persona)
+        await caller.wait_open()
+        yield caller
+    finally:
+        await caller.hang_up()
+
+
+async def fetch_call(http: aiohttp.ClientSession, url: str, admin_token: str, call_id: str) -> dict[str, Any]:
+    """`GET /api/calls/{id}` once; it must answer 200."""
+    async with http.get(f"{url}/api/calls/{call_id}", headers={"Authorization": f"Bearer {admin_token}"}) as r:
+        assert r.status == 200
+        return await r.json()
+
+
+async def poll_call(server: Any, admin_token: str, call_id: str, done: Callable[[dict[str, Any]], bool],
+                    tries: int = 100) -> dict[str, Any]:
+    """`GET /api/calls/{id}` every 0.1 s until `done` holds for the answer (writes are batched), or `tries`
+    reads were made; the last answer either way."""
+    call: dict[str, Any] = {}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
+        for _ in range(tries):
+            async with http.get(f"{server.url}/api/calls/{call_id}") as r:
+                call = await r.json()
+            if done(call):
+                break
+            await asyncio.sleep(0.1)
+    return call
+
+
+async def stored_turns(server: Any, admin_token: str, call_id: str, count: int) -> list[dict[str, Any]]:
+    """The call's stored turns, once at least `count` have reached Postgres."""
+    return (await poll_call(server, admin_token, call_id, lambda c: len(c.get("turns", [])) >= count)).get("turns", [])
+
+
+async def stored_end_reason(server: Any, admin_token: str, call_id: str) -> str | None:
+    """Why the call ended, once that is stored; None if it never is."""
+    call = await poll_call(server, admin_token, call_id, lambda c: bool(c.get("end_reason")))
+    return call.get("end_reason") or None
+
+
+async def stored_findings(server: Any, admin_token: str, call_id: str) -> list[dict[str, object]]:
+    """The call's DLP findings, once there are any; [] if none arrive."""
+    call = await poll_call(server, admin_token, call_id, lambda c: bool(c.get("dlp_findings")), tries=50)
+    return call.get("dlp_findings") or []
+
+
+@contextmanager
+def settings_for_new_calls(server: Any, **values: object) -> Iterator[None]:
+    """Settings that calls opened inside the block start with; the old values are back afterwards."""
+    settings = server.app[SERVICES].settings
+    before = {k: getattr(settings, k) for k in values}
+    for k, v in values.items():
+        setattr(settings, k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(settings, k, v)
+
+
+def pdf_file(objects: list[bytes]) -> bytes:
+    """A PDF of `objects` (numbered from 1, the first the catalog), with a byte-exact xref table."""
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
