@@ -31,6 +31,10 @@ CALLER_EVENTS = frozenset({
 # What DLP rewrites. Agent deltas are the agent's own speech, heard by this caller as it is sent: they pass
 # as they are, and the turn's agent.final carries the redacted whole.
 _REDACTED = frozenset({"transcript.partial", "transcript.final", "agent.final"})
+# Errors whose message is meant for the caller; others (an MCP server's failure, which can name the operator's
+# hosts and settings) reach the caller as their kind with a plain message, operators and logs in full.
+_CALLER_ERRORS = frozenset({"bad_message", "rate_limited", "llm", "llm_truncated", "llm_empty", "internal"})
+_PLAIN_ERROR = "something went wrong on our side; the call goes on"
 _MAX_PENDING = 2000  # a caller that can't keep up loses the oldest events, never the call's memory
 
 RedactEvent = Callable[[dict[str, Any], Any, dict[int, str]], dict[str, Any]]
@@ -59,7 +63,10 @@ class CallerView:
             return
         if len(self._pending) >= _MAX_PENDING:
             del self._pending[0]
-        self._pending.append(event.to_json())
+        message = event.to_json()
+        if event.type is EventType.ERROR and message.get("kind") not in _CALLER_ERRORS:
+            message["message"] = _PLAIN_ERROR
+        self._pending.append(message)
         self._sent.clear()
         self._wake.set()
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 
 import aiohttp
 import numpy as np
-from helpers import settings_for_new_calls, stored_turns
+from helpers import settings_for_new_calls, stored_turns, text_call
 from test_voice_call import open_call, trim
 
 from pono.testing.scripted_llm import Script
@@ -177,3 +178,38 @@ async def test_an_empty_answer_is_asked_again_then_the_caller_hears_why(server, 
     finally:
         script.responses = []
         await caller.hang_up()
+
+
+async def test_a_bad_key_is_named_and_an_interrupted_text_reply_keeps_what_was_sent(server, script: Script) -> None:
+    script.reply = "Let me tell you all about our long history, our cooks, and our garden. " * 6
+    script.token_interval_s = 0.05
+    try:
+        async with text_call(server.url) as caller:
+            caller.send_raw(json.dumps({"type": "dtmf", "digit": "Z"}))
+            bad = await caller.wait_for(lambda e: e["type"] == "error", 10)
+            assert bad["kind"] == "bad_message" and "'digit'" in bad["message"]
+            caller.send_text("Tell me about the restaurant")
+            await caller.wait_for(lambda e: e["type"] == "agent.delta", 20)
+            caller.send_text("Stop, when do you open?")
+            cut = await caller.wait_for(lambda e: e["type"] == "agent.final" and e["interrupted"], 20)
+            sent = "".join(e["text"] for e in caller.events if e["type"] == "agent.delta" and e["turn"] == cut["turn"])
+            assert cut["text"] and cut["text"] == sent.strip()
+    finally:
+        script.token_interval_s = 0.01
+
+
+async def test_the_caller_never_sees_how_a_tool_is_configured(server, script: Script, admin_token: str) -> None:
+    name = f"mcp-{uuid.uuid4().hex[:6]}"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
+        async with http.post(f"{server.url}/api/personas", json={
+                "name": name, "system_prompt": "x",
+                "tools": [{"type": "mcp", "name": "meta", "url": "http://169.254.169.254/latest"}]}) as r:
+            assert r.status == 201, await r.text()
+        async with http.post(f"{server.url}/api/personas", json={
+                "name": f"{name}-hot", "system_prompt": "x", "llm_params": {"temperature": "hot"}}) as r:
+            assert r.status == 422 and "llm_params" in await r.text()
+    async with text_call(server.url, name) as caller:
+        told = await caller.wait_for(lambda e: e["type"] == "error" and e.get("kind") == "mcp", 20)
+    # The caller learns that something failed, never the operator's hosts or settings (operators and logs do).
+    assert told["message"] and "169.254" not in json.dumps(caller.events)
+    assert "ALLOWED" not in json.dumps(caller.events)

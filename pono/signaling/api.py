@@ -321,7 +321,9 @@ async def create_call(request: web.Request) -> web.Response:
     services = request.app[SIGNALING]
     claims = verify_call_token(request, services)
     body = await read_json_model(request, CallOffer)
-    if not services.models.loaded.is_set() or services.calls.draining:
+    if services.calls.draining:
+        raise ApiError(503, "this server is draining; try again", retry_after_s=5)
+    if not services.models.loaded.is_set():
         raise ApiError(503, "the server is not ready for calls yet", retry_after_s=2)
     # A place is held before the first await, so concurrent offers cannot all pass a check of "full".
     if not services.calls.reserve():

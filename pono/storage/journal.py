@@ -20,6 +20,7 @@ class Journal:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.chmod(0o700)  # redacted, but still callers' words
         self.pending = folder / "pending.jsonl"
         self._lock = threading.Lock()  # appends come from a worker thread; rotation from another
 

@@ -311,7 +311,10 @@ class Call:
                 if self.responder.busy:
                     await self._barge_in()
                 self.responder.reply_to(self.responder.commit_user(text=text.strip()), t0=time.monotonic())
-            elif kind == "dtmf" and message.get("digit") in DTMF_KEYS:
+            elif kind == "dtmf" and message.get("digit") not in DTMF_KEYS:
+                self.events.emit(EventType.ERROR, kind="bad_message",
+                                 message=f"'digit' must be one of {''.join(DTMF_KEYS)}")
+            elif kind == "dtmf":
                 # A key press is an event at once, and words for the agent once the caller stops pressing:
                 # a menu choice, a PIN or a card number typed on the keypad is one turn, read (and DLP-scanned)
                 # whole. "#" ends the keys at once.

@@ -294,5 +294,10 @@ class Reply:
         while self.transport.played_s < position_s and self.transport.queued_s > 0:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
+    @property
+    def text_so_far(self) -> str:
+        """The reply's text streamed so far (as agent.delta events), stripped."""
+        return self._text.strip()
+
     def heard(self, played_s: float) -> str:
         return self.playout.heard_text(played_s)

@@ -185,8 +185,8 @@ class Responder:
         await self.scheduler.interrupt(force=force)
         if reply is None or reply.finished:
             return  # still transcribing, or it had just finished: no agent turn to cut
-        if self.transport.has_audio:
-            reply.outcome.text = reply.heard(played)
+        # What the caller got: with audio, the words played so far; without, the text already sent to them.
+        reply.outcome.text = reply.heard(played) if self.transport.has_audio else reply.text_so_far
         self.events.emit(EventType.BARGE_IN, reply.turn, reason=reason, heard_chars=len(reply.outcome.text))
         self._finish(handle, reply, interrupted=True)
 

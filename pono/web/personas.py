@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 from aiohttp import web
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pono.agent.dlp.engine import DlpPolicy
 from pono.agent.tools.specs import parse_tool_specs
@@ -43,6 +43,15 @@ def _valid_tools(value: list[Any]) -> list[Any]:
     return value
 
 
+class LlmParams(BaseModel):
+    """The LLM settings a persona may set; anything else is refused (it would reach the LLM request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=8192)
+
+
 class PersonaIn(BaseModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[\w .-]+$")
     system_prompt: str = Field(min_length=1, max_length=20_000)
@@ -50,7 +59,7 @@ class PersonaIn(BaseModel):
     language: str = Field(default="en", min_length=2, max_length=16)
     tts_voice: str | None = Field(default=None, max_length=100)
     llm_model: str | None = Field(default=None, max_length=200)
-    llm_params: dict[str, Any] = Field(default_factory=dict)
+    llm_params: LlmParams = Field(default_factory=LlmParams)
     tools: Annotated[list[Any], AfterValidator(_valid_tools)] = Field(default_factory=list)
     knowledge_collections: list[str] = Field(default_factory=list)
     dlp_policy: Annotated[dict[str, Any], AfterValidator(_valid_dlp_policy)] = Field(default_factory=dict)
@@ -110,7 +119,8 @@ async def _save_persona(request: web.Request, persona_id: uuid.UUID | None) -> w
         parse_tool_specs(body.tools, known_servers=request.app[SERVICES].settings.mcp_servers)
     except ValueError as exc:
         raise ApiError(422, "invalid request body", fields=[{"field": "tools", "message": str(exc)}]) from None
-    values = {**body.model_dump(), "turn_taking": body.turn_taking.model_dump(exclude_none=True)}
+    values = {**body.model_dump(), "turn_taking": body.turn_taking.model_dump(exclude_none=True),
+              "llm_params": body.llm_params.model_dump(exclude_none=True)}
     try:
         persona = await stored.save_persona(database(request), persona_id, values, who.name, request.remote)
     except stored.PersonaNotFound:
