@@ -65,7 +65,9 @@ class CallerView:
             del self._pending[0]
         message = event.to_json()
         if event.type is EventType.ERROR and message.get("kind") not in _CALLER_ERRORS:
-            message["message"] = _PLAIN_ERROR
+            # Which tool failed is the persona's own vocabulary; why (hosts, settings) stays with operators.
+            tool = message.get("tool")
+            message["message"] = f"the tool {tool!r} is unavailable" if tool else _PLAIN_ERROR
         self._pending.append(message)
         self._sent.clear()
         self._wake.set()

@@ -41,8 +41,8 @@ class AgentActions:
     def serve_mcp(self, specs: list[dict[str, Any]], registry: ToolRegistry) -> None:
         """Connect the persona's MCP servers for the length of the call; their tools join as they come."""
         for spec in specs:
-            self._spawn(serve_mcp_tools(spec, registry, lambda message: self.events.emit(
-                EventType.ERROR, kind="mcp", message=message)), f"mcp-{spec['name']}")
+            self._spawn(serve_mcp_tools(spec, registry, lambda message, tool=spec["name"]: self.events.emit(
+                EventType.ERROR, kind="mcp", tool=tool, message=message)), f"mcp-{spec['name']}")
 
     async def cite(self, query: str, hits: list[dict[str, Any]]) -> None:
         """Citations go to the event stream (caller's view, operators, storage), not into the spoken text."""
