@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     stt_partial_interval_s: float = 1.0  # 0 disables partial transcripts
     tts: Literal["hibari", "piper"] = "hibari"
     tts_voice: str | None = None
+    # "cuda" needs onnxruntime's CUDA provider (pip install 'pono[gpu]') and fails loudly without it.
+    tts_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Where models are kept: the joined Whisper base, and larger CTranslate2 models a deployment adds
+    # (PONO_STT_MODEL=<models dir>/<folder>). Default: <data dir>/models.
+    models_dir: Path = Path(".pono/models")
 
     # Turn-taking (milliseconds).
     vad_threshold: float = 0.5
@@ -173,11 +178,11 @@ class Settings(BaseSettings):
 
     def model_post_init(self, __context: Any) -> None:
         self.data_dir = self.data_dir.expanduser().resolve()
+        if "models_dir" not in self.model_fields_set:  # it follows the data dir unless set itself
+            self.models_dir = self.data_dir / "models"
+        self.models_dir = self.models_dir.expanduser().resolve()
 
     @property
     def embedded_llm(self) -> bool:
         return not self.openai_base_url
 
-    @property
-    def models_dir(self) -> Path:
-        return self.data_dir / "models"

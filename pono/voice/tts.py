@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from pono.voice.cuda_libs import preload_cuda_libraries
+
+if TYPE_CHECKING:
+    import onnxruntime
+
 log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
 
 
 class TTSEngine(Protocol):
@@ -37,12 +45,59 @@ def trim_silence(chunks: list[np.ndarray], rate: int, lead_s: float = 0.02, tail
     return [audio[start:end]]
 
 
+def tts_providers(device: str = "auto") -> list[str]:
+    """onnxruntime execution providers for TTS on `device` ("auto", "cpu" or "cuda", PONO_TTS_DEVICE).
+
+    CUDA first (CPU after it, for the operators CUDA lacks) when this onnxruntime has the CUDA provider and
+    the device allows it; CPU alone otherwise. "cuda" without the CUDA provider is an error, never a quiet
+    fall back to CPU.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"PONO_TTS_DEVICE={device!r}: expected 'auto', 'cpu' or 'cuda'")
+    if device == "cpu":
+        return [CPU]
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        raise RuntimeError(
+            f"PONO_TTS_DEVICE=cuda, but this onnxruntime ({ort.__version__}) has no {CUDA} (it has "
+            f"{', '.join(available)}). Install the GPU build: pip install 'pono[gpu]', then remove the CPU-only "
+            "onnxruntime that shadows it (README, GPU); or set PONO_TTS_DEVICE=auto or cpu.")
+    return [CPU]
+
+
+def open_session(model_path: str, providers: list[str], threads: int = 1) -> onnxruntime.InferenceSession:
+    """An InferenceSession for a hibari model, with hibari's own options but the given providers."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_path, options, providers=providers)
+
+
 class HibariTTS:
-    def __init__(self, voice: str | None = None) -> None:
+    """hibari on `device`. hibari itself always opens its model on onnxruntime's CPU provider; for CUDA its
+    session is replaced by one opened here on the CUDA provider (same model file, same options)."""
+
+    def __init__(self, voice: str | None = None, device: str = "auto") -> None:
         from hibari import SAMPLE_RATE, Hibari
 
         self.sample_rate = SAMPLE_RATE
+        providers = tts_providers(device)
         self.engine = Hibari(voice) if voice else Hibari()
+        if CUDA in providers:
+            preload_cuda_libraries()  # the CUDA provider dlopens cuDNN and cuBLAS by name
+            self.engine.sess = open_session(self.engine.model_path, providers)
+        self.device = "cuda" if CUDA in self.engine.sess.get_providers() else "cpu"
+        if device == "cuda" and self.device != "cuda":
+            raise RuntimeError(
+                "PONO_TTS_DEVICE=cuda, but onnxruntime could not start its CUDA provider (no GPU visible, or the "
+                "CUDA 12 / cuDNN 9 libraries are missing: pip install 'pono[gpu]')")
+        log.info("TTS hibari voice %s on %s", self.engine.voice, self.device)
 
     def synthesize(self, text: str) -> list[np.ndarray]:
         chunks = [_to_int16(np.asarray(a, np.float32)) for a in self.engine.stream(text) if len(a)]
@@ -50,7 +105,11 @@ class HibariTTS:
 
 
 class PiperTTS:
-    def __init__(self, voice: str | None = None) -> None:
+    """piper (the optional GPL extra), on the CPU."""
+
+    def __init__(self, voice: str | None = None, device: str = "auto") -> None:
+        if device == "cuda":
+            raise RuntimeError("PONO_TTS_DEVICE=cuda is for hibari; piper runs on the CPU (PONO_TTS_DEVICE=auto)")
         try:
             from piper import PiperVoice
         except ImportError as exc:
@@ -67,7 +126,9 @@ class PiperTTS:
         return trim_silence(chunks, self.sample_rate)
 
 
-def load_tts(name: str, voice: str | None) -> TTSEngine:
+def load_tts(name: str, voice: str | None, device: str = "auto") -> TTSEngine:
+    """The TTS engine `name` ("hibari" or "piper") with `voice` (None: its default) on `device`. Blocking, and
+    it may download a voice: call it in a worker thread, never on the event loop."""
     if name == "piper":
-        return PiperTTS(voice)
-    return HibariTTS(voice)
+        return PiperTTS(voice, device)
+    return HibariTTS(voice, device)
