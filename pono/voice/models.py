@@ -15,6 +15,7 @@ from pono.settings import Settings
 from pono.voice.stt import WhisperSTT
 from pono.voice.tts import TTSEngine, load_tts
 from pono.voice.vad import SileroVAD
+from pono.voice.voices import VoiceLibrary
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,7 +32,8 @@ class SpeechModels:
         self._vad_pool = ThreadPoolExecutor(1, thread_name_prefix="vad")
         self._stt_pool = ThreadPoolExecutor(1, thread_name_prefix="stt")
         self._tts_pool = ThreadPoolExecutor(1, thread_name_prefix="tts")
-        self._voices: dict[str, TTSEngine] = {}
+        # Persona voices load in threads of their own: one call's voice download never stalls the TTS thread.
+        self.voices = VoiceLibrary(lambda voice: load_tts(settings.tts, voice, settings.tts_device))
         self.loaded = asyncio.Event()
         self.load_error: str | None = None
 
@@ -77,22 +79,13 @@ class SpeechModels:
         return self._engine(voice).synthesize(text)
 
     def _engine(self, voice: str | None) -> TTSEngine:
-        """The engine for a persona's voice, loaded once (in the TTS thread). A voice that cannot be had
-        (hibari fetches voices other than its bundled one, and this host may be offline) falls back to the
-        default voice, once logged."""
+        """The engine for a persona's voice; never waits for one. A voice not loaded yet starts loading in a
+        thread of its own and the default voice speaks meanwhile; one that cannot be had (hibari downloads
+        voices other than its bundled one, and this host may be offline) keeps the default voice, once logged."""
         assert self.tts is not None
         if not voice or voice == self.settings.tts_voice:
             return self.tts
-        if voice not in self._voices:
-            try:
-                engine = load_tts(self.settings.tts, voice)
-                if engine.sample_rate != self.tts.sample_rate:
-                    raise ValueError("a persona voice must have the default voice's sample rate")
-                self._voices[voice] = engine
-            except Exception as exc:
-                log.error("TTS voice %r unavailable (%s); using the default voice", voice, type(exc).__name__)
-                self._voices[voice] = self.tts
-        return self._voices[voice]
+        return self.voices.engine(voice, self.tts)
 
     @property
     def tts_rate(self) -> int:
