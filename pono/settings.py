@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     stt_device: Literal["auto", "cpu", "cuda"] = "auto"
     stt_cpu_threads: int = 2
     stt_partial_interval_s: float = 1.0  # 0 disables partial transcripts
+    stt_partial_window_s: float = 10.0  # encoder window of a partial (Whisper's own is 30 s; shorter is faster)
+    stt_batch_window_ms: float = 20.0  # requests this close together go to Whisper as one batch; 0: no wait
+    stt_max_batch: int = 8  # clips per Whisper batch; 1: no batching
     tts: Literal["hibari", "piper"] = "hibari"
     tts_voice: str | None = None
     # "cuda" needs onnxruntime's CUDA provider (pip install 'pono[gpu]') and fails loudly without it.
@@ -51,7 +54,7 @@ class Settings(BaseSettings):
     min_speech_ms: int = 200
     hangover_ms: int = 450
     barge_in_min_ms: int = 600
-    max_utterance_s: float = 20.0
+    max_utterance_s: float = 120.0  # a turn this long is cut and committed; the caller may go on
     drain_timeout_s: float = 3600.0  # on SIGTERM, live calls may go on this long before a goodbye
     call_max_s: float = 3600.0  # a call this long hears a goodbye and is hung up; 0: no limit
     call_idle_timeout_s: float = 300.0  # no audio frames nor messages from the caller this long: hang up; 0: never

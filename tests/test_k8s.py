@@ -628,7 +628,7 @@ def test_dockerfile_structure() -> None:
 
 def test_the_image_finds_the_whisper_model_where_the_build_joins_it(tmp_path: Path) -> None:
     """The Dockerfile joins Whisper base with resolve_model_dir('base', /opt/pono/models) (checking that
-    whisper-base/model.bin exists) and sets PONO_STT_MODEL to that folder: a path WhisperSTT must take as a
+    whisper-base/model.bin exists) and sets PONO_STT_MODEL to that folder: a path BatchedWhisper must take as a
     ready model folder, with nothing joined or written at run time."""
     from pono.voice import stt
 

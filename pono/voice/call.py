@@ -101,7 +101,10 @@ class Call:
         self._keys: list[str] = []
         self._keys_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._stt_busy = False
+        self._utterance_samples = 0
+        # Streaming STT: partials while the caller speaks, the final on demand (pono.voice.speech.recognizer).
+        self.recognizer = models.recognizer(language, partial_interval_s=partial_interval_s,
+                                            on_partial=self._partial, spawn=self._spawn)
         # A per-call budget for typed messages and key presses: a burst is fine, a flood is refused.
         self._text_budget = AsyncLimiter(max(1, text_messages_per_10s), 10.0)
         toolbox: ToolBox | None = None
@@ -140,6 +143,7 @@ class Call:
             for task in [*loops, *self._tasks]:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            self.recognizer.close()
             await self._close_transport()
             self.events.emit(
                 EventType.CALL_ENDED, reason=self.end_reason, duration_s=round(time.time() - self.started, 3)
@@ -204,81 +208,77 @@ class Call:
         vad = self.models.vad.stream()
         detector = TurnDetector(self.turn_config)
         recent: deque[np.ndarray] = deque(maxlen=(self.turn_config.min_speech_ms + _PREROLL_MS) // FRAME_MS)
-        utterance: list[np.ndarray] = []
-        responder = self.responder
+        recognizer, responder = self.recognizer, self.responder
         pause_at = 0.0
-        spec: asyncio.Task[str] | None = None  # speculative STT started at the first pause
-        last_partial = 0.0
+        spec: asyncio.Task[str] | None = None  # speculative final transcript started at the first pause
         barged = started_while_busy = False
         async for frame in self.transport.audio_frames():
             self._last_activity = time.monotonic()
             if detector.in_speech:
-                utterance.append(frame)
+                recognizer.push(frame)
             else:
                 recent.append(frame)
             for prob in await self.models.run_vad(vad.process, frame):
                 signal = detector.update(prob)
                 if signal is Signal.START:
-                    utterance = list(recent)
+                    recognizer.reset()
+                    for earlier in recent:
+                        recognizer.push(earlier)
                     recent.clear()
                     spec, barged = None, False
                     started_while_busy = responder.busy
-                    last_partial = time.monotonic()
+                    recognizer.partials = not started_while_busy
+                    self._utterance_samples = 0
                     self.events.emit(EventType.SPEECH_STARTED, responder.turns)
                     self.state.caller_started(agent_busy=started_while_busy)
                 elif signal is Signal.PAUSE:
                     pause_at = time.monotonic()
                     if not started_while_busy or barged:
-                        spec = self._spawn(self._transcribe(np.concatenate(utterance)), "stt-spec")
+                        spec = self._spawn(recognizer.final(), "stt-spec")
                         responder.spec = spec
                         spec.add_done_callback(lambda task, t0=pause_at: responder.preempt(task, t0))
                 elif signal is Signal.RESUME:
                     spec = responder.spec = None  # the caller went on: that transcript is stale
                     responder.drop_preemptive()
                 elif signal is Signal.END:
-                    audio, utterance = np.concatenate(utterance), []
                     ignored = started_while_busy and not barged
                     self.events.emit(EventType.SPEECH_STOPPED, responder.turns, ignored=ignored,
-                                     duration_s=round(audio.size / 16000, 3))
+                                     duration_s=round(self._utterance_samples / 16000, 3))
                     if responder.preempted_by(spec):
                         responder.commit_preemptive()
                     elif not ignored:
                         responder.drop_preemptive()
-                        turn = responder.commit_user(audio=audio, spec=spec, source="voice")
+                        turn = responder.commit_user(spec=spec or self._spawn(recognizer.final(), "stt-final"),
+                                                     source="voice")
                         responder.reply_to(turn, t0=pause_at or time.monotonic(), spoken=True)
                     spec = responder.spec = None
+                    recognizer.reset()  # a final in flight keeps its own copy of the audio
                 elif signal is Signal.SEGMENT:
                     # A long turn is cut for transcription; each piece is kept, and one reply answers them all.
-                    audio, utterance = np.concatenate(utterance), []
                     spec = responder.spec = None
                     responder.drop_preemptive()
                     if not started_while_busy or barged:
-                        responder.commit_user(audio=audio, source="voice")
+                        responder.commit_user(spec=self._spawn(recognizer.final(), "stt-final"), source="voice")
+                    recognizer.reset()
                 if detector.in_speech and started_while_busy and not barged:
                     if not responder.busy:
                         # The agent stopped before the caller did: from here on this is the caller's turn.
                         started_while_busy = False
+                        recognizer.partials = True
                         self.state.caller_started(agent_busy=False)
                     elif detector.voiced_ms >= self.barge_in_min_ms:
                         barged = True
+                        recognizer.partials = True
                         await self._barge_in()
-            if (detector.in_speech and self.partial_interval_s > 0 and not self._stt_busy
-                    and (not started_while_busy or barged)
-                    and time.monotonic() - last_partial >= self.partial_interval_s):
-                last_partial = time.monotonic()
-                self._spawn(self._partial(np.concatenate(utterance), responder.turns), "stt-partial")
+            if detector.in_speech:
+                self._utterance_samples += frame.size
 
     async def _transcribe(self, audio: np.ndarray) -> str:
-        self._stt_busy = True
-        try:
-            return await self.models.run_stt(audio, self.language)
-        finally:
-            self._stt_busy = False
+        return await self.models.run_stt(audio, self.language)
 
-    async def _partial(self, audio: np.ndarray, turn: int) -> None:
-        text = await self._transcribe(audio)
-        if text and self.state.state is CallState.USER_SPEAKING and turn == self.responder.turns:
-            self.events.emit(EventType.TRANSCRIPT_PARTIAL, turn, text=text)
+    def _partial(self, text: str) -> None:
+        if self.state.state is CallState.USER_SPEAKING:
+            self.events.emit(EventType.TRANSCRIPT_PARTIAL, self.responder.turns, text=text)
 
     def _keys_pressed(self) -> None:
         keys, self._keys = "".join(self._keys), []

@@ -7,12 +7,14 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from pono.settings import Settings
-from pono.voice.stt import WhisperSTT
+from pono.voice.speech.engine import BatchStats, TranscriptionEngine
+from pono.voice.speech.recognizer import Recognizer, StreamingRecognizer
+from pono.voice.speech.whisper import BatchedWhisper, Clip, Hypothesis
 from pono.voice.tts import TTSEngine, load_tts
 from pono.voice.vad import SileroVAD
 from pono.voice.voices import VoiceLibrary
@@ -25,12 +27,13 @@ class SpeechModels:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.vad: SileroVAD | None = None
-        self.stt: WhisperSTT | None = None
+        self.stt: TranscriptionEngine | None = None
+        self.on_batch: Callable[[BatchStats], None] | None = None  # metrics of every Whisper batch
         self.tts: TTSEngine | None = None
         # One thread per model kind: STT never queues behind TTS, and VAD (0.1 ms) never behind either.
-        # On a small CPU one Whisper at a time is faster overall than two fighting for cores.
+        # On a small CPU one Whisper at a time is faster overall than two fighting for cores (the STT engine
+        # has its own thread, and batches what several calls need at once).
         self._vad_pool = ThreadPoolExecutor(1, thread_name_prefix="vad")
-        self._stt_pool = ThreadPoolExecutor(1, thread_name_prefix="stt")
         self._tts_pool = ThreadPoolExecutor(1, thread_name_prefix="tts")
         # Persona voices load in threads of their own: one call's voice download never stalls the TTS thread.
         self.voices = VoiceLibrary(lambda voice: load_tts(settings.tts, voice, settings.tts_device))
@@ -45,10 +48,10 @@ class SpeechModels:
             s = self.settings
             self.vad = await loop.run_in_executor(self._vad_pool, SileroVAD)
             self.tts = await loop.run_in_executor(self._tts_pool, load_tts, s.tts, s.tts_voice)
-            self.stt = await loop.run_in_executor(
-                self._stt_pool,
-                lambda: WhisperSTT(s.stt_model, s.models_dir, s.stt_device, s.stt_cpu_threads),
-            )
+            whisper = await asyncio.to_thread(
+                BatchedWhisper, s.stt_model, s.models_dir, s.stt_device, s.stt_cpu_threads)
+            self.stt = TranscriptionEngine(whisper, batch_window_s=s.stt_batch_window_ms / 1000,
+                                           max_batch=s.stt_max_batch, on_batch=self._batched)
             await self._warm()
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -67,9 +70,28 @@ class SpeechModels:
     async def run_vad(self, fn: Callable[[np.ndarray], T], pcm: np.ndarray) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._vad_pool, fn, pcm)
 
-    async def run_stt(self, pcm: np.ndarray, language: str | None = "en") -> str:
+    def _batched(self, stats: BatchStats) -> None:
+        if self.on_batch is not None:
+            self.on_batch(stats)
+
+    async def transcribe(self, clip: Clip, *, final: bool = True) -> Hypothesis | None:
+        """One clip through the process's STT engine (finals first; partials dropped when it is busy)."""
         assert self.stt is not None
-        return await asyncio.get_running_loop().run_in_executor(self._stt_pool, self.stt.transcribe, pcm, language)
+        return await self.stt.transcribe(clip, final=final)
+
+    def recognizer(self, language: str = "en", *, partial_interval_s: float = 1.0,
+                   on_partial: Callable[[str], None] | None = None,
+                   spawn: Callable[[Any, str], asyncio.Task[Any]] | None = None) -> Recognizer:
+        """A streaming recognizer for one call (see `pono.voice.speech.recognizer`)."""
+        s = self.settings
+        return StreamingRecognizer(self.transcribe, language=language, partial_interval_s=partial_interval_s,
+                                   on_partial=on_partial, spawn=spawn, partial_window_s=s.stt_partial_window_s)
+
+    async def run_stt(self, pcm: np.ndarray, language: str | None = "en") -> str:
+        """The whole transcript of 16 kHz int16 audio of any length, at final priority."""
+        recognizer = self.recognizer(language or "en", partial_interval_s=0)
+        recognizer.push(pcm)
+        return await recognizer.final()
 
     async def run_tts(self, text: str, voice: str | None = None) -> list[np.ndarray]:
         assert self.tts is not None
@@ -93,5 +115,7 @@ class SpeechModels:
         return self.tts.sample_rate
 
     def close(self) -> None:
-        for pool in (self._vad_pool, self._stt_pool, self._tts_pool):
+        for pool in (self._vad_pool, self._tts_pool):
             pool.shutdown(wait=False, cancel_futures=True)
+        if self.stt is not None:
+            self.stt.close()

@@ -1,7 +1,8 @@
-"""faster-whisper speech-to-text with models that ship inside packages.
+"""Where Whisper models come from (packages that ship them) and which device runs them.
 
 "base" comes split across two wheels and is joined once into the data dir; "tiny.en" is used in place;
 anything else is a path to a CTranslate2 model folder. CUDA float16 when a GPU is present, int8 on CPU.
+`pono.voice.speech.whisper.BatchedWhisper` runs the model.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ import importlib.util
 import logging
 import shutil
 from pathlib import Path
-
-import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -66,33 +65,3 @@ def pick_device(requested: str) -> tuple[str, str]:
     if requested == "cuda" and not has_gpu:
         raise RuntimeError("PONO_STT_DEVICE=cuda but no CUDA device is visible")
     return ("cuda", "float16") if has_gpu else ("cpu", "int8")
-
-
-class WhisperSTT:
-    def __init__(self, model: str, cache_dir: Path, device: str = "auto", cpu_threads: int = 2) -> None:
-        from faster_whisper import WhisperModel
-
-        self.model_dir = resolve_model_dir(model, cache_dir)
-        self.device, self.compute_type = pick_device(device)
-        self.english_only = model.endswith(".en") or "tiny.en" in str(self.model_dir)
-        log.info("loading whisper %s on %s (%s)", model, self.device, self.compute_type)
-        self.model = WhisperModel(
-            str(self.model_dir), device=self.device, compute_type=self.compute_type, cpu_threads=cpu_threads
-        )
-
-    def transcribe(self, pcm16: np.ndarray, language: str | None = "en") -> str:
-        """Blocking: run it in a worker thread."""
-        audio = pcm16.astype(np.float32) / 32768.0
-        if self.english_only:
-            language = "en"
-        segments, _info = self.model.transcribe(
-            audio,
-            language=(language or "en").split("-")[0].lower(),
-            beam_size=1,
-            best_of=1,
-            temperature=0.0,
-            condition_on_previous_text=False,
-            without_timestamps=True,
-            vad_filter=False,
-        )
-        return " ".join(s.text.strip() for s in segments if s.no_speech_prob < 0.8).strip()
