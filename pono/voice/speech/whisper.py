@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pono.voice.cuda_libs import preload_cuda_libraries
 from pono.voice.stt import pick_device, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class BatchedWhisper:
         from faster_whisper.tokenizer import Tokenizer
 
         self.model_dir = resolve_model_dir(model, cache_dir)
+        if device != "cpu":
+            preload_cuda_libraries()  # CTranslate2 dlopens cuBLAS by name; pono[gpu] has it in site-packages
         self.device, self.compute_type = pick_device(device)
         log.info("loading whisper %s on %s (%s)", model, self.device, self.compute_type)
         self._whisper = WhisperModel(str(self.model_dir), device=self.device, compute_type=self.compute_type,
