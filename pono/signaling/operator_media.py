@@ -66,6 +66,8 @@ class OperatorMedia:
         self.settings = settings
         self._sessions: dict[str, list[tuple[RTCPeerConnection, bool]]] = {}  # call id → (pc, talks)
         self._owners: dict[RTCPeerConnection, object] = {}  # who opened each, as given to `open`
+        self._watched: set[str] = set()  # calls whose end closes their operator connections
+        self._closing: set[asyncio.Task[None]] = set()
 
     def owned(self) -> list[tuple[str, RTCPeerConnection, bool, object]]:
         """Every operator peer connection of this replica: (call id, pc, talks, owner as given to `open`)."""
@@ -104,9 +106,17 @@ class OperatorMedia:
         tapped.taps.add(mix)
         self._sessions.setdefault(call.call_id, []).append((pc, talk))
         self._owners[pc] = owner
-        call.events.subscribe(lambda e: asyncio.ensure_future(self.close_call(call.call_id))
-                              if e.type == "call.ended" else None)
+        if call.call_id not in self._watched:
+            # One observer per call, however often operators come and go: the stream has no unsubscribe.
+            self._watched.add(call.call_id)
+            call.events.subscribe(lambda e: self._call_ended(call.call_id) if e.type == "call.ended" else None)
         return str(pc.localDescription.sdp)
+
+    def _call_ended(self, call_id: str) -> None:
+        self._watched.discard(call_id)
+        task = asyncio.ensure_future(self.close_call(call_id))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _drop(self, call_id: str, pc: RTCPeerConnection, tapped: TappedTransport, mix: MixTrack,
                     readers: list[asyncio.Task[None]]) -> None:

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 _INBOUND_QUEUE_FRAMES = 250  # 5 s: if the call loop stalls longer, the oldest audio is dropped
 _PENDING_TEXT_MAX = 200
+# aiortc queues data-channel messages without limit while the caller's SCTP window is closed: past this many
+# bytes waiting, messages are dropped instead of piling up for the rest of the call.
+_CHANNEL_BUFFER_MAX = 1 << 20
 
 
 def channels(frame: av.AudioFrame) -> np.ndarray:
@@ -109,6 +112,7 @@ class WebRTCTransport:
         self._closed = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self.dropped_frames = 0
+        self.dropped_texts = 0  # messages not sent: the data channel's send buffer was full
 
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
@@ -222,6 +226,9 @@ class WebRTCTransport:
     def _send_raw(self, text: str) -> None:
         channel = self._channel
         if channel is not None and channel.readyState == "open":
+            if channel.bufferedAmount > _CHANNEL_BUFFER_MAX:
+                self.dropped_texts += 1  # the caller reads nothing: don't let aiortc's queue grow for the call
+                return
             try:
                 channel.send(text)
             except Exception:  # the association went away under us; the call is ending
@@ -235,6 +242,9 @@ class WebRTCTransport:
     async def close(self) -> None:
         if self.dropped_frames and not self._closed.is_set():
             log.warning("dropped %d inbound audio frames: the call loop fell behind", self.dropped_frames)
+        if self.dropped_texts and not self._closed.is_set():
+            log.warning("dropped %d messages to the caller: the data channel's send buffer was full",
+                        self.dropped_texts)
         self._closed.set()
         self.out_track.stop()
         await self.pc.close()
