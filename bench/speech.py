@@ -9,7 +9,10 @@ latency is from the end of speech to the final's text. Engines:
 
     .venv/bin/python bench/speech.py --stt-model tiny.en --calls 1 2 4 8 16 --engines local batched worker
 
-Prints p50 and p90 per engine and N, and the largest N whose p90 stays within --target-ms.
+Prints p50 and p90 per engine and N, and the largest N whose p90 stays within --target-ms. With --fidelity it
+prints word error rates per encoder window instead (PONO_STT_FINAL_WINDOW_S):
+
+    .venv/bin/python bench/speech.py --stt-model base --fidelity 30 20 15 10
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pono.agent.embedded import free_port
 from pono.settings import Settings
 from pono.voice.models import SpeechModels
 
+SHORT_ANSWERS = ("Yes", "No thanks", "Hello", "Thanks, goodbye", "Seven", "Maybe later")
 QUESTIONS = ("Please book a table for two at seven tonight",
              "What is the weather in Paris tomorrow morning",
              "I would like to cancel my order number twelve",
@@ -104,6 +108,28 @@ async def run_engine(settings: Settings, counts: list[int], rounds: int, questio
     return results
 
 
+def fidelity(model: str, device: str, workdir: Path, windows: list[float]) -> None:
+    """Word error rate against the text espeak spoke, per encoder window (30 s is Whisper's own)."""
+    import jiwer
+
+    from pono.voice.speech.whisper import BatchedWhisper, Clip
+
+    whisper = BatchedWhisper(model, workdir / "models", device)
+    texts = [*QUESTIONS, *SHORT_ANSWERS]
+    clips = [espeak(t, workdir, f"f{i}") for i, t in enumerate(texts)]
+    norm = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(),
+                          jiwer.Strip(), jiwer.ReduceToListOfListOfWords()])
+    print(f"fidelity of {model}: WER against the spoken text, {len(texts)} clips ({len(SHORT_ANSWERS)} short)")
+    for window in windows:
+        started = time.perf_counter()
+        heard = [whisper.transcribe_batch([Clip(pcm, window_s=window)])[0].text or "-" for pcm in clips]
+        seconds = (time.perf_counter() - started) / len(clips)
+        wer = jiwer.wer(list(texts), heard, reference_transform=norm, hypothesis_transform=norm)
+        short = jiwer.wer(list(SHORT_ANSWERS), heard[len(QUESTIONS):], reference_transform=norm,
+                          hypothesis_transform=norm)
+        print(f"  window {window:4.0f} s: WER {wer:.3f} (short answers {short:.3f}), {1000 * seconds:.0f} ms a clip")
+
+
 async def start_worker(settings: Settings, token: str, data_dir: Path) -> tuple[asyncio.subprocess.Process, str]:
     port = free_port()
     env = {**os.environ, "PONO_SPEECH_WORKER_TOKEN": token, "PONO_STT_MODEL": settings.stt_model,
@@ -140,9 +166,14 @@ async def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--batch-window-ms", type=float, default=20.0)
     ap.add_argument("--target-ms", type=float, default=500.0)
+    ap.add_argument("--fidelity", type=float, nargs="*", metavar="WINDOW_S",
+                    help="instead: word error rates for these encoder windows (default 30 20 15 10)")
     args = ap.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="pono-speech-bench-"))
+    if args.fidelity is not None:
+        fidelity(args.stt_model, args.stt_device, workdir, args.fidelity or [30, 20, 15, 10])
+        return
     questions = [espeak(q, workdir, f"q{i}") for i, q in enumerate(QUESTIONS)]
     base = {"data_dir": workdir, "stt_model": args.stt_model, "stt_device": args.stt_device}
     print(f"{args.stt_model} on {args.stt_device}, {os.cpu_count()} CPUs, {args.rounds} questions per caller")

@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     stt_device: Literal["auto", "cpu", "cuda"] = "auto"
     stt_cpu_threads: int = 2
     stt_partial_interval_s: float = 1.0  # 0 disables partial transcripts
-    stt_partial_window_s: float = 10.0  # encoder window of a partial (Whisper's own is 30 s; shorter is faster)
+    # Whisper's encoder window (s) at least: its own is 30, and a 3 s question padded to 30 s pays for 30.
+    stt_partial_window_s: float = 10.0
+    stt_final_window_s: float = 20.0  # 30: Whisper's own (bench/speech.py --fidelity compares them)
     stt_batch_window_ms: float = 20.0  # requests this close together go to Whisper as one batch; 0: no wait
     stt_max_batch: int = 8  # clips per Whisper batch; 1: no batching
     tts: Literal["hibari", "piper"] = "hibari"
@@ -48,6 +50,16 @@ class Settings(BaseSettings):
     # Where models are kept: the joined Whisper base, and larger CTranslate2 models a deployment adds
     # (PONO_STT_MODEL=<models dir>/<folder>). Default: <data dir>/models.
     models_dir: Path = Path(".pono/models")
+    # The speech worker (`pono speech-worker`): STT and TTS served to many app servers, batched on a GPU.
+    # A comma-separated list of base URLs ("http://pono-speech-worker:3001") is several workers: each call
+    # goes to the least loaded. Unset: this process runs its own models.
+    speech_worker_url: str | None = None
+    speech_worker_token: SecretStr | None = None  # the worker refuses to start without it; the app presents it
+    speech_worker_port: int = 3001  # where `pono speech-worker` listens (on PONO_HOST)
+    # When no worker answers: "local" loads the models here too and a call's turn goes on on them; "none" loads
+    # none, and a call gets an error event and an empty transcript.
+    speech_fallback: Literal["local", "none"] = "local"
+    speech_worker_stall_s: float = 5.0  # a final (or a TTS answer) not begun within this long: fall back
 
     # Turn-taking (milliseconds).
     vad_threshold: float = 0.5

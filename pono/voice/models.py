@@ -1,4 +1,7 @@
-"""The speech models of one process: loaded once, warmed at start-up, run in worker threads."""
+"""The speech models of one process: loaded once, warmed at start-up, run in worker threads.
+
+With PONO_SPEECH_WORKER_URL set, STT and TTS go to the speech workers (pono.voice.worker) and the models here
+are the fallback (PONO_SPEECH_FALLBACK=local, loaded too) or absent ("none"); the VAD always runs here."""
 
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from pono.voice.speech.whisper import BatchedWhisper, Clip, Hypothesis
 from pono.voice.tts import TTSEngine, load_tts
 from pono.voice.vad import SileroVAD
 from pono.voice.voices import VoiceLibrary
+from pono.voice.worker.client import WorkerRecognizer
+from pono.voice.worker.pool import WorkerPool, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,6 +44,11 @@ class SpeechModels:
         self.voices = VoiceLibrary(lambda voice: load_tts(settings.tts, voice, settings.tts_device))
         self.loaded = asyncio.Event()
         self.load_error: str | None = None
+        self.on_fallback: Callable[[str], None] | None = None  # "stt" or "tts" fell back from a worker
+        self.worker: WorkerPool | None = None
+        if settings.speech_worker_url:
+            token = settings.speech_worker_token.get_secret_value() if settings.speech_worker_token else ""
+            self.worker = WorkerPool(settings.speech_worker_url, token, stall_s=settings.speech_worker_stall_s)
 
     async def load(self) -> None:
         """Load and warm every model off the event loop."""
@@ -47,7 +57,15 @@ class SpeechModels:
         try:
             s = self.settings
             self.vad = await loop.run_in_executor(self._vad_pool, SileroVAD)
-            self.tts = await loop.run_in_executor(self._tts_pool, load_tts, s.tts, s.tts_voice)
+            if self.worker is not None:
+                await self.worker.start()
+                if s.speech_fallback == "none":  # nothing to load here: wait for a worker to speak through
+                    await self.worker.any_ready.wait()
+                    await self._warm()
+                    log.info("speech on the worker(s), ready in %.1f s", time.perf_counter() - started)
+                    self.loaded.set()
+                    return
+            self.tts = await loop.run_in_executor(self._tts_pool, load_tts, s.tts, s.tts_voice, s.tts_device)
             whisper = await asyncio.to_thread(
                 BatchedWhisper, s.stt_model, s.models_dir, s.stt_device, s.stt_cpu_threads)
             self.stt = TranscriptionEngine(whisper, batch_window_s=s.stt_batch_window_ms / 1000,
@@ -64,8 +82,10 @@ class SpeechModels:
         # First inference allocates buffers and JITs kernels; pay that now, not on the first caller.
         warm_audio = (np.sin(np.linspace(0, 2000, 16000)) * 3000).astype(np.int16)
         await self.run_vad(self.vad.stream().process, warm_audio)  # type: ignore[union-attr]
-        await self.run_tts("Hello.")
-        await self.run_stt(warm_audio)
+        if self.tts is not None:  # the local models (a worker warms its own)
+            await asyncio.get_running_loop().run_in_executor(self._tts_pool, self._synthesize, "Hello.", None)
+        if self.stt is not None:
+            await self.transcribe(Clip(warm_audio))
 
     async def run_vad(self, fn: Callable[[np.ndarray], T], pcm: np.ndarray) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._vad_pool, fn, pcm)
@@ -81,20 +101,47 @@ class SpeechModels:
 
     def recognizer(self, language: str = "en", *, partial_interval_s: float = 1.0,
                    on_partial: Callable[[str], None] | None = None,
-                   spawn: Callable[[Any, str], asyncio.Task[Any]] | None = None) -> Recognizer:
-        """A streaming recognizer for one call (see `pono.voice.speech.recognizer`)."""
+                   spawn: Callable[[Any, str], asyncio.Task[Any]] | None = None,
+                   on_error: Callable[[str], None] | None = None) -> Recognizer:
+        """A streaming recognizer for one call (see `pono.voice.speech.recognizer`): on a speech worker when
+        one is configured (`on_error(message)` hears of a turn left without a transcript), else local."""
         s = self.settings
-        return StreamingRecognizer(self.transcribe, language=language, partial_interval_s=partial_interval_s,
-                                   on_partial=on_partial, spawn=spawn, partial_window_s=s.stt_partial_window_s)
+
+        def local(partial_interval_s: float = partial_interval_s,
+                  on_partial: Callable[[str], None] | None = on_partial) -> Recognizer:
+            return StreamingRecognizer(self.transcribe, language=language, partial_interval_s=partial_interval_s,
+                                       on_partial=on_partial, spawn=spawn, partial_window_s=s.stt_partial_window_s,
+                                       final_window_s=s.stt_final_window_s)
+        if self.worker is None:
+            return local()
+        return WorkerRecognizer(self.worker, language=language, partial_interval_s=partial_interval_s,
+                                on_partial=on_partial, local=local if self.stt is not None else None,
+                                on_fallback=self._fell_back, on_error=on_error, max_utterance_s=s.max_utterance_s)
+
+    def _fell_back(self, kind: str) -> None:
+        if self.on_fallback is not None:
+            self.on_fallback(kind)
 
     async def run_stt(self, pcm: np.ndarray, language: str | None = "en") -> str:
         """The whole transcript of 16 kHz int16 audio of any length, at final priority."""
         recognizer = self.recognizer(language or "en", partial_interval_s=0)
-        recognizer.push(pcm)
-        return await recognizer.final()
+        try:
+            recognizer.push(pcm)
+            return await recognizer.final()
+        finally:
+            recognizer.close()
 
     async def run_tts(self, text: str, voice: str | None = None) -> list[np.ndarray]:
-        assert self.tts is not None
+        """Speech for `text`: int16 pieces at `tts_rate`, from a worker when one is up, else from the local
+        model; [] when neither can speak (PONO_SPEECH_FALLBACK=none and no worker)."""
+        if self.worker is not None and (worker := self.worker.pick()) is not None:
+            try:
+                return await self.worker.synthesize(worker, text, voice, self.tts_rate)
+            except WorkerUnavailable as exc:
+                self.worker.failed(worker, str(exc))
+                self._fell_back("tts")
+        if self.tts is None:
+            return []
         return await asyncio.get_running_loop().run_in_executor(self._tts_pool, self._synthesize, text, voice)
 
     def _synthesize(self, text: str, voice: str | None) -> list[np.ndarray]:
@@ -111,11 +158,20 @@ class SpeechModels:
 
     @property
     def tts_rate(self) -> int:
-        assert self.tts is not None
-        return self.tts.sample_rate
+        rate = self.tts.sample_rate if self.tts is not None else self.worker.tts_rate if self.worker else None
+        assert rate is not None
+        return rate
 
     def close(self) -> None:
         for pool in (self._vad_pool, self._tts_pool):
             pool.shutdown(wait=False, cancel_futures=True)
         if self.stt is not None:
             self.stt.close()
+        if self.worker is not None:
+            self.worker.close_soon()
+
+    async def aclose(self) -> None:
+        """`close()`, and wait until the connections to the speech workers are closed."""
+        self.close()
+        if self.worker is not None:
+            await self.worker.close()

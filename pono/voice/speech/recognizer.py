@@ -52,6 +52,16 @@ def _norm(word: str) -> str:
     return _WORD.sub("", word.lower())
 
 
+def encoder_window(seconds: float, least_s: float, margin_s: float = 3.0) -> float:
+    """Whisper's encoder window for a clip of `seconds`: at least `least_s`, and the clip plus `margin_s`
+    rounded up to 5 s, at most 30 s (Whisper's own). The encoder's cost grows with the window, and a clip
+    padded to 30 s pays for 30 s. On espeak questions and one-word answers a 20 s window transcribed as well
+    as 30 s (tiny.en and base, word error rate equal or lower) at half the cost; 15 s and 10 s made base
+    mishear more short answers (`bench/speech.py --fidelity`).
+    """
+    return float(min(MAX_CLIP_S, max(least_s, 5 * math.ceil((seconds + margin_s) / 5))))
+
+
 def agreed_prefix(a: list[str], b: list[str]) -> int:
     """How many leading words two hypotheses share, ignoring case and punctuation."""
     n = 0
@@ -72,13 +82,15 @@ class StreamingRecognizer:
     def __init__(self, transcribe: Transcribe, *, language: str = "en", partial_interval_s: float = 1.0,
                  on_partial: Callable[[str], None] | None = None,
                  spawn: Callable[[Any, str], asyncio.Task[Any]] | None = None,
-                 partial_window_s: float = 10.0, trim_after_s: float = 8.0, max_window_s: float = 20.0) -> None:
+                 partial_window_s: float = 10.0, final_window_s: float = 20.0, trim_after_s: float = 8.0,
+                 max_window_s: float = 20.0) -> None:
         self._transcribe = transcribe
         self.language = language
         self.partial_interval_s = partial_interval_s
         self.on_partial = on_partial
         self._spawn = spawn or (lambda coro, name: asyncio.create_task(coro, name=name))
         self.partial_window_s = partial_window_s
+        self.final_window_s = final_window_s
         self.trim_after_s = trim_after_s
         self.max_window_s = min(max_window_s, _PIECE_S)
         self.partials = True
@@ -123,9 +135,8 @@ class StreamingRecognizer:
     # -- partials ---------------------------------------------------------------------------------
     async def _partial(self) -> None:
         generation, audio = self._generation, self._window()
-        seconds = audio.size / SAMPLE_RATE
-        window_s = min(MAX_CLIP_S, max(self.partial_window_s, 5 * math.ceil((seconds + 0.5) / 5)))
-        clip = Clip(audio, self._prompt(self._done), timestamps=True, window_s=window_s, language=self.language)
+        clip = Clip(audio, self._prompt(self._done), timestamps=True, language=self.language,
+                    window_s=encoder_window(audio.size / SAMPLE_RATE, self.partial_window_s, margin_s=0.5))
         hypothesis = await self._transcribe(clip, final=False)
         if generation != self._generation:
             return  # a new utterance began meanwhile
@@ -193,7 +204,8 @@ class StreamingRecognizer:
                 cut = piece.size
                 words += hypothesis.text.split()
             audio = audio[cut:]
-        last = await self._final_of(Clip(audio, self._prompt(words), language=self.language))
+        last = await self._final_of(Clip(audio, self._prompt(words), language=self.language,
+                                         window_s=encoder_window(audio.size / SAMPLE_RATE, self.final_window_s)))
         return " ".join(words + last.text.split())
 
     async def _final_of(self, clip: Clip) -> Hypothesis:
