@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from helpers import settings_for_new_calls, stored_end_reason, stored_turns
 from test_voice_call import open_call
 
 from pono.context import SERVICES
+from pono.testing.scripted_llm import Script
 from pono.voice.call import TIME_LIMIT_GOODBYE
 
 
@@ -62,3 +64,18 @@ async def test_concurrent_offers_cannot_overfill_the_server(server) -> None:
         assert len(accepted) == 2 and len(refused) == 3, results
     finally:
         await asyncio.gather(*(c.hang_up() for c in callers), return_exceptions=True)
+
+
+async def test_keys_pressed_without_a_pause_are_cut_into_bounded_entries(server, script: Script) -> None:
+    from helpers import text_call
+
+    from pono.voice.call import MAX_KEYS
+
+    script.reply = "Okay."
+    # Keys closer together than the inter-digit gap, for ever: each entry stops at MAX_KEYS keys.
+    with settings_for_new_calls(server, dtmf_interdigit_ms=600_000, call_text_messages_per_10s=10_000):
+        async with text_call(server.url) as caller:
+            for _ in range(MAX_KEYS + 3):
+                caller.send_raw(json.dumps({"type": "dtmf", "digit": "*"}))
+            entry = await caller.wait_for(lambda e: e["type"] == "transcript.final", 20)
+            assert entry["text"] == "the caller pressed " + "*" * MAX_KEYS

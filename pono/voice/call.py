@@ -41,6 +41,7 @@ MAX_TEXT_CHARS = 2000
 TIME_LIMIT_GOODBYE = "We have reached the time limit for this call. Thank you for calling, goodbye."
 GOODBYE_WAIT_S = 15.0  # a goodbye that can't be played in this long (a dead line) doesn't hold the hang-up
 DTMF_KEYS = tuple("0123456789*#ABCD")
+MAX_KEYS = 64  # one keypad entry holds at most this many keys: a key every second forever is many entries
 _PREROLL_MS = 300  # audio kept from before speech was confirmed, so the first syllable is not clipped
 
 
@@ -324,7 +325,7 @@ class Call:
                 self._keys.append(message["digit"])
                 if self._keys_timer is not None:
                     self._keys_timer.cancel()
-                if message["digit"] == "#":
+                if message["digit"] == "#" or len(self._keys) >= MAX_KEYS:
                     self._keys_pressed()
                 else:
                     self._keys_timer = asyncio.get_running_loop().call_later(self.dtmf_interdigit_s,
