@@ -155,3 +155,10 @@ async def test_a_60_second_monologue_streams_with_a_bounded_window(engine: Trans
     heard = words(final)
     assert {"robert", "manchester"} & heard and {"umbrella", "jacket"} & heard and {"weekend", "goodbye"} & heard
     assert len(final.split()) >= 0.7 * len(MONOLOGUE.split())
+
+
+async def test_an_empty_utterance_has_an_empty_final(engine: TranscriptionEngine) -> None:
+    recognizer = StreamingRecognizer(engine.transcribe, partial_interval_s=0)
+    assert await recognizer.final() == ""
+    recognizer.push(np.zeros(10, np.int16))
+    assert await recognizer.final() == ""

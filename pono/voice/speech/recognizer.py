@@ -25,6 +25,7 @@ from pono.voice.speech.whisper import MAX_CLIP_S, SAMPLE_RATE, Clip, Hypothesis
 Transcribe = Callable[..., Awaitable[Hypothesis | None]]  # (clip, *, final: bool) -> Hypothesis | None
 _PROMPT_CHARS = 200  # whisper_streaming conditions on about this much of the committed text
 _PIECE_S = 25.0  # a final longer than Whisper's 30 s is transcribed in pieces of at most this long
+_MIN_FINAL_S = 0.1  # less audio than this is no word
 _RETRY_S = 0.1  # after a dropped partial, wait this much new audio before asking again
 _WORD = re.compile(r"[^\w']+")
 
@@ -204,6 +205,8 @@ class StreamingRecognizer:
                 cut = piece.size
                 words += hypothesis.text.split()
             audio = audio[cut:]
+        if audio.size < _MIN_FINAL_S * SAMPLE_RATE:  # nothing (left) to hear: no Whisper call for a click
+            return " ".join(words)
         last = await self._final_of(Clip(audio, self._prompt(words), language=self.language,
                                          window_s=encoder_window(audio.size / SAMPLE_RATE, self.final_window_s)))
         return " ".join(words + last.text.split())
