@@ -79,6 +79,9 @@ def build_app(settings: Settings) -> web.Application:
         requests_counter=metrics.llm_requests,
     )
     models = SpeechModels(settings)
+    models.on_fallback = lambda kind: metrics.worker_fallbacks.labels(kind).inc()
+    if models.worker is not None:
+        metrics.workers_up.set_function(lambda: models.worker.up if models.worker else 0)
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else load_secret(
         settings.data_dir / "metrics_token").decode()
     storage = Storage(settings, metrics, redact_records=redact_records, redact_event=redact_event)
@@ -153,7 +156,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if embedded is not None:
         await embedded.stop()
     await services.llm.close()
-    services.models.close()
+    await services.models.aclose()
     if services.calls.tracing is not None:
         await asyncio.to_thread(services.calls.tracing.shutdown)
     await services.storage.close()

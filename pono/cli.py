@@ -237,6 +237,17 @@ def _run_storage_command(coro: Coroutine[Any, Any, None]) -> None:
         raise SystemExit(1) from None
 
 
+def _speech_worker(settings: Settings) -> None:
+    if settings.speech_worker_token is None or not settings.speech_worker_token.get_secret_value():
+        raise SystemExit("pono speech-worker: set PONO_SPEECH_WORKER_TOKEN (the app servers present it as their "
+                         "PONO_SPEECH_WORKER_TOKEN); the worker does not run open")
+    from pono.voice.worker.server import serve
+
+    configure_logging(settings.log_level, settings.log_format)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pono", description="Pono voice agent server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,6 +259,11 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--tts", choices=["hibari", "piper"], help="TTS engine (PONO_TTS)")
     serve.add_argument("--llm-model", help="model name for the LLM endpoint (PONO_LLM_MODEL)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (PONO_LOG_LEVEL)")
+    speech = sub.add_parser("speech-worker", help="serve STT and TTS to app servers (PONO_SPEECH_WORKER_TOKEN)")
+    speech.add_argument("--host", help="listen address (PONO_HOST, default 127.0.0.1)")
+    speech.add_argument("--port", type=int, help="listen port (PONO_SPEECH_WORKER_PORT, default 3001)")
+    speech.add_argument("--stt-model", help="'base', 'tiny.en' or a model folder (PONO_STT_MODEL)")
+    speech.add_argument("--log-level", help="DEBUG, INFO, WARNING (PONO_LOG_LEVEL)")
     sub.add_parser("migrate", help="apply database migrations (also done at every start)")
     sub.add_parser("purge", help="remove soft-deleted rows past retention (PONO_RETENTION_DAYS)")
     users = sub.add_parser("users", help="manage users").add_subparsers(dest="users_command", required=True)
@@ -294,6 +310,10 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, StorageError) as exc:
             raise SystemExit(f"pono: {exc}") from None
         _dlp_scan(policy)
+
+    if args.command == "speech-worker":
+        _speech_worker(_settings({"host": args.host, "speech_worker_port": args.port, "stt_model": args.stt_model,
+                                  "log_level": args.log_level}))
 
     if args.command == "serve":
         settings = _settings({

@@ -43,6 +43,10 @@ class Metrics:
         self.llm_requests = Counter("pono_llm_requests_total", "Requests to each LLM endpoint (primary, fallback)"
                                     " by outcome (ok, cancelled, error, timeout, rate_limited, skipped)",
                                     ["endpoint", "outcome"], registry=r)
+        self.worker_fallbacks = Counter(
+            "pono_speech_worker_fallbacks_total", "Turns in flight (stt) and TTS requests (tts) that fell back "
+            "from a speech worker to this process's models", ["kind"], registry=r)
+        self.workers_up = Gauge("pono_speech_workers_up", "Speech workers new turns would go to now", registry=r)
         self.worst_lag = 0.0
 
     def observe(self, event: CallEvent) -> None:
