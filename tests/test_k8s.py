@@ -27,6 +27,8 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
+from pono.voice.worker.server import DRAIN_S
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 BIN = Path(sys.executable).parent
@@ -474,6 +476,12 @@ def test_gpu_speech_worker(rendered) -> None:
     assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"]) and spec["nodeSelector"]
     assert [p["containerPort"] for p in c["ports"]] == [3001]
     assert env_of(c)["PONO_SPEECH_WORKER_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "pono-speech-worker"
+    # The worker's own HTTP probes: alive, and ready once its models are loaded (503 again while it drains).
+    assert c["livenessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/health"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert {c[k]["httpGet"]["port"] for k in ("livenessProbe", "readinessProbe", "startupProbe")} == {"speech"}
+    # preStop, then the worker's drain (streams move to other workers at their next utterance), within the grace.
+    assert spec["terminationGracePeriodSeconds"] >= c["lifecycle"]["preStop"]["sleep"]["seconds"] + DRAIN_S + 5
     scaled = one(objs, "ScaledObject", "pono-speech-worker")["spec"]
     assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (1, 4)
     assert one(objs, "Service", "pono-speech-worker")["spec"]["ports"][0]["port"] == 3001
