@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from pono.logs import own
 from pono.voice.speech.recognizer import Recognizer
 from pono.voice.worker import protocol as p
 from pono.voice.worker.pool import Worker, WorkerPool, WorkerUnavailable
@@ -152,7 +153,7 @@ class _Link:
             elif kind == "error" and data.get("id") in self.finals:
                 self.finals[data["id"]].set_exception(WorkerUnavailable(str(data.get("message"))))
             elif kind == "error":
-                log.warning("speech worker %s: %s", self.worker.url, str(data.get("message"))[:200])
+                log.warning("speech worker %s: %s", own(self.worker.url), str(data.get("message"))[:200])
         self.fail(f"stream closed ({ws.close_code})")
 
 
@@ -288,7 +289,7 @@ class WorkerRecognizer:
         self._on_local = True
         if self.on_fallback is not None:
             self.on_fallback("stt")
-        log.info("speech worker %s lost mid-turn (%s): the turn goes on %s", link.worker.url, reason,
+        log.info("speech worker %s lost mid-turn (%s): the turn goes on %s", own(link.worker.url), reason,
                  "locally" if self._local_factory else "without a transcript")
         if self._local_factory is None:
             return

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 import numpy as np
 
+from pono.logs import own
 from pono.voice.worker import protocol as p
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class WorkerPool:
     def failed(self, worker: Worker, reason: str) -> None:
         """`worker` failed a request: out of the running for a backoff, and until a poll finds it ready."""
         if worker.ready:
-            log.warning("speech worker %s failed (%s): calls use %s until it is back", worker.url, reason,
+            log.warning("speech worker %s failed (%s): calls use %s until it is back", own(worker.url), reason,
                         "another worker" if any(w.ready and w is not worker for w in self.workers)
                         else "the fallback")
         worker.ready = False
@@ -149,7 +150,7 @@ class WorkerPool:
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TypeError, AttributeError):
             ready, load = False, 0
         if ready and not worker.ready and worker.failures:
-            log.warning("speech worker %s is back", worker.url)
+            log.info("speech worker %s is back", own(worker.url))
         worker.ready, worker.load, worker.opened = ready, load, 0
 
     # -- requests ---------------------------------------------------------------------------------

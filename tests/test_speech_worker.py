@@ -1,0 +1,280 @@
+"""The speech worker: a real `pono speech-worker` process (tiny.en on the CPU) serving a real `pono serve`, which
+falls back to its own models when the worker dies mid-turn; the worker's token, its wire format's errors and its
+drain on SIGTERM. One worker and one app server for the module."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import numpy as np
+import pytest
+from helpers import stored_turns
+from prometheus_client.parser import text_string_to_metric_families
+from servers import PonoProcess
+
+from pono.agent.embedded import free_port
+from pono.settings import Settings
+from pono.signaling.ice import restrict_host_addresses
+from pono.storage.users import create_api_key, create_user
+from pono.testing.caller import Caller
+from pono.testing.scripted_llm import Script, ScriptedLLM
+from pono.voice.models import SpeechModels
+from pono.voice.worker.client import UNAVAILABLE
+
+TOKEN = "worker-secret-" + uuid.uuid4().hex
+METRICS_TOKEN = "metrics-" + uuid.uuid4().hex
+
+
+class WorkerProcess:
+    """`pono speech-worker` as a child process on a port of its own, which a test may kill and start again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.folder = folder
+        self.env = {**os.environ, "PONO_SPEECH_WORKER_TOKEN": TOKEN, "PONO_SPEECH_WORKER_PORT": str(self.port),
+                    "PONO_STT_MODEL": "tiny.en", "PONO_STT_DEVICE": "cpu", "PONO_DATA_DIR": str(folder),
+                    "PONO_HOST": "127.0.0.1"}
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with (self.folder / "worker.log").open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pono", "speech-worker", env=self.env, stdout=log,
+                stderr=asyncio.subprocess.STDOUT)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(1200):
+                assert self.process.returncode is None, "the speech worker exited"
+                try:
+                    async with http.get(f"{self.url}/ready") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise TimeoutError("the speech worker never became ready")
+
+    async def ensure_running(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            await self.start()
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        await self.process.wait()
+
+    async def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.returncode is None:
+            self.process.terminate()
+        return await asyncio.wait_for(self.process.wait(), 60)
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value from Prometheus text; 0 when absent."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+async def metrics_of(url: str, token: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics",
+                                                         headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 200
+        return await r.text()
+
+
+async def worker_finals(worker: WorkerProcess) -> float:
+    return sample(await metrics_of(worker.url, TOKEN), "pono_worker_transcriptions_total", kind="final")
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+@pytest.fixture(scope="module")
+async def worker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WorkerProcess]:
+    process = WorkerProcess(tmp_path_factory.mktemp("speech-worker"))
+    await process.start()
+    yield process
+    await process.stop()
+
+
+@pytest.fixture(scope="module")
+async def app(worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory, scripted_llm: ScriptedLLM,
+              postgres_url: str, redis_url: str) -> AsyncIterator[PonoProcess]:
+    """`pono serve` with its STT and TTS on the worker (and the local fallback loaded)."""
+    restrict_host_addresses(["127.0.0.1"])  # this process's callers gather on loopback, like the test servers
+    process = PonoProcess(tmp_path_factory.mktemp("worker-app"), DATABASE_URL=postgres_url, REDIS_URL=redis_url,
+                          OPENAI_BASE_URL=scripted_llm.base_url, PONO_LLM_MODEL="scripted",
+                          PONO_REPLICA_ID=f"worker-{uuid.uuid4().hex[:6]}", PONO_SPEECH_WORKER_URL=worker.url,
+                          PONO_SPEECH_WORKER_TOKEN=TOKEN, PONO_METRICS_TOKEN=METRICS_TOKEN)
+    await process.start()
+    yield process
+    await process.stop()
+
+
+@pytest.fixture(scope="module")
+async def admin_key(app: PonoProcess, postgres_url: str) -> str:
+    connection = await asyncpg.connect(postgres_url)
+    try:
+        user_id = await create_user(connection, f"worker-admin-{uuid.uuid4().hex[:8]}", "admin")
+        return (await create_api_key(connection, user_id, "admin", "speech worker tests"))[1]
+    finally:
+        await connection.close()
+
+
+async def test_the_token_guards_everything_but_health_and_ready(worker: WorkerProcess) -> None:
+    await worker.ensure_running()
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(f"{worker.url}/v1/stt", headers=headers)
+            assert refused.value.status == 401
+            async with http.post(f"{worker.url}/v1/tts", json={"text": "Hello."}, headers=headers) as r:
+                assert r.status == 401
+            async with http.get(f"{worker.url}/metrics", headers=headers) as r:
+                assert r.status == 401
+        async with http.get(f"{worker.url}/health") as r:
+            assert r.status == 200 and (await r.json())["status"] == "alive"
+        async with http.get(f"{worker.url}/ready") as r:
+            ready = await r.json()
+            assert r.status == 200 and ready["status"] == "ready" and {"streams", "queue_depth"} <= set(ready)
+        async with http.post(f"{worker.url}/v1/tts", json={"text": "Hello there."},
+                             headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 200 and int(r.headers["X-Sample-Rate"]) > 0
+            audio = np.frombuffer(await r.read(), "<i2")
+        assert audio.size > 0 and np.abs(audio).max() > 1000
+
+
+async def test_a_call_is_transcribed_and_spoken_by_the_worker(worker: WorkerProcess, app: PonoProcess,
+                                                               script: Script, question: np.ndarray) -> None:
+    await worker.ensure_running()
+    script.reply = "Your table is booked for seven."
+    finals_before = await worker_finals(worker)
+    tts_before = sample(await metrics_of(worker.url, TOKEN), "pono_worker_model_seconds_count", model="tts")
+    caller = Caller(app.url)
+    try:
+        await caller.connect()
+        await caller.wait_open()
+        caller.speak(question)
+        final = await caller.wait_for(lambda e: e["type"] == "transcript.final" and e.get("text"), 30)
+        assert "table" in words(final["text"])
+        agent = await caller.wait_for(lambda e: e["type"] == "agent.final", 30)
+        assert agent["text"] == script.reply and not agent["interrupted"]
+    finally:
+        await caller.hang_up()
+    worker_metrics = await metrics_of(worker.url, TOKEN)
+    assert sample(worker_metrics, "pono_worker_transcriptions_total", kind="final") > finals_before
+    assert sample(worker_metrics, "pono_worker_model_seconds_count", model="tts") > tts_before
+    assert sample(worker_metrics, "pono_worker_batch_size_count", kind="final") > 0
+    assert sample(await metrics_of(app.url, METRICS_TOKEN), "pono_speech_worker_fallbacks_total", kind="stt") == 0
+
+
+async def test_a_worker_killed_mid_turn_loses_nothing(worker: WorkerProcess, app: PonoProcess, script: Script,
+                                                      question: np.ndarray, admin_key: str) -> None:
+    await worker.ensure_running()
+    script.reply = "Certainly, a table for two."
+    caller = Caller(app.url)
+    try:
+        await caller.connect()
+        await caller.wait_open()
+        caller.speak(question)
+        await caller.wait_for(lambda e: e["type"] == "speech.started", 20)
+        await asyncio.sleep(0.3)  # the worker has part of the turn, and the caller goes on speaking
+        await worker.kill()
+        first = await caller.wait_for(lambda e: e["type"] == "transcript.final" and e.get("text"), 30)
+        assert {"please", "table"} <= words(first["text"]), first["text"]  # words from before and after the kill
+        agent = await caller.wait_for(lambda e: e["type"] == "agent.final" and e["turn"] > first["turn"], 30)
+        assert agent["text"] == script.reply
+        app_metrics = await metrics_of(app.url, METRICS_TOKEN)
+        assert sample(app_metrics, "pono_speech_worker_fallbacks_total", kind="stt") >= 1
+        # The worker comes back: once this replica sees it, the next turn goes to it again.
+        await worker.start()
+        for _ in range(300):
+            if sample(await metrics_of(app.url, METRICS_TOKEN), "pono_speech_workers_up") == 1:
+                break
+            await asyncio.sleep(0.1)
+        caller.speak(question)
+        second = await caller.wait_for(lambda e: e["type"] == "transcript.final" and e.get("text")
+                                       and e["turn"] > agent["turn"], 30)
+        assert "table" in words(second["text"])
+        await caller.wait_for(lambda e: e["type"] == "agent.final" and e["turn"] > second["turn"], 30)
+        assert await worker_finals(worker) >= 1
+    finally:
+        await caller.hang_up()
+    turns = await stored_turns(app, admin_key, caller.call_id, 4)
+    assert [t["role"] for t in turns] == ["user", "agent", "user", "agent"]
+    assert [turns[0]["text"], turns[2]["text"]] == [first["text"], second["text"]]
+
+
+async def test_bad_frames_get_an_error_and_the_stream_goes_on(worker: WorkerProcess, question: np.ndarray) -> None:
+    await worker.ensure_running()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{worker.url}/v1/stt", headers=auth) as ws:
+
+        async def next_of(kind: str) -> dict[str, object]:
+            while True:
+                message = await ws.receive_json(timeout=30)
+                if message["type"] == kind:
+                    return message
+
+        await ws.send_bytes(b"\x00\x01")
+        assert "start" in (await next_of("error"))["message"]
+        await ws.send_str(json.dumps({"type": "start", "language": "en", "partial_interval_s": 0.5}))
+        for bad in ("{not json", "[1, 2]", json.dumps({"type": "shout"}), json.dumps({"type": "final", "id": "x"})):
+            await ws.send_str(bad)
+            assert (await next_of("error"))["message"]
+        await ws.send_bytes(b"\x01\x02\x03")
+        assert "odd" in (await next_of("error"))["message"]
+        for at in range(0, question.size, 1600):  # 100 ms messages at the speed of speech: partials come
+            await ws.send_bytes(question[at:at + 1600].astype("<i2").tobytes())
+            await asyncio.sleep(0.1)
+        partial = await next_of("partial")
+        assert partial["text"] and partial["utterance"] == 0
+        await ws.send_str(json.dumps({"type": "final", "id": 7}))
+        final = await next_of("final")
+        assert final["id"] == 7 and "table" in words(str(final["text"]))
+        # A new utterance: its final knows nothing of the last one's audio.
+        await ws.send_str(json.dumps({"type": "reset"}))
+        await ws.send_bytes(np.zeros(8000, "<i2").tobytes())
+        await ws.send_str(json.dumps({"type": "final", "id": 8}))
+        silence = await next_of("final")
+        assert silence["id"] == 8 and "table" not in words(str(silence["text"]))
+        # SIGTERM drains: /ready says so, this stream is told to move, and the worker exits 0 once it closes.
+        assert worker.process is not None
+        worker.process.send_signal(signal.SIGTERM)
+        await next_of("draining")
+        async with http.get(f"{worker.url}/ready") as r:
+            assert r.status == 503 and (await r.json())["status"] == "draining"
+    assert await asyncio.wait_for(worker.process.wait(), 30) == 0
+
+
+async def test_no_worker_and_no_fallback_gives_an_empty_final_and_an_error(tmp_path: Path) -> None:
+    models = SpeechModels(Settings(data_dir=tmp_path, speech_worker_url=f"http://127.0.0.1:{free_port()}",
+                                   speech_worker_token=TOKEN, speech_fallback="none"))
+    assert models.worker is not None
+    await models.worker.poll()  # nothing listens there
+    errors: list[str] = []
+    recognizer = models.recognizer("en", on_error=errors.append)
+    try:
+        recognizer.push(np.zeros(16000, np.int16))
+        assert await asyncio.wait_for(recognizer.final(), 10) == ""
+        assert errors == [UNAVAILABLE]
+        assert await models.run_tts("Hello.") == []
+    finally:
+        recognizer.close()
+        await models.aclose()
