@@ -20,6 +20,7 @@ from pono.auth import TokenSigner, load_secret
 from pono.calls import CallManager
 from pono.context import SERVICES, Services
 from pono.http import add_security_headers, errors_as_json
+from pono.jobs.worker import JobWorker
 from pono.metrics import Metrics
 from pono.operators import OperatorDesk
 from pono.settings import Settings
@@ -31,7 +32,6 @@ from pono.signaling.phone.twilio import routes as twilio_routes
 from pono.signaling.services import SIGNALING
 from pono.storage.control import ControlBus
 from pono.storage.logins import Logins
-from pono.storage.retention import purge_daily
 from pono.storage.service import Storage
 from pono.storage.users import bootstrap_admin, may_still_act, shared_secret
 from pono.storage.verifier import Authenticator
@@ -139,17 +139,25 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     startup_task = asyncio.create_task(_start(services, embedded), name="startup")
     lag_task = asyncio.create_task(services.metrics.watch_loop_lag(), name="loop-lag")
     llm_probe = asyncio.create_task(_probe_llm(services), name="llm-probe")
-    purge_task = asyncio.create_task(purge_daily(services.storage.db.pool, services.settings.retention_days))
+    # Post-call workflows and scheduled jobs (the retention purge, the nightly report) on the job queue.
+    jobs_stop = asyncio.Event()
+    jobs_task = asyncio.create_task(
+        JobWorker(services.storage.db.pool, services.settings, services.metrics, services.llm).run(jobs_stop),
+        name="jobs") if services.settings.jobs_in_process else None
     pool = services.storage.db.pool
     desk_task = asyncio.create_task(desk.watch(lambda who: may_still_act(pool, who, "operator"),
                                                lambda: services.settings.console_reauth_s), name="operator-watch")
     yield
     await services.calls.close_all()
+    if jobs_task is not None:  # before storage closes: running jobs finish, or go back to the queue
+        jobs_stop.set()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await jobs_task
     if sip is not None:
         await sip.close()
     if services.control is not None:
         await services.control.close()
-    for task in (startup_task, lag_task, llm_probe, purge_task, desk_task):
+    for task in (startup_task, lag_task, llm_probe, desk_task):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task

@@ -248,6 +248,14 @@ def _speech_worker(settings: Settings) -> None:
         asyncio.run(serve(settings))
 
 
+def _jobs(settings: Settings) -> None:
+    """`pono jobs`: a job worker process (workflows, schedules) until SIGTERM."""
+    from pono.jobs.process import serve_jobs
+
+    configure_logging(settings.log_level, settings.log_format)
+    _run_storage_command(serve_jobs(settings))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pono", description="Pono voice agent server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     speech.add_argument("--port", type=int, help="listen port (PONO_SPEECH_WORKER_PORT, default 3001)")
     speech.add_argument("--stt-model", help="'base', 'tiny.en' or a model folder (PONO_STT_MODEL)")
     speech.add_argument("--log-level", help="DEBUG, INFO, WARNING (PONO_LOG_LEVEL)")
+    jobs = sub.add_parser("jobs", help="run a job worker: post-call workflows and scheduled jobs")
+    jobs.add_argument("--concurrency", type=int, help="jobs run at once (PONO_JOBS_CONCURRENCY, default 4)")
+    jobs.add_argument("--log-level", help="DEBUG, INFO, WARNING (PONO_LOG_LEVEL)")
     sub.add_parser("migrate", help="apply database migrations (also done at every start)")
     sub.add_parser("purge", help="remove soft-deleted rows past retention (PONO_RETENTION_DAYS)")
     users = sub.add_parser("users", help="manage users").add_subparsers(dest="users_command", required=True)
@@ -310,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, StorageError) as exc:
             raise SystemExit(f"pono: {exc}") from None
         _dlp_scan(policy)
+
+    if args.command == "jobs":
+        _jobs(_settings({"jobs_concurrency": args.concurrency, "log_level": args.log_level}))
 
     if args.command == "speech-worker":
         _speech_worker(_settings({"host": args.host, "speech_worker_port": args.port, "stt_model": args.stt_model,

@@ -47,6 +47,15 @@ class Metrics:
             "pono_speech_worker_fallbacks_total", "Turns in flight (stt) and TTS requests (tts) that fell back "
             "from a speech worker to this process's models", ["kind"], registry=r)
         self.workers_up = Gauge("pono_speech_workers_up", "Speech workers new turns would go to now", registry=r)
+        # Jobs (pono.jobs): workflow runs, post-call triggers and schedules on the pgqueuer queue.
+        self.jobs_total = Counter("pono_jobs_total", "Jobs a worker handled, by kind (the queue entrypoint) and "
+                                  "status (succeeded, failed, released)", ["kind", "status"], registry=r)
+        self.job_seconds = Histogram("pono_job_duration_seconds", "Seconds a worker spent on one job", ["kind"],
+                                     buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+                                     registry=r)
+        self.jobs_queued = Gauge("pono_jobs_queue_depth", "Jobs waiting in the queue", registry=r)
+        self.jobs_oldest_s = Gauge("pono_jobs_oldest_queued_seconds", "Age of the oldest job waiting in the queue",
+                                   registry=r)
         self.worst_lag = 0.0
 
     def observe(self, event: CallEvent) -> None:

@@ -180,6 +180,22 @@ class Settings(BaseSettings):
     sip_tcp_max_connections: int = 256  # concurrent SIP TCP connections; more are closed at once
     sip_tcp_idle_timeout_s: float = 120.0  # a TCP connection with no message for this long (and no call) closes
 
+    # Jobs (pono.jobs): post-call workflows and scheduled jobs on a pgqueuer queue in Postgres.
+    jobs_in_process: bool = True  # `pono serve` runs a worker too; false when dedicated `pono jobs` workers run
+    jobs_concurrency: int = Field(default=4, ge=2, le=256)  # jobs one worker runs at once (pgqueuer: 2 or more)
+    jobs_heartbeat_s: float = Field(default=30.0, ge=1.0)  # a job whose worker is silent this long is picked again
+    jobs_drain_timeout_s: float = 60.0  # on SIGTERM, running jobs may finish this long; then they are released
+    jobs_purge_cron: str = "17 3 * * *"  # the retention purge (UTC)
+    jobs_report_cron: str = "5 0 * * *"  # the nightly report of the day before (UTC)
+    # SMTP for workflow e-mail steps; unset host: e-mail steps fail with that reason.
+    smtp_host: str | None = None
+    smtp_port: int = 587
+    smtp_from: str = "pono@localhost"
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+    smtp_timeout_s: float = 20.0
+
     # Provider media streams (Twilio): the token the provider must present; unset refuses every stream.
     twilio_token: SecretStr | None = None
     # Real Twilio signs the websocket upgrade (X-Twilio-Signature) with the account's auth token instead.

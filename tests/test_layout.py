@@ -2,7 +2,9 @@
 
 storage knows nothing of voice, signaling, web, agent or the composition root; agent knows nothing of
 storage, voice, signaling or web; voice knows nothing of signaling or web; signaling knows nothing of
-web. Every import counts, including ones inside functions and under TYPE_CHECKING.
+web; jobs (workflow runs, schedules) may use storage and agent but nothing of voice, signaling or web, and
+only the composition root and web use jobs. Every import counts, including ones inside functions and under
+TYPE_CHECKING.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import pono
 PACKAGE = Path(pono.__file__).parent
 COMPOSITION_ROOT = {"pono.app", "pono.calls", "pono.context", "pono.cli", "pono.operators", "pono.__main__"}
 FORBIDDEN = {
-    "storage": {"pono.voice", "pono.signaling", "pono.web", "pono.agent", *COMPOSITION_ROOT},
-    "agent": {"pono.storage", "pono.voice", "pono.signaling", "pono.web", *COMPOSITION_ROOT},
-    "voice": {"pono.signaling", "pono.web", "pono.storage", *COMPOSITION_ROOT},
-    "signaling": {"pono.web", *COMPOSITION_ROOT},
+    "storage": {"pono.voice", "pono.signaling", "pono.web", "pono.agent", "pono.jobs", *COMPOSITION_ROOT},
+    "agent": {"pono.storage", "pono.voice", "pono.signaling", "pono.web", "pono.jobs", *COMPOSITION_ROOT},
+    "voice": {"pono.signaling", "pono.web", "pono.storage", "pono.jobs", *COMPOSITION_ROOT},
+    "signaling": {"pono.web", "pono.jobs", *COMPOSITION_ROOT},
+    # jobs (workflows, schedules) sit beside web: they may use storage and agent, and nothing that serves calls.
+    "jobs": {"pono.voice", "pono.signaling", "pono.web", *COMPOSITION_ROOT},
 }
 
 
@@ -72,8 +76,12 @@ def test_the_rule_checker_sees_a_wrong_edge() -> None:
     assert violations([("pono.storage.writer", "pono.voice.call.Call"),
                        ("pono.agent.dlp.apply", "pono.storage.records"),
                        ("pono.voice.call", "pono.signaling.webrtc"),
-                       ("pono.storage.db", "pono.events")]) == [
+                       ("pono.storage.db", "pono.events"),
+                       ("pono.jobs.runner", "pono.web.params"),
+                       ("pono.storage.workflows", "pono.jobs.definition")]) == [
         "pono.agent.dlp.apply imports pono.storage.records",
+        "pono.jobs.runner imports pono.web.params",
+        "pono.storage.workflows imports pono.jobs.definition",
         "pono.storage.writer imports pono.voice.call.Call",
         "pono.voice.call imports pono.signaling.webrtc",
     ]

@@ -1,4 +1,5 @@
-"""Plain numbered SQL migrations, applied in order, each in a transaction, recorded in schema_migrations.
+"""Plain numbered SQL migrations, applied in order, each in a transaction, recorded in schema_migrations; then the
+job queue's tables (pgqueuer's installer).
 
 An advisory lock serialises migrators, so running twice or from two replicas at once is safe.
 """
@@ -9,6 +10,8 @@ import logging
 from importlib import resources
 
 import asyncpg
+
+from pono.storage.jobs import install_queue
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ async def apply_migrations(conn: asyncpg.Connection) -> list[str]:
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
             log.info("applied migration %s", version)
             applied_now.append(version)
+        await install_queue(conn)  # pgqueuer's own tables, kept in step with the installed pgqueuer
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pono.events import CallEvent, EventType
+from pono.storage.jobs import CALL_ENDED, job_record
 
 Record = dict[str, Any]
 
@@ -66,5 +67,7 @@ class CallRecorder:
                     for f in d["findings"]]
             return out
         elif t is EventType.CALL_ENDED:
-            return record("call_ended", event.call_id, None, reason=d.get("reason"), at=event.ts)
+            # The post-call trigger is a job written with the call's end (journaled with it while Postgres is away).
+            return [record("call_ended", event.call_id, None, reason=d.get("reason"), at=event.ts),
+                    job_record(CALL_ENDED, f"{event.call_id}::job:call_ended", call_id=event.call_id)]
         return None

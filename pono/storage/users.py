@@ -21,7 +21,7 @@ from pono.storage.audit import write_audit
 
 ROLES = ("viewer", "operator", "admin")  # each role can do everything the ones before it can
 # What an API key may be limited to; a key with no scopes may touch every area its role allows.
-SCOPES = ("calls", "personas", "knowledge", "users", "keys", "audit", "metrics")
+SCOPES = ("calls", "personas", "knowledge", "users", "keys", "audit", "metrics", "workflows")
 TOKEN_PREFIX = "pono_"
 _hasher = PasswordHasher()
 # Verified against when the user does not exist, so a wrong name costs as long as a wrong password.

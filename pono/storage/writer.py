@@ -18,6 +18,7 @@ import asyncpg
 
 from pono.events import CallEvent
 from pono.storage.db import CONNECTION_ERRORS, Database
+from pono.storage.jobs import enqueue_records
 from pono.storage.journal import Journal
 from pono.storage.records import CallRecorder, Record
 
@@ -186,7 +187,10 @@ class Writer:
     async def _execute(self, conn: asyncpg.Connection, batch: list[Record]) -> None:
         # Consecutive records of one kind go in one executemany; order between kinds is kept.
         for kind, group in groupby(batch, key=lambda r: r["kind"]):
-            await conn.executemany(_SQL[kind], [_args(r) for r in group])
+            if kind == "job":  # a post-call job, enqueued in the same transaction (pono.storage.jobs)
+                await enqueue_records(conn, list(group))
+            else:
+                await conn.executemany(_SQL[kind], [_args(r) for r in group])
         self.written += len(batch)
 
     # -- recovery -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pono.storage.users import ROLES, SCOPES, Principal
 
 # The roles and scopes as request bodies may name them (the same as storage's, checked below).
 Role = Literal["viewer", "operator", "admin"]
-Scope = Literal["calls", "personas", "knowledge", "users", "keys", "audit", "metrics"]
+Scope = Literal["calls", "personas", "knowledge", "users", "keys", "audit", "metrics", "workflows"]
 assert set(Role.__args__) == set(ROLES) and set(Scope.__args__) == set(SCOPES)  # type: ignore[attr-defined]
 
 

@@ -11,8 +11,10 @@ from redis.exceptions import RedisError
 from pono.context import SERVICES
 from pono.http import ApiError
 from pono.storage.history import call_dlp_findings, call_tool_calls, call_turns, find_call, find_calls
+from pono.storage.workflow_runs import call_summary, list_runs
 from pono.web.access import require
 from pono.web.params import database, decode_cursor, iso, page_limit, paginate
+from pono.web.workflows import runs_with_steps
 
 
 def _time(raw: str | None, field: str) -> datetime | None:
@@ -66,7 +68,8 @@ async def list_calls(request: web.Request) -> web.Response:
 
 
 async def get_call(request: web.Request) -> web.Response:
-    """GET /api/calls/{call_id} (viewer, calls): the call with its turns, tool calls and DLP findings."""
+    """GET /api/calls/{call_id} (viewer, calls): the call with its turns, tool calls, DLP findings, summary (from a
+    workflow's summarize step, or null) and workflow runs (newest first, with their steps)."""
     await require(request, "viewer", "calls")
     call_id = request.match_info["call_id"]
     pool = database(request)
@@ -86,5 +89,8 @@ async def get_call(request: web.Request) -> web.Response:
                            "duration_ms": t["duration_ms"], "error": t["error"]} for t in tools]
     body["dlp_findings"] = [{"turn": f["turn_idx"], "entity_type": f["entity_type"], "start": f["span_start"],
                              "end": f["span_end"], "action": f["action"]} for f in findings]
+    summary = await call_summary(pool, call_id)
+    body["summary"] = None if summary is None else {**summary, "created_at": iso(summary["created_at"])}
+    body["workflow_runs"] = await runs_with_steps(pool, await list_runs(pool, call_id=call_id, count=50))
     return web.json_response(body)
 

@@ -22,6 +22,7 @@ from pono.web import (
     personas,
     phone_numbers,
     users,
+    workflows,
 )
 
 
@@ -63,6 +64,16 @@ def routes() -> list[web.AbstractRouteDef]:
         # knowledge
         web.post("/api/knowledge/{collection}/documents", knowledge.add_document),
         web.get("/api/knowledge/{collection}/search", knowledge.search),
+        # workflows: post-call, scheduled and manual runs, and their history
+        web.get("/api/workflows", workflows.list_workflows),
+        web.post("/api/workflows", workflows.create_workflow),
+        web.get("/api/workflows/{workflow_id}", workflows.get_workflow),
+        web.put("/api/workflows/{workflow_id}", workflows.update_workflow),
+        web.delete("/api/workflows/{workflow_id}", workflows.delete_workflow),
+        web.get("/api/workflows/{workflow_id}/runs", workflows.list_runs),
+        web.post("/api/workflows/{workflow_id}/runs", workflows.start_run),
+        web.post("/api/workflows/{workflow_id}/runs/{run_id}/retry", workflows.retry_run),
+        web.get("/api/workflow-runs", workflows.all_runs),
         # the pages and the console's feed
         web.get("/", pages.call_page),
         web.get("/console", pages.console_page),

@@ -1,0 +1,181 @@
+"""A job worker: pgqueuer's queue and scheduler on Pono's Postgres, running workflow runs, post-call triggers,
+schedule ticks, the retention purge and the nightly report. `pono serve` runs one in-process (unless
+PONO_JOBS_IN_PROCESS=false); `pono jobs` runs one as a process of its own (pono.jobs.process).
+
+Up to PONO_JOBS_CONCURRENCY jobs run at once. A job's worker beats every PONO_JOBS_HEARTBEAT_S / 2; a job
+whose worker went silent for PONO_JOBS_HEARTBEAT_S (killed, frozen) is picked again by another. A job that
+raises is retried by pgqueuer with exponential backoff (up to 5 tries). When told to stop, the worker takes
+no new jobs and lets running ones finish for PONO_JOBS_DRAIN_TIMEOUT_S; those still running then are handed
+back to the queue (requeued at once), not lost. If Postgres goes away, the worker restarts itself every few
+seconds until it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pgqueuer
+from pgqueuer import PgQueuer
+from pgqueuer.executors import DatabaseRetryEntrypointExecutor
+from pgqueuer.models import Job, Schedule
+
+from pono.agent.llm import LLMClient
+from pono.jobs.runner import WorkflowRunner
+from pono.jobs.triggers import fire_due_schedules, on_call_ended
+from pono.metrics import Metrics
+from pono.settings import Settings
+from pono.storage.jobs import CALL_ENDED, queue_gauges
+from pono.storage.reports import daily_report
+from pono.storage.retention import purge
+from pono.storage.workflow_runs import RUN_WORKFLOW, finish_run
+
+log = logging.getLogger(__name__)
+
+NOOP = "noop"  # a job that does nothing: the benchmark's, and a probe
+MAX_ATTEMPTS = 5  # a job that raises is tried again with backoff until it has been retried this often
+
+
+class JobWorker:
+    """Runs jobs from the queue on `pool` until `run`'s stop event is set. `llm` serves summarize steps (None:
+    they fail, saying so); `metrics` gets pono_jobs_* (the queue gauges every `gauge_interval_s`)."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, metrics: Metrics, llm: LLMClient | None, *,
+                 gauge_interval_s: float = 5.0) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.metrics = metrics
+        self.runner = WorkflowRunner(pool, settings, llm)
+        self.gauge_interval_s = gauge_interval_s
+        self._release = asyncio.Event()  # set when the drain time is up: running jobs go back to the queue
+
+    def build(self) -> PgQueuer:
+        """A PgQueuer with every entrypoint and schedule registered (a fresh one for each (re)start)."""
+        pgq = PgQueuer.from_asyncpg_pool(self.pool)
+        retrying = functools.partial(DatabaseRetryEntrypointExecutor, max_attempts=MAX_ATTEMPTS,
+                                     initial_delay=timedelta(seconds=1), max_delay=timedelta(minutes=1))
+
+        @pgq.entrypoint(RUN_WORKFLOW, executor_factory=retrying)
+        async def run_workflow(job: Job) -> None:
+            payload = _payload(job)
+            try:
+                await self._guarded(RUN_WORKFLOW,
+                                    lambda: self.runner.run(payload["run_id"], int(payload["execution"])))
+            except Exception as exc:
+                if job.attempts >= MAX_ATTEMPTS:  # pgqueuer gives up on it now: so does the run's history
+                    with contextlib.suppress(Exception):
+                        await finish_run(self.pool, payload["run_id"], "failed",
+                                         f"the worker failed {MAX_ATTEMPTS + 1} times: {type(exc).__name__}")
+                raise
+
+        @pgq.entrypoint(CALL_ENDED, executor_factory=retrying)
+        async def call_ended(job: Job) -> None:
+            await self._guarded(CALL_ENDED, lambda: on_call_ended(self.pool, _payload(job)["call_id"]))
+
+        @pgq.entrypoint(NOOP)
+        async def noop(job: Job) -> None:
+            self.metrics.jobs_total.labels(NOOP, "succeeded").inc()
+
+        @pgq.schedule("workflow.schedules", "* * * * *")
+        async def schedules(schedule: Schedule) -> None:
+            await self._guarded("workflow.schedules", lambda: fire_due_schedules(self.pool))
+
+        @pgq.schedule("pono.purge", self.settings.jobs_purge_cron)
+        async def purge_job(schedule: Schedule) -> None:
+            await self._guarded("pono.purge", self._purge)
+
+        @pgq.schedule("pono.report", self.settings.jobs_report_cron)
+        async def report_job(schedule: Schedule) -> None:
+            await self._guarded("pono.report", self._report)
+
+        return pgq
+
+    async def _purge(self) -> None:
+        result = await purge(self.pool, self.settings.retention_days)
+        if result.failed:
+            raise RuntimeError(f"retention purge failed for {sorted(result.failed)}")
+
+    async def _report(self) -> None:
+        day = (datetime.now(UTC) - timedelta(days=1)).date()
+        body = await daily_report(self.pool, day)
+        log.info("nightly report %s: %s", day, json.dumps(body))
+
+    async def _guarded(self, kind: str, work: Callable[[], Awaitable[Any]]) -> None:
+        """Run one job's work, counted and timed; if the drain time runs out first, cancel it and hand the
+        job back to the queue (pgqueuer requeues it at once) instead of losing it."""
+        started = time.perf_counter()
+        task = asyncio.ensure_future(work())
+        release = asyncio.ensure_future(self._release.wait())
+        try:
+            await asyncio.wait({task, release}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            release.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            self.metrics.jobs_total.labels(kind, "released").inc()
+            raise pgqueuer.RetryRequested(delay=timedelta(0), reason="the worker is stopping")
+        self.metrics.job_seconds.labels(kind).observe(time.perf_counter() - started)
+        failed = task.exception() is not None or task.result() == "failed"
+        self.metrics.jobs_total.labels(kind, "failed" if failed else "succeeded").inc()
+        task.result()  # re-raises: pgqueuer retries the job with backoff
+
+    def release_now(self) -> None:
+        """Hand running jobs back to the queue now instead of at the end of the drain time."""
+        self._release.set()
+
+    async def _watch_queue(self) -> None:
+        while True:
+            try:
+                gauges = await queue_gauges(self.pool)
+                self.metrics.jobs_queued.set(gauges.depth)
+                self.metrics.jobs_oldest_s.set(gauges.oldest_age_s)
+            except Exception as exc:  # Postgres away: the gauges keep their last values
+                log.debug("queue gauges unavailable: %s", type(exc).__name__)
+            await asyncio.sleep(self.gauge_interval_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until `stop` is set, then drain (see the module's docstring) and return."""
+        concurrency = self.settings.jobs_concurrency
+        batch = max(1, concurrency // 2)  # pgqueuer wants room for two batches
+        inner = asyncio.Event()
+
+        @contextlib.asynccontextmanager
+        async def factory() -> AsyncIterator[PgQueuer]:
+            yield self.build()
+
+        async def drain() -> None:
+            await stop.wait()
+            log.info("job worker draining (up to %.0f s)", self.settings.jobs_drain_timeout_s)
+            inner.set()
+            await asyncio.sleep(self.settings.jobs_drain_timeout_s)
+            self._release.set()
+
+        watchers = [asyncio.create_task(drain(), name="jobs-drain"),
+                    asyncio.create_task(self._watch_queue(), name="jobs-gauges")]
+        try:
+            await pgqueuer.run(factory, batch_size=batch, max_concurrent_tasks=max(concurrency, 2 * batch),
+                               heartbeat_timeout=timedelta(seconds=self.settings.jobs_heartbeat_s),
+                               dequeue_timeout=timedelta(seconds=10), restart_on_failure=True,
+                               restart_delay=timedelta(seconds=2), shutdown=inner)
+        finally:
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+        log.info("job worker stopped")
+
+
+def _payload(job: Job) -> dict[str, Any]:
+    value = json.loads(job.payload or b"{}")
+    if not isinstance(value, dict):
+        raise ValueError(f"job {job.id} has a payload that is not a JSON object")
+    return value

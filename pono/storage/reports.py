@@ -1,0 +1,39 @@
+"""The nightly report: one day's calls, minutes, p95 latency, barge-ins and failures, kept in `reports`."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+import asyncpg
+
+
+async def daily_report(pool: asyncpg.Pool, day: date) -> dict[str, Any]:
+    """The figures for calls that started on `day` (UTC), stored (replacing an earlier report of that day) and
+    returned: {"day": ISO date, "calls": int, "minutes": float, "p95_first_audio_s": float | None (caller's end
+    of speech to the agent's first audio, agent turns), "barge_ins": int (agent turns cut off), "failed_calls":
+    int (ended with reason "error"), "failed_workflow_runs": int}."""
+    start = datetime.combine(day, time(), UTC)
+    end = start + timedelta(days=1)
+    row = await pool.fetchrow(
+        "SELECT count(*) AS calls,"
+        " coalesce(sum(extract(epoch FROM ended_at - started_at)) / 60, 0) AS minutes,"
+        " count(*) FILTER (WHERE end_reason = 'error') AS failed_calls"
+        " FROM calls WHERE started_at >= $1 AND started_at < $2 AND deleted_at IS NULL", start, end)
+    turns = await pool.fetchrow(
+        "SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY (t.latency->>'first_audio_sent')::float8)"
+        "   FILTER (WHERE t.latency ? 'first_audio_sent') AS p95,"
+        " count(*) FILTER (WHERE t.interrupted) AS barge_ins"
+        " FROM turns t JOIN calls c ON c.id = t.call_id"
+        " WHERE c.started_at >= $1 AND c.started_at < $2 AND t.role = 'agent'", start, end)
+    failed_runs = await pool.fetchval(
+        "SELECT count(*) FROM workflow_runs WHERE status = 'failed' AND created_at >= $1 AND created_at < $2",
+        start, end)
+    body = {"day": day.isoformat(), "calls": row["calls"], "minutes": round(float(row["minutes"]), 2),
+            "p95_first_audio_s": None if turns["p95"] is None else round(float(turns["p95"]), 3),
+            "barge_ins": turns["barge_ins"], "failed_calls": row["failed_calls"], "failed_workflow_runs": failed_runs}
+    await pool.execute("INSERT INTO reports (kind, period, body) VALUES ('nightly', $1, $2::jsonb)"
+                       " ON CONFLICT (kind, period) DO UPDATE SET body = EXCLUDED.body, created_at = now()",
+                       day, json.dumps(body))
+    return body
