@@ -263,11 +263,24 @@ async def test_bad_frames_get_an_error_and_the_stream_goes_on(worker: WorkerProc
     assert await asyncio.wait_for(worker.process.wait(), 30) == 0
 
 
-async def test_no_worker_and_no_fallback_gives_an_empty_final_and_an_error(tmp_path: Path) -> None:
-    models = SpeechModels(Settings(data_dir=tmp_path, speech_worker_url=f"http://127.0.0.1:{free_port()}",
-                                   speech_worker_token=TOKEN, speech_fallback="none"))
+async def test_with_no_worker_up_turns_go_to_the_local_models_or_get_an_error(tmp_path: Path,
+                                                                              question: np.ndarray) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    models = SpeechModels(Settings(data_dir=tmp_path, stt_model="tiny.en", stt_device="cpu",
+                                   speech_worker_url=nobody, speech_worker_token=TOKEN))
+    await models.load()  # the fallback, "local", loads the models here too
+    recognizer = models.recognizer("en", partial_interval_s=0)
+    try:
+        recognizer.push(question)
+        assert "table" in words(await recognizer.final())
+        assert sum(c.size for c in await models.run_tts("Hello.")) > 0
+    finally:
+        recognizer.close()
+        await models.aclose()
+    models = SpeechModels(Settings(data_dir=tmp_path, speech_worker_url=nobody, speech_worker_token=TOKEN,
+                                   speech_fallback="none"))
     assert models.worker is not None
-    await models.worker.poll()  # nothing listens there
+    await models.worker.poll()
     errors: list[str] = []
     recognizer = models.recognizer("en", on_error=errors.append)
     try:

@@ -150,6 +150,7 @@ class _Link:
                 self._on_partial(self, str(data.get("text", "")), int(data.get("utterance", -1)))
             elif kind == "draining":
                 self.draining = True
+                self.worker.ready = False  # no new streams there; the next poll confirms
             elif kind == "error" and data.get("id") in self.finals:
                 self.finals[data["id"]].set_exception(WorkerUnavailable(str(data.get("message"))))
             elif kind == "error":
@@ -182,7 +183,8 @@ class WorkerRecognizer:
         self._local: Recognizer | None = None
         self._on_local = False  # this utterance is recognized locally (or not at all)
         self._link: _Link | None = None
-        self._on_local = not self._open()
+        if not self._open():
+            self._use_local()
 
     @property
     def partials(self) -> bool:
@@ -234,7 +236,17 @@ class WorkerRecognizer:
         if link is not None:  # the worker drains: this stream ends once its finals are answered
             self._link = None
             link.close(wait_finals=True)
-        self._on_local = not self._open()
+        if self._open():
+            self._on_local = False
+        else:
+            self._use_local()
+
+    def _use_local(self) -> None:
+        """The utterance in flight runs on the local models (or on none)."""
+        self._on_local = True
+        if self._local is None and self._local_factory is not None:
+            self._local = self._local_factory(partial_interval_s=self.partial_interval_s, on_partial=self.on_partial)
+            self._local.partials = self._partials
 
     def final(self) -> Coroutine[Any, Any, str]:
         """The utterance's transcript so far; the audio is taken now (see `Recognizer.final`)."""
@@ -286,19 +298,16 @@ class WorkerRecognizer:
         self._link = None
         if self._on_local:
             return
-        self._on_local = True
         if self.on_fallback is not None:
             self.on_fallback("stt")
         log.info("speech worker %s lost mid-turn (%s): the turn goes on %s", own(link.worker.url), reason,
                  "locally" if self._local_factory else "without a transcript")
-        if self._local_factory is None:
-            return
-        if self._local is None:
-            self._local = self._local_factory(partial_interval_s=self.partial_interval_s, on_partial=self.on_partial)
-        self._local.reset()
-        self._local.partials = self._partials
-        if self._samples:
-            self._local.push(self._snapshot())
+        self._use_local()
+        if self._local is not None:
+            self._local.reset()
+            self._local.partials = self._partials
+            if self._samples:
+                self._local.push(self._snapshot())
 
     def close(self) -> None:
         if self._link is not None:

@@ -161,6 +161,9 @@ class WorkerPool:
             async with asyncio.timeout(self.stall_s):
                 return await self.session.ws_connect(worker.ws_url, max_msg_size=p.MAX_MESSAGE_BYTES,
                                                      heartbeat=20.0)
+        except aiohttp.WSServerHandshakeError as exc:
+            refused = "it refused PONO_SPEECH_WORKER_TOKEN" if exc.status == 401 else f"upgrade answered {exc.status}"
+            raise WorkerUnavailable(refused) from exc
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise WorkerUnavailable(_why(exc)) from exc
 
@@ -173,7 +176,8 @@ class WorkerPool:
             async with self.session.post(worker.url + p.TTS_PATH, json={"text": text[:p.MAX_TTS_CHARS],
                                                                         "voice": voice}, timeout=timeout) as r:
                 if r.status != 200:
-                    raise WorkerUnavailable(f"TTS answered {r.status}")
+                    raise WorkerUnavailable("it refused PONO_SPEECH_WORKER_TOKEN" if r.status == 401
+                                            else f"TTS answered {r.status}")
                 source_rate = int(r.headers.get(p.SAMPLE_RATE_HEADER, "0"))
                 buffer = bytearray()
                 async for data, end_of_chunk in r.content.iter_chunks():

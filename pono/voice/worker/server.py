@@ -128,12 +128,15 @@ class _Stream:
         self.utterance = 0  # resets seen
         self.samples = 0  # in this utterance
         self.too_long = False
+        self.closing = False
 
     def send(self, kind: str, **fields: Any) -> None:
         try:
             self.out.put_nowait(p.message(kind, **fields))
         except asyncio.QueueFull:  # the client stopped reading
-            self.spawn(self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"not reading"), "stt-close")
+            if not self.closing:
+                self.closing = True
+                self.spawn(self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"not reading"), "stt-close")
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
