@@ -163,7 +163,7 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="questions per caller")
     ap.add_argument("--engines", nargs="+", default=["local", "batched", "worker"],
                     choices=["local", "batched", "worker"])
-    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-batch", type=int, default=8, help="for the batched engine and the worker")
     ap.add_argument("--batch-window-ms", type=float, default=20.0)
     ap.add_argument("--target-ms", type=float, default=500.0)
     ap.add_argument("--fidelity", type=float, nargs="*", metavar="WINDOW_S",

@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     stt_partial_window_s: float = 10.0
     stt_final_window_s: float = 20.0  # 30: Whisper's own (bench/speech.py --fidelity compares them)
     stt_batch_window_ms: float = 20.0  # requests this close together go to Whisper as one batch; 0: no wait
-    stt_max_batch: int = 8  # clips per Whisper batch; 1: no batching
+    # Clips per Whisper batch. 0: 16 on CUDA, 1 (no batching) on a CPU, where a batch of three finals takes as
+    # long as the three one after another, so batching only delays the first two (bench/latency.py).
+    stt_max_batch: int = 0
     tts: Literal["hibari", "piper"] = "hibari"
     tts_voice: str | None = None
     # "cuda" needs onnxruntime's CUDA provider (pip install 'pono[gpu]') and fails loudly without it.

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from pono.settings import Settings
-from pono.voice.speech.engine import BatchStats, TranscriptionEngine
+from pono.voice.speech.engine import BatchStats, TranscriptionEngine, default_max_batch
 from pono.voice.speech.recognizer import Recognizer, StreamingRecognizer
 from pono.voice.speech.whisper import BatchedWhisper, Clip, Hypothesis
 from pono.voice.tts import TTSEngine, load_tts
@@ -68,8 +68,9 @@ class SpeechModels:
             self.tts = await loop.run_in_executor(self._tts_pool, load_tts, s.tts, s.tts_voice, s.tts_device)
             whisper = await asyncio.to_thread(
                 BatchedWhisper, s.stt_model, s.models_dir, s.stt_device, s.stt_cpu_threads)
-            self.stt = TranscriptionEngine(whisper, batch_window_s=s.stt_batch_window_ms / 1000,
-                                           max_batch=s.stt_max_batch, on_batch=self._batched)
+            max_batch = s.stt_max_batch or default_max_batch(whisper.device)
+            self.stt = TranscriptionEngine(whisper, max_batch=max_batch, on_batch=self._batched,
+                                           batch_window_s=s.stt_batch_window_ms / 1000 if max_batch > 1 else 0.0)
             await self._warm()
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
