@@ -104,8 +104,9 @@ class Call:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._utterance_samples = 0
         # Streaming STT: partials while the caller speaks, the final on demand (pono.voice.speech.recognizer).
-        self.recognizer = models.recognizer(language, partial_interval_s=partial_interval_s,
-                                            on_partial=self._partial, spawn=self._spawn)
+        self.recognizer = models.recognizer(
+            language, partial_interval_s=partial_interval_s, on_partial=self._partial, spawn=self._spawn,
+            on_error=lambda message: self.events.emit(EventType.ERROR, kind="stt_unavailable", message=message))
         # A per-call budget for typed messages and key presses: a burst is fine, a flood is refused.
         self._text_budget = AsyncLimiter(max(1, text_messages_per_10s), 10.0)
         toolbox: ToolBox | None = None
