@@ -37,7 +37,9 @@ def _settings(overrides: dict[str, Any]) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         for error in exc.errors():
-            print(f"pono: invalid setting {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+            where = ".".join(map(str, error["loc"]))
+            what = error["msg"].removeprefix("Value error, ")
+            print(f"pono: invalid setting {where}: {what}" if where else f"pono: {what}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

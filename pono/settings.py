@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pono.agent.tools.mcp_servers import McpServerConfig
@@ -214,6 +214,17 @@ class Settings(BaseSettings):
         if "models_dir" not in self.model_fields_set:  # it follows the data dir unless set itself
             self.models_dir = self.data_dir / "models"
         self.models_dir = self.models_dir.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _speech_worker_reachable(self) -> Settings:
+        """A speech worker URL needs its token, and every URL of the list is http(s)."""
+        if self.speech_worker_url:
+            urls = [u.strip() for u in self.speech_worker_url.split(",") if u.strip()]
+            if not urls or any(not u.startswith(("http://", "https://")) for u in urls):
+                raise ValueError("PONO_SPEECH_WORKER_URL must be http(s):// base URLs, comma-separated")
+            if not (self.speech_worker_token and self.speech_worker_token.get_secret_value()):
+                raise ValueError("PONO_SPEECH_WORKER_URL is set but PONO_SPEECH_WORKER_TOKEN is not")
+        return self
 
     @property
     def embedded_llm(self) -> bool:

@@ -291,3 +291,17 @@ async def test_with_no_worker_up_turns_go_to_the_local_models_or_get_an_error(tm
     finally:
         recognizer.close()
         await models.aclose()
+
+
+@pytest.mark.parametrize(("env", "said"), [
+    ({"PONO_SPEECH_WORKER_URL": "http://127.0.0.1:3001"}, "PONO_SPEECH_WORKER_TOKEN is not"),
+    ({"PONO_SPEECH_WORKER_URL": "127.0.0.1:3001", "PONO_SPEECH_WORKER_TOKEN": "t"}, "http(s):// base URLs"),
+])
+async def test_a_server_misconfigured_for_a_worker_says_why_and_exits(env: dict[str, str], said: str,
+                                                                      tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pono", "serve", env={**os.environ, **env, "PONO_DATA_DIR": str(tmp_path)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert said in err.decode() and "Traceback" not in err.decode()
