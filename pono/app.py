@@ -142,7 +142,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     # Post-call workflows and scheduled jobs (the retention purge, the nightly report) on the job queue.
     jobs_stop = asyncio.Event()
     jobs_task = asyncio.create_task(
-        JobWorker(services.storage.db.pool, services.settings, services.metrics, services.llm).run(jobs_stop),
+        JobWorker(services.storage.db.pool, services.storage.db.dsn, services.settings, services.metrics,
+                  services.llm).run(jobs_stop),
         name="jobs") if services.settings.jobs_in_process else None
     pool = services.storage.db.pool
     desk_task = asyncio.create_task(desk.watch(lambda who: may_still_act(pool, who, "operator"),

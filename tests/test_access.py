@@ -47,6 +47,15 @@ PROTECTED: list[tuple[str, str, Any, str, str]] = [
     ("PUT", "/api/phone-numbers/+15550100", {}, "admin", "personas"),
     ("DELETE", "/api/phone-numbers/+15550199", None, "admin", "personas"),
     ("POST", "/api/admin/drain", {}, "admin", "calls"),  # {} is a 422: the shared test server never drains
+    ("GET", "/api/workflows", None, "viewer", "workflows"),
+    ("POST", "/api/workflows", {}, "admin", "workflows"),
+    ("GET", f"/api/workflows/{MISSING}", None, "viewer", "workflows"),
+    ("PUT", f"/api/workflows/{MISSING}", {}, "admin", "workflows"),
+    ("DELETE", f"/api/workflows/{MISSING}", None, "admin", "workflows"),
+    ("GET", f"/api/workflows/{MISSING}/runs", None, "viewer", "workflows"),
+    ("POST", f"/api/workflows/{MISSING}/runs", {}, "operator", "workflows"),
+    ("POST", f"/api/workflows/{MISSING}/runs/{MISSING}/retry", None, "operator", "workflows"),
+    ("GET", "/api/workflow-runs", None, "viewer", "workflows"),
 ]
 # Open to anyone, or guarded by something other than a login (call tokens, refresh tokens, the WS handshake).
 PUBLIC = {("GET", "/"), ("GET", "/console"), ("GET", "/api/health"), ("GET", "/api/ready"), ("GET", "/api/startup"),

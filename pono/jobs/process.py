@@ -67,7 +67,7 @@ async def serve_jobs(settings: Settings) -> None:
         await db.connect()
         if settings.metrics_port:
             metrics_runner = await _metrics_site(metrics, settings)
-        worker = JobWorker(db.pool, settings, metrics, llm)
+        worker = JobWorker(db.pool, dsn, settings, metrics, llm)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 

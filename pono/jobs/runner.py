@@ -22,7 +22,7 @@ from pono.jobs.steps import PERMANENT_ERRORS, STEPS, StepEnv
 from pono.settings import Settings
 from pono.storage.history import call_tool_calls, call_turns, find_call
 from pono.storage.personas import find_persona
-from pono.storage.workflow_runs import completed_steps, finish_run, record_step, start_run
+from pono.storage.workflow_runs import completed_steps, finish_run, record_step, start_run, step_attempts
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,8 @@ class WorkflowRunner:
         key = f"{run.id}:{run.execution}:{idx}{':undo' if phase == 'undo' else ''}"
         env = StepEnv(run.context, key, run.id, run.call_id, self.settings, self.pool, self.llm,
                       lambda text: run.policy.scan(text, "redact").text)
-        attempt = 0
+        # Tries by a worker that died count: the budget is the step's, not each worker's.
+        attempt = await step_attempts(self.pool, run.id, run.execution, idx, phase)
         while True:
             attempt += 1
             await record_step(self.pool, run.id, run.execution, idx, phase, name=name, type_=step["type"],

@@ -171,7 +171,7 @@ async def webhook(step: dict[str, Any], env: StepEnv) -> dict[str, Any]:
     if not secret:
         raise Permanent(f"the webhook secret {secret_env} is not set")
     payload = render_json(step["payload"], env.context) if step.get("payload") is not None else {
-        "event": "workflow.step", "run_id": env.run_id, **{k: v for k, v in env.context.items() if k != "input"}}
+        "event": "workflow.step", **env.context}
     body = json.dumps(payload, default=str).encode()
     timestamp = str(int(time.time()))
     answer = await _request("POST", step["url"], body, {"X-Pono-Timestamp": timestamp,

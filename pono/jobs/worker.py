@@ -45,21 +45,24 @@ MAX_ATTEMPTS = 5  # a job that raises is tried again with backoff until it has b
 
 
 class JobWorker:
-    """Runs jobs from the queue on `pool` until `run`'s stop event is set. `llm` serves summarize steps (None:
-    they fail, saying so); `metrics` gets pono_jobs_* (the queue gauges every `gauge_interval_s`)."""
+    """Runs jobs from the queue on `pool` (whose database `dsn` names) until `run`'s stop event is set.
+    `llm` serves summarize steps (None: they fail, saying so); `metrics` gets pono_jobs_* (the queue gauges
+    every `gauge_interval_s`)."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, metrics: Metrics, llm: LLMClient | None, *,
+    def __init__(self, pool: asyncpg.Pool, dsn: str, settings: Settings, metrics: Metrics, llm: LLMClient | None, *,
                  gauge_interval_s: float = 5.0) -> None:
         self.pool = pool
+        self.dsn = dsn  # the queue gets pools of its own on the same database
         self.settings = settings
         self.metrics = metrics
         self.runner = WorkflowRunner(pool, settings, llm)
         self.gauge_interval_s = gauge_interval_s
         self._release = asyncio.Event()  # set when the drain time is up: running jobs go back to the queue
 
-    def build(self) -> PgQueuer:
-        """A PgQueuer with every entrypoint and schedule registered (a fresh one for each (re)start)."""
-        pgq = PgQueuer.from_asyncpg_pool(self.pool)
+    def build(self, queue_pool: asyncpg.Pool) -> PgQueuer:
+        """A PgQueuer on `queue_pool` with every entrypoint and schedule registered (a fresh one for each
+        (re)start); the jobs themselves use the worker's pool."""
+        pgq = PgQueuer.from_asyncpg_pool(queue_pool)
         retrying = functools.partial(DatabaseRetryEntrypointExecutor, max_attempts=MAX_ATTEMPTS,
                                      initial_delay=timedelta(seconds=1), max_delay=timedelta(minutes=1))
 
@@ -151,7 +154,13 @@ class JobWorker:
 
         @contextlib.asynccontextmanager
         async def factory() -> AsyncIterator[PgQueuer]:
-            yield self.build()
+            # A pool of its own for each (re)start: after an outage pgqueuer may leave its LISTEN connection
+            # checked out, and that must not eat into the pool calls and jobs use.
+            queue_pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=concurrency + 3, timeout=5)
+            try:
+                yield self.build(queue_pool)
+            finally:
+                queue_pool.terminate()
 
         async def drain() -> None:
             await stop.wait()

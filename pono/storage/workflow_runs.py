@@ -112,6 +112,13 @@ async def completed_steps(pool: asyncpg.Pool, run_id: str, execution: int) -> di
             for r in rows}
 
 
+async def step_attempts(pool: asyncpg.Pool, run_id: str, execution: int, idx: int, phase: str) -> int:
+    """How often this step of this execution was tried already (by this worker or one that died)."""
+    return int(await pool.fetchval("SELECT coalesce(max(attempts), 0) FROM workflow_step_runs WHERE run_id = $1"
+                                   " AND execution = $2 AND idx = $3 AND phase = $4", uuid.UUID(run_id), execution,
+                                   idx, phase))
+
+
 async def record_step(pool: asyncpg.Pool, run_id: str, execution: int, idx: int, phase: str, *, name: str,
                       type_: str, status: str, attempts: int, output: Any = None, error: str | None = None) -> None:
     """Write a step run's state (a new attempt, or how it ended): redacted `output` and `error`."""

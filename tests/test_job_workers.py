@@ -1,0 +1,130 @@
+"""`pono jobs` worker processes on a database of their own: a worker killed mid-job (SIGKILL) has its job picked
+up by another, and the side effect happens once thanks to the idempotency key; SIGTERM drains a running job."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from jobs_peers import Target
+
+from pono.jobs.definition import Workflow
+from pono.jobs.triggers import run_by_hand
+from pono.storage.db import Database
+from pono.storage.workflow_runs import get_run, step_runs
+from pono.storage.workflows import save_workflow
+
+
+@pytest.fixture
+async def database(postgres_url: str) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
+    """A fresh, migrated database of its own (no server's worker watches its queue): (its URL, a pool)."""
+    name = f"pono_jobs_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}"))
+    db = Database(url, min_size=1, max_size=4)
+    await db.connect()
+    try:
+        yield url, db.pool
+    finally:
+        await db.close()
+
+
+class Worker:
+    """`python -m pono jobs` as a child process."""
+
+    def __init__(self, url: str, folder: Path, name: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log = folder / f"{name}.log"
+        self.env = {**os.environ, "DATABASE_URL": url, "PONO_DATA_DIR": str(folder / name),
+                    "PONO_JOBS_HEARTBEAT_S": "2", "PONO_JOBS_DRAIN_TIMEOUT_S": "30", "PONO_LOG_FORMAT": "console",
+                    "PONO_WEBHOOK_ALLOWED_HOSTS": '["127.0.0.1"]', "PONO_WEBHOOK_SECRET": "s3cret-for-workers"}
+        self.env.pop("OPENAI_BASE_URL", None)
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(sys.executable, "-m", "pono", "jobs", env=self.env,
+                                                                stdout=log, stderr=asyncio.subprocess.STDOUT)
+
+    async def wait_logged(self, text: str, tries: int = 300) -> None:
+        for _ in range(tries):
+            if text in self.log.read_text(errors="replace"):
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{text!r} never logged:\n{self.log.read_text(errors='replace')[-2000:]}")
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+async def _finished(pool: asyncpg.Pool, run_id: str, tries: int = 600) -> dict:
+    for _ in range(tries):
+        run = await get_run(pool, run_id)
+        if run is not None and run["status"] in ("succeeded", "failed"):
+            return run
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"run {run_id} did not finish: {await get_run(pool, run_id)}")
+
+
+async def _workflow(pool: asyncpg.Pool, url: str) -> dict:
+    body = Workflow.model_validate({"name": f"pay-{uuid.uuid4().hex[:6]}", "trigger": {"type": "manual"},
+                                    "steps": [{"type": "webhook", "name": "pay", "url": url, "timeout_s": 120}]})
+    definition = body.model_dump(mode="json", by_alias=True, exclude_none=True, include={"trigger", "steps"})
+    return await save_workflow(pool, None, {"name": body.name, "definition": definition, "trigger_type": "manual",
+                                            "enabled": True, "next_fire_at": None}, "test", None)
+
+
+async def test_killed_worker_job_is_picked_up_and_acts_once_and_sigterm_drains(
+        database: tuple[str, asyncpg.Pool], tmp_path: Path) -> None:
+    url, pool = database
+    target = Target()
+    await target.start()
+    first, second = Worker(url, tmp_path, "first"), Worker(url, tmp_path, "second")
+    try:
+        target.hold_first = True  # the receiver acts, then holds the answer: the worker dies waiting for it
+        workflow = await _workflow(pool, f"{target.url}/once/pay")
+        run_id = await run_by_hand(pool, workflow, None, {})
+        await first.start()
+        await asyncio.wait_for(target.held.wait(), 60)
+        assert first.process is not None
+        first.process.kill()  # SIGKILL, mid-job
+        await first.process.wait()
+        target.release.set()
+
+        await second.start()  # picks the job up once the first worker's heartbeat is stale
+        run = await _finished(pool, run_id)
+        assert run["status"] == "succeeded" and run["attempts"] == 2  # started by both workers
+        tries = target.sent("once/pay")
+        assert len(tries) == 2 and len({t["headers"]["Idempotency-Key"] for t in tries}) == 1
+        assert target.side_effects == [tries[0]["headers"]["Idempotency-Key"]]  # the payment happened once
+        (step,) = await step_runs(pool, run_id)
+        assert step["status"] == "succeeded" and step["attempts"] == 2
+        assert step["output"] == {"response": {"done": tries[0]["headers"]["Idempotency-Key"]}}
+
+        # SIGTERM while a job runs: the worker takes no new job, lets this one finish, and exits cleanly.
+        target.hold_first, target.held, target.release = True, asyncio.Event(), asyncio.Event()
+        slow = await run_by_hand(pool, await _workflow(pool, f"{target.url}/once/slow"), None, {})
+        await asyncio.wait_for(target.held.wait(), 60)
+        assert second.process is not None
+        second.process.terminate()
+        await second.wait_logged("job worker draining")
+        target.release.set()
+        assert await asyncio.wait_for(second.process.wait(), 60) == 0
+        assert (await _finished(pool, slow, tries=10))["status"] == "succeeded"
+    finally:
+        await first.stop()
+        await second.stop()
+        await target.stop()

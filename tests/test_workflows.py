@@ -1,0 +1,286 @@
+"""Post-call workflows against real parts: a server on its own Postgres, a real SMTP server (aiosmtpd), a real
+HTTP target; only the LLM is scripted. The outage test stops this module's Postgres, so it runs last."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import RunningServer
+from helpers import server_on_own_stores, text_call
+from jobs_peers import Mailbox, Target
+from servers import PostgresProcess
+
+from pono.context import SERVICES
+from pono.jobs.triggers import fire_due_schedules
+from pono.testing.scripted_llm import Script, ScriptedLLM
+
+CARD = "4111 1111 1111 1111"
+SECRET = "workflow-test-secret"
+SUMMARY = ('{"summary": "The caller gave card ' + CARD + ' to pay for an order.", '
+           '"action_items": ["Ship the order"], "disposition": "resolved"}')
+
+
+class Stack:
+    def __init__(self, server: RunningServer, pg: PostgresProcess, token: str, mailbox: Mailbox,
+                 target: Target) -> None:
+        self.server, self.pg, self.token, self.mailbox, self.target = server, pg, token, mailbox, target
+        self.http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"})
+
+    async def api(self, method: str, path: str, body: Any = None, status: int | None = None) -> Any:
+        async with self.http.request(method, self.server.url + path, json=body) as r:
+            payload = await r.json() if r.content_type == "application/json" else None
+            assert status is None or r.status == status, (r.status, payload)
+            return payload
+
+    async def workflow(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.api("POST", "/api/workflows", {"name": f"wf-{uuid.uuid4().hex[:8]}", **body}, 201)
+
+    async def persona(self) -> str:
+        name = f"p-{uuid.uuid4().hex[:8]}"
+        await self.api("POST", "/api/personas", {"name": name, "system_prompt": "Be brief."}, 201)
+        return name
+
+    async def finished_run(self, workflow_id: str, count: int = 1, tries: int = 300) -> list[dict[str, Any]]:
+        """The workflow's runs once `count` of them have finished (newest first)."""
+        runs: list[dict[str, Any]] = []
+        for _ in range(tries):
+            runs = (await self.api("GET", f"/api/workflows/{workflow_id}/runs", status=200))["runs"]
+            if sum(r["status"] in ("succeeded", "failed") for r in runs) >= count:
+                return runs
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"runs did not finish: {runs}")
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory, scripted_llm: ScriptedLLM) -> AsyncIterator[Stack]:
+    mailbox, target = Mailbox(), Target()
+    await mailbox.start()
+    await target.start()
+    os.environ["PONO_WEBHOOK_SECRET"] = SECRET
+    try:
+        async with server_on_own_stores(tmp_path_factory, scripted_llm, "workflows", smtp_host="127.0.0.1",
+                                        smtp_port=mailbox.port, smtp_from="pono@example.com",
+                                        webhook_allowed_hosts=["127.0.0.1"], jobs_heartbeat_s=2,
+                                        jobs_drain_timeout_s=2) as (running, pg, _valkey, token):
+            s = Stack(running, pg, token, mailbox, target)
+            yield s
+            await s.http.close()
+    finally:
+        os.environ.pop("PONO_WEBHOOK_SECRET", None)
+        await target.stop()
+        await mailbox.stop()
+
+
+def signed(request: dict[str, Any]) -> bool:
+    headers = request["headers"]
+    expected = hmac.new(SECRET.encode(), headers["X-Pono-Timestamp"].encode() + b"." + request["raw"],
+                        hashlib.sha256).hexdigest()
+    return hmac.compare_digest(headers["X-Pono-Signature"], f"sha256={expected}")
+
+
+async def test_call_end_sends_the_summary_by_email_without_raw_pii(stack: Stack, script: Script) -> None:
+    persona = await stack.persona()
+    workflow = await stack.workflow({
+        "trigger": {"type": "call.ended", "persona": persona},
+        "steps": [{"type": "summarize"},
+                  {"type": "email", "to": "ops@example.com", "subject": "Call {{call.id}}",
+                   "body": "{{summary}}\n\nDisposition: {{disposition}}\n\n{{call.transcript}}"}]})
+    script.responses = [{"text": "Thanks, your order is paid."}]
+    script.reply = SUMMARY  # the summary: the scripted LLM repeats the card number, which must not get out
+    async with text_call(stack.server.url, persona) as caller:
+        caller.send_text(f"I want to pay with my card {CARD} please")
+        await caller.wait_for(lambda e: e["type"] == "agent.final", 10)
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "succeeded", run
+    assert run["call_id"] == caller.call_id and run["trigger"] == "call.ended"
+    mail = next(m for m in stack.mailbox.messages if m["Subject"] == f"Call {caller.call_id}")
+    body = mail.get_content()
+    assert mail["To"] == "ops@example.com" and mail["From"] == "pono@example.com"
+    assert "The caller gave card [CREDIT_CARD] to pay for an order." in body and "Disposition: resolved" in body
+    assert "caller: I want to pay with my card [CREDIT_CARD] please" in body
+    assert "4111" not in body
+    summary_request = script.requests[-1]
+    assert "[CREDIT_CARD]" in str(summary_request["messages"]) and "4111" not in str(summary_request["messages"])
+    call = await stack.api("GET", f"/api/calls/{caller.call_id}", status=200)
+    assert call["summary"]["summary"] == "The caller gave card [CREDIT_CARD] to pay for an order."
+    assert call["summary"]["action_items"] == ["Ship the order"] and call["summary"]["disposition"] == "resolved"
+    assert [r["id"] for r in call["workflow_runs"]] == [run["id"]]
+    assert [(s["type"], s["status"]) for s in run["steps"]] == [("summarize", "succeeded"), ("email", "succeeded")]
+    assert "4111" not in str(run)
+
+    # A call of another persona does not match the filter: no run, no e-mail.
+    sent = len(stack.mailbox.messages)
+    async with text_call(stack.server.url) as other:
+        other.send_text("hello")
+        await other.wait_for(lambda e: e["type"] == "agent.final", 10)
+    other_call = await stack.api("GET", f"/api/calls/{other.call_id}", status=200)
+    assert other_call["workflow_runs"] == [] and len(stack.mailbox.messages) == sent
+
+
+async def test_webhook_failing_twice_is_retried_and_succeeds_once(stack: Stack) -> None:
+    stack.target.plans["flaky"] = [503, 500]
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [
+        {"type": "webhook", "name": "notify", "url": f"{stack.target.url}/flaky", "backoff_s": 0.1, "retries": 3}]})
+    await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {"input": {"order": 7}}, 202)
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "succeeded"
+    (step,) = run["steps"]
+    assert step["status"] == "succeeded" and step["attempts"] == 3
+    assert step["output"]["response"]["ok"] is True
+    sent = stack.target.sent("flaky")
+    assert len(sent) == 3 and all(signed(r) for r in sent)
+    assert len({r["headers"]["Idempotency-Key"] for r in sent}) == 1  # one key for every try of the step
+    assert sent[0]["body"]["run"]["id"] == run["id"] and sent[0]["body"]["input"] == {"order": 7}
+
+
+async def test_a_step_that_fails_for_good_rolls_back_in_reverse(stack: Stack) -> None:
+    stack.target.plans["broken"] = [400]
+    url = stack.target.url
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [
+        {"type": "http", "name": "ticket", "url": f"{url}/crm-create", "body": {"subject": "call {{run.id}}"},
+         "map": {"ticket_id": "id"}, "compensate": {"type": "http", "url": f"{url}/undo-ticket",
+                                                    "body": {"ticket": "{{ticket_id}}"}}},
+        {"type": "webhook", "name": "notify", "url": f"{url}/notify",
+         "compensate": {"type": "webhook", "url": f"{url}/undo-notify", "payload": {"ticket": "{{ticket_id}}"}}},
+        {"type": "http", "name": "crm_update", "url": f"{url}/broken", "retries": 3, "backoff_s": 0.1},
+        {"type": "email", "to": "nobody@example.com", "subject": "never", "body": "never"}]})
+    await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {}, 202)
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "failed" and "crm_update" in run["error"] and "400" in run["error"]
+    ticket = stack.target.sent("crm-create")[0]
+    ticket_id = f"T-{stack.target.requests.index(ticket) + 1}"
+    undone = [r["name"] for r in stack.target.requests if r["name"].startswith("undo-")]
+    assert undone == ["undo-notify", "undo-ticket"]  # the last step done is undone first
+    assert stack.target.sent("undo-ticket")[0]["body"] == {"ticket": ticket_id}
+    assert len(stack.target.sent("broken")) == 1  # a 4xx is not retried
+    steps = [(s["name"], s["phase"], s["status"]) for s in run["steps"]]
+    assert ("crm_update", "do", "failed") in steps and ("undo_notify", "undo", "succeeded") in steps
+    assert ("undo_ticket", "undo", "succeeded") in steps and all(s[0] != "email_3" for s in steps)
+
+
+async def test_bad_workflows_get_clear_errors(stack: Stack) -> None:
+    async with stack.http.post(f"{stack.server.url}/api/workflows", data="{not json",
+                               headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 400 and "not valid JSON" in (await r.json())["error"]
+    cases = {
+        "steps.0": {"trigger": {"type": "manual"}, "steps": [{"type": "teleport"}]},
+        "trigger.schedule.cron": {"trigger": {"type": "schedule", "cron": "61 * * * *"},
+                                  "steps": [{"type": "summarize"}]},
+        "trigger.schedule.timezone": {"trigger": {"type": "schedule", "cron": "0 9 * * *", "timezone": "Mars/Base"},
+                                      "steps": [{"type": "summarize"}]},
+        "steps.0.email.body": {"trigger": {"type": "manual"}, "steps": [
+            {"type": "email", "to": "a@example.com", "subject": "s", "body": "{{ call.__class__.__mro__ }}"}]},
+        "steps.0.condition.if": {"trigger": {"type": "manual"}, "steps": [{"type": "condition", "if": "1 +"}]},
+    }
+    for field, body in cases.items():
+        answer = await stack.api("POST", "/api/workflows", {"name": "bad", **body}, 422)
+        assert field in [f["field"] for f in answer["fields"]], (field, answer)
+    # A template that gets past the check reaches the sandbox, which refuses it: the run fails, nothing leaks.
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [
+        {"type": "email", "to": "a@example.com", "subject": "s", "body": "{{ run|attr('__class__') }}"}]})
+    await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {}, 202)
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "failed" and "sandbox" in run["error"] and run["steps"][0]["attempts"] == 1
+    await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {"call_id": "no-such-call"}, 422)
+
+
+async def test_dead_llm_and_smtp_down_fail_then_retry_succeeds(stack: Stack, script: Script) -> None:
+    # Earlier tests stored calls; run a summary by hand on one of them with the LLM failing.
+    call_id = (await stack.api("GET", "/api/calls?state=ended&limit=1", status=200))["calls"][0]["id"]
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [
+        {"type": "summarize", "retries": 1, "backoff_s": 0.1},
+        {"type": "email", "to": "ops@example.com", "subject": "Retried {{call.id}}", "body": "{{summary}}",
+         "retries": 6, "backoff_s": 0.3}]})
+    script.failure = "http_500"
+    await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {"call_id": call_id}, 202)
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "failed" and "LLM" in run["error"]
+    assert [(s["type"], s["status"], s["attempts"]) for s in run["steps"]] == [("summarize", "failed", 2)]
+
+    # The LLM is back, the SMTP server is down for the first tries: the retry delivers, once.
+    script.failure, script.reply = "none", SUMMARY
+    await stack.mailbox.stop()
+    retried = await stack.api("POST", f"/api/workflows/{workflow['id']}/runs/{run['id']}/retry", None, 202)
+    assert retried["execution"] == 2
+    for _ in range(100):
+        steps = (await stack.api("GET", f"/api/workflows/{workflow['id']}/runs", status=200))["runs"][0]["steps"]
+        if any(s["type"] == "email" and s["execution"] == 2 and s["attempts"] >= 2 for s in steps):
+            break
+        await asyncio.sleep(0.1)
+    await stack.mailbox.start()
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "succeeded" and run["execution"] == 2
+    email = next(s for s in run["steps"] if s["type"] == "email")
+    assert email["attempts"] >= 2 and email["status"] == "succeeded"
+    assert [m["Subject"] for m in stack.mailbox.messages].count(f"Retried {call_id}") == 1
+    await stack.api("POST", f"/api/workflows/{workflow['id']}/runs/{run['id']}/retry", None, 409)
+
+
+async def test_a_cron_schedule_fires_in_its_time_zone(stack: Stack) -> None:
+    workflow = await stack.workflow({"trigger": {"type": "schedule", "cron": "30 9 * * *",
+                                                 "timezone": "Pacific/Honolulu"},
+                                     "steps": [{"type": "webhook", "url": f"{stack.target.url}/daily"}]})
+    fire_at = datetime.fromisoformat(workflow["next_fire_at"])
+    assert (fire_at.hour, fire_at.minute) == (19, 30)  # 09:30 in Honolulu (UTC-10) is 19:30 UTC
+    assert timedelta(0) < fire_at - datetime.now(UTC) <= timedelta(days=1)
+    pool = stack.server.app[SERVICES].storage.db.pool
+    assert await fire_due_schedules(pool, fire_at - timedelta(seconds=1)) == []  # not yet
+    made = await fire_due_schedules(pool, fire_at + timedelta(seconds=1))  # the controllable clock
+    assert len(made) == 1
+    assert await fire_due_schedules(pool, fire_at + timedelta(seconds=2)) == []  # fires once
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["trigger"] == "schedule" and run["status"] == "succeeded"
+    assert run["input"] == {"fired_at": fire_at.isoformat()}
+    assert stack.target.sent("daily")[0]["body"]["run"]["trigger"] == "schedule"
+    after = await stack.api("GET", f"/api/workflows/{workflow['id']}", status=200)
+    assert datetime.fromisoformat(after["next_fire_at"]) == fire_at + timedelta(days=1)
+
+
+async def test_workflows_crud_is_audited(stack: Stack) -> None:
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [{"type": "summarize"}]})
+    changed = await stack.api("PUT", f"/api/workflows/{workflow['id']}", {
+        "name": workflow["name"], "enabled": False, "trigger": {"type": "manual"},
+        "steps": [{"type": "condition", "if": "input.n > 1"}]}, 200)
+    assert changed["steps"][0]["if"] == "input.n > 1" and changed["enabled"] is False
+    listed = (await stack.api("GET", "/api/workflows?limit=200", status=200))["workflows"]
+    assert workflow["id"] in [w["id"] for w in listed]
+    await stack.api("POST", "/api/workflows", {"name": workflow["name"], "trigger": {"type": "manual"},
+                                               "steps": [{"type": "summarize"}]}, 409)
+    await stack.api("DELETE", f"/api/workflows/{workflow['id']}", None, 204)
+    await stack.api("GET", f"/api/workflows/{workflow['id']}", None, 404)
+    audit = (await stack.api("GET", "/api/audit?action=workflow", status=200))["entries"]
+    mine = [e["action"] for e in audit if e["target"] == workflow["id"]]
+    assert {"workflow.create", "workflow.update", "workflow.delete"} <= set(mine)
+
+
+async def test_postgres_down_when_a_call_ends_loses_no_trigger(stack: Stack, script: Script) -> None:
+    persona = await stack.persona()
+    workflow = await stack.workflow({"trigger": {"type": "call.ended", "persona": persona},
+                                     "steps": [{"type": "webhook", "url": f"{stack.target.url}/after-outage"}]})
+    script.reply = "Noted."
+    async with text_call(stack.server.url, persona) as caller:
+        caller.send_text("please call me back tomorrow")
+        await caller.wait_for(lambda e: e["type"] == "agent.final", 10)
+        await stack.pg.astop()
+    writer = stack.server.app[SERVICES].storage.writer
+    for _ in range(100):  # the call's end (and its trigger) reach the journal
+        if not writer.db_up and writer.journal.has_pending():
+            break
+        await asyncio.sleep(0.1)
+    assert not writer.db_up and writer.journal.has_pending()
+    assert stack.target.sent("after-outage") == []
+    await stack.pg.astart()
+    (run,) = await stack.finished_run(workflow["id"], tries=600)
+    assert run["status"] == "succeeded" and run["call_id"] == caller.call_id
+    (delivered,) = stack.target.sent("after-outage")
+    assert delivered["body"]["call"]["id"] == caller.call_id
+    assert "please call me back tomorrow" in delivered["body"]["call"]["transcript"]
