@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,9 @@ import pytest
 from conftest import RunningServer
 from helpers import server_on_own_stores, text_call
 from jobs_peers import Mailbox, Target
+from playwright.async_api import async_playwright
 from servers import PostgresProcess
+from test_browser import CHROMIUM, chromium_args
 
 from pono.context import SERVICES
 from pono.jobs.triggers import fire_due_schedules
@@ -260,6 +263,47 @@ async def test_workflows_crud_is_audited(stack: Stack) -> None:
     audit = (await stack.api("GET", "/api/audit?action=workflow", status=200))["entries"]
     mine = [e["action"] for e in audit if e["target"] == workflow["id"]]
     assert {"workflow.create", "workflow.update", "workflow.delete"} <= set(mine)
+
+
+async def test_console_lists_runs_and_an_operator_retries_a_failed_one(stack: Stack) -> None:
+    name, password = f"op-{uuid.uuid4().hex[:6]}", "correct horse battery"
+    await stack.api("POST", "/api/users", {"name": name, "role": "operator", "password": password}, 201)
+    stack.target.plans["console-crm"] = [400]
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [
+        {"type": "http", "name": "crm", "url": f"{stack.target.url}/console-crm"}]})
+    await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {}, 202)
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "failed"
+    async with async_playwright() as p:
+        ctx = await p.chromium.launch_persistent_context(
+            tempfile.mkdtemp(prefix="pono-runs-"), executable_path=CHROMIUM, headless=True,
+            args=chromium_args("/dev/null"), viewport={"width": 1280, "height": 900})
+        try:
+            page = await ctx.new_page()
+            await page.goto(f"{stack.server.url}/console")
+            await page.fill("#login-name", name)
+            await page.fill("#login-password", password)
+            await page.click("#login button[type=submit]")
+            await page.click("#tab-workflows")
+            row = page.locator(f"#runs tbody tr[data-run-id='{run['id']}']")
+            await row.wait_for(timeout=15000)
+            text = await row.text_content() or ""
+            assert workflow["name"] in text and "failed" in text and "crm: failed" in text
+            await row.locator("button", has_text="Retry").click()
+            await stack.finished_run(workflow["id"])  # the retry was queued, and ran
+            for _ in range(50):
+                await page.click("#runs-filter button[type=submit]")
+                if "succeeded" in (await row.text_content() or ""):
+                    break
+                await asyncio.sleep(0.2)
+            assert "crm: succeeded" in (await row.text_content() or "")
+            assert await row.locator("button", has_text="Retry").count() == 0
+        finally:
+            await ctx.close()
+    (run,) = (await stack.api("GET", f"/api/workflows/{workflow['id']}/runs", status=200))["runs"]
+    assert run["status"] == "succeeded" and run["execution"] == 2
+    audit = (await stack.api("GET", "/api/audit?action=workflow.run.retry", status=200))["entries"]
+    assert any(e["actor"] == name and e["target"] == run["id"] for e in audit)
 
 
 async def test_postgres_down_when_a_call_ends_loses_no_trigger(stack: Stack, script: Script) -> None:

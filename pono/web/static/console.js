@@ -1,4 +1,5 @@
 // The operator console: log in, watch live calls on every replica, open one, act on it, search history.
+import { showRuns, showSummary } from "./workflows.js";
 const $ = (id) => document.getElementById(id);
 const state = { access: null, refresh: null, socket: null, calls: new Map(), open: null, iceServers: [],
   listenPeak: 0, listenPc: null, talkPc: null, refs: 0, pending: new Map(), agentLines: new Map(),
@@ -403,6 +404,7 @@ async function openHistory(callId) {
     $("say").hidden = true;
     $("call-id").textContent = callId.slice(0, 8);
     $("call-state").textContent = call.end_reason || "ended";
+    showSummary(call);
     $("transcript").textContent = "";
     $("latency").tBodies[0].textContent = "";
     for (const t of call.turns) {
@@ -418,9 +420,12 @@ async function openHistory(callId) {
 function tab(name) {
   $("live").hidden = name !== "live";
   $("history").hidden = name !== "history";
+  $("workflows").hidden = name !== "workflows";
   $("tab-live").classList.toggle("active", name === "live");
   $("tab-history").classList.toggle("active", name === "history");
+  $("tab-workflows").classList.toggle("active", name === "workflows");
   if (name === "history") search();
+  if (name === "workflows") showRuns(get, post, showError);
 }
 
 $("login").addEventListener("submit", login);
@@ -428,6 +433,7 @@ $("new-password").addEventListener("submit", changePassword);
 $("logout").addEventListener("click", logout);
 $("tab-live").addEventListener("click", () => tab("live"));
 $("tab-history").addEventListener("click", () => tab("history"));
+$("tab-workflows").addEventListener("click", () => tab("workflows"));
 $("listen").addEventListener("click", toggleListen);
 $("take-over").addEventListener("click", toggleTakeOver);
 $("hang-up").addEventListener("click", hangUp);
