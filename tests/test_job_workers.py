@@ -1,9 +1,11 @@
 """`pono jobs` worker processes on a database of their own: a worker killed mid-job (SIGKILL) has its job picked
-up by another, and the side effect happens once thanks to the idempotency key; SIGTERM drains a running job."""
+up by another, and the side effect happens once thanks to the idempotency key; SIGTERM drains a running job.
+Also: calls' ends journaled together enqueue one post-call job each, however often the journal is replayed."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import uuid
@@ -15,11 +17,16 @@ import asyncpg
 import pytest
 from jobs_peers import Target
 
+from pono.agent.dlp.apply import redact_records
+from pono.events import CallEvent, EventType
 from pono.jobs.definition import Workflow
 from pono.jobs.triggers import run_by_hand
 from pono.storage.db import Database
+from pono.storage.journal import Journal
+from pono.storage.records import CallRecorder
 from pono.storage.workflow_runs import get_run, step_runs
 from pono.storage.workflows import save_workflow
+from pono.storage.writer import Writer
 
 
 @pytest.fixture
@@ -128,3 +135,26 @@ async def test_killed_worker_job_is_picked_up_and_acts_once_and_sigterm_drains(
         await first.stop()
         await second.stop()
         await target.stop()
+
+
+async def test_calls_ending_together_enqueue_one_trigger_each_even_when_replayed(
+        database: tuple[str, asyncpg.Pool], tmp_path: Path) -> None:
+    url, pool = database
+    db = Database(url, min_size=1, max_size=2)
+    await db.connect()
+    writer = Writer(db, Journal(tmp_path / "journal"), redact=redact_records)
+    calls = [uuid.uuid4().hex for _ in range(3)]
+    records = []
+    for call_id in calls:  # what three calls' ends journal while Postgres is away
+        recorder = CallRecorder("replica")
+        for kind in (EventType.CALL_STARTED, EventType.CALL_ENDED):
+            made = recorder(CallEvent(kind, call_id, None, {"transport": "webrtc", "reason": "hangup"}))
+            records += made if isinstance(made, list) else [made]
+    try:
+        for _ in range(2):  # a journal replayed twice (a crash mid-replay) enqueues nothing twice
+            writer.journal.append(records)
+            assert await writer.replay() == len(records)
+    finally:
+        await db.close()
+    queued = await pool.fetch("SELECT payload FROM pgqueuer WHERE entrypoint = 'workflow.call_ended'")
+    assert sorted(json.loads(r["payload"])["call_id"] for r in queued) == sorted(calls)

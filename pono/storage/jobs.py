@@ -59,8 +59,9 @@ async def enqueue_many(db: asyncpg.Pool | asyncpg.Connection,
         async with db.acquire() as conn:
             return await enqueue_many(conn, jobs)
     queries = Queries(AsyncpgDriver(db))
-    ids = await queries.enqueue([j[0] for j in jobs], [json.dumps(j[1]).encode() for j in jobs],
-                                dedupe_key=[j[2] for j in jobs], on_conflict="skip")
+    count = len(jobs)  # pgqueuer's batch form wants every argument as a list of the same length
+    ids = await queries.enqueue([j[0] for j in jobs], [json.dumps(j[1]).encode() for j in jobs], [0] * count,
+                                [None] * count, dedupe_key=[j[2] for j in jobs], on_conflict="skip")
     return [None if i is None else int(i) for i in ids]
 
 
