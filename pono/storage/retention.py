@@ -1,6 +1,6 @@
 """Retention: calls are kept for PONO_RETENTION_DAYS, soft-deleted rows (undo, audits) as long; then both are
-deleted for good, with everything that references them (turns, tool calls, DLP findings, chunks, keys, refresh
-tokens, phone numbers) by ON DELETE CASCADE."""
+deleted for good, with everything that references them (turns, tool calls, DLP findings, summaries and workflow
+runs, chunks, keys, refresh tokens, phone numbers) by ON DELETE CASCADE."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import asyncpg
 log = logging.getLogger(__name__)
 
 # Tables with a deleted_at column; what references them goes with them by ON DELETE CASCADE.
-SOFT_DELETED = ("calls", "personas", "documents", "users")
+SOFT_DELETED = ("calls", "personas", "documents", "users", "workflows")
 # Beyond deleted_at, what makes a row old enough to purge: a call's transcript lasts as long as a deleted row.
 _AGED = {"calls": " OR started_at < now() - make_interval(days => $1)"}
 _BATCH = 1000  # rows per DELETE, so one purge never holds long locks over a big table
