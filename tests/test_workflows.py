@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,6 +31,7 @@ from pono.testing.scripted_llm import Script, ScriptedLLM
 
 CARD = "4111 1111 1111 1111"
 SECRET = "workflow-test-secret"
+README = Path(__file__).resolve().parent.parent / "README.md"
 SUMMARY = ('{"summary": "The caller gave card ' + CARD + ' to pay for an order.", '
            '"action_items": ["Ship the order"], "disposition": "resolved"}')
 
@@ -263,6 +267,12 @@ async def test_workflows_crud_is_audited(stack: Stack) -> None:
     audit = (await stack.api("GET", "/api/audit?action=workflow", status=200))["entries"]
     mine = [e["action"] for e in audit if e["target"] == workflow["id"]]
     assert {"workflow.create", "workflow.update", "workflow.delete"} <= set(mine)
+    # The README's complete example is a workflow the API takes as written.
+    readme = await asyncio.to_thread(README.read_text)
+    example = json.loads(re.search(r"<<'JSON'\n(.*?)\nJSON", readme, re.S).group(1))  # type: ignore[union-attr]
+    saved = await stack.api("POST", "/api/workflows", example, 201)
+    assert [s["type"] for s in saved["steps"]] == ["summarize", "condition", "http", "email", "webhook"]
+    await stack.api("DELETE", f"/api/workflows/{saved['id']}", None, 204)
 
 
 async def test_console_lists_runs_and_an_operator_retries_a_failed_one(stack: Stack) -> None:
