@@ -41,7 +41,18 @@ def test_sentence_splitter_speaks_early_and_whole() -> None:
     for token in "Sure, I can help with that, it is easy. The **table** is booked. Bye".split(" "):
         pieces += s.feed(token + " ")
     pieces += s.flush()
-    assert pieces == ["Sure, I can help with that,", "it is easy.", "The table is booked.", "Bye"]
+    assert pieces == ["Sure, I can help", "with that, it is easy.", "The table is booked.", "Bye"]
+
+
+def test_a_first_sentence_without_commas_starts_at_a_phrase() -> None:
+    s = SentenceSplitter(first_clause_words=4)
+    pieces: list[str] = []
+    for token in "The store opens at nine in the morning tomorrow. It closes at six.".split(" "):
+        pieces += s.feed(token + " ")
+    pieces += s.flush()
+    # Not before four words (the prosody of "The store" alone is poor), and later sentences stay whole.
+    assert pieces == ["The store opens at nine", "in the morning tomorrow.", "It closes at six."]
+    assert split_all("Yes, and then some.") == ["Yes, and then some."]
 
 
 def test_fixed_text_is_spoken_whole() -> None:

@@ -7,6 +7,11 @@ import re
 _SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s+|\n+")
 _CLAUSE_END = re.compile(r"[,;:—–]\s+")
 _MD_NOISE = re.compile(r"[*_`#]+")
+# Where a phrase begins: a first piece may end before one of these words when no punctuation comes soon
+# ("The store opens at nine | in the morning tomorrow."), the way a speaker breathes before a phrase.
+_PHRASE_START = re.compile(
+    r"\s+(?=(?:and|but|or|so|because|which|who|when|where|if|at|in|on|for|with|from|to|by|about|after|"
+    r"before|until|since|while)\s)", re.IGNORECASE)
 
 
 def speakable(text: str) -> str:
@@ -17,8 +22,9 @@ def speakable(text: str) -> str:
 class SentenceSplitter:
     """Feed text deltas; get back complete pieces to speak.
 
-    The first piece of a reply is cut at a clause boundary once it has `first_clause_words` words, so
-    speech starts early; later pieces are cut at clauses only when a sentence exceeds `max_chars`.
+    The first piece of a reply is cut at a clause boundary (punctuation, or before a word that starts a
+    phrase) once it has `first_clause_words` words, so speech starts before the first sentence has arrived
+    whole; later pieces are cut at clauses only when a sentence exceeds `max_chars`, so the prosody holds.
     """
 
     def __init__(self, first_clause_words: int = 4, max_chars: int = 140) -> None:
@@ -50,6 +56,11 @@ class SentenceSplitter:
             return self._take(match.end())
         if clause:
             return self._take(clause.end())
+        if self._emitted == 0 and not match:
+            phrase = next((p for p in _PHRASE_START.finditer(self._buffer)
+                           if len(self._buffer[:p.start()].split()) >= self.first_clause_words), None)
+            if phrase is not None:
+                return self._take(phrase.end())
         if len(self._buffer) > self.max_chars * 2:
             cut = self._buffer.rfind(" ", 0, self.max_chars * 2)
             return self._take(cut + 1 if cut > 0 else len(self._buffer))
