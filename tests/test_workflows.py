@@ -27,6 +27,7 @@ from test_browser import CHROMIUM, chromium_args
 
 from pono.context import SERVICES
 from pono.jobs.triggers import fire_due_schedules
+from pono.storage.reports import daily_report
 from pono.testing.scripted_llm import Script, ScriptedLLM
 
 CARD = "4111 1111 1111 1111"
@@ -314,6 +315,28 @@ async def test_console_lists_runs_and_an_operator_retries_a_failed_one(stack: St
     assert run["status"] == "succeeded" and run["execution"] == 2
     audit = (await stack.api("GET", "/api/audit?action=workflow.run.retry", status=200))["entries"]
     assert any(e["actor"] == name and e["target"] == run["id"] for e in audit)
+
+
+async def test_built_in_schedules_report_and_metrics(stack: Stack) -> None:
+    services = stack.server.app[SERVICES]
+    pool = services.storage.db.pool
+    scheduled = {r["entrypoint"]: r["expression"] for r in await pool.fetch(
+        "SELECT entrypoint, expression FROM pgqueuer_schedules")}
+    assert scheduled["pono.purge"] == "17 3 * * *" and scheduled["pono.report"] == "5 0 * * *"
+    assert scheduled["workflow.schedules"] == "* * * * *"
+    report = await daily_report(pool, datetime.now(UTC).date())  # what the nightly job stores for a day
+    assert report["calls"] >= 2 and report["minutes"] > 0 and report["failed_workflow_runs"] >= 1
+    assert isinstance(report["barge_ins"], int)
+    stored = await pool.fetchval("SELECT body FROM reports WHERE kind = 'nightly' AND period = $1",
+                                 datetime.now(UTC).date())
+    assert json.loads(stored) == report
+    async with stack.http.get(f"{stack.server.url}/metrics") as r:
+        page = await r.text()
+    assert 'pono_jobs_total{kind="workflow.run",status="succeeded"}' in page
+    assert 'pono_jobs_total{kind="workflow.run",status="failed"}' in page
+    assert 'pono_jobs_total{kind="workflow.call_ended",status="succeeded"}' in page
+    assert "pono_jobs_queue_depth" in page and "pono_jobs_oldest_queued_seconds" in page
+    assert 'pono_job_duration_seconds_count{kind="workflow.run"}' in page
 
 
 async def test_postgres_down_when_a_call_ends_loses_no_trigger(stack: Stack, script: Script) -> None:
