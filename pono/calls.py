@@ -150,7 +150,14 @@ class CallManager:
             TurnConfig(threshold=s.vad_threshold,
                        min_speech_ms=turn_taking.get("min_speech_ms", s.min_speech_ms),
                        hangover_ms=turn_taking.get("hangover_ms", s.hangover_ms),
-                       max_utterance_ms=int(s.max_utterance_s * 1000)),
+                       max_utterance_ms=int(s.max_utterance_s * 1000),
+                       # The model's answer needs the model: a persona may turn it off, not on where it isn't.
+                       end_of_turn=(s.end_of_turn_model and bool(turn_taking.get("end_of_turn", True))
+                                    and self.models.end_of_turn is not None),
+                       end_of_turn_threshold=turn_taking.get("end_of_turn_threshold", s.end_of_turn_threshold),
+                       check_after_ms=s.end_of_turn_check_ms,
+                       short_hangover_ms=turn_taking.get("short_hangover_ms", s.short_hangover_ms),
+                       long_hangover_ms=turn_taking.get("long_hangover_ms", s.long_hangover_ms)),
             barge_in_min_ms=turn_taking.get("barge_in_min_ms", s.barge_in_min_ms),
             partial_interval_s=s.stt_partial_interval_s,
             greeting=persona.greeting if s.speak_greeting else "",

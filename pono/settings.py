@@ -66,7 +66,14 @@ class Settings(BaseSettings):
     # Turn-taking (milliseconds).
     vad_threshold: float = 0.5
     min_speech_ms: int = 200
-    hangover_ms: int = 450
+    hangover_ms: int = 450  # with the end-of-turn model off
+    # The end-of-turn model (Smart Turn v3.2) asked after check_after_ms of silence: a complete turn ends after
+    # the short hangover, an incomplete one waits up to the long one (or until the caller speaks again).
+    end_of_turn_model: bool = True
+    end_of_turn_threshold: float = 0.5
+    end_of_turn_check_ms: int = 160
+    short_hangover_ms: int = 200
+    long_hangover_ms: int = 1500
     barge_in_min_ms: int = 600
     max_utterance_s: float = 120.0  # a turn this long is cut and committed; the caller may go on
     drain_timeout_s: float = 3600.0  # on SIGTERM, live calls may go on this long before a goodbye

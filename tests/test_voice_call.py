@@ -180,7 +180,8 @@ async def test_garbage_audio_makes_no_turn(server, script: Script) -> None:
 
 
 async def test_preemptive_reply_is_committed_at_end_of_turn(server, script: Script, question: np.ndarray) -> None:
-    with settings_for_new_calls(server, hangover_ms=1500):  # a long end-of-turn wait: STT and the LLM finish inside
+    # A long end-of-turn wait, by silence alone: STT and the LLM finish inside it.
+    with settings_for_new_calls(server, hangover_ms=1500, end_of_turn_model=False):
         caller = await open_call(server)
     script.reply = "Booked, see you at seven."
     try:
@@ -205,11 +206,11 @@ async def test_preemptive_reply_is_dropped_when_caller_goes_on(server, script: S
     first = trim(espeak("Please book a table", audio_dir / "first.wav"))
     second = trim(espeak("for two people at seven", audio_dir / "second.wav"))
     settings = server.app[SERVICES].settings
-    settings.hangover_ms = 2000
+    settings.hangover_ms, settings.end_of_turn_model = 2000, False  # silence alone decides, here
     try:
         caller = await open_call(server)
     finally:
-        settings.hangover_ms = 450
+        settings.hangover_ms, settings.end_of_turn_model = 450, True
     script.reply = "Done, a table for two at seven."
     script.first_token_s = 0.0
     try:

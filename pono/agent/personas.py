@@ -35,7 +35,7 @@ class Persona:
     tools: list[Any] = field(default_factory=list)
     knowledge_collections: list[str] = field(default_factory=list)
     dlp_policy: dict[str, Any] = field(default_factory=dict)
-    turn_taking: dict[str, int] = field(default_factory=dict)
+    turn_taking: dict[str, Any] = field(default_factory=dict)
     timezone: str = "UTC"
     call_tokens_enabled: bool = True
     call_tokens_per_minute: int | None = None

@@ -43,6 +43,7 @@ GOODBYE_WAIT_S = 15.0  # a goodbye that can't be played in this long (a dead lin
 DTMF_KEYS = tuple("0123456789*#ABCD")
 MAX_KEYS = 64  # one keypad entry holds at most this many keys: a key every second forever is many entries
 _PREROLL_MS = 300  # audio kept from before speech was confirmed, so the first syllable is not clipped
+_TURN_WINDOW_MS = 8000  # the end-of-turn model reads the last 8 s of the turn
 
 
 class Call:
@@ -103,6 +104,7 @@ class Call:
         self._keys_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._utterance_samples = 0
+        self._end_of_turn_p: float | None = None  # the model's answer for the current pause
         # Streaming STT: partials while the caller speaks, the final on demand (pono.voice.speech.recognizer).
         self.recognizer = models.recognizer(
             language, partial_interval_s=partial_interval_s, on_partial=self._partial, spawn=self._spawn,
@@ -211,6 +213,7 @@ class Call:
         detector = TurnDetector(self.turn_config)
         recent: deque[np.ndarray] = deque(maxlen=(self.turn_config.min_speech_ms + _PREROLL_MS) // FRAME_MS)
         recognizer, responder = self.recognizer, self.responder
+        turn_audio: deque[np.ndarray] = deque(maxlen=_TURN_WINDOW_MS // FRAME_MS)  # for the end-of-turn model
         pause_at = 0.0
         spec: asyncio.Task[str] | None = None  # speculative final transcript started at the first pause
         barged = started_while_busy = False
@@ -218,6 +221,7 @@ class Call:
             self._last_activity = time.monotonic()
             if detector.in_speech:
                 recognizer.push(frame)
+                turn_audio.append(frame)
             else:
                 recent.append(frame)
             for prob in await self.models.run_vad(vad.process, frame):
@@ -226,7 +230,10 @@ class Call:
                     recognizer.reset()
                     for earlier in recent:
                         recognizer.push(earlier)
+                    turn_audio.clear()
+                    turn_audio.extend(recent)
                     recent.clear()
+                    self._end_of_turn_p = None
                     spec, barged = None, False
                     started_while_busy = responder.busy
                     recognizer.partials = not started_while_busy
@@ -239,13 +246,19 @@ class Call:
                         spec = self._spawn(recognizer.final(), "stt-spec")
                         responder.spec = spec
                         spec.add_done_callback(lambda task, t0=pause_at: responder.preempt(task, t0))
+                elif signal is Signal.CHECK:
+                    if not started_while_busy or barged:
+                        self._spawn(self._check_end_of_turn(detector, detector.pauses, np.concatenate(turn_audio)),
+                                    "end-of-turn")
                 elif signal is Signal.RESUME:
+                    self._end_of_turn_p = None
                     spec = responder.spec = None  # the caller went on: that transcript is stale
                     responder.drop_preemptive()
                 elif signal is Signal.END:
                     ignored = started_while_busy and not barged
                     self.events.emit(EventType.SPEECH_STOPPED, responder.turns, ignored=ignored,
-                                     duration_s=round(self._utterance_samples / 16000, 3))
+                                     duration_s=round(self._utterance_samples / 16000, 3),
+                                     end_of_turn=self._end_of_turn_p)
                     if responder.preempted_by(spec):
                         responder.commit_preemptive()
                     elif not ignored:
@@ -274,6 +287,19 @@ class Call:
                         await self._barge_in()
             if detector.in_speech:
                 self._utterance_samples += frame.size
+
+    async def _check_end_of_turn(self, detector: TurnDetector, pause: int, audio: np.ndarray) -> None:
+        """Ask the end-of-turn model about the turn so far (its pause included); a complete turn ends after the
+        short hangover. A model that fails leaves the long hangover in force."""
+        try:
+            probability = await self.models.run_end_of_turn(audio)
+        except Exception as exc:
+            log.error("end-of-turn model failed (%s); waiting out the long hangover", type(exc).__name__)
+            return
+        if pause == detector.pauses:
+            self._end_of_turn_p = round(probability, 3)
+            if probability >= detector.config.end_of_turn_threshold:
+                detector.turn_complete(pause)
 
     async def _transcribe(self, audio: np.ndarray) -> str:
         return await self.models.run_stt(audio, self.language)

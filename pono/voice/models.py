@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from pono.settings import Settings
+from pono.voice.endpoint import SmartTurn
 from pono.voice.speech.engine import BatchStats, TranscriptionEngine, default_max_batch
 from pono.voice.speech.recognizer import Recognizer, StreamingRecognizer
 from pono.voice.speech.whisper import BatchedWhisper, Clip, Hypothesis
@@ -40,6 +41,8 @@ class SpeechModels:
         # has its own thread, and batches what several calls need at once).
         self._vad_pool = ThreadPoolExecutor(1, thread_name_prefix="vad")
         self._tts_pool = ThreadPoolExecutor(1, thread_name_prefix="tts")
+        self._turn_pool = ThreadPoolExecutor(1, thread_name_prefix="turn")  # the end-of-turn model (~50 ms)
+        self.end_of_turn: SmartTurn | None = None
         # Persona voices load in threads of their own: one call's voice download never stalls the TTS thread.
         self.voices = VoiceLibrary(lambda voice: load_tts(settings.tts, voice, settings.tts_device))
         self.loaded = asyncio.Event()
@@ -57,6 +60,8 @@ class SpeechModels:
         try:
             s = self.settings
             self.vad = await loop.run_in_executor(self._vad_pool, SileroVAD)
+            if s.end_of_turn_model:  # a missing model fails the start loudly, as any model does
+                self.end_of_turn = await loop.run_in_executor(self._turn_pool, SmartTurn)
             if self.worker is not None:
                 await self.worker.start()
                 if s.speech_fallback == "none":  # nothing to load here: wait for a worker to speak through
@@ -83,6 +88,8 @@ class SpeechModels:
         # First inference allocates buffers and JITs kernels; pay that now, not on the first caller.
         warm_audio = (np.sin(np.linspace(0, 2000, 16000)) * 3000).astype(np.int16)
         await self.run_vad(self.vad.stream().process, warm_audio)  # type: ignore[union-attr]
+        if self.end_of_turn is not None:
+            await self.run_end_of_turn(warm_audio)
         if self.tts is not None:  # the local models (a worker warms its own)
             await asyncio.get_running_loop().run_in_executor(self._tts_pool, self._synthesize, "Hello.", None)
         if self.stt is not None:
@@ -90,6 +97,14 @@ class SpeechModels:
 
     async def run_vad(self, fn: Callable[[np.ndarray], T], pcm: np.ndarray) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._vad_pool, fn, pcm)
+
+    async def run_end_of_turn(self, pcm: np.ndarray) -> float:
+        """How likely the caller has finished their turn (0-1, Smart Turn v3.2) from the turn's 16 kHz int16
+        audio, trailing silence included (the model reads the pause too). Raises RuntimeError when the model
+        is off."""
+        if self.end_of_turn is None:
+            raise RuntimeError("the end-of-turn model is off (PONO_END_OF_TURN_MODEL)")
+        return await asyncio.get_running_loop().run_in_executor(self._turn_pool, self.end_of_turn.probability, pcm)
 
     def _batched(self, stats: BatchStats) -> None:
         if self.on_batch is not None:
@@ -164,7 +179,7 @@ class SpeechModels:
         return rate
 
     def close(self) -> None:
-        for pool in (self._vad_pool, self._tts_pool):
+        for pool in (self._vad_pool, self._tts_pool, self._turn_pool):
             pool.shutdown(wait=False, cancel_futures=True)
         if self.stt is not None:
             self.stt.close()

@@ -11,16 +11,27 @@ class Signal(Enum):
     PAUSE = "pause"  # first silent chunk after confirmed speech (the earliest end-of-speech guess)
     RESUME = "resume"  # speech came back before the hangover ran out
     END = "end"  # silence lasted the hangover: the caller's turn is over
+    CHECK = "check"  # silence lasted `check_after_ms`: time to ask the end-of-turn model (once per pause)
     SEGMENT = "segment"  # the utterance reached max_utterance_ms: cut here, the caller's turn goes on
 
 
 @dataclass
 class TurnConfig:
+    """Turn-taking in milliseconds. Without the end-of-turn model a turn ends after `hangover_ms` of silence.
+    With it (`end_of_turn`), the model is asked once per pause after `check_after_ms` of silence: a turn it
+    finds complete ends after `short_hangover_ms`, one it does not after `long_hangover_ms` (the cap), unless
+    the caller speaks again first; then the next pause is checked again."""
+
     threshold: float = 0.5
     min_speech_ms: int = 200
     hangover_ms: int = 450
     max_utterance_ms: int = 20_000
     chunk_ms: float = 32.0
+    end_of_turn: bool = False
+    end_of_turn_threshold: float = 0.5
+    check_after_ms: int = 160
+    short_hangover_ms: int = 200
+    long_hangover_ms: int = 1500
 
     @property
     def off_threshold(self) -> float:
@@ -38,6 +49,19 @@ class TurnDetector:
         self.voiced_ms = 0.0  # voiced time of the current (candidate or confirmed) utterance
         self.silence_ms = 0.0
         self.utterance_ms = 0.0
+        self._new_pause()
+
+    def _new_pause(self) -> None:
+        c = self.config
+        self.hangover_ms = float(c.long_hangover_ms if c.end_of_turn else c.hangover_ms)
+        self.checked = False
+        self.pauses = getattr(self, "pauses", 0) + 1  # tells a model's answer for an earlier pause apart
+
+    def turn_complete(self, pause: int) -> None:
+        """The end-of-turn model found the turn complete during pause number `pause`: if the caller is still
+        silent in that pause, the turn ends once the silence reaches `short_hangover_ms`."""
+        if pause == self.pauses and self.in_speech:
+            self.hangover_ms = float(self.config.short_hangover_ms)
 
     def update(self, prob: float) -> Signal | None:
         c = self.config
@@ -48,6 +72,8 @@ class TurnDetector:
             self.voiced_ms += c.chunk_ms
             was_pausing = self.silence_ms > 0
             self.silence_ms = 0.0
+            if was_pausing:
+                self._new_pause()
             if not self.in_speech and self.voiced_ms >= c.min_speech_ms:
                 self.in_speech = True
                 self.utterance_ms = self.voiced_ms
@@ -66,9 +92,12 @@ class TurnDetector:
                 self.silence_ms = 0.0
             return None
         self.silence_ms += c.chunk_ms
-        if self.silence_ms >= c.hangover_ms:
+        if self.silence_ms >= self.hangover_ms:
             self.reset()
             return Signal.END
+        if c.end_of_turn and not self.checked and self.silence_ms >= c.check_after_ms:
+            self.checked = True
+            return Signal.CHECK
         if self.utterance_ms >= c.max_utterance_ms:
             self.utterance_ms = 0.0
             return Signal.SEGMENT

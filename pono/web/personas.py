@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 from aiohttp import web
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from pono.agent.dlp.engine import DlpPolicy
 from pono.agent.tools.specs import parse_tool_specs
@@ -23,6 +23,17 @@ class TurnTaking(BaseModel):
     hangover_ms: int | None = Field(default=None, ge=100, le=3000)
     min_speech_ms: int | None = Field(default=None, ge=32, le=2000)
     barge_in_min_ms: int | None = Field(default=None, ge=100, le=5000)
+    # The end-of-turn model (on unless PONO_END_OF_TURN_MODEL=false): its threshold and the two hangovers.
+    end_of_turn: bool | None = None
+    end_of_turn_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
+    short_hangover_ms: int | None = Field(default=None, ge=64, le=2000)
+    long_hangover_ms: int | None = Field(default=None, ge=200, le=5000)
+
+    @model_validator(mode="after")
+    def _short_before_long(self) -> TurnTaking:
+        if self.short_hangover_ms and self.long_hangover_ms and self.short_hangover_ms >= self.long_hangover_ms:
+            raise ValueError("short_hangover_ms must be shorter than long_hangover_ms")
+        return self
 
 
 def _valid_dlp_policy(value: dict[str, Any]) -> dict[str, Any]:
