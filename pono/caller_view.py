@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 CALLER_EVENTS = frozenset({
     EventType.CALL_STARTED, EventType.STATE, EventType.CALL_ENDED,
     EventType.SPEECH_STARTED, EventType.SPEECH_STOPPED, EventType.TRANSCRIPT_PARTIAL, EventType.TRANSCRIPT_FINAL,
-    EventType.AGENT_DELTA, EventType.AGENT_FINAL, EventType.BARGE_IN,
+    EventType.AGENT_DELTA, EventType.AGENT_FINAL, EventType.BARGE_IN, EventType.AGENT_RESUMED,
     EventType.DTMF, EventType.LATENCY, EventType.ERROR,
 })
 # What DLP rewrites. Agent deltas are the agent's own speech, heard by this caller as it is sent: they pass

@@ -29,6 +29,7 @@ class EventType(StrEnum):
     AGENT_DELTA = "agent.delta"
     AGENT_FINAL = "agent.final"
     BARGE_IN = "barge_in"
+    AGENT_RESUMED = "agent.resumed"  # a suspected interruption held no words: the agent went on where it paused
     TOOL_CALL = "tool.call"
     TOOL_RESULT = "tool.result"
     TRANSFER = "call.transfer_requested"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
+import pytest
 from conftest import espeak
 from helpers import settings_for_new_calls, stored_turns
-from test_voice_call import open_call, trim, words
+from test_voice_call import LONG_REPLY, open_call, trim, words
 
+from pono.testing.caller import RATE as HEARD_RATE
 from pono.testing.scripted_llm import Script
+from pono.voice.interruptions import is_backchannel
 from pono.voice.turns import Signal, TurnConfig, TurnDetector
 
 RATE = 16000
@@ -46,3 +51,63 @@ async def test_a_thinking_pause_does_not_end_the_turn(server, script: Script, au
         await caller.hang_up()
     users = [t for t in await stored_turns(server, admin_token, caller.call_id, 2) if t["role"] == "user"]
     assert len(users) == 1 and {"like", "table"} <= words(users[0]["text"])
+
+
+def test_acknowledgements_are_told_from_words() -> None:
+    for text in ("", "M-HM", "Yeah, okay.", "Uhuh, right.", "Ah, ah, ah.", "Mmmm.", "I see."):
+        assert is_backchannel(text), text
+    for text in ("Stop, wait", "yeah but no", "No.", "What time is it?"):
+        assert not is_backchannel(text), text
+
+
+async def _agent_speaking(caller, script: Script) -> None:
+    script.reply = LONG_REPLY
+    caller.send_text("Tell me about the restaurant")
+    await caller.wait_for(lambda e: e["type"] == "call.state" and e["state"] == "speaking", 20)
+    await asyncio.sleep(1.5)
+
+
+@pytest.mark.parametrize("said", ["Yeah, okay, right.", "Aaaaaaaaaaaaah."])
+async def test_an_acknowledgement_or_a_sound_over_the_agent_pauses_it_and_it_goes_on(
+        server, script: Script, audio_dir, admin_token: str, said: str) -> None:
+    sound = trim(espeak(said, audio_dir / f"ack{len(said)}.wav"))
+    assert sound.size > 0.6 * RATE  # long enough to be taken for an interruption at first
+    caller = await open_call(server)
+    try:
+        await _agent_speaking(caller, script)
+        caller.speak(sound)
+        resumed = await caller.wait_for(lambda e: e["type"] == "agent.resumed", 20)
+        assert resumed["resumed_s"] > 0
+        final = await caller.wait_for(lambda e: e["type"] == "agent.final", 60)
+        assert final["interrupted"] is False and final["text"] == LONG_REPLY
+        assert not [e for e in caller.events if e["type"] == "barge_in"]
+    finally:
+        await caller.hang_up()
+    agent = [t for t in await stored_turns(server, admin_token, caller.call_id, 2) if t["role"] == "agent"]
+    assert agent[0]["text"] == LONG_REPLY and agent[0]["interrupted"] is False
+
+
+async def test_words_over_the_agent_interrupt_it_where_it_paused(server, script: Script, audio_dir,
+                                                                 admin_token: str) -> None:
+    stop = trim(espeak("Wait, stop, I need a table for two tomorrow", audio_dir / "stop.wav"))
+    caller = await open_call(server)
+    try:
+        await _agent_speaking(caller, script)
+        caller.speak(stop)
+        barge = await caller.wait_for(lambda e: e["type"] == "barge_in", 20)
+        cut_at = asyncio.get_running_loop().time()
+        cut = await caller.wait_for(lambda e: e["type"] == "agent.final" and e["turn"] == barge["turn"], 5)
+        assert cut["interrupted"] is True and 0 < len(cut["text"]) < len(LONG_REPLY)
+        assert LONG_REPLY.startswith(cut["text"].rstrip(".,"))
+        assert not [e for e in caller.events if e["type"] == "agent.resumed"]
+        # Silent from the decision on, while the caller goes on talking.
+        await asyncio.sleep(1.2)
+        audio = caller.recording()
+        assert caller.first_arrival is not None
+        start = int((cut_at + 0.1 - caller.first_arrival) * HEARD_RATE)
+        window = audio[start:start + HEARD_RATE]
+        assert window.size == HEARD_RATE and np.abs(window).max() < 500, "the agent kept talking after the interruption"
+    finally:
+        await caller.hang_up()
+    stored = {t["index"]: t for t in await stored_turns(server, admin_token, caller.call_id, 2)}
+    assert stored[barge["turn"]]["interrupted"] is True and stored[barge["turn"]]["text"] == cut["text"]

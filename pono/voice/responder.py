@@ -25,6 +25,7 @@ from pono.agent.tools.registry import ToolBox
 from pono.events import EventStream, EventType
 from pono.logs import bind_turn
 from pono.transport import Transport
+from pono.voice.interruptions import PausableOutput
 from pono.voice.models import SpeechModels
 from pono.voice.reply import HeldEvents, Reply
 from pono.voice.scheduler import Priority, ReplyScheduler, SpeechHandle
@@ -167,6 +168,21 @@ class Responder:
         return self.scheduler.schedule(SpeechHandle(kind, work, priority=priority,
                                                     allow_interruptions=allow_interruptions,
                                                     name=f"{kind}-{self.events.call_id}"))
+
+    def pause(self) -> bool:
+        """Pause the agent's audio where it is, for a suspected interruption. False (and nothing paused) when
+        nothing that may be interrupted is playing, or the output cannot pause."""
+        handle = self.scheduler.current
+        if handle is None or not handle.allow_interruptions or not isinstance(self.transport, PausableOutput):
+            return False
+        self.transport.pause()
+        return True
+
+    async def resume(self) -> float:
+        """Go on after a false interruption, from where the audio paused; the seconds of audio resumed."""
+        if not isinstance(self.transport, PausableOutput):
+            return 0.0
+        return await self.transport.resume()
 
     async def interrupt(self, reason: str, *, force: bool = False) -> None:
         """Stop what plays (keeping what was heard), drop what is queued and any preemptive reply.
