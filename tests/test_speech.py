@@ -12,6 +12,7 @@ import pytest
 from conftest import espeak
 
 from pono.voice.speech.engine import BatchStats, TranscriptionEngine
+from pono.voice.speech.languages import whisper_language
 from pono.voice.speech.recognizer import StreamingRecognizer, agreed_prefix
 from pono.voice.speech.whisper import SAMPLE_RATE, BatchedWhisper, Clip, Hypothesis, Segment
 
@@ -162,3 +163,26 @@ async def test_an_empty_utterance_has_an_empty_final(engine: TranscriptionEngine
     assert await recognizer.final() == ""
     recognizer.push(np.zeros(10, np.int16))
     assert await recognizer.final() == ""
+
+
+def test_language_tags_map_to_whisper_codes() -> None:
+    assert [whisper_language(t) for t in ("en", "en-US", "EN_us", "pt_BR", "zh-Hant-TW")] == ["en", "en", "en",
+                                                                                             "pt", "zh"]
+    for bad in ("zz", "zz-ZZ", "", "e", "en US", "../en", "english"):
+        with pytest.raises(ValueError):
+            whisper_language(bad)
+
+
+async def test_a_clip_in_a_language_whisper_lacks_fails_alone(tmp_path_factory: pytest.TempPathFactory,
+                                                              clips: list[np.ndarray]) -> None:
+    multilingual = BatchedWhisper("base", tmp_path_factory.mktemp("base"), "cpu")
+    engine = TranscriptionEngine(multilingual, batch_window_s=0.05, max_batch=4)
+    try:
+        results = await asyncio.gather(engine.transcribe(Clip(clips[1])),
+                                       engine.transcribe(Clip(clips[2], language="zz")),
+                                       engine.transcribe(Clip(clips[3], language="en-GB")),
+                                       return_exceptions=True)
+    finally:
+        engine.close()
+    assert isinstance(results[1], ValueError)
+    assert {"paris", "tomorrow"} <= words(results[0].text) and {"human"} <= words(results[2].text)

@@ -145,9 +145,13 @@ async def test_personas_api_and_bad_input(server: RunningServer, admin_token: st
         assert (await api(http, "GET", base, None))[0] == 401
         assert (await api(http, "GET", base, "pono_not-a-real-key"))[0] == 401
         assert (await api(http, "POST", base, viewer, json=body))[0] == 403
-        status, bad = await api(http, "POST", base, admin_token, json={"name": "", "turn_taking": {"hangover_ms": 5}})
+        status, bad = await api(http, "POST", base, admin_token, json={
+            "name": "", "turn_taking": {"hangover_ms": 5}, "language": "zz-ZZ"})
         assert status == 422
-        assert {f["field"] for f in bad["fields"]} >= {"name", "system_prompt", "turn_taking.hangover_ms"}
+        assert {f["field"] for f in bad["fields"]} >= {"name", "system_prompt", "turn_taking.hangover_ms", "language"}
+        status, bad = await api(http, "POST", base, admin_token, json={
+            "name": "x", "system_prompt": "y", "turn_taking": {"short_hangover_ms": 900, "long_hangover_ms": 800}})
+        assert status == 422 and "shorter" in str(bad)
         status, raw = await api(http, "POST", base, admin_token, data=b"{oops",
                                 content_type="application/json")
         assert status == 400 and "JSON" in raw["error"]

@@ -17,6 +17,7 @@ import numpy as np
 from pono.settings import Settings
 from pono.voice.endpoint import SmartTurn
 from pono.voice.speech.engine import BatchStats, TranscriptionEngine, default_max_batch
+from pono.voice.speech.languages import whisper_language
 from pono.voice.speech.recognizer import Recognizer, StreamingRecognizer
 from pono.voice.speech.whisper import BatchedWhisper, Clip, Hypothesis
 from pono.voice.tts import TTSEngine, load_tts
@@ -122,6 +123,11 @@ class SpeechModels:
         """A streaming recognizer for one call (see `pono.voice.speech.recognizer`): on a speech worker when
         one is configured (`on_error(message)` hears of a turn left without a transcript), else local."""
         s = self.settings
+        try:
+            language = whisper_language(language)
+        except ValueError as exc:  # a persona saved before languages were checked: English, and say so
+            log.warning("%s; transcribing in English", exc)
+            language = "en"
 
         def local(partial_interval_s: float = partial_interval_s,
                   on_partial: Callable[[str], None] | None = on_partial) -> Recognizer:

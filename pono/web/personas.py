@@ -15,6 +15,7 @@ from pono.agent.tools.specs import parse_tool_specs
 from pono.context import SERVICES
 from pono.http import ApiError, read_json_model
 from pono.storage import personas as stored
+from pono.voice.speech.languages import whisper_language
 from pono.web.access import require
 from pono.web.params import database, decode_cursor, iso, page_limit, paginate, path_uuid
 
@@ -38,6 +39,11 @@ class TurnTaking(BaseModel):
 
 def _valid_dlp_policy(value: dict[str, Any]) -> dict[str, Any]:
     DlpPolicy.from_config(value)  # raises ValueError naming what is wrong: a 422 for the field
+    return value
+
+
+def _valid_language(value: str) -> str:
+    whisper_language(value)  # raises ValueError naming the tag: a 422 for the field
     return value
 
 
@@ -67,7 +73,7 @@ class PersonaIn(BaseModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[\w .-]+$")
     system_prompt: str = Field(min_length=1, max_length=20_000)
     greeting: str = Field(default="", max_length=2000)
-    language: str = Field(default="en", min_length=2, max_length=16)
+    language: Annotated[str, AfterValidator(_valid_language)] = Field(default="en", min_length=2, max_length=16)
     tts_voice: str | None = Field(default=None, max_length=100)
     llm_model: str | None = Field(default=None, max_length=200)
     llm_params: LlmParams = Field(default_factory=LlmParams)

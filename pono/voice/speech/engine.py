@@ -110,10 +110,14 @@ class TranscriptionEngine:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._pool, self.whisper.transcribe_batch, [r.clip for r in batch])
         except Exception as exc:
-            log.error("whisper failed on a batch of %d: %s", len(batch), type(exc).__name__)
-            for r in batch:
-                if not r.future.done():
-                    r.future.set_exception(exc)
+            if len(batch) > 1:  # one bad clip (a language Whisper lacks) must not fail other calls' clips
+                self.running = 0
+                for r in batch:
+                    await self._run_batch(kind, [r])
+                return
+            log.error("whisper failed on a clip: %s", type(exc).__name__)
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
             return
         finally:
             self.running = 0

@@ -217,6 +217,8 @@ class StreamingRecognizer:
         return hypothesis
 
     def close(self) -> None:
-        self._generation += 1
+        """Stop partials and let go of the audio and the callbacks (a closed stream holds nothing)."""
         if self._partial_task is not None:
             self._partial_task.cancel()
+        self.reset()
+        self.on_partial = None

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pono.voice.cuda_libs import preload_cuda_libraries
+from pono.voice.speech.languages import whisper_language
 from pono.voice.stt import pick_device, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class BatchedWhisper:
             language=language if self.multilingual else "en")
 
     def _tokenizer(self, language: str):
-        language = language.split("-")[0].lower() if self.multilingual else "en"
+        language = whisper_language(language) if self.multilingual else "en"
         if language not in self._tokenizers:
             self._tokenizers[language] = self._make_tokenizer(language)
         return self._tokenizers[language]
