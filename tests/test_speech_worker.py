@@ -30,6 +30,7 @@ from pono.testing.caller import Caller
 from pono.testing.scripted_llm import Script, ScriptedLLM
 from pono.voice.models import SpeechModels
 from pono.voice.worker.client import UNAVAILABLE
+from pono.voice.worker.pool import WorkerPool
 
 TOKEN = "worker-secret-" + uuid.uuid4().hex
 METRICS_TOKEN = "metrics-" + uuid.uuid4().hex
@@ -219,6 +220,25 @@ async def test_a_worker_killed_mid_turn_loses_nothing(worker: WorkerProcess, app
     turns = await stored_turns(app, admin_key, caller.call_id, 4)
     assert [t["role"] for t in turns] == ["user", "agent", "user", "agent"]
     assert [turns[0]["text"], turns[2]["text"]] == [first["text"], second["text"]]
+
+
+async def test_past_100_streams_polls_and_tts_still_get_through(worker: WorkerProcess) -> None:
+    """Every call holds a stream for its whole length: 101 of them must leave the pool's /ready polls and TTS
+    requests a connection (aiohttp's default is 100 per session)."""
+    await worker.ensure_running()
+    pool = WorkerPool(worker.url, TOKEN)
+    (target,) = pool.workers
+    streams = []
+    try:
+        for _ in range(101):
+            streams.append(await pool.connect_stt(target))
+        await pool.poll()
+        assert target.ready and target.load >= 101 and pool.tts_rate
+        pieces = await asyncio.wait_for(pool.synthesize(target, "Hello there.", None, pool.tts_rate), 60)
+        assert sum(c.size for c in pieces) > 0
+    finally:
+        await asyncio.gather(*(ws.close() for ws in streams))
+        await pool.close()
 
 
 async def test_bad_frames_get_an_error_and_the_stream_goes_on(worker: WorkerProcess, question: np.ndarray) -> None:

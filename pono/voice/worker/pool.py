@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import aiohttp
 import numpy as np
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 POLL_S = 3.0
 _BACKOFF_MAX_S = 30.0
+_TTS_PER_WORKER = 32  # TTS requests at once to one worker (its TTS speaks one sentence at a time anyway)
+_TTS_STALLS = 6  # a TTS answer, once begun, ends within this many PONO_SPEECH_WORKER_STALL_S
+Connections = Literal["streams", "tts", "polls"]
 
 
 class WorkerUnavailable(Exception):
@@ -60,7 +64,11 @@ def parse_urls(value: str) -> list[str]:
 class WorkerPool:
     """The workers of `urls` for this process, shared by every call. `token` is PONO_SPEECH_WORKER_TOKEN;
     `stall_s` bounds a connection, a final's answer and the start of a TTS answer. `start()` (in a running
-    loop) reads every /ready once and keeps polling; `close()` stops."""
+    loop) reads every /ready once and keeps polling; `close()` stops.
+
+    Streams, TTS requests and polls each have connections of their own: the calls' streams (one each, held
+    for the call) are not limited, so they can never leave a poll or a TTS request waiting for a connection;
+    TTS requests share `_TTS_PER_WORKER` connections per worker, and polls their own."""
 
     def __init__(self, urls: str, token: str, *, stall_s: float = 5.0, poll_s: float = POLL_S) -> None:
         if not token:
@@ -70,15 +78,18 @@ class WorkerPool:
         self.stall_s = stall_s
         self.poll_s = poll_s
         self.any_ready = asyncio.Event()
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[Connections, aiohttp.ClientSession] = {}
         self._poller: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self.headers)
-        return self._session
+    def session(self, kind: Connections) -> aiohttp.ClientSession:
+        """The connections for `kind` of traffic (made on first use, in the running loop)."""
+        session = self._sessions.get(kind)
+        if session is None:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host={"streams": 0, "tts": _TTS_PER_WORKER,
+                                                                      "polls": 2}[kind])
+            session = self._sessions[kind] = aiohttp.ClientSession(headers=self.headers, connector=connector)
+        return session
 
     async def start(self) -> None:
         await self.poll()
@@ -88,9 +99,14 @@ class WorkerPool:
         """Stop polling and start closing the connections (from synchronous code in the running loop)."""
         if self._poller is not None:
             self._poller.cancel()
-        if self._session is not None and self._closing is None:
-            with contextlib.suppress(RuntimeError):  # no running loop: nothing left to close it in
-                self._closing = asyncio.get_running_loop().create_task(self._session.close())
+        if self._sessions and self._closing is None:
+            sessions = list(self._sessions.values())
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing left to close them in
+                self._closing = asyncio.get_running_loop().create_task(self._close_sessions(sessions))
+
+    @staticmethod
+    async def _close_sessions(sessions: list[aiohttp.ClientSession]) -> None:
+        await asyncio.gather(*(s.close() for s in sessions))
 
     async def close(self) -> None:
         """Stop polling and close the connections."""
@@ -142,7 +158,7 @@ class WorkerPool:
 
     async def _poll(self, worker: Worker) -> None:
         try:
-            async with self.session.get(worker.url + "/ready", timeout=aiohttp.ClientTimeout(total=2.0)) as r:
+            async with self.session("polls").get(worker.url + "/ready", timeout=aiohttp.ClientTimeout(total=2.0)) as r:
                 body = await r.json() if r.status == 200 else {}
             ready = r.status == 200
             load = int(body.get("streams", 0)) + int(body.get("queue_depth", 0))
@@ -159,7 +175,7 @@ class WorkerPool:
         worker.opened += 1
         try:
             async with asyncio.timeout(self.stall_s):
-                return await self.session.ws_connect(worker.ws_url, max_msg_size=p.MAX_MESSAGE_BYTES,
+                return await self.session("streams").ws_connect(worker.ws_url, max_msg_size=p.MAX_MESSAGE_BYTES,
                                                      heartbeat=20.0)
         except aiohttp.WSServerHandshakeError as exc:
             refused = "it refused PONO_SPEECH_WORKER_TOKEN" if exc.status == 401 else f"upgrade answered {exc.status}"
@@ -169,12 +185,17 @@ class WorkerPool:
 
     async def synthesize(self, worker: Worker, text: str, voice: str | None, rate: int) -> list[np.ndarray]:
         """Speech for `text` from `worker`, one int16 array per piece at `rate` Hz (resampled if the worker
-        speaks at another rate). Raises WorkerUnavailable."""
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.stall_s, sock_read=2 * self.stall_s)
+        speaks at another rate). Raises WorkerUnavailable when the answer has not begun within `stall_s` (a
+        connection to wait for included), when it pauses that long, or when it has not ended within
+        `_TTS_STALLS` × `stall_s`."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.stall_s)  # a pause between pieces
+        loop = asyncio.get_running_loop()
         pieces: list[np.ndarray] = []
         try:
-            async with self.session.post(worker.url + p.TTS_PATH, json={"text": text[:p.MAX_TTS_CHARS],
-                                                                        "voice": voice}, timeout=timeout) as r:
+            async with asyncio.timeout(self.stall_s) as deadline, self.session("tts").post(
+                    worker.url + p.TTS_PATH, json={"text": text[:p.MAX_TTS_CHARS], "voice": voice},
+                    timeout=timeout) as r:
+                deadline.reschedule(loop.time() + (_TTS_STALLS - 1) * self.stall_s)  # begun: the rest
                 if r.status != 200:
                     raise WorkerUnavailable("it refused PONO_SPEECH_WORKER_TOKEN" if r.status == 401
                                             else f"TTS answered {r.status}")
@@ -186,7 +207,9 @@ class WorkerPool:
                         cut = len(buffer) - len(buffer) % 2
                         pieces.append(np.frombuffer(bytes(buffer[:cut]), "<i2").astype(np.int16))
                         del buffer[:cut]
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        except TimeoutError as exc:  # the deadline, or a pause (aiohttp's ServerTimeoutError)
+            raise WorkerUnavailable(f"TTS stalled ({_why(exc)})") from exc
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise WorkerUnavailable(_why(exc)) from exc
         self.succeeded(worker)
         if source_rate <= 0:
