@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -151,7 +152,11 @@ async def test_the_token_guards_everything_but_health_and_ready(worker: WorkerPr
                 assert r.status == 401
         async with http.get(f"{worker.url}/health") as r:
             assert r.status == 200 and (await r.json())["status"] == "alive"
-        async with http.get(f"{worker.url}/ready") as r:
+        async with http.get(f"{worker.url}/ready") as r:  # for probes: the state, not the load
+            assert r.status == 200 and await r.json() == {"status": "ready"}
+        async with http.get(f"{worker.url}/ready", headers={"Authorization": "Bearer wrong"}) as r:
+            assert r.status == 401
+        async with http.get(f"{worker.url}/ready", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
             ready = await r.json()
             assert r.status == 200 and ready["status"] == "ready" and {"streams", "queue_depth"} <= set(ready)
         async with http.post(f"{worker.url}/v1/tts", json={"text": "Hello there."},
@@ -239,6 +244,21 @@ async def test_past_100_streams_polls_and_tts_still_get_through(worker: WorkerPr
     finally:
         await asyncio.gather(*(ws.close() for ws in streams))
         await pool.close()
+
+
+async def test_a_wrong_token_shows_at_the_first_poll(worker: WorkerProcess, caplog: pytest.LogCaptureFixture) -> None:
+    """An app with the wrong token must not count the worker as up (each call would get 401 and fall back), and
+    says why once."""
+    await worker.ensure_running()
+    pool = WorkerPool(worker.url, "wrong-token-" + uuid.uuid4().hex)
+    try:
+        for _ in range(2):
+            await pool.poll()
+            assert pool.up == 0 and pool.pick() is None
+    finally:
+        await pool.close()
+    refused = [r for r in caplog.records if "refused PONO_SPEECH_WORKER_TOKEN" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelno == logging.ERROR and worker.url in refused[0].getMessage()
 
 
 async def test_bad_frames_get_an_error_and_the_stream_goes_on(worker: WorkerProcess, question: np.ndarray) -> None:

@@ -1,11 +1,12 @@
 """The app's view of its speech workers (PONO_SPEECH_WORKER_URL): which are up, which is least loaded, and
 TTS requests to them.
 
-Every POLL_S each worker's public /ready is read: a ready worker's load is its open streams plus its queue
-depth, to which the streams this process opened since that poll are added, so a burst of new calls does not
-all land on the worker that looked idlest. A worker that fails (a refused connection, a stalled final or TTS
-answer) is out of the running until a poll finds it ready again and its backoff (1 s, doubling to 30 s) has
-passed. A worker going down, and coming back, is logged once each.
+Every POLL_S each worker's /ready is read with the token (a worker that refuses it is not up, and says so
+in the log once): a ready worker's load is its open streams plus its queue depth, to which the streams this
+process opened since that poll are added, so a burst of new calls does not all land on the worker that looked
+idlest. A worker that fails (a refused connection, a stalled final or TTS answer) is out of the running until
+a poll finds it ready again and its backoff (1 s, doubling to 30 s) has passed. A worker going down (found by
+a poll or by a request), and coming back, is logged once each.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class Worker:
     failures: int = 0  # in a row
     down_until: float = 0.0  # monotonic; no new work before this
     tts_rate: int | None = None
+    polled_up: bool | None = None  # what the last poll found (None: not polled yet)
+    down_logged: bool = False  # its going down was logged, and its coming back is not yet
+    refused_logged: bool = False  # it refused our token, and that was logged
 
     @property
     def ws_url(self) -> str:
@@ -136,14 +140,17 @@ class WorkerPool:
         """`worker` failed a request: out of the running for a backoff, and until a poll finds it ready."""
         if worker.ready:
             log.warning("speech worker %s failed (%s): calls use %s until it is back", own(worker.url), reason,
-                        "another worker" if any(w.ready and w is not worker for w in self.workers)
-                        else "the fallback")
+                        self._instead(worker))
+            worker.down_logged = True
         worker.ready = False
         worker.failures += 1
         worker.down_until = time.monotonic() + min(_BACKOFF_MAX_S, 2.0 ** (worker.failures - 1))
 
     def succeeded(self, worker: Worker) -> None:
         worker.failures = 0
+
+    def _instead(self, worker: Worker) -> str:
+        return "another worker" if any(w.ready and w is not worker for w in self.workers) else "the fallback"
 
     # -- polling ----------------------------------------------------------------------------------
     async def poll(self) -> None:
@@ -157,17 +164,29 @@ class WorkerPool:
             await self.poll()
 
     async def _poll(self, worker: Worker) -> None:
+        """Read `worker`'s /ready (with the token): up or not, its load and TTS rate; log a change once."""
+        refused = False
         try:
             async with self.session("polls").get(worker.url + "/ready", timeout=aiohttp.ClientTimeout(total=2.0)) as r:
-                body = await r.json() if r.status == 200 else {}
-            ready = r.status == 200
+                body = await r.json() if r.status in (200, 503) else {}
+            ready, refused = r.status == 200, r.status == 401
+            why = f"/ready answered {r.status} {str(body.get('status', ''))[:20]}".strip()
             load = int(body.get("streams", 0)) + int(body.get("queue_depth", 0))
             worker.tts_rate = int(body.get("tts_sample_rate") or 0) or worker.tts_rate
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TypeError, AttributeError):
-            ready, load = False, 0
-        if ready and not worker.ready and worker.failures:
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TypeError, AttributeError) as exc:
+            ready, load, why = False, 0, type(exc).__name__
+        if refused and not worker.refused_logged:
+            log.error("speech worker %s refused PONO_SPEECH_WORKER_TOKEN: set the token the worker has; calls use "
+                      "%s meanwhile", own(worker.url), self._instead(worker))
+            worker.refused_logged = worker.down_logged = True
+        elif not ready and not worker.down_logged and worker.polled_up is not False:
+            log.warning("speech worker %s is down (%s): calls use %s until it is back", own(worker.url), own(why),
+                        self._instead(worker))
+            worker.down_logged = True
+        elif ready and worker.down_logged:
             log.info("speech worker %s is back", own(worker.url))
-        worker.ready, worker.load, worker.opened = ready, load, 0
+            worker.down_logged = worker.refused_logged = False
+        worker.ready, worker.load, worker.opened, worker.polled_up = ready, load, 0, ready
 
     # -- requests ---------------------------------------------------------------------------------
     async def connect_stt(self, worker: Worker) -> aiohttp.ClientWebSocketResponse:

@@ -262,11 +262,18 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """GET /ready (public): 200 with the load once the models are loaded; 503 while loading or draining."""
+    """GET /ready (public, for probes): 200 once the models are loaded, 503 while loading, after a failed load
+    or while draining. With a token: 401 for a wrong one (the app's polls find out at once), and the load for
+    the right one."""
     worker = request.app[WORKER]
+    token = "Authorization" in request.headers
+    if token:
+        _guard(request)
     if not worker.ready:
         status = "draining" if worker.draining else "failed" if worker.models.load_error else "loading"
         return web.json_response({"status": status}, status=503)
+    if not token:
+        return web.json_response({"status": "ready"})
     return web.json_response({"status": "ready", "streams": len(worker.streams), "queue_depth": worker.queue_depth,
                               "tts_sample_rate": worker.models.tts_rate})
 
