@@ -14,11 +14,13 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
 import numpy as np
 import pytest
+from conftest import make_settings, start_server
 from helpers import stored_turns
 from prometheus_client.parser import text_string_to_metric_families
 from servers import PonoProcess
@@ -261,6 +263,46 @@ async def test_a_wrong_token_shows_at_the_first_poll(worker: WorkerProcess, capl
     assert len(refused) == 1 and refused[0].levelno == logging.ERROR and worker.url in refused[0].getMessage()
 
 
+async def test_with_no_fallback_the_app_is_ready_only_while_a_worker_is_up(
+        worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory, scripted_llm: ScriptedLLM,
+        postgres_url: str, redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """PONO_SPEECH_FALLBACK=none: a server whose workers all went down cannot speak, so /api/ready says so; the
+    log says where speech goes at start, and when a worker goes down (found by a poll) and comes back."""
+    await worker.ensure_running()
+    assert worker.process is not None
+    caplog.set_level(logging.INFO, logger="pono.voice.worker.pool")
+    running = await start_server(make_settings(
+        tmp_path_factory.mktemp("no-fallback"), openai_base_url=scripted_llm.base_url, llm_model="scripted",
+        database_url=postgres_url, redis_url=redis_url, replica_id=f"no-fallback-{uuid.uuid4().hex[:6]}",
+        speech_worker_url=worker.url, speech_worker_token=TOKEN, speech_fallback="none", end_of_turn_model=False))
+
+    async def ready_until(status: int) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(600):
+                async with http.get(f"{running.url}/api/ready") as r:
+                    if r.status == status:
+                        return await r.json()
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"/api/ready never answered {status}")
+
+    def logged(text: str) -> bool:
+        return any(text in r.getMessage() and worker.url in r.getMessage() for r in caplog.records)
+
+    try:
+        assert logged("speech on worker(s)")
+        assert (await ready_until(200))["checks"]["speech_worker"] is True
+        worker.process.send_signal(signal.SIGSTOP)  # it answers nothing: the polls time out
+        try:
+            assert (await ready_until(503))["checks"]["speech_worker"] is False
+            assert logged("is down")
+        finally:
+            worker.process.send_signal(signal.SIGCONT)
+        await ready_until(200)
+        assert logged("is back")
+    finally:
+        await running.runner.cleanup()
+
+
 async def test_bad_frames_get_an_error_and_the_stream_goes_on(worker: WorkerProcess, question: np.ndarray) -> None:
     await worker.ensure_running()
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -303,8 +345,8 @@ async def test_bad_frames_get_an_error_and_the_stream_goes_on(worker: WorkerProc
     assert await asyncio.wait_for(worker.process.wait(), 30) == 0
 
 
-async def test_with_no_worker_up_turns_go_to_the_local_models_or_get_an_error(tmp_path: Path,
-                                                                              question: np.ndarray) -> None:
+async def test_with_no_worker_up_turns_go_to_the_local_models_or_get_an_error(
+        tmp_path: Path, question: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
     nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     models = SpeechModels(Settings(data_dir=tmp_path, stt_model="tiny.en", stt_device="cpu",
                                    speech_worker_url=nobody, speech_worker_token=TOKEN))
@@ -330,6 +372,20 @@ async def test_with_no_worker_up_turns_go_to_the_local_models_or_get_an_error(tm
         assert await models.run_tts("Hello.") == []
     finally:
         recognizer.close()
+    # At start-up such a server waits for a worker, and says so while it waits (every 10 s in earnest).
+    caplog.set_level(logging.WARNING, logger="pono.voice.worker.pool")
+    waiting = asyncio.create_task(models.worker.wait_ready(log_every_s=0.05))
+    try:
+        for _ in range(600):
+            if any("no speech worker is up yet" in r.getMessage() and nobody in r.getMessage()
+                   for r in caplog.records):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("no warning while waiting for a worker")
+        assert not waiting.done()
+    finally:
+        waiting.cancel()
         await models.aclose()
 
 

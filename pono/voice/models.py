@@ -66,7 +66,7 @@ class SpeechModels:
             if self.worker is not None:
                 await self.worker.start()
                 if s.speech_fallback == "none":  # nothing to load here: wait for a worker to speak through
-                    await self.worker.any_ready.wait()
+                    await self.worker.wait_ready()
                     await self._warm()
                     log.info("speech on the worker(s), ready in %.1f s", time.perf_counter() - started)
                     self.loaded.set()

@@ -39,6 +39,9 @@ async def ready(request: web.Request) -> web.Response:
         "redis": live is not None and live.up,
         "accepting_calls": not services.calls.draining and not services.calls.full,
     }
+    models = services.models
+    if models.worker is not None and models.settings.speech_fallback == "none":  # no worker up: no speech
+        checks["speech_worker"] = models.worker.up > 0
     ok = all(checks.values()) and services.startup_complete
     body = {"status": "ready" if ok else "not_ready", "checks": checks, "active_calls": len(services.calls.calls)}
     if services.calls.draining:

@@ -96,8 +96,23 @@ class WorkerPool:
         return session
 
     async def start(self) -> None:
+        """Poll every worker once, say where speech goes, and keep polling."""
         await self.poll()
+        log.info("speech on worker(s) %s: %d of %d up", own(", ".join(w.url for w in self.workers)), self.up,
+                 len(self.workers))
         self._poller = asyncio.create_task(self._poll_forever(), name="speech-worker-poll")
+
+    async def wait_ready(self, log_every_s: float = 10.0) -> None:
+        """Until a poll finds a worker up (PONO_SPEECH_FALLBACK=none at start-up), with a warning naming the
+        workers every `log_every_s` meanwhile."""
+        while True:
+            try:
+                async with asyncio.timeout(log_every_s):
+                    await self.any_ready.wait()
+                    return
+            except TimeoutError:
+                log.warning("no speech worker is up yet (%s); with PONO_SPEECH_FALLBACK=none the server waits for "
+                            "one", own(", ".join(w.url for w in self.workers)))
 
     def close_soon(self) -> None:
         """Stop polling and start closing the connections (from synchronous code in the running loop)."""
