@@ -34,6 +34,7 @@ from pono.testing.scripted_llm import Script, ScriptedLLM
 from pono.voice.models import SpeechModels
 from pono.voice.worker.client import UNAVAILABLE
 from pono.voice.worker.pool import WorkerPool
+from pono.voice.worker.protocol import MAX_MESSAGE_BYTES
 
 TOKEN = "worker-secret-" + uuid.uuid4().hex
 METRICS_TOKEN = "metrics-" + uuid.uuid4().hex
@@ -336,6 +337,11 @@ async def test_bad_frames_get_an_error_and_the_stream_goes_on(worker: WorkerProc
         await ws.send_str(json.dumps({"type": "final", "id": 8}))
         silence = await next_of("final")
         assert silence["id"] == 8 and "table" not in words(str(silence["text"]))
+        # A message of the protocol's largest size is taken (aiohttp refuses one as large as its own limit).
+        await ws.send_bytes(bytes(MAX_MESSAGE_BYTES))
+        await ws.send_str(json.dumps({"type": "reset"}))
+        await ws.send_str(json.dumps({"type": "final", "id": 9}))
+        assert (await next_of("final"))["id"] == 9
         # SIGTERM drains: /ready says so, this stream is told to move, and the worker exits 0 once it closes.
         assert worker.process is not None
         worker.process.send_signal(signal.SIGTERM)
@@ -386,6 +392,23 @@ async def test_with_no_worker_up_turns_go_to_the_local_models_or_get_an_error(
         assert not waiting.done()
     finally:
         waiting.cancel()
+        await models.aclose()
+
+
+async def test_forty_seconds_of_speech_through_run_stt(worker: WorkerProcess, tmp_path: Path,
+                                                        question: np.ndarray) -> None:
+    """A recording longer than one WebSocket message (run_stt of a voicemail) reaches the worker in pieces it
+    takes: a piece of exactly its limit closed the stream, and with no fallback the transcript was empty."""
+    await worker.ensure_running()
+    models = SpeechModels(Settings(data_dir=tmp_path, speech_worker_url=worker.url, speech_worker_token=TOKEN,
+                                   speech_fallback="none"))
+    assert models.worker is not None
+    try:
+        await models.worker.poll()
+        speech = np.tile(question, 40 * 16000 // question.size + 1)[:40 * 16000]
+        assert "table" in words(await asyncio.wait_for(models.run_stt(speech), 120))
+        assert models.worker.up == 1  # nothing failed on the way
+    finally:
         await models.aclose()
 
 

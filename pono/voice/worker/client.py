@@ -58,8 +58,8 @@ class _Link:
 
     def send_audio(self, pcm: np.ndarray) -> None:
         data = pcm.astype("<i2", copy=False).tobytes()
-        for at in range(0, len(data), p.MAX_MESSAGE_BYTES):
-            self._put(data[at:at + p.MAX_MESSAGE_BYTES])
+        for at in range(0, len(data), p.AUDIO_PIECE_BYTES):
+            self._put(data[at:at + p.AUDIO_PIECE_BYTES])
 
     def _put(self, item: str | bytes) -> None:
         if not self.alive:

@@ -10,7 +10,7 @@ missing token gets 401 (before a WebSocket upgrade).
     {"type": "reset"}                   a new utterance begins: the audio and words of the last are dropped
     {"type": "partials", "enabled": b}  partial transcripts wanted now or not (default: wanted)
   client → worker, binary messages: 16 kHz mono int16 little-endian PCM of the current utterance, any length
-    up to MAX_MESSAGE_BYTES (an even number of bytes).
+    up to MAX_MESSAGE_BYTES (an even number of bytes); the app sends pieces of at most AUDIO_PIECE_BYTES.
   worker → client (JSON):
     {"type": "partial", "text": "...", "utterance": k}  the utterance so far (k counts the resets seen)
     {"type": "final", "id": N, "text": "..."}            the answer to final N
@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 STT_PATH = "/v1/stt"
 TTS_PATH = "/v1/tts"
 SAMPLE_RATE = 16_000
-MAX_MESSAGE_BYTES = 1 << 20  # one WebSocket message: about 32 s of audio
+MAX_MESSAGE_BYTES = 1 << 20  # the largest WebSocket message the worker takes (this size included): about 32 s
+AUDIO_PIECE_BYTES = 256 * 1024  # what the app sends at most per message, well under MAX_MESSAGE_BYTES
 MAX_UTTERANCE_S = 300.0  # audio of one utterance the worker keeps; the app cuts turns well before this
 MAX_TTS_CHARS = 4000
 MAX_TTS_BODY = 64 * 1024

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 DRAIN_S = 40.0  # after SIGTERM, streams may stay this long (k8s: preStop 10 s + this < the 60 s grace period)
 _OUT_QUEUE = 256  # messages waiting for a client that does not read: past this the stream is closed
+# aiohttp refuses a message as large as its limit: the worker's has headroom over the protocol's largest.
+_MAX_MSG_SIZE = p.MAX_MESSAGE_BYTES + 64 * 1024
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
@@ -223,7 +225,7 @@ async def stt(request: web.Request) -> web.StreamResponse:
     worker = _guard(request)
     if not worker.ready:
         raise ApiError(503, "draining" if worker.draining else "models are loading")
-    ws = web.WebSocketResponse(max_msg_size=p.MAX_MESSAGE_BYTES, heartbeat=20.0)
+    ws = web.WebSocketResponse(max_msg_size=_MAX_MSG_SIZE, heartbeat=20.0)
     await ws.prepare(request)
     worker.streams.add(ws)
     worker.no_streams.clear()
