@@ -17,6 +17,7 @@ from pono.caller_view import CallerView
 from pono.events import CallEvent, EventType
 from pono.logs import call_context
 from pono.metrics import Metrics
+from pono.recordings import Recordings
 from pono.settings import Settings
 from pono.storage.db import CONNECTION_ERRORS
 from pono.storage.numbers import persona_id_for_number
@@ -49,6 +50,7 @@ class CallManager:
         self.draining = False
         self._reserved = 0  # places held by calls still being set up
         self._no_calls = asyncio.Event()  # set when the last call ends (the drain waits for it)
+        self.recordings = Recordings(settings, storage, models)
 
     @property
     def full(self) -> bool:
@@ -160,7 +162,8 @@ class CallManager:
                        long_hangover_ms=turn_taking.get("long_hangover_ms", s.long_hangover_ms)),
             barge_in_min_ms=turn_taking.get("barge_in_min_ms", s.barge_in_min_ms),
             partial_interval_s=s.stt_partial_interval_s,
-            greeting=persona.greeting if s.speak_greeting else "",
+            # A recording notice is said even where greetings are off: callers must hear it.
+            greeting=self.recordings.greeting(persona, persona.greeting if s.speak_greeting else ""),
             persona=persona.name,
             preemptive=s.preemptive_reply,
             llm_options={k: v for k, v in llm_options.items() if v is not None},
@@ -187,6 +190,7 @@ class CallManager:
             call.events.subscribe(self.tracing.observer(call_id, transport.kind, persona.name))
         if self.storage is not None:
             self.storage.attach(call_id, call.events, transport.kind, persona.name, caller, call.dlp)
+        self.recordings.start(call_id, persona, transport, call.events, call.dlp)
         self.calls[call_id] = call
         call.serve_mcp(mcp_servers)
         self.metrics.calls_total.labels(transport.kind).inc()
@@ -207,6 +211,7 @@ class CallManager:
         self.metrics.active_calls.labels(kind).dec()
         if self.storage is not None:
             self.storage.detach(call_id)
+        self.recordings.finish(call_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("call %s crashed", call_id, exc_info=task.exception())
 
@@ -254,6 +259,7 @@ class CallManager:
     async def close_all(self, reason: str = "shutdown") -> None:
         self.draining = True
         await asyncio.gather(*(self.hang_up(cid, reason) for cid in list(self.calls)), return_exceptions=True)
+        await self.recordings.drain()
 
 
 def _dlp_policy(persona: Persona) -> DlpPolicy:

@@ -26,6 +26,7 @@ from pono.settings import Settings
 from pono.storage.db import Database, StorageError
 from pono.storage.embedded import EmbeddedPostgres
 from pono.storage.personas import find_persona
+from pono.storage.recordings import RecordingStore
 from pono.storage.retention import purge
 from pono.storage.users import ROLES, create_api_key, create_user, set_password
 
@@ -177,7 +178,7 @@ async def _set_password(settings: Settings, name: str) -> None:
 async def _purge(settings: Settings) -> None:
     """Print {"removed": {table: rows}, "failed": {table: why}}; exit 1 when any table failed."""
     async with _database(settings) as db:
-        result = await purge(db.pool, settings.retention_days)
+        result = await purge(db.pool, settings.retention_days, RecordingStore.from_settings(settings))
     print(json.dumps(result.as_dict()))
     if result.failed:
         raise SystemExit(1)

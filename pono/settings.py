@@ -126,6 +126,16 @@ class Settings(BaseSettings):
     registry_ttl_s: int = 15
     retention_days: int = 90  # soft-deleted rows are purged after this many days
 
+    # Call recordings (pono.voice.recording): the fallback persona's choice; files under <data dir>/recordings,
+    # or in S3-compatible object storage (s3://bucket/prefix; endpoint for MinIO and the like, AWS_* credentials).
+    recording_default: Literal["off", "on", "announce"] = "off"
+    recording_notice: str = "This call is recorded for quality and training."
+    recordings_url: str | None = None
+    recordings_s3_endpoint: str | None = None
+    recordings_s3_region: str = "us-east-1"
+    recording_lag_s: float = 1.5  # the recording trails the call at least this much (to redact before writing)
+    recording_max_hold_s: float = 60.0  # audio still unchecked this long is written silenced
+
     # Knowledge: an OpenAI-compatible embeddings endpoint instead of the bundled MiniLM (optional).
     # It must return 384 dimensions (the `dimensions` parameter is sent), the size of the pgvector column.
     embeddings_url: str | None = None

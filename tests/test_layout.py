@@ -15,7 +15,8 @@ from pathlib import Path
 import pono
 
 PACKAGE = Path(pono.__file__).parent
-COMPOSITION_ROOT = {"pono.app", "pono.calls", "pono.context", "pono.cli", "pono.operators", "pono.__main__"}
+COMPOSITION_ROOT = {"pono.app", "pono.calls", "pono.context", "pono.cli", "pono.operators", "pono.recordings",
+                    "pono.__main__"}
 FORBIDDEN = {
     "storage": {"pono.voice", "pono.signaling", "pono.web", "pono.agent", "pono.jobs", *COMPOSITION_ROOT},
     "agent": {"pono.storage", "pono.voice", "pono.signaling", "pono.web", "pono.jobs", *COMPOSITION_ROOT},

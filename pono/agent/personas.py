@@ -39,11 +39,16 @@ class Persona:
     timezone: str = "UTC"
     call_tokens_enabled: bool = True
     call_tokens_per_minute: int | None = None
+    recording: str = "off"  # "off", "on" or "announce" (the notice is said before the greeting)
+    recording_notice: str = ""  # "": PONO_RECORDING_NOTICE
+    recording_redaction: str = "tone"  # "tone" or "silence" over spoken personal data
+    recording_retention_days: int | None = None  # None: PONO_RETENTION_DAYS
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Persona:
         """The persona of last resort, when Postgres cannot be asked."""
-        return cls(name="default", system_prompt=settings.system_prompt, greeting=settings.greeting)
+        return cls(name="default", system_prompt=settings.system_prompt, greeting=settings.greeting,
+                   recording=settings.recording_default)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Persona:
@@ -57,6 +62,10 @@ class Persona:
             turn_taking=record["turn_taking"], timezone=record["timezone"],
             call_tokens_enabled=record["call_tokens_enabled"],
             call_tokens_per_minute=record["call_tokens_per_minute"],
+            # A copy cached before recordings existed has none of these: not recorded.
+            recording=record.get("recording", "off"), recording_notice=record.get("recording_notice", ""),
+            recording_redaction=record.get("recording_redaction", "tone"),
+            recording_retention_days=record.get("recording_retention_days"),
         )
 
 

@@ -34,6 +34,7 @@ from pono.jobs.triggers import fire_due_schedules, on_call_ended
 from pono.metrics import Metrics
 from pono.settings import Settings
 from pono.storage.jobs import CALL_ENDED, queue_gauges
+from pono.storage.recordings import RecordingStore
 from pono.storage.reports import daily_report
 from pono.storage.retention import purge
 from pono.storage.workflow_runs import RUN_WORKFLOW, finish_run
@@ -102,7 +103,7 @@ class JobWorker:
         return pgq
 
     async def _purge(self) -> None:
-        result = await purge(self.pool, self.settings.retention_days)
+        result = await purge(self.pool, self.settings.retention_days, RecordingStore.from_settings(self.settings))
         if result.failed:
             raise RuntimeError(f"retention purge failed for {sorted(result.failed)}")
 

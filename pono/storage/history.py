@@ -67,8 +67,9 @@ async def call_tool_calls(pool: asyncpg.Pool, call_id: str) -> list[dict[str, An
 
 async def call_dlp_findings(pool: asyncpg.Pool, call_id: str) -> list[dict[str, Any]]:
     """What DLP found in a call's turns, by turn then position: {"turn_idx", "entity_type", "span_start",
-    "span_end" (character offsets in the original text), "action"}."""
+    "span_end" (character offsets in the original text), "action", "channel" ("" in the transcript; "caller" or
+    "agent" for a span replaced in the recording), "audio_start_ms", "audio_end_ms" (in the recording, or None)}."""
     rows = await pool.fetch(
-        "SELECT turn_idx, entity_type, span_start, span_end, action FROM dlp_findings WHERE call_id = $1"
-        " ORDER BY turn_idx, span_start", call_id)
+        "SELECT turn_idx, entity_type, span_start, span_end, action, channel, audio_start_ms, audio_end_ms"
+        " FROM dlp_findings WHERE call_id = $1 ORDER BY turn_idx, span_start, channel", call_id)
     return [dict(r) for r in rows]

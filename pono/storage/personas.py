@@ -3,7 +3,8 @@
 A persona is a plain dict: {"id": str (UUID), "name", "system_prompt", "greeting", "language", "tts_voice",
 "llm_model", "llm_params": dict, "tools": list, "knowledge_collections": list[str], "dlp_policy": dict,
 "turn_taking": dict, "is_default": bool, "timezone", "call_tokens_enabled": bool,
-"call_tokens_per_minute": int | None, "created_at", "updated_at": datetime}.
+"call_tokens_per_minute": int | None, "recording": "off"|"on"|"announce", "recording_notice",
+"recording_redaction": "tone"|"silence", "recording_retention_days": int | None, "created_at", "updated_at": datetime}.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pono.storage.audit import write_audit
 
 _COLUMNS = ("id, name, system_prompt, greeting, language, tts_voice, llm_model, llm_params, tools,"
             " knowledge_collections, dlp_policy, turn_taking, is_default, timezone, call_tokens_enabled,"
-            " call_tokens_per_minute, created_at, updated_at")
+            " call_tokens_per_minute, recording, recording_notice, recording_redaction, recording_retention_days,"
+            " created_at, updated_at")
 _JSON_FIELDS = ("llm_params", "tools", "dlp_policy", "turn_taking")
 
 
@@ -43,7 +45,8 @@ def _values(p: dict[str, Any]) -> tuple[Any, ...]:
     return (p["name"], p["system_prompt"], p["greeting"], p["language"], p["tts_voice"], p["llm_model"],
             json.dumps(p["llm_params"]), json.dumps(p["tools"]), p["knowledge_collections"],
             json.dumps(p["dlp_policy"]), json.dumps(p["turn_taking"]), p["is_default"], p["timezone"],
-            p["call_tokens_enabled"], p["call_tokens_per_minute"])
+            p["call_tokens_enabled"], p["call_tokens_per_minute"], p.get("recording", "off"),
+            p.get("recording_notice", ""), p.get("recording_redaction", "tone"), p.get("recording_retention_days"))
 
 
 async def find_persona(pool: asyncpg.Pool, ref: str | None) -> dict[str, Any] | None:
@@ -91,8 +94,9 @@ async def save_persona(pool: asyncpg.Pool, persona_id: uuid.UUID | None, values:
             row = await conn.fetchrow(
                 "INSERT INTO personas (name, system_prompt, greeting, language, tts_voice, llm_model, llm_params,"
                 " tools, knowledge_collections, dlp_policy, turn_taking, is_default, timezone, call_tokens_enabled,"
-                " call_tokens_per_minute) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10::jsonb,"
-                " $11::jsonb, $12, $13, $14, $15)"
+                " call_tokens_per_minute, recording, recording_notice, recording_redaction, recording_retention_days)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10::jsonb,"
+                " $11::jsonb, $12, $13, $14, $15, $16, $17, $18, $19)"
                 f" RETURNING {_COLUMNS}", *_values(values))
         else:
             row = await conn.fetchrow(
@@ -100,7 +104,8 @@ async def save_persona(pool: asyncpg.Pool, persona_id: uuid.UUID | None, values:
                 " tts_voice = $5, llm_model = $6, llm_params = $7::jsonb, tools = $8::jsonb,"
                 " knowledge_collections = $9, dlp_policy = $10::jsonb, turn_taking = $11::jsonb,"
                 " is_default = $12, timezone = $13, call_tokens_enabled = $14, call_tokens_per_minute = $15,"
-                " updated_at = now() WHERE id = $16 AND deleted_at IS NULL"
+                " recording = $16, recording_notice = $17, recording_redaction = $18, recording_retention_days = $19,"
+                " updated_at = now() WHERE id = $20 AND deleted_at IS NULL"
                 f" RETURNING {_COLUMNS}", *_values(values), persona_id)
             if row is None:
                 raise PersonaNotFound(str(persona_id))  # rolls back the default's move too

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from pono.storage.recordings import RecordingStore, purge_recordings
+
 log = logging.getLogger(__name__)
 
 # Tables with a deleted_at column; what references them goes with them by ON DELETE CASCADE.
@@ -44,11 +46,18 @@ async def _purge_table(pool: asyncpg.Pool, table: str, retention_days: int) -> i
             return removed
 
 
-async def purge(pool: asyncpg.Pool, retention_days: int) -> PurgeResult:
+async def purge(pool: asyncpg.Pool, retention_days: int, recordings: RecordingStore | None = None) -> PurgeResult:
     """Delete calls that started more than `retention_days` days ago and rows soft-deleted that long ago, with
     what references them. Each table is purged on its own: a failure (an unknown reference, a lost connection)
-    is logged and reported in `failed`, and the other tables are still purged. Never raises for a table."""
+    is logged and reported in `failed`, and the other tables are still purged. Never raises for a table.
+    Recordings go first, file and row (`recordings`: where their files are; None: rows only, by cascade)."""
     result = PurgeResult()
+    if recordings is not None:
+        try:
+            result.removed["recordings"] = await purge_recordings(pool, recordings, retention_days)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            result.failed["recordings"] = f"{type(exc).__name__}: {exc}"
+            log.warning("retention purge of recordings failed: %s", result.failed["recordings"])
     for table in SOFT_DELETED:
         try:
             result.removed[table] = await _purge_table(pool, table, retention_days)

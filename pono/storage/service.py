@@ -13,6 +13,7 @@ from pono.storage.embedded import EmbeddedPostgres, EmbeddedValkey
 from pono.storage.journal import Journal
 from pono.storage.live import LiveState, RedactEvent
 from pono.storage.persona_cache import PersonaCache
+from pono.storage.recordings import RecordingStore
 from pono.storage.writer import RedactRecords, Writer
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class Storage:
         self.writer: Writer | None = None
         self.live: LiveState | None = None
         self.persona_cache = PersonaCache(lambda: self.live)  # last-known personas, for Postgres outages
+        # Where call recordings are kept: <data dir>/recordings, or object storage (PONO_RECORDINGS_URL).
+        self.recordings = RecordingStore.from_settings(settings)
         # The knowledge base on this database (pono.agent.knowledge.base.KnowledgeBase): built and set by the
         # composition root once the pool is up. Storage itself never uses it.
         self.knowledge: Any = None

@@ -50,7 +50,23 @@ _SQL = {
     ),
     "dlp_finding": (
         "INSERT INTO dlp_findings (call_id, turn_idx, entity_type, span_start, span_end, action, recognizer)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (call_id, turn_idx, span_start, entity_type) DO NOTHING"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " ON CONFLICT (call_id, turn_idx, span_start, entity_type, channel) DO NOTHING"
+    ),
+    # A span of a recording replaced because its words held personal data (pono.voice.recording).
+    "audio_redaction": (
+        "INSERT INTO dlp_findings (call_id, turn_idx, entity_type, span_start, span_end, action, recognizer,"
+        " channel, audio_start_ms, audio_end_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        " ON CONFLICT (call_id, turn_idx, span_start, entity_type, channel) DO NOTHING"
+    ),
+    # A recording: written when it starts (status 'recording'), and again when its file is complete.
+    "recording": (
+        "INSERT INTO recordings (call_id, storage_key, codec, duration_s, size_bytes, sha256, status,"
+        " retention_days, started_at, completed_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, to_timestamp($9), to_timestamp($10)) ON CONFLICT (call_id)"
+        " DO UPDATE SET storage_key = EXCLUDED.storage_key, codec = EXCLUDED.codec, duration_s = EXCLUDED.duration_s,"
+        " size_bytes = EXCLUDED.size_bytes, sha256 = EXCLUDED.sha256, status = EXCLUDED.status,"
+        " completed_at = EXCLUDED.completed_at"
     ),
 }
 
@@ -71,6 +87,12 @@ def _args(r: Record) -> tuple[object, ...]:
                 None if r["result"] is None else json.dumps(r["result"], default=str), r["duration_ms"], r["error"])
     if kind == "dlp_finding":
         return (r["call_id"], r["turn"], r["entity_type"], r["start"], r["end"], r["action"], r["recognizer"])
+    if kind == "audio_redaction":
+        return (r["call_id"], r["turn"], r["entity_type"], r["start"], r["end"], r["action"], r["recognizer"],
+                r["channel"], r["start_ms"], r["end_ms"])
+    if kind == "recording":
+        return (r["call_id"], r["storage_key"], r["codec"], r.get("duration_s"), r.get("size"), r.get("sha256"),
+                r["status"], r.get("retention_days"), r["started_at"], r.get("completed_at"))
     raise ValueError(f"unknown record kind {kind!r}")
 
 
@@ -113,6 +135,11 @@ class Writer:
                 self.queue.put_nowait(one)
 
         return observe
+
+    def put(self, record: Record) -> None:
+        """Queue one record that is not a call event: {"key", "kind" ("recording", "audio_redaction"),
+        "call_id", "turn", ...} (see `_args`). Never blocks."""
+        self.queue.put_nowait(record)
 
     # -- the writer task ----------------------------------------------------------------------
     def start(self) -> None:

@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 from pono.context import SERVICES
 from pono.http import ApiError
 from pono.storage.history import call_dlp_findings, call_tool_calls, call_turns, find_call, find_calls
+from pono.storage.recordings import find_recording
 from pono.storage.workflow_runs import call_summary, list_runs
 from pono.web.access import require
 from pono.web.params import database, decode_cursor, iso, page_limit, paginate
@@ -88,7 +89,13 @@ async def get_call(request: web.Request) -> web.Response:
                            "arguments": t["arguments"], "result": t["result"],
                            "duration_ms": t["duration_ms"], "error": t["error"]} for t in tools]
     body["dlp_findings"] = [{"turn": f["turn_idx"], "entity_type": f["entity_type"], "start": f["span_start"],
-                             "end": f["span_end"], "action": f["action"]} for f in findings]
+                             "end": f["span_end"], "action": f["action"],
+                             **({"channel": f["channel"], "audio_start_ms": f["audio_start_ms"],
+                                 "audio_end_ms": f["audio_end_ms"]} if f["channel"] else {})} for f in findings]
+    recording = await find_recording(pool, call_id)
+    body["recording"] = None if recording is None else {
+        "url": f"/api/calls/{call_id}/recording", "codec": recording["codec"], "status": recording["status"],
+        "duration_s": recording["duration_s"], "size": recording["size_bytes"], "sha256": recording["sha256"]}
     summary = await call_summary(pool, call_id)
     body["summary"] = None if summary is None else {**summary, "created_at": iso(summary["created_at"])}
     body["workflow_runs"] = await runs_with_steps(pool, await list_runs(pool, call_id=call_id, count=50))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
@@ -86,6 +86,12 @@ class PersonaIn(BaseModel):
     # Anonymous callers of this persona: whether the call page may get call tokens, and how many a minute per IP.
     call_tokens_enabled: bool = True
     call_tokens_per_minute: int | None = Field(default=None, ge=1, le=10_000)
+    # Call recordings: off, on, or on with `recording_notice` said before the greeting (consent); spoken
+    # personal data is replaced by a tone or silence; kept `recording_retention_days` (None: PONO_RETENTION_DAYS).
+    recording: Literal["off", "on", "announce"] = "off"
+    recording_notice: str = Field(default="", max_length=1000)
+    recording_redaction: Literal["tone", "silence"] = "tone"
+    recording_retention_days: int | None = Field(default=None, ge=1, le=36_500)
 
 
 # Tool settings that may hold a credential. A persona can no longer be given them (tools name operator-side

@@ -21,6 +21,7 @@ from pono.web import (
     pages,
     personas,
     phone_numbers,
+    recordings,
     users,
     workflows,
 )
@@ -38,6 +39,7 @@ def routes() -> list[web.AbstractRouteDef]:
         # calls: history, live list, operator actions
         web.get("/api/calls", calls.list_calls),
         web.get("/api/calls/{call_id}", calls.get_call),
+        web.get("/api/calls/{call_id}/recording", recordings.get_recording),
         web.post("/api/calls/{call_id}/actions", call_actions.call_action),
         # personas and the numbers that reach them
         web.get("/api/personas", personas.list_personas),

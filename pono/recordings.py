@@ -1,0 +1,106 @@
+"""Recording calls, from the composition root: one `CallRecording` per call whose persona records, its row and
+redactions through the storage writer, and its file made final (uploaded, in S3 mode) when the call ends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from pono.agent.dlp.engine import DlpPolicy
+from pono.agent.personas import Persona
+from pono.events import CallEvent, EventStream, EventType
+from pono.settings import Settings
+from pono.storage.recordings import recording_record
+from pono.storage.service import Storage
+from pono.voice.models import SpeechModels
+from pono.voice.recording.recorder import CallRecording
+from pono.voice.tap import TappedTransport
+
+log = logging.getLogger(__name__)
+
+
+class Recordings:
+    """The recordings of this process's calls. Needs storage with Postgres (no database: nothing recorded)."""
+
+    def __init__(self, settings: Settings, storage: Storage | None, models: SpeechModels) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.models = models
+        self._live: dict[str, tuple[CallRecording, TappedTransport, str, float, int | None]] = {}
+        self._finishing: set[asyncio.Task[None]] = set()
+
+    def greeting(self, persona: Persona, greeting: str) -> str:
+        """The greeting with the recording notice before it when the persona announces recording."""
+        if persona.recording != "announce":
+            return greeting
+        notice = persona.recording_notice or self.settings.recording_notice
+        return f"{notice} {greeting}".strip()
+
+    def start(self, call_id: str, persona: Persona, transport: TappedTransport, events: EventStream,
+              policy: DlpPolicy) -> None:
+        """Record the call when its persona says so and it carries audio. Subscribe after storage's own
+        observer: the recording's row follows the call's."""
+        storage = self.storage
+        if persona.recording == "off" or storage is None or storage.writer is None or not transport.has_audio:
+            return
+        writer, store, s = storage.writer, storage.recordings, self.settings
+        started = time.time()
+        key = store.key_for(call_id, started)
+        whisper = self.models.stt.whisper if self.models.stt is not None else None
+
+        def redacted(found: dict[str, Any]) -> None:
+            turn = found["turn"] if found["turn"] is not None else -1
+            writer.put({"key": f"{call_id}:{turn}:audio:{found['channel']}:{found['start']}:{found['entity_type']}",
+                        "kind": "audio_redaction", "call_id": call_id, **found, "turn": turn})
+
+        recording = CallRecording(store.spool_path(key), policy=policy, mode=persona.recording_redaction,
+                                  whisper=whisper, language=persona.language, on_redaction=redacted,
+                                  lag_s=s.recording_lag_s, cap_s=s.recording_max_hold_s)
+        retention = persona.recording_retention_days
+
+        def observe(event: CallEvent) -> None:
+            if event.type is EventType.CALL_STARTED:
+                writer.put(recording_record(call_id, key, started, retention_days=retention))
+            recording.observe(event)
+
+        events.subscribe(observe)
+        transport.taps.add(recording)
+        recording.start()
+        self._live[call_id] = (recording, transport, key, started, retention)
+
+    def finish(self, call_id: str) -> None:
+        """The call ended: close its recording, make the file final and store its figures (in a task)."""
+        entry = self._live.pop(call_id, None)
+        if entry is None:
+            return
+        recording, transport, key, started, retention = entry
+        transport.taps.discard(recording)
+        task = asyncio.create_task(self._finish(call_id, recording, key, started, retention),
+                                   name=f"recording-finish-{call_id}")
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish(self, call_id: str, recording: CallRecording, key: str, started: float,
+                      retention: int | None) -> None:
+        assert self.storage is not None and self.storage.writer is not None
+        try:
+            info = await recording.close()
+            await self.storage.recordings.finish(key)
+        except Exception:
+            log.exception("recording of call %s could not be finished", call_id)
+            return
+        self.storage.writer.put(recording_record(
+            call_id, key, started, retention_days=retention,
+            info={"duration_s": round(info.duration_s, 3), "size": info.size, "sha256": info.sha256,
+                  "codec": info.codec}))
+        if info.muted_s:
+            log.warning("call %s: %.1f s of audio written silenced (not checked in time)", call_id, info.muted_s)
+
+    async def drain(self, timeout_s: float = 15.0) -> None:
+        """Wait for recordings being finished (shutdown), at most `timeout_s`."""
+        if self._finishing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*self._finishing, return_exceptions=True), timeout_s)
