@@ -395,6 +395,27 @@ async def test_with_no_worker_up_turns_go_to_the_local_models_or_get_an_error(
         await models.aclose()
 
 
+async def test_a_stream_closed_with_finals_queued_leaves_nothing_unawaited(worker: WorkerProcess,
+                                                                          question: np.ndarray) -> None:
+    """A call hung up right after asking for finals: the worker drops them without a 'coroutine was never
+    awaited' RuntimeWarning."""
+    await worker.ensure_running()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(headers=auth) as http:
+        for _ in range(3):
+            async with http.ws_connect(f"{worker.url}/v1/stt") as ws:
+                await ws.send_str(json.dumps({"type": "start", "partial_interval_s": 0}))
+                await ws.send_bytes(question.astype("<i2").tobytes())
+                for final_id in range(3):
+                    await ws.send_str(json.dumps({"type": "final", "id": final_id}))
+        for _ in range(300):  # the streams' handlers have ended
+            if sample(await metrics_of(worker.url, TOKEN), "pono_worker_streams_open") == 0:
+                break
+            await asyncio.sleep(0.1)
+        await metrics_of(worker.url, TOKEN)  # and the worker went round its loop again since
+    assert "was never awaited" not in (worker.folder / "worker.log").read_text()
+
+
 async def test_forty_seconds_of_speech_through_run_stt(worker: WorkerProcess, tmp_path: Path,
                                                         question: np.ndarray) -> None:
     """A recording longer than one WebSocket message (run_stt of a voicemail) reaches the worker in pieces it

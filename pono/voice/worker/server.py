@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import signal
@@ -183,7 +184,7 @@ class _Stream:
         if recognizer is None:
             self.send("error", message="send a start message first")
         elif isinstance(msg, p.Final):
-            self.spawn(self._final(msg.id, recognizer.final()), "stt-final")  # the audio is taken now
+            self._final(msg.id, recognizer)
         elif isinstance(msg, p.Reset):
             recognizer.reset()
             self.utterance += 1
@@ -209,15 +210,22 @@ class _Stream:
         self.worker.metrics.transcriptions.labels("partial").inc()
         self.send("partial", text=text, utterance=self.utterance)
 
-    async def _final(self, final_id: int, transcript: Any) -> None:
-        try:
-            text = await transcript
-        except Exception as exc:
+    def _final(self, final_id: int, recognizer: Recognizer) -> None:
+        """Final `final_id`: the recognizer's coroutine runs as a task of its own (a task cancelled before it
+        starts closes its coroutine; one awaited inside a wrapper that never started was left unawaited), and
+        `_answered` sends what it found."""
+        task = self.spawn(recognizer.final(), "stt-final")  # the audio is taken now
+        task.add_done_callback(functools.partial(self._answered, final_id))
+
+    def _answered(self, final_id: int, task: asyncio.Task[str]) -> None:
+        if task.cancelled():  # the stream closed
+            return
+        if (exc := task.exception()) is not None:
             log.error("a final transcript failed: %s", type(exc).__name__)
             self.send("error", id=final_id, message=f"transcription failed: {type(exc).__name__}")
             return
         self.worker.metrics.transcriptions.labels("final").inc()
-        self.send("final", id=final_id, text=text)
+        self.send("final", id=final_id, text=task.result())
 
 
 async def stt(request: web.Request) -> web.StreamResponse:
