@@ -34,7 +34,7 @@ from pono.testing.scripted_llm import Script, ScriptedLLM
 from pono.voice.models import SpeechModels
 from pono.voice.worker.client import UNAVAILABLE
 from pono.voice.worker.pool import WorkerPool
-from pono.voice.worker.protocol import MAX_MESSAGE_BYTES
+from pono.voice.worker.protocol import MAX_FINALS_IN_FLIGHT, MAX_MESSAGE_BYTES
 
 TOKEN = "worker-secret-" + uuid.uuid4().hex
 METRICS_TOKEN = "metrics-" + uuid.uuid4().hex
@@ -414,6 +414,26 @@ async def test_a_stream_closed_with_finals_queued_leaves_nothing_unawaited(worke
             await asyncio.sleep(0.1)
         await metrics_of(worker.url, TOKEN)  # and the worker went round its loop again since
     assert "was never awaited" not in (worker.folder / "worker.log").read_text()
+
+
+async def test_one_stream_cannot_queue_unlimited_finals(worker: WorkerProcess, question: np.ndarray) -> None:
+    """A burst of finals from one stream: those past MAX_FINALS_IN_FLIGHT are refused at once, by id, and the
+    rest answered, so one stream cannot starve every other call's finals."""
+    await worker.ensure_running()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(headers=auth) as http, http.ws_connect(f"{worker.url}/v1/stt") as ws:
+        await ws.send_str(json.dumps({"type": "start", "partial_interval_s": 0}))
+        await ws.send_bytes(question.astype("<i2").tobytes())
+        for final_id in range(12):
+            await ws.send_str(json.dumps({"type": "final", "id": final_id}))
+        answers = {}
+        while len(answers) < 12:
+            message = await ws.receive_json(timeout=60)
+            answers[message["id"]] = message
+    refused = [a for a in answers.values() if a["type"] == "error"]
+    assert refused and all(f"at most {MAX_FINALS_IN_FLIGHT} finals" in a["message"] for a in refused)
+    done = [a for a in answers.values() if a["type"] == "final"]
+    assert done and all("table" in words(a["text"]) for a in done)
 
 
 async def test_forty_seconds_of_speech_through_run_stt(worker: WorkerProcess, tmp_path: Path,

@@ -75,6 +75,9 @@ class _Link:
         if not self.alive:
             future.set_exception(WorkerUnavailable("stream closed"))
             return future
+        if len(self.finals) >= p.MAX_FINALS_IN_FLIGHT:  # the worker would refuse it: transcribed locally
+            future.set_exception(WorkerUnavailable("too many finals in flight"))
+            return future
         self._ids += 1
         self.finals[self._ids] = future
         future.add_done_callback(lambda f, i=self._ids: (self.finals.pop(i, None), f.cancelled() or f.exception()))

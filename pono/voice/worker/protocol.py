@@ -6,7 +6,8 @@ missing token gets 401 (before a WebSocket upgrade).
 `GET /v1/stt` (WebSocket): one stream of streaming recognition, usually one per call.
   client → worker, text messages (JSON objects):
     {"type": "start", "language": "en", "partial_interval_s": 1.0}   first, once; 0 s: no partials
-    {"type": "final", "id": N}          transcribe the utterance so far (the audio sent before this message)
+    {"type": "final", "id": N}          transcribe the utterance so far (the audio sent before this message);
+                                        at most MAX_FINALS_IN_FLIGHT unanswered per stream, more get an error
     {"type": "reset"}                   a new utterance begins: the audio and words of the last are dropped
     {"type": "partials", "enabled": b}  partial transcripts wanted now or not (default: wanted)
   client → worker, binary messages: 16 kHz mono int16 little-endian PCM of the current utterance, any length
@@ -37,6 +38,7 @@ SAMPLE_RATE = 16_000
 MAX_MESSAGE_BYTES = 1 << 20  # the largest WebSocket message the worker takes (this size included): about 32 s
 AUDIO_PIECE_BYTES = 256 * 1024  # what the app sends at most per message, well under MAX_MESSAGE_BYTES
 MAX_UTTERANCE_S = 300.0  # audio of one utterance the worker keeps; the app cuts turns well before this
+MAX_FINALS_IN_FLIGHT = 4  # unanswered finals per stream (a call's pauses, its end and a barge-in may overlap)
 MAX_TTS_CHARS = 4000
 MAX_TTS_BODY = 64 * 1024
 SAMPLE_RATE_HEADER = "X-Sample-Rate"

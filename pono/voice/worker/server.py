@@ -132,6 +132,7 @@ class _Stream:
         self.samples = 0  # in this utterance
         self.too_long = False
         self.closing = False
+        self.finals = 0  # in flight
 
     def send(self, kind: str, **fields: Any) -> None:
         try:
@@ -213,11 +214,18 @@ class _Stream:
     def _final(self, final_id: int, recognizer: Recognizer) -> None:
         """Final `final_id`: the recognizer's coroutine runs as a task of its own (a task cancelled before it
         starts closes its coroutine; one awaited inside a wrapper that never started was left unawaited), and
-        `_answered` sends what it found."""
+        `_answered` sends what it found. At most MAX_FINALS_IN_FLIGHT at once: one stream cannot fill the
+        engine's queue ahead of every other call's."""
+        if self.finals >= p.MAX_FINALS_IN_FLIGHT:
+            self.send("error", id=final_id, message=f"at most {p.MAX_FINALS_IN_FLIGHT} finals in flight per "
+                                                    "stream: this one was refused")
+            return
+        self.finals += 1
         task = self.spawn(recognizer.final(), "stt-final")  # the audio is taken now
         task.add_done_callback(functools.partial(self._answered, final_id))
 
     def _answered(self, final_id: int, task: asyncio.Task[str]) -> None:
+        self.finals -= 1
         if task.cancelled():  # the stream closed
             return
         if (exc := task.exception()) is not None:
