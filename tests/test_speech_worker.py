@@ -5,6 +5,7 @@ drain on SIGTERM. One worker and one app server for the module."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import re
 import signal
 import sys
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import aiohttp
 import asyncpg
 import numpy as np
 import pytest
+from aiohttp import web
 from conftest import make_settings, start_server
 from helpers import stored_turns
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,7 +37,8 @@ from pono.testing.scripted_llm import Script, ScriptedLLM
 from pono.voice.models import SpeechModels
 from pono.voice.worker.client import UNAVAILABLE
 from pono.voice.worker.pool import WorkerPool
-from pono.voice.worker.protocol import MAX_FINALS_IN_FLIGHT, MAX_MESSAGE_BYTES
+from pono.voice.worker.protocol import MAX_FINALS_IN_FLIGHT, MAX_MESSAGE_BYTES, STT_PATH
+from pono.voice.worker.server import WORKER, SpeechWorker, stt
 
 TOKEN = "worker-secret-" + uuid.uuid4().hex
 METRICS_TOKEN = "metrics-" + uuid.uuid4().hex
@@ -434,6 +438,48 @@ async def test_one_stream_cannot_queue_unlimited_finals(worker: WorkerProcess, q
     assert refused and all(f"at most {MAX_FINALS_IN_FLIGHT} finals" in a["message"] for a in refused)
     done = [a for a in answers.values() if a["type"] == "final"]
     assert done and all("table" in words(a["text"]) for a in done)
+
+
+async def test_a_closed_stream_lets_go_of_its_audio_at_once(tmp_path: Path, question: np.ndarray) -> None:
+    """A closed stream's recognizer, and the audio it holds, go when the stream closes, not whenever the cycle
+    collector next runs: the stream and its recognizer referred to each other. In this process, with the
+    collector off, on a worker whose models are not needed (no partials, no finals)."""
+    worker = SpeechWorker(Settings(data_dir=tmp_path, stt_model="tiny.en"), TOKEN)
+    worker.models.loaded.set()
+    made: list[weakref.ref[Any]] = []
+    recognizer = worker.models.recognizer
+
+    def tracked(*args: Any, **kwargs: Any) -> Any:
+        made.append(weakref.ref(found := recognizer(*args, **kwargs)))
+        return found
+
+    worker.models.recognizer = tracked  # type: ignore[method-assign]
+    app = web.Application()
+    app[WORKER] = worker
+    app.router.add_get(STT_PATH, stt)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    gc.disable()
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            async with http.ws_connect(f"http://127.0.0.1:{port}{STT_PATH}") as ws:
+                await ws.send_str(json.dumps({"type": "start", "partial_interval_s": 0}))
+                await ws.send_bytes(question.astype("<i2").tobytes())
+                await ws.send_str("{not json")
+                assert (await ws.receive_json(timeout=10))["type"] == "error"  # all of the above was read
+                assert len(made) == 1 and made[0]() is not None
+            for _ in range(100):
+                if not worker.streams:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the stream's cancelled tasks have ended
+            assert made[0]() is None
+    finally:
+        gc.enable()
+        await runner.cleanup()
+        worker.models.close()
 
 
 async def test_forty_seconds_of_speech_through_run_stt(worker: WorkerProcess, tmp_path: Path,

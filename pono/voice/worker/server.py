@@ -157,10 +157,18 @@ class _Stream:
                 elif msg.type == WSMsgType.BINARY:
                     self._audio(msg.data)
         finally:
-            if self.recognizer is not None:
-                self.recognizer.close()
-            for task in [*self.tasks, writer]:
-                task.cancel()
+            self.close(writer)
+
+    def close(self, writer: asyncio.Task[None]) -> None:
+        """Stop the stream's tasks and let go of the recognizer and its audio at once: the recognizer holds
+        this stream's callbacks, so a reference to it from here would be a cycle that only the cycle collector
+        frees, megabytes of audio later."""
+        self.closing = True
+        for task in [*self.tasks, writer]:
+            task.cancel()
+        recognizer, self.recognizer = self.recognizer, None
+        if recognizer is not None:
+            recognizer.close()
 
     async def _write(self) -> None:
         while True:
