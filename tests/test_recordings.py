@@ -180,3 +180,61 @@ async def test_a_killed_server_leaves_a_recording_that_plays_to_near_the_kill(
     stereo = decode(files[0].read_bytes())
     # The call ran about 12 s; the recording trails it by its redaction lag (1.5 s) and one Ogg page.
     assert len(stereo) / 16_000 > 8.0
+
+
+async def test_recordings_in_s3_compatible_storage(tmp_path: Path, monkeypatch, server, admin_token: str,
+                                                   postgres_url: str, redis_url: str, scripted_llm) -> None:
+    """PONO_RECORDINGS_URL against moto in server mode (the stand-in for a cloud object store): the file is
+    uploaded when the call ends, served by range from the bucket, and purged from it."""
+    from aiobotocore.session import get_session
+    from conftest import make_settings, start_server
+    from moto.server import ThreadedMotoServer
+
+    from pono.agent.embedded import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    s3_client = get_session().create_client("s3", region_name="us-east-1", endpoint_url=endpoint)
+    async with s3_client as s3:
+        await s3.create_bucket(Bucket="calls")
+        running = await start_server(make_settings(
+            tmp_path / "s3-replica", stt_model="tiny.en", openai_base_url=scripted_llm.base_url, llm_model="scripted",
+            database_url=postgres_url, redis_url=redis_url, recordings_url="s3://calls/pono",
+            recordings_s3_endpoint=endpoint))
+        try:
+            persona = await recorded_persona(running.url, admin_token)
+            caller = Caller(running.url)
+            try:
+                await caller.connect(persona=persona)
+                await caller.wait_open()
+                await asyncio.sleep(4.0)
+            finally:
+                await caller.hang_up()
+            call = await poll_call(running, admin_token, caller.call_id,
+                                   lambda c: (c.get("recording") or {}).get("status") == "complete", tries=300)
+            pool = running.app[SERVICES].storage.db.pool
+            key = await pool.fetchval("SELECT storage_key FROM recordings WHERE call_id = $1", caller.call_id)
+            assert key.startswith("pono/") and key.endswith(f"{caller.call_id}.ogg")
+            stored = await (await s3.get_object(Bucket="calls", Key=key))["Body"].read()
+            assert len(stored) == call["recording"]["size"] and len(decode(stored)) / 16_000 > 2.0
+            assert not list((tmp_path / "s3-replica" / "recordings-spool").glob("*.ogg"))  # uploaded, spool gone
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http:
+                url = f"{running.url}/api/calls/{caller.call_id}/recording"
+                async with http.get(url, headers={"Range": "bytes=10-109"}) as r:
+                    assert r.status == 206 and r.headers["Content-Range"] == f"bytes 10-109/{len(stored)}"
+                    assert await r.read() == stored[10:110]
+                async with http.get(url) as r:
+                    assert r.status == 200 and await r.read() == stored
+            await pool.execute("UPDATE calls SET started_at = now() - interval '400 days' WHERE id = $1",
+                               caller.call_id)
+            store = running.app[SERVICES].storage.recordings
+            assert (await purge(pool, 90, store)).removed["recordings"] >= 1
+            listed = await s3.list_objects_v2(Bucket="calls", Prefix="pono/")
+            assert key not in [o["Key"] for o in listed.get("Contents", [])]
+        finally:
+            await running.runner.cleanup()
+            moto.stop()

@@ -119,7 +119,8 @@ async def test_pono_purge_removes_old_calls_and_soft_deleted_rows_with_their_chi
     report = await _pono_purge(url, tmp_path)
 
     assert report["failed"] == {}
-    assert report["removed"] == {"calls": 1, "personas": 1, "documents": 1, "users": 1, "workflows": 0}
+    assert report["removed"] == {"recordings": 0, "calls": 1, "personas": 1, "documents": 1, "users": 1,
+                                 "workflows": 0}
     for child in ("calls", "turns", "tool_calls", "dlp_findings"):
         column = "id" if child == "calls" else "call_id"
         assert await _count(pool, child, column, old) == 0, child

@@ -161,7 +161,7 @@ class RecordingStore:
         async def body() -> AsyncIterator[bytes]:
             try:
                 async with answer["Body"] as stream:
-                    async for chunk in stream.content.iter_chunked(64 << 10):
+                    async for chunk in stream.iter_chunks(64 << 10):
                         yield chunk
             finally:
                 await client.__aexit__(None, None, None)
