@@ -37,7 +37,7 @@ from pono.testing.scripted_llm import Script, ScriptedLLM
 from pono.voice.models import SpeechModels
 from pono.voice.worker.client import UNAVAILABLE
 from pono.voice.worker.pool import WorkerPool
-from pono.voice.worker.protocol import MAX_FINALS_IN_FLIGHT, MAX_MESSAGE_BYTES, STT_PATH
+from pono.voice.worker.protocol import MAX_FINALS_IN_FLIGHT, MAX_MESSAGE_BYTES, MAX_TTS_CHARS, STT_PATH
 from pono.voice.worker.server import WORKER, SpeechWorker, stt
 
 TOKEN = "worker-secret-" + uuid.uuid4().hex
@@ -438,6 +438,37 @@ async def test_one_stream_cannot_queue_unlimited_finals(worker: WorkerProcess, q
     assert refused and all(f"at most {MAX_FINALS_IN_FLIGHT} finals" in a["message"] for a in refused)
     done = [a for a in answers.values() if a["type"] == "final"]
     assert done and all("table" in words(a["text"]) for a in done)
+
+
+async def test_tts_streams_sentence_by_sentence_and_stops_for_a_client_gone(worker: WorkerProcess) -> None:
+    """TTS answers each sentence as soon as it is spoken, refuses a text past its limit, and stops, quietly,
+    when the client goes away: the TTS thread is shared, and an abandoned request must not hold up the next."""
+    await worker.ensure_running()
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        url = f"{worker.url}/v1/tts"
+        async with http.post(url, json={"text": "x" * (MAX_TTS_CHARS + 1)}) as r:
+            assert r.status == 422 and str(MAX_TTS_CHARS) in await r.text()
+        async with http.post(url, json={"text": "Your table is booked. It is for seven. See you then."}) as r:
+            assert r.status == 200
+            chunks, piece = [], b""
+            async for data, end_of_chunk in r.content.iter_chunks():
+                piece += data
+                if end_of_chunk and piece:
+                    chunks.append(piece)
+                    piece = b""
+        assert len(chunks) == 3  # one per sentence
+        abandoned = sample(await metrics_of(worker.url, TOKEN), "pono_worker_tts_abandoned_total")
+        async with http.post(url, json={"text": "This is one more sentence to say. " * 40}) as r:
+            await r.content.readany()  # the first sentence came; the client goes
+            r.close()
+        for _ in range(300):
+            if sample(await metrics_of(worker.url, TOKEN), "pono_worker_tts_abandoned_total") > abandoned:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the worker went on speaking to nobody")
+    log = (worker.folder / "worker.log").read_text()
+    assert "Traceback" not in log
 
 
 async def test_a_closed_stream_lets_go_of_its_audio_at_once(tmp_path: Path, question: np.ndarray) -> None:

@@ -19,7 +19,8 @@ missing token gets 401 (before a WebSocket upgrade).
     {"type": "draining"}                                 the worker is stopping: move at the next utterance
   Before the upgrade: 401 (token), 503 (models still loading, or draining).
 `POST /v1/tts` {"text": "...", "voice": "..." | null} → 200, chunked `application/octet-stream` of 16-bit mono
-  little-endian PCM at `X-Sample-Rate` Hz, one HTTP chunk per synthesized piece; 422 bad body, 503 not ready.
+  little-endian PCM at `X-Sample-Rate` Hz, one HTTP chunk per sentence, each sent as soon as it is
+  synthesized; 422 bad body (text over MAX_TTS_CHARS), 503 not ready.
 `GET /health` → 200 {"status": "alive"}. `GET /ready` → 200 {"status": "ready", "streams": n,
   "queue_depth": m, "tts_sample_rate": hz} once the models are loaded, else 503 {"status": "loading"|"draining"}.
 `GET /metrics` → Prometheus text (pono_worker_*).
@@ -39,7 +40,7 @@ MAX_MESSAGE_BYTES = 1 << 20  # the largest WebSocket message the worker takes (t
 AUDIO_PIECE_BYTES = 256 * 1024  # what the app sends at most per message, well under MAX_MESSAGE_BYTES
 MAX_UTTERANCE_S = 300.0  # audio of one utterance the worker keeps; the app cuts turns well before this
 MAX_FINALS_IN_FLIGHT = 4  # unanswered finals per stream (a call's pauses, its end and a barge-in may overlap)
-MAX_TTS_CHARS = 4000
+MAX_TTS_CHARS = 2000  # one TTS request (the app asks sentence by sentence)
 MAX_TTS_BODY = 64 * 1024
 SAMPLE_RATE_HEADER = "X-Sample-Rate"
 

@@ -27,6 +27,7 @@ from pono.http import ApiError, errors_as_json, read_json_model
 from pono.logs import own
 from pono.settings import Settings
 from pono.voice.models import SpeechModels
+from pono.voice.sentences import split_all
 from pono.voice.speech.engine import BatchStats
 from pono.voice.speech.recognizer import Recognizer
 from pono.voice.worker import protocol as p
@@ -53,6 +54,8 @@ class WorkerMetrics:
         self.streams_open = Gauge("pono_worker_streams_open", "Open /v1/stt streams", registry=r)
         self.transcriptions = Counter("pono_worker_transcriptions_total", "Transcripts sent, by kind",
                                       ["kind"], registry=r)
+        self.tts_abandoned = Counter("pono_worker_tts_abandoned_total",
+                                     "TTS requests whose client went away before the last sentence", registry=r)
 
     def batched(self, stats: BatchStats) -> None:
         """TranscriptionEngine.on_batch: one batch's size and seconds."""
@@ -171,9 +174,12 @@ class _Stream:
             recognizer.close()
 
     async def _write(self) -> None:
-        while True:
-            message = await self.out.get()
-            await self.ws.send_json(message)
+        try:
+            while True:
+                message = await self.out.get()
+                await self.ws.send_json(message)
+        except ConnectionError:  # the client went away: the reader's loop ends too
+            log.debug("an STT client went away")
 
     def _text(self, data: str) -> None:
         try:
@@ -263,22 +269,35 @@ async def stt(request: web.Request) -> web.StreamResponse:
 
 
 async def tts(request: web.Request) -> web.StreamResponse:
-    """POST /v1/tts {"text", "voice"}: the speech, chunked, one HTTP chunk per piece (protocol.py)."""
+    """POST /v1/tts {"text", "voice"}: the speech sentence by sentence, each sent as one HTTP chunk as soon as
+    it is synthesized (protocol.py); the answer begins with the first sentence's audio. A client that went
+    away stops it at the next sentence (counted, logged at debug level): the TTS thread is shared."""
     worker = _guard(request)
     if not worker.ready:
         raise ApiError(503, "draining" if worker.draining else "models are loading")
     body = await read_json_model(request, p.TtsRequest)
-    started = time.perf_counter()
-    chunks = await worker.models.run_tts(body.text, body.voice)
-    worker.metrics.model_seconds.labels("tts").observe(time.perf_counter() - started)
+    voice = body.voice
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
                                            p.SAMPLE_RATE_HEADER: str(worker.models.tts_rate)})
     response.enable_chunked_encoding()
-    await response.prepare(request)
-    for chunk in chunks:
-        if chunk.size:
-            await response.write(chunk.astype("<i2").tobytes())
-    await response.write_eof()
+    started = time.perf_counter()
+    try:
+        for sentence in split_all(body.text):
+            if request.transport is None or request.transport.is_closing():
+                raise ConnectionResetError
+            audio = b"".join(c.astype("<i2").tobytes() for c in await worker.models.run_tts(sentence, voice))
+            if not response.prepared:
+                await response.prepare(request)
+            if audio:
+                await response.write(audio)
+        if not response.prepared:  # nothing to say (the text was only markup)
+            await response.prepare(request)
+        await response.write_eof()
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError too
+        worker.metrics.tts_abandoned.inc()
+        log.debug("a TTS client went away before the last sentence")
+    finally:
+        worker.metrics.model_seconds.labels("tts").observe(time.perf_counter() - started)
     return response
 
 
