@@ -238,3 +238,46 @@ async def test_recordings_in_s3_compatible_storage(tmp_path: Path, monkeypatch, 
         finally:
             await running.runner.cleanup()
             moto.stop()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_long_recorded_call_keeps_memory_flat_and_plays_in_full(
+        tmp_path: Path, server, admin_token: str, postgres_url: str, redis_url: str, scripted_llm,
+        question: np.ndarray) -> None:
+    """2.5 minutes here to keep CI short (the issue's 10-minute figure is for a bench run): a recording kept in
+    memory would grow by 64 kB a second; the server's RSS stays flat and the file decodes to the call's length."""
+    persona = await recorded_persona(server.url, admin_token)
+    replica = PonoProcess(tmp_path / "long", DATABASE_URL=postgres_url, REDIS_URL=redis_url,
+                          OPENAI_BASE_URL=scripted_llm.base_url, PONO_LLM_MODEL="scripted")
+    await replica.start()
+    assert replica.process is not None
+    caller = Caller(replica.url)
+    try:
+        await caller.connect(persona=persona)
+        await caller.wait_open()
+        rss = []
+        for _ in range(15):  # a question every 10 s for 150 s
+            caller.speak(question)
+            await asyncio.sleep(10.0)
+            rss.append(_rss_mb(replica.process.pid))
+        await caller.hang_up()
+        call = await poll_call(replica, admin_token, caller.call_id,
+                               lambda c: (c.get("recording") or {}).get("status") == "complete", tries=300)
+    finally:
+        await caller.close()
+        await replica.stop()
+    # After the first minute (models warm, buffers sized) memory stays within a few MB.
+    assert max(rss[6:]) - rss[5] < 12, rss
+    files = list((tmp_path / "long" / "recordings").rglob(f"{caller.call_id}.ogg"))
+    stereo = decode(files[0].read_bytes())
+    from datetime import datetime
+
+    lasted = (datetime.fromisoformat(call["ended_at"]) - datetime.fromisoformat(call["started_at"])).total_seconds()
+    assert abs(len(stereo) / 16_000 - lasted) < 1.0, (len(stereo) / 16_000, lasted)
+    assert abs(len(stereo) / 16_000 - call["recording"]["duration_s"]) < 1.0
