@@ -321,6 +321,8 @@ async def test_bad_frames_get_an_error_and_the_stream_goes_on(worker: WorkerProc
 
         await ws.send_bytes(b"\x00\x01")
         assert "start" in (await next_of("error"))["message"]
+        await ws.send_str(json.dumps({"type": "start", "language": "zz-top"}))  # refused, not logged
+        assert "language" in (await next_of("error"))["message"]
         await ws.send_str(json.dumps({"type": "start", "language": "en", "partial_interval_s": 0.5}))
         for bad in ("{not json", "[1, 2]", json.dumps({"type": "shout"}), json.dumps({"type": "final", "id": "x"})):
             await ws.send_str(bad)
@@ -353,6 +355,7 @@ async def test_bad_frames_get_an_error_and_the_stream_goes_on(worker: WorkerProc
         async with http.get(f"{worker.url}/ready") as r:
             assert r.status == 503 and (await r.json())["status"] == "draining"
     assert await asyncio.wait_for(worker.process.wait(), 30) == 0
+    assert "zz" not in (worker.folder / "worker.log").read_text()
 
 
 async def test_with_no_worker_up_turns_go_to_the_local_models_or_get_an_error(
@@ -441,13 +444,17 @@ async def test_one_stream_cannot_queue_unlimited_finals(worker: WorkerProcess, q
 
 
 async def test_tts_streams_sentence_by_sentence_and_stops_for_a_client_gone(worker: WorkerProcess) -> None:
-    """TTS answers each sentence as soon as it is spoken, refuses a text past its limit, and stops, quietly,
-    when the client goes away: the TTS thread is shared, and an abandoned request must not hold up the next."""
+    """TTS answers each sentence as soon as it is spoken, refuses a text past its limit and names outside its
+    voices (without logging them), and stops, quietly, when the client goes away: the TTS thread is shared,
+    and an abandoned request must not hold up the next."""
     await worker.ensure_running()
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
         url = f"{worker.url}/v1/tts"
         async with http.post(url, json={"text": "x" * (MAX_TTS_CHARS + 1)}) as r:
             assert r.status == 422 and str(MAX_TTS_CHARS) in await r.text()
+        for voice in ("../../etc/passwd", ".hidden", "no-such-voice"):
+            async with http.post(url, json={"text": "Hello.", "voice": voice}) as r:
+                assert r.status == 422, voice
         async with http.post(url, json={"text": "Your table is booked. It is for seven. See you then."}) as r:
             assert r.status == 200
             chunks, piece = [], b""
@@ -468,7 +475,16 @@ async def test_tts_streams_sentence_by_sentence_and_stops_for_a_client_gone(work
         else:
             raise AssertionError("the worker went on speaking to nobody")
     log = (worker.folder / "worker.log").read_text()
-    assert "Traceback" not in log
+    assert "Traceback" not in log and "no-such-voice" not in log and "passwd" not in log
+    # The app's side: a persona voice the worker lacks speaks with its default voice.
+    pool = WorkerPool(worker.url, TOKEN)
+    try:
+        await pool.poll()
+        assert pool.tts_rate
+        pieces = await pool.synthesize(pool.workers[0], "Hello.", "no-such-voice", pool.tts_rate)
+        assert sum(c.size for c in pieces) > 0
+    finally:
+        await pool.close()
 
 
 async def test_a_closed_stream_lets_go_of_its_audio_at_once(tmp_path: Path, question: np.ndarray) -> None:

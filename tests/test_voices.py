@@ -116,3 +116,18 @@ def test_voices_beyond_the_limit_speak_with_the_default_voice() -> None:
         assert library.wait(voice, 60)
     assert library.engine("c", default) is default and library.state("c") == "absent"
     assert library.engine("a", default).level == 2
+
+
+def test_voices_that_failed_do_not_keep_their_places() -> None:
+    """Names that cannot be loaded (a typo, a voice that does not exist) must not use up the library for good."""
+    def loader(voice: str) -> ToneEngine:
+        if voice.startswith("missing"):
+            raise ValueError("hibari: unknown voice")
+        return ToneEngine(2)
+
+    library, default = VoiceLibrary(loader, max_voices=2), ToneEngine(1)
+    for voice in ("missing-1", "missing-2"):
+        library.engine(voice, default)
+        assert library.wait(voice, 60) and library.state(voice) == "failed"
+    library.engine("emma", default)
+    assert library.wait("emma", 60) and library.engine("emma", default).level == 2

@@ -34,7 +34,8 @@ class VoiceLibrary:
 
     `engine(voice, default)` never blocks: it answers the loaded voice, or `default` while the voice loads or
     after its load failed (logged once per try). A failed voice is tried again after `retry_after_s`; at most
-    `max_voices` distinct voices are kept (each holds a model), further ones speak with the default voice.
+    `max_voices` distinct voices are kept (each holds a model), further ones speak with the default voice. A
+    voice that failed holds no model and gives its place up to a new voice once the library is full.
     """
 
     def __init__(self, loader: Callable[[str], TTSEngine], *, max_voices: int = 32, retry_after_s: float = 600.0,
@@ -51,6 +52,9 @@ class VoiceLibrary:
         """`voice`'s engine when it is loaded; else `default`, with the voice's load started (once)."""
         with self._lock:
             slot = self._voices.get(voice)
+            if slot is None and len(self._voices) >= self.max_voices:
+                for failed in [name for name, s in self._voices.items() if s.failed_at is not None]:
+                    del self._voices[failed]
             if slot is None and len(self._voices) >= self.max_voices:
                 if not self._full_logged:
                     log.warning("%d TTS voices already loaded; voice %r speaks with the default voice",

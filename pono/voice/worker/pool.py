@@ -37,6 +37,10 @@ class WorkerUnavailable(Exception):
     """A worker could not serve a request: unreachable, closed, stalled or answering an error."""
 
 
+class _VoiceRefused(Exception):
+    """The worker's TTS has no such voice (422)."""
+
+
 @dataclass
 class Worker:
     """One speech worker as the app sees it. `url` is its http(s) base URL."""
@@ -83,6 +87,7 @@ class WorkerPool:
         self.poll_s = poll_s
         self.any_ready = asyncio.Event()
         self._sessions: dict[Connections, aiohttp.ClientSession] = {}
+        self._voices_refused: set[str] = set()  # logged once each (a few persona voices)
         self._poller: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
 
@@ -219,9 +224,20 @@ class WorkerPool:
 
     async def synthesize(self, worker: Worker, text: str, voice: str | None, rate: int) -> list[np.ndarray]:
         """Speech for `text` from `worker`, one int16 array per piece at `rate` Hz (resampled if the worker
-        speaks at another rate). Raises WorkerUnavailable when the answer has not begun within `stall_s` (a
-        connection to wait for included), when it pauses that long, or when it has not ended within
-        `_TTS_STALLS` × `stall_s`."""
+        speaks at another rate). A voice the worker does not have speaks with its default voice, as one the
+        local models cannot load does. Raises WorkerUnavailable when the answer has not begun within
+        `stall_s` (a connection to wait for included), when it pauses that long, or when it has not ended
+        within `_TTS_STALLS` × `stall_s`."""
+        try:
+            return await self._synthesize(worker, text, voice, rate)
+        except _VoiceRefused:
+            if voice not in self._voices_refused and len(self._voices_refused) < 32:
+                self._voices_refused.add(str(voice))
+                log.warning("speech worker %s has no TTS voice %r: the default voice speaks instead",
+                            own(worker.url), voice)
+            return await self._synthesize(worker, text, None, rate)
+
+    async def _synthesize(self, worker: Worker, text: str, voice: str | None, rate: int) -> list[np.ndarray]:
         timeout = aiohttp.ClientTimeout(total=None, sock_read=self.stall_s)  # a pause between pieces
         loop = asyncio.get_running_loop()
         pieces: list[np.ndarray] = []
@@ -230,6 +246,8 @@ class WorkerPool:
                     worker.url + p.TTS_PATH, json={"text": text[:p.MAX_TTS_CHARS], "voice": voice},
                     timeout=timeout) as r:
                 deadline.reschedule(loop.time() + (_TTS_STALLS - 1) * self.stall_s)  # begun: the rest
+                if r.status == 422 and voice is not None:
+                    raise _VoiceRefused
                 if r.status != 200:
                     raise WorkerUnavailable("it refused PONO_SPEECH_WORKER_TOKEN" if r.status == 401
                                             else f"TTS answered {r.status}")

@@ -20,7 +20,8 @@ missing token gets 401 (before a WebSocket upgrade).
   Before the upgrade: 401 (token), 503 (models still loading, or draining).
 `POST /v1/tts` {"text": "...", "voice": "..." | null} → 200, chunked `application/octet-stream` of 16-bit mono
   little-endian PCM at `X-Sample-Rate` Hz, one HTTP chunk per sentence, each sent as soon as it is
-  synthesized; 422 bad body (text over MAX_TTS_CHARS), 503 not ready.
+  synthesized; 422 bad body (text over MAX_TTS_CHARS, a voice name not matching VOICE_PATTERN or not one
+  this worker's TTS has), 503 not ready.
 `GET /health` → 200 {"status": "alive"}. `GET /ready` → 200 {"status": "ready", "streams": n,
   "queue_depth": m, "tts_sample_rate": hz} once the models are loaded, else 503 {"status": "loading"|"draining"}.
 `GET /metrics` → Prometheus text (pono_worker_*).
@@ -41,6 +42,7 @@ AUDIO_PIECE_BYTES = 256 * 1024  # what the app sends at most per message, well u
 MAX_UTTERANCE_S = 300.0  # audio of one utterance the worker keeps; the app cuts turns well before this
 MAX_FINALS_IN_FLIGHT = 4  # unanswered finals per stream (a call's pauses, its end and a barge-in may overlap)
 MAX_TTS_CHARS = 2000  # one TTS request (the app asks sentence by sentence)
+VOICE_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"  # a voice's name: no path, no leading dot
 MAX_TTS_BODY = 64 * 1024
 SAMPLE_RATE_HEADER = "X-Sample-Rate"
 
@@ -99,7 +101,7 @@ class TtsRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     text: str = Field(min_length=1, max_length=MAX_TTS_CHARS)
-    voice: str | None = Field(default=None, max_length=200)
+    voice: str | None = Field(default=None, pattern=VOICE_PATTERN)
 
 
 def message(kind: str, **fields: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from pono.settings import Settings
 from pono.voice.models import SpeechModels
 from pono.voice.sentences import split_all
 from pono.voice.speech.engine import BatchStats
+from pono.voice.speech.languages import whisper_language
 from pono.voice.speech.recognizer import Recognizer
 from pono.voice.worker import protocol as p
 
@@ -90,6 +91,23 @@ class SpeechWorker:
     def queue_depth(self) -> int:
         stt = self.models.stt
         return 0 if stt is None else stt.queue_depth + stt.running
+
+    def voice(self, name: str | None) -> str | None:
+        """The voice a TTS request names, checked before anything loads: None for the default voice; raises
+        ApiError 422 for a voice this worker's TTS does not have (hibari's own list; piper speaks only its
+        default here), so client names never reach a loader, the log or the voice library's places."""
+        settings = self.models.settings
+        if settings.tts == "hibari":
+            from hibari.voices import DEFAULT, VOICES
+
+            if not name or name == (settings.tts_voice or DEFAULT):
+                return None
+            if name in VOICES:
+                return name
+            raise ApiError(422, f"unknown voice: this worker's TTS has {', '.join(sorted(VOICES))}")
+        if not name or name == settings.tts_voice:
+            return None
+        raise ApiError(422, "unknown voice: this worker's TTS (piper) speaks its default voice only")
 
     def authorized(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -191,8 +209,13 @@ class _Stream:
             if self.recognizer is not None:
                 self.send("error", message="the stream has already started")
                 return
+            try:  # refused here: the models would log the client's tag and go on in English
+                language = whisper_language(msg.language)
+            except ValueError as exc:
+                self.send("error", message=f"bad start message: {exc}")
+                return
             self.recognizer = self.worker.models.recognizer(
-                msg.language, partial_interval_s=msg.partial_interval_s, on_partial=self._partial,
+                language, partial_interval_s=msg.partial_interval_s, on_partial=self._partial,
                 spawn=self.spawn)
             return
         recognizer = self.recognizer
@@ -276,7 +299,7 @@ async def tts(request: web.Request) -> web.StreamResponse:
     if not worker.ready:
         raise ApiError(503, "draining" if worker.draining else "models are loading")
     body = await read_json_model(request, p.TtsRequest)
-    voice = body.voice
+    voice = worker.voice(body.voice)
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
                                            p.SAMPLE_RATE_HEADER: str(worker.models.tts_rate)})
     response.enable_chunked_encoding()
