@@ -558,3 +558,22 @@ async def test_a_server_misconfigured_for_a_worker_says_why_and_exits(env: dict[
     _, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 2
     assert said in err.decode() and "Traceback" not in err.decode()
+
+
+@pytest.mark.parametrize(("case", "code", "said"), [
+    ("its port taken", 1, "cannot listen on 127.0.0.1:"),
+])
+async def test_a_misconfigured_worker_says_why_and_exits(worker: WorkerProcess, tmp_path: Path, case: str,
+                                                         code: int, said: str) -> None:
+    env = {**worker.env, "PONO_DATA_DIR": str(tmp_path)}
+    if case == "a short token":
+        env.update(PONO_SPEECH_WORKER_TOKEN="fifteen-chars-x", PONO_SPEECH_WORKER_PORT=str(free_port()))
+    else:
+        await worker.ensure_running()  # on the port this one is told to take
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pono", "speech-worker", env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == code
+    text = out.decode()
+    assert said in text and "Traceback" not in text and "[IP_ADDRESS]" not in text

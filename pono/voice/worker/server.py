@@ -387,7 +387,7 @@ async def serve(settings: Settings) -> None:
         await web.TCPSite(runner, settings.host, settings.speech_worker_port).start()
     except OSError as exc:
         await runner.cleanup()
-        log.error("cannot listen on %s:%s: %s", settings.host, settings.speech_worker_port, exc.strerror)
+        log.error("cannot listen on %s:%s: %s", own(settings.host), settings.speech_worker_port, own(exc.strerror))
         raise SystemExit(1) from None
     log.info("speech worker listening on http://%s:%s", own(settings.host), settings.speech_worker_port)
     stop = asyncio.Event()
