@@ -234,13 +234,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _speech_worker_reachable(self) -> Settings:
-        """A speech worker URL needs its token, and every URL of the list is http(s)."""
+        """A speech worker URL needs its token, every URL of the list is http(s), and a token (the worker's or
+        the app's) is at least 16 characters."""
+        token = self.speech_worker_token.get_secret_value() if self.speech_worker_token else ""
         if self.speech_worker_url:
             urls = [u.strip() for u in self.speech_worker_url.split(",") if u.strip()]
             if not urls or any(not u.startswith(("http://", "https://")) for u in urls):
                 raise ValueError("PONO_SPEECH_WORKER_URL must be http(s):// base URLs, comma-separated")
-            if not (self.speech_worker_token and self.speech_worker_token.get_secret_value()):
+            if not token:
                 raise ValueError("PONO_SPEECH_WORKER_URL is set but PONO_SPEECH_WORKER_TOKEN is not")
+        if token and len(token) < 16:
+            raise ValueError("PONO_SPEECH_WORKER_TOKEN must be at least 16 characters (openssl rand -hex 32 makes "
+                             "one)")
         return self
 
     @property

@@ -159,6 +159,8 @@ async def test_the_token_guards_everything_but_health_and_ready(worker: WorkerPr
                 assert r.status == 401
         async with http.get(f"{worker.url}/health") as r:
             assert r.status == 200 and (await r.json())["status"] == "alive"
+        async with http.get(f"{worker.url}/v1/stt", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 426 and "WebSocket" in (await r.json())["error"]  # a plain GET: what is missing
         async with http.get(f"{worker.url}/ready") as r:  # for probes: the state, not the load
             assert r.status == 200 and await r.json() == {"status": "ready"}
         async with http.get(f"{worker.url}/ready", headers={"Authorization": "Bearer wrong"}) as r:
@@ -323,8 +325,11 @@ async def test_bad_frames_get_an_error_and_the_stream_goes_on(worker: WorkerProc
         assert "start" in (await next_of("error"))["message"]
         await ws.send_str(json.dumps({"type": "start", "language": "zz-top"}))  # refused, not logged
         assert "language" in (await next_of("error"))["message"]
+        await ws.send_str(json.dumps({"type": "start", "partial_interval_s": "0.5"}))  # a string is no number
+        assert "partial_interval_s" in (await next_of("error"))["message"]
         await ws.send_str(json.dumps({"type": "start", "language": "en", "partial_interval_s": 0.5}))
-        for bad in ("{not json", "[1, 2]", json.dumps({"type": "shout"}), json.dumps({"type": "final", "id": "x"})):
+        for bad in ("{not json", "[1, 2]", json.dumps({"type": "shout"}), json.dumps({"type": "final", "id": "x"}),
+                    json.dumps({"type": "final", "id": True}), json.dumps({"type": "partials", "enabled": 1})):
             await ws.send_str(bad)
             assert (await next_of("error"))["message"]
         await ws.send_bytes(b"\x01\x02\x03")
@@ -549,6 +554,8 @@ async def test_forty_seconds_of_speech_through_run_stt(worker: WorkerProcess, tm
 @pytest.mark.parametrize(("env", "said"), [
     ({"PONO_SPEECH_WORKER_URL": "http://127.0.0.1:3001"}, "PONO_SPEECH_WORKER_TOKEN is not"),
     ({"PONO_SPEECH_WORKER_URL": "127.0.0.1:3001", "PONO_SPEECH_WORKER_TOKEN": "t"}, "http(s):// base URLs"),
+    ({"PONO_SPEECH_WORKER_URL": "http://127.0.0.1:3001", "PONO_SPEECH_WORKER_TOKEN": "fifteen-chars-x"},
+     "at least 16 characters"),
 ])
 async def test_a_server_misconfigured_for_a_worker_says_why_and_exits(env: dict[str, str], said: str,
                                                                       tmp_path: Path) -> None:
@@ -561,6 +568,7 @@ async def test_a_server_misconfigured_for_a_worker_says_why_and_exits(env: dict[
 
 
 @pytest.mark.parametrize(("case", "code", "said"), [
+    ("a short token", 2, "at least 16 characters"),
     ("its port taken", 1, "cannot listen on 127.0.0.1:"),
 ])
 async def test_a_misconfigured_worker_says_why_and_exits(worker: WorkerProcess, tmp_path: Path, case: str,

@@ -4,7 +4,7 @@ Every route but `/health` and `/ready` wants `Authorization: Bearer <PONO_SPEECH
 missing token gets 401 (before a WebSocket upgrade).
 
 `GET /v1/stt` (WebSocket): one stream of streaming recognition, usually one per call.
-  client → worker, text messages (JSON objects):
+  client → worker, text messages (JSON objects; numbers, booleans and ids each of their own JSON type):
     {"type": "start", "language": "en", "partial_interval_s": 1.0}   first, once; 0 s: no partials
     {"type": "final", "id": N}          transcribe the utterance so far (the audio sent before this message);
                                         at most MAX_FINALS_IN_FLIGHT unanswered per stream, more get an error
@@ -17,7 +17,8 @@ missing token gets 401 (before a WebSocket upgrade).
     {"type": "final", "id": N, "text": "..."}            the answer to final N
     {"type": "error", "message": "...", "id": N?}        a bad message (the stream goes on), or final N failed
     {"type": "draining"}                                 the worker is stopping: move at the next utterance
-  Before the upgrade: 401 (token), 503 (models still loading, or draining).
+  Before the upgrade: 401 (token), 426 (a plain GET without the upgrade), 503 (models still loading, or
+  draining).
 `POST /v1/tts` {"text": "...", "voice": "..." | null} → 200, chunked `application/octet-stream` of 16-bit mono
   little-endian PCM at `X-Sample-Rate` Hz, one HTTP chunk per sentence, each sent as soon as it is
   synthesized; 422 bad body (text over MAX_TTS_CHARS, a voice name not matching VOICE_PATTERN or not one
@@ -48,7 +49,7 @@ SAMPLE_RATE_HEADER = "X-Sample-Rate"
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)  # "1" is no number, 1 no boolean
 
 
 class Start(_Message):

@@ -274,11 +274,15 @@ class _Stream:
 
 
 async def stt(request: web.Request) -> web.StreamResponse:
-    """GET /v1/stt: a WebSocket stream of recognition (protocol.py). 401 without the token, 503 when not ready."""
+    """GET /v1/stt: a WebSocket stream of recognition (protocol.py). 401 without the token, 426 without the
+    upgrade, 503 when not ready."""
     worker = _guard(request)
+    ws = web.WebSocketResponse(max_msg_size=_MAX_MSG_SIZE, heartbeat=20.0)
+    if not ws.can_prepare(request).ok:
+        raise ApiError(426, f"{p.STT_PATH} is a WebSocket: send the upgrade (Connection: Upgrade, Upgrade: "
+                            "websocket)", headers={"Upgrade": "websocket"})
     if not worker.ready:
         raise ApiError(503, "draining" if worker.draining else "models are loading")
-    ws = web.WebSocketResponse(max_msg_size=_MAX_MSG_SIZE, heartbeat=20.0)
     await ws.prepare(request)
     worker.streams.add(ws)
     worker.no_streams.clear()
