@@ -490,6 +490,18 @@ def test_gpu_speech_worker(rendered) -> None:
         (pono,) = [c for c in containers(server) if c["name"] == "pono"]
         assert "PONO_SPEECH_WORKER_TOKEN" in env_of(pono)
     assert "PONO_SPEECH_WORKER_URL" not in config_data(rendered["prod"], "pono-config")
+    # Prometheus scrapes the workers' /metrics with their token, and the NetworkPolicy lets it in.
+    monitor = one(objs, "ServiceMonitor", "pono-speech-worker")["spec"]
+    service = one(objs, "Service", "pono-speech-worker")
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["endpoints"]
+    assert endpoint["port"] == service["spec"]["ports"][0]["name"] and endpoint["path"] == "/metrics"
+    assert endpoint["authorization"]["credentials"] == {"name": "pono-speech-worker", "key": "token"}
+    labels = worker["spec"]["template"]["metadata"]["labels"]
+    scrapers = [rule for p in policies_for(objs, labels, "Ingress") for rule in p["spec"].get("ingress", [])
+                if any(f.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+                       == "monitoring" for f in rule["from"])]
+    assert any(port["port"] == 3001 for rule in scrapers for port in rule["ports"])
 
 
 def test_ingress_tls_and_websockets(rendered) -> None:
