@@ -59,7 +59,7 @@ async def _serve(settings: Settings) -> None:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc.strerror)
+        log.error("cannot listen on %s:%s: %s", own(settings.host), settings.port, own(exc.strerror))
         raise SystemExit(1) from None
     log.info("pono listening on http://%s:%s (data in %s)", own(settings.host), settings.port, own(settings.data_dir))
     metrics_runner = await _serve_metrics(app, settings) if settings.metrics_port else None
