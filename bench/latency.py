@@ -5,9 +5,14 @@ OpenAI-compatible LLM with a fixed time to first token, then places N sequential
 calls. Each call plays an espeak-ng question in real time and waits for the agent's spoken answer.
 
     .venv/bin/python bench/latency.py --stt-model base --calls 5 --ttft 0.1
+    .venv/bin/python bench/latency.py --stt-model tiny.en --calls 3 --ttft 0.2 --tokens-per-s 50 \
+        --reply "The store opens at nine in the morning tomorrow."
 
 Prints voice-to-voice latency (last caller speech sample sent → first agent audio received) as median
-and p90, the server's per-stage breakdown, CPU seconds per call minute and the worst event-loop lag.
+and p90, the server's per-stage breakdown, the time from the LLM's first token to the first audio sent
+(what the first TTS chunk costs: waiting for enough text, then synthesising it), CPU seconds per call
+minute and the worst event-loop lag. --reply and --tokens-per-s set what the scripted LLM streams, and how
+fast (one word a token).
 """
 
 from __future__ import annotations
@@ -121,9 +126,15 @@ def summarize(label: str, results: list[dict[str, object]]) -> dict[str, object]
         for mark, value in r["marks"].items():  # type: ignore[union-attr]
             if mark in stages:
                 stages[mark].append(value)
+    to_audio = []  # the LLM's first token → the first audio sent: the first TTS chunk's wait and synthesis
+    for r in results:
+        marks: dict[str, float] = r["marks"]  # type: ignore[assignment]
+        if "first_audio_sent" in marks and "llm_first_token" in marks:
+            to_audio.append(marks["first_audio_sent"] - marks["llm_first_token"])
     return {
         "label": label,
         "calls": len(results),
+        "llm_first_token_to_audio_median_ms": round(1000 * statistics.median(to_audio)) if to_audio else None,
         "v2v_median_ms": round(1000 * statistics.median(v2v)) if v2v else None,
         "v2v_p90_ms": round(1000 * pct(v2v, 0.9)) if v2v else None,
         "stage_median_ms": {m: round(1000 * statistics.median(v)) for m, v in stages.items() if v},
@@ -139,6 +150,8 @@ async def main() -> None:
     ap.add_argument("--stt-model", default="base")
     ap.add_argument("--calls", type=int, default=5, help="N: sequential calls, then N concurrent calls")
     ap.add_argument("--ttft", type=float, default=0.1, help="scripted LLM time to first token (s)")
+    ap.add_argument("--reply", default=REPLY, help="what the scripted LLM answers")
+    ap.add_argument("--tokens-per-s", type=float, default=50.0, help="the scripted LLM's streaming rate")
     ap.add_argument("--hangover-ms", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="also print one JSON line")
     ap.add_argument("--tool", action="store_true", help="also N sequential calls whose turn makes one tool call")
@@ -147,7 +160,7 @@ async def main() -> None:
     restrict_host_addresses(["127.0.0.1"])
     workdir = Path(tempfile.mkdtemp(prefix="pono-bench-"))
     question = espeak_question(workdir)
-    llm = ScriptedLLM(Script(reply=REPLY, first_token_s=args.ttft, token_interval_s=0.02))
+    llm = ScriptedLLM(Script(reply=args.reply, first_token_s=args.ttft, token_interval_s=1 / args.tokens_per_s))
     await llm.start()
     port = free_port()
     env = {**os.environ, "PONO_PORT": str(port), "PONO_DATA_DIR": str(workdir / "data"),
@@ -170,7 +183,7 @@ async def main() -> None:
                 for _ in range(args.calls):
                     # Each turn: the LLM asks for current_datetime, then answers with its result.
                     llm.script.responses = [{"tool_calls": [{"name": "current_datetime", "arguments": {}}]},
-                                            {"text": REPLY}]
+                                            {"text": args.reply}]
                     with_tool.append(await one_call(url, question, persona))
             cpu = cpu_seconds(server.pid) - cpu0
             worst_lag = await metric(http, url, "bench", "pono_event_loop_lag_max_seconds")
@@ -188,7 +201,8 @@ async def main() -> None:
         server.terminate()
         await server.wait()
         await llm.stop()
-    print(f"Pono voice-to-voice latency: STT {args.stt_model}, scripted LLM first token {report['llm_ttft_ms']} ms")
+    print(f"Pono voice-to-voice latency: STT {args.stt_model}, scripted LLM first token {report['llm_ttft_ms']} ms, "
+          f"{args.tokens_per_s:g} tokens/s, reply {args.reply!r}")
     for key in ("sequential", "concurrent", "with_tool"):
         s = report[key]
         if s is None:
@@ -197,6 +211,7 @@ async def main() -> None:
               f"p90 {s['v2v_p90_ms']} ms")
         print("      server stages (median ms after end of speech): "
               + ", ".join(f"{k} {v}" for k, v in s["stage_median_ms"].items()))
+        print(f"      LLM first token → first audio sent: median {s['llm_first_token_to_audio_median_ms']} ms")
         print(f"      way in (last speech sample sent → server VAD sees silence): {s['way_in_median_ms']} ms; "
               f"way out (server sends first audio → caller hears it): {s['way_out_median_ms']} ms")
         print(f"      transcripts: {s['transcripts']}")
