@@ -26,7 +26,7 @@ from pono.web import routes as web_routes
 
 MISSING = str(uuid.uuid4())
 _PLACEHOLDERS = {"call_id": MISSING, "persona_id": MISSING, "number": "+15550100", "collection": "deep",
-                 "user_id": MISSING, "key_id": MISSING}
+                 "user_id": MISSING, "key_id": MISSING, "workflow_id": MISSING, "run_id": MISSING}
 DEEP_LIST = "[" * 100_000 + "]" * 100_000  # 200 kB, under the body limit: the parser sees all of it
 DEEP_OBJECT = '{"a":' * 40_000 + "1" + "}" * 40_000  # 240 kB
 
@@ -62,6 +62,8 @@ async def test_deep_json_is_a_400_everywhere(server: RunningServer, admin_token:
             text = await r.text()
             if path == "/api/call-tokens":  # it reads no body, so none can hurt it
                 assert r.status == 201, text
+            elif path.endswith("/retry"):  # it reads no body either: the run it names does not exist
+                assert r.status == 404, text
             else:
                 assert r.status == 400, text
                 assert "JSON" in text
