@@ -44,7 +44,9 @@ TIME_LIMIT_GOODBYE = "We have reached the time limit for this call. Thank you fo
 GOODBYE_WAIT_S = 15.0  # a goodbye that can't be played in this long (a dead line) doesn't hold the hang-up
 DTMF_KEYS = tuple("0123456789*#ABCD")
 MAX_KEYS = 64  # one keypad entry holds at most this many keys: a key every second forever is many entries
-_PREROLL_MS = 300  # audio kept from before speech was confirmed, so the first syllable is not clipped
+# Audio kept from before speech was confirmed, so the first word is not clipped: a short first word ("Stop")
+# followed by a gap resets the speech candidate, and 300 ms lost it in some frame alignments (bench/turns.py).
+_PREROLL_MS = 600
 _TURN_WINDOW_MS = 8000  # the end-of-turn model reads the last 8 s of the turn
 
 
@@ -216,7 +218,7 @@ class Call:
     async def _audio_loop(self) -> None:
         assert self.models.vad is not None
         vad = self.models.vad.stream()
-        detector = TurnDetector(self.turn_config)
+        detector = self._detector = TurnDetector(self.turn_config)
         recent: deque[np.ndarray] = deque(maxlen=(self.turn_config.min_speech_ms + _PREROLL_MS) // FRAME_MS)
         recognizer, responder = self.recognizer, self.responder
         turn_audio: deque[np.ndarray] = deque(maxlen=_TURN_WINDOW_MS // FRAME_MS)  # for the end-of-turn model
@@ -244,6 +246,7 @@ class Call:
                     spec, self._barged, self._suspect = None, False, None
                     started_while_busy = responder.busy
                     recognizer.partials = not started_while_busy
+                    detector.use_model(not started_while_busy)  # "mhm" over the agent ends on silence alone
                     self._utterance_samples = 0
                     self.events.emit(EventType.SPEECH_STARTED, responder.turns)
                     self.state.caller_started(agent_busy=started_while_busy)
@@ -292,6 +295,7 @@ class Call:
                         # The agent stopped before the caller did: from here on this is the caller's turn.
                         started_while_busy = False
                         recognizer.partials = True
+                        detector.use_model(True)
                         self.state.caller_started(agent_busy=False)
                     elif detector.voiced_ms >= self.barge_in_min_ms and self._suspect is None:
                         if responder.pause():  # audio stops now; the caller's words decide what follows
@@ -299,6 +303,7 @@ class Call:
                         else:
                             self._barged = True
                             recognizer.partials = True
+                            detector.use_model(True)
                             await self._barge_in()
             if detector.in_speech:
                 self._utterance_samples += frame.size
@@ -322,6 +327,7 @@ class Call:
             return
         self._barged = True
         self.recognizer.partials = True
+        self._detector.use_model(True)
         await self._barge_in()
         ended, self._ended_while_deciding = self._ended_while_deciding, None
         if ended is not None:  # the caller stopped before the decision: their turn is answered now

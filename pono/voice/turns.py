@@ -42,6 +42,7 @@ class TurnConfig:
 class TurnDetector:
     def __init__(self, config: TurnConfig) -> None:
         self.config = config
+        self.model_wanted = True
         self.reset()
 
     def reset(self) -> None:
@@ -51,11 +52,19 @@ class TurnDetector:
         self.utterance_ms = 0.0
         self._new_pause()
 
-    def _new_pause(self) -> None:
+    def use_model(self, wanted: bool) -> None:
+        """Whether this utterance's pauses are the end-of-turn model's to judge. Speech over the agent that is not
+        (yet) an interruption is not a turn: it ends on silence alone, `hangover_ms`."""
+        self.model_wanted = wanted
+        if self.in_speech and self.silence_ms == 0:
+            self._new_pause(count=False)
+
+    def _new_pause(self, count: bool = True) -> None:
         c = self.config
-        self.hangover_ms = float(c.long_hangover_ms if c.end_of_turn else c.hangover_ms)
+        self.hangover_ms = float(c.long_hangover_ms if c.end_of_turn and self.model_wanted else c.hangover_ms)
         self.checked = False
-        self.pauses = getattr(self, "pauses", 0) + 1  # tells a model's answer for an earlier pause apart
+        if count:
+            self.pauses = getattr(self, "pauses", 0) + 1  # tells a model's answer for an earlier pause apart
 
     def turn_complete(self, pause: int) -> None:
         """The end-of-turn model found the turn complete during pause number `pause`: if the caller is still
@@ -95,7 +104,7 @@ class TurnDetector:
         if self.silence_ms >= self.hangover_ms:
             self.reset()
             return Signal.END
-        if c.end_of_turn and not self.checked and self.silence_ms >= c.check_after_ms:
+        if c.end_of_turn and self.model_wanted and not self.checked and self.silence_ms >= c.check_after_ms:
             self.checked = True
             return Signal.CHECK
         if self.utterance_ms >= c.max_utterance_ms:
