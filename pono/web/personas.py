@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 from aiohttp import web
@@ -15,6 +14,7 @@ from pono.agent.tools.specs import parse_tool_specs
 from pono.context import SERVICES
 from pono.http import ApiError, read_json_model
 from pono.storage import personas as stored
+from pono.timecheck import check_timezone
 from pono.voice.speech.languages import whisper_language
 from pono.web.access import require
 from pono.web.params import database, decode_cursor, iso, page_limit, paginate, path_uuid
@@ -48,11 +48,7 @@ def _valid_language(value: str) -> str:
 
 
 def _valid_timezone(value: str) -> str:
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {value!r}") from None
-    return value
+    return check_timezone(value)  # raises ValueError (a 422), also for "Europe", "__pycache__", very long names
 
 
 def _valid_tools(value: list[Any]) -> list[Any]:

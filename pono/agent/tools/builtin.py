@@ -31,7 +31,7 @@ async def current_datetime(ctx: ToolContext) -> dict[str, str]:
     """The current date, time and weekday where the business is."""
     try:
         zone = ZoneInfo(ctx.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Europe" is a folder, not a zone
         zone = ZoneInfo("UTC")
     now = datetime.now(zone)
     return {"date": now.date().isoformat(), "time": now.strftime("%H:%M"), "weekday": now.strftime("%A"),
