@@ -7,10 +7,11 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pono.agent.tools.mcp_servers import McpServerConfig
+from pono.timecheck import check_cron
 
 
 class IceServer(BaseModel):
@@ -206,6 +207,10 @@ class Settings(BaseSettings):
     jobs_drain_timeout_s: float = 60.0  # on SIGTERM, running jobs may finish this long; then they are released
     jobs_purge_cron: str = "17 3 * * *"  # the retention purge (UTC)
     jobs_report_cron: str = "5 0 * * *"  # the nightly report of the day before (UTC)
+    # Summaries give the LLM up to live calls: "auto" when the bundled (single-slot) model serves them, "always"
+    # (a self-hosted one-slot server behind OPENAI_BASE_URL), "never". See pono.jobs.llm.
+    jobs_llm_yield: Literal["auto", "always", "never"] = "auto"
+    jobs_eval_timeout_s: float = Field(default=5.0, gt=0, le=60)  # one template render or condition, at most
     # SMTP for workflow e-mail steps; unset host: e-mail steps fail with that reason.
     smtp_host: str | None = None
     smtp_port: int = 587
@@ -231,6 +236,12 @@ class Settings(BaseSettings):
         if "models_dir" not in self.model_fields_set:  # it follows the data dir unless set itself
             self.models_dir = self.data_dir / "models"
         self.models_dir = self.models_dir.expanduser().resolve()
+
+    @field_validator("jobs_purge_cron", "jobs_report_cron")
+    @classmethod
+    def _cron_fires(cls, value: str) -> str:
+        """The built-in schedules must be cron expressions that fire: a bad one would stop every job worker."""
+        return check_cron(value)
 
     @model_validator(mode="after")
     def _speech_worker_reachable(self) -> Settings:
