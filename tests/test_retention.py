@@ -120,7 +120,7 @@ async def test_pono_purge_removes_old_calls_and_soft_deleted_rows_with_their_chi
 
     assert report["failed"] == {}
     assert report["removed"] == {"recordings": 0, "calls": 1, "personas": 1, "documents": 1, "users": 1,
-                                 "workflows": 0}
+                                 "workflows": 0, "workflow_runs": 0}
     for child in ("calls", "turns", "tool_calls", "dlp_findings"):
         column = "id" if child == "calls" else "call_id"
         assert await _count(pool, child, column, old) == 0, child
@@ -151,7 +151,7 @@ async def test_daily_job_purges_and_one_failing_table_does_not_stop_the_others(
 
     result = await purge(pool, DAYS)
     assert set(result.failed) == {"personas"} and "ForeignKeyViolation" in result.failed["personas"]
-    assert result.removed == {"calls": 1, "documents": 1, "users": 1, "workflows": 0}
+    assert result.removed == {"calls": 1, "documents": 1, "users": 1, "workflows": 0, "workflow_runs": 0}
     assert await _count(pool, "personas", "id", stuck_persona) == 1
 
     # The daily job runs the same purge, and survives the failure to try again the next day.

@@ -84,3 +84,16 @@ async def queue_gauges(pool: asyncpg.Pool) -> QueueGauges:
     ages = await Queries.from_asyncpg_pool(pool).queue_age()
     depth = sum(a.queued_count for a in ages)
     return QueueGauges(depth, max((a.oldest_age_seconds for a in ages), default=0.0))
+
+
+async def purge_job_log(pool: asyncpg.Pool, retention_days: int, log_days: float = 1.0) -> int:
+    """Delete pgqueuer's log rows older than `log_days` (its own bookkeeping of each job's states, tracebacks
+    included: Pono's history is workflow_runs) and its per-second statistics older than `retention_days`. The
+    rows removed. Raises asyncpg errors."""
+    removed = 0
+    for sql, arg in (("DELETE FROM pgqueuer_log WHERE created < now() - make_interval(secs => $1)", log_days * 86400),
+                     ("DELETE FROM pgqueuer_statistics WHERE created < now() - make_interval(days => $1)",
+                      retention_days)):
+        status = await pool.execute(sql, arg)
+        removed += int(status.split()[-1])
+    return removed

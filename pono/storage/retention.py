@@ -1,6 +1,7 @@
 """Retention: calls are kept for PONO_RETENTION_DAYS, soft-deleted rows (undo, audits) as long; then both are
 deleted for good, with everything that references them (turns, tool calls, DLP findings, summaries and workflow
-runs, chunks, keys, refresh tokens, phone numbers) by ON DELETE CASCADE."""
+runs, chunks, keys, refresh tokens, phone numbers) by ON DELETE CASCADE. Workflow runs that finished that long ago
+go too, with or without a call (a schedule's or a manual run's history would otherwise grow for ever)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,20 @@ async def _purge_table(pool: asyncpg.Pool, table: str, retention_days: int) -> i
             return removed
 
 
+async def _purge_runs(pool: asyncpg.Pool, retention_days: int) -> int:
+    """Finished workflow runs made more than `retention_days` ago (their step runs go by cascade)."""
+    removed = 0
+    while True:
+        status = await pool.execute(
+            "DELETE FROM workflow_runs WHERE id IN (SELECT id FROM workflow_runs"
+            " WHERE created_at < now() - make_interval(days => $1) AND status NOT IN ('queued', 'running')"
+            f" LIMIT {_BATCH})", retention_days)
+        count = int(status.split()[-1])
+        removed += count
+        if count < _BATCH:
+            return removed
+
+
 async def purge(pool: asyncpg.Pool, retention_days: int, recordings: RecordingStore | None = None) -> PurgeResult:
     """Delete calls that started more than `retention_days` days ago and rows soft-deleted that long ago, with
     what references them. Each table is purged on its own: a failure (an unknown reference, a lost connection)
@@ -64,6 +79,11 @@ async def purge(pool: asyncpg.Pool, retention_days: int, recordings: RecordingSt
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             result.failed[table] = f"{type(exc).__name__}: {exc}"
             log.warning("retention purge of %s failed: %s", table, result.failed[table])
+    try:
+        result.removed["workflow_runs"] = await _purge_runs(pool, retention_days)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        result.failed["workflow_runs"] = f"{type(exc).__name__}: {exc}"
+        log.warning("retention purge of workflow_runs failed: %s", result.failed["workflow_runs"])
     if any(result.removed.values()):
         log.info("purged rows past %d days of retention: %s", retention_days, result.removed)
     return result

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from pono.storage.audit import write_audit
+from pono.storage.workflow_runs import request_cancel
 
 _COLUMNS = "id, name, definition, trigger_type, enabled, next_fire_at, created_at, updated_at"
 
@@ -58,14 +59,16 @@ async def save_workflow(pool: asyncpg.Pool, workflow_id: uuid.UUID | None, value
 
 
 async def delete_workflow(pool: asyncpg.Pool, workflow_id: uuid.UUID, actor: str, source_ip: str | None) -> None:
-    """Mark a workflow deleted (its runs stay readable until retention purges it) and audit it.
-    Raises WorkflowNotFound."""
+    """Mark a workflow deleted (its runs stay readable until retention purges it), cancel its queued and running
+    runs (a running one stops at its next await, after its compensations), and audit it. Raises
+    WorkflowNotFound."""
     async with pool.acquire() as conn, conn.transaction():
         status = await conn.execute("UPDATE workflows SET deleted_at = now(), enabled = false"
                                     " WHERE id = $1 AND deleted_at IS NULL", workflow_id)
         if status.endswith(" 0"):
             raise WorkflowNotFound(str(workflow_id))
-        await write_audit(conn, actor, "workflow.delete", str(workflow_id), source_ip)
+        cancelled = await request_cancel(conn, "its workflow was deleted", workflow_id=workflow_id)
+        await write_audit(conn, actor, "workflow.delete", str(workflow_id), source_ip, runs_cancelled=len(cancelled))
 
 
 async def get_workflow(pool: asyncpg.Pool | asyncpg.Connection, workflow_id: uuid.UUID | str) \
