@@ -6,6 +6,7 @@ crash, two workers' schedule ticks) makes one run.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from pono.jobs.definition import matches, next_fire
-from pono.jobs.runner import call_facts
+from pono.jobs.runner import call_facts, policy_for_call, redact_value
 from pono.storage.workflow_runs import create_run
 from pono.storage.workflows import enabled_workflows, set_next_fire, take_due_schedules
 
@@ -46,7 +47,10 @@ async def fire_due_schedules(pool: asyncpg.Pool, now: datetime | None = None) ->
             fired = workflow["next_fire_at"]
             run_id = await create_run(conn, workflow, "schedule", f"schedule:{workflow['id']}:{fired.isoformat()}",
                                       inputs={"fired_at": fired.isoformat()})
-            await set_next_fire(conn, workflow["id"], next_fire(workflow["definition"]["trigger"], now))
+            upcoming = next_fire(workflow["definition"]["trigger"], now)
+            if upcoming is None:
+                log.warning("schedule workflow %s never fires again: its cron finds no time", workflow["id"])
+            await set_next_fire(conn, workflow["id"], upcoming)
             if run_id is not None:
                 made.append(run_id)
     return made
@@ -54,8 +58,11 @@ async def fire_due_schedules(pool: asyncpg.Pool, now: datetime | None = None) ->
 
 async def run_by_hand(pool: asyncpg.Pool, workflow: dict[str, Any], call_id: str | None,
                       inputs: dict[str, Any]) -> str:
-    """A manual run (of any workflow), on a stored call when `call_id` is given. Raises
-    asyncpg.ForeignKeyViolationError for a call that is not stored."""
-    run_id = await create_run(pool, workflow, "manual", f"manual:{uuid.uuid4()}", call_id=call_id, inputs=inputs)
+    """A manual run (of any workflow), on a stored call when `call_id` is given. Its `inputs` are stored and
+    shown redacted (by the call's DLP policy, else the default one); the run itself uses them as given.
+    Raises asyncpg.ForeignKeyViolationError for a call that is not stored."""
+    shown = await asyncio.to_thread(redact_value, inputs, await policy_for_call(pool, call_id))
+    run_id = await create_run(pool, workflow, "manual", f"manual:{uuid.uuid4()}", call_id=call_id, inputs=shown,
+                              raw_inputs=None if shown == inputs else inputs)
     assert run_id is not None
     return run_id

@@ -33,7 +33,7 @@ from pono.jobs.runner import WorkflowRunner
 from pono.jobs.triggers import fire_due_schedules, on_call_ended
 from pono.metrics import Metrics
 from pono.settings import Settings
-from pono.storage.jobs import CALL_ENDED, queue_gauges
+from pono.storage.jobs import CALL_ENDED, purge_job_log, queue_gauges
 from pono.storage.recordings import RecordingStore
 from pono.storage.reports import daily_report
 from pono.storage.retention import purge
@@ -47,16 +47,16 @@ MAX_ATTEMPTS = 5  # a job that raises is tried again with backoff until it has b
 
 class JobWorker:
     """Runs jobs from the queue on `pool` (whose database `dsn` names) until `run`'s stop event is set.
-    `llm` serves summarize steps (None: they fail, saying so); `metrics` gets pono_jobs_* (the queue gauges
-    every `gauge_interval_s`)."""
+    `llm` serves summarize steps (None: they fail, saying so), giving way to live calls while `llm_busy()`
+    (pono.jobs.llm); `metrics` gets pono_jobs_* (the queue gauges every `gauge_interval_s`)."""
 
     def __init__(self, pool: asyncpg.Pool, dsn: str, settings: Settings, metrics: Metrics, llm: LLMClient | None, *,
-                 gauge_interval_s: float = 5.0) -> None:
+                 gauge_interval_s: float = 5.0, llm_busy: Callable[[], bool] | None = None) -> None:
         self.pool = pool
         self.dsn = dsn  # the queue gets pools of its own on the same database
         self.settings = settings
         self.metrics = metrics
-        self.runner = WorkflowRunner(pool, settings, llm)
+        self.runner = WorkflowRunner(pool, settings, llm, llm_busy)
         self.gauge_interval_s = gauge_interval_s
         self._release = asyncio.Event()  # set when the drain time is up: running jobs go back to the queue
 
@@ -103,7 +103,9 @@ class JobWorker:
         return pgq
 
     async def _purge(self) -> None:
+        """The retention purge (workflow runs past retention included), and pgqueuer's own log."""
         result = await purge(self.pool, self.settings.retention_days, RecordingStore.from_settings(self.settings))
+        await purge_job_log(self.pool, self.settings.retention_days)
         if result.failed:
             raise RuntimeError(f"retention purge failed for {sorted(result.failed)}")
 
@@ -129,8 +131,8 @@ class JobWorker:
             self.metrics.jobs_total.labels(kind, "released").inc()
             raise pgqueuer.RetryRequested(delay=timedelta(0), reason="the worker is stopping")
         self.metrics.job_seconds.labels(kind).observe(time.perf_counter() - started)
-        failed = task.exception() is not None or task.result() == "failed"
-        self.metrics.jobs_total.labels(kind, "failed" if failed else "succeeded").inc()
+        outcome = "failed" if task.exception() is not None else task.result()
+        self.metrics.jobs_total.labels(kind, outcome if outcome in ("failed", "cancelled") else "succeeded").inc()
         task.result()  # re-raises: pgqueuer retries the job with backoff
 
     def release_now(self) -> None:
@@ -181,6 +183,7 @@ class JobWorker:
             for task in watchers:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
+            await self.runner.close()
         log.info("job worker stopped")
 
 
