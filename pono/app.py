@@ -7,7 +7,7 @@ import contextlib
 import logging
 import secrets
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 from aiohttp import web
@@ -143,7 +143,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     jobs_stop = asyncio.Event()
     jobs_task = asyncio.create_task(
         JobWorker(services.storage.db.pool, services.storage.db.dsn, services.settings, services.metrics,
-                  services.llm).run(jobs_stop),
+                  services.llm, llm_busy=_live_calls_need_llm(services, embedded)).run(jobs_stop),
         name="jobs") if services.settings.jobs_in_process else None
     pool = services.storage.db.pool
     desk_task = asyncio.create_task(desk.watch(lambda who: may_still_act(pool, who, "operator"),
@@ -169,6 +169,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if services.calls.tracing is not None:
         await asyncio.to_thread(services.calls.tracing.shutdown)
     await services.storage.close()
+
+
+def _live_calls_need_llm(services: Services, embedded: EmbeddedLLM | None) -> Callable[[], bool] | None:
+    """When the in-process job worker's summaries must give the LLM up to live calls (pono.jobs.llm): with
+    PONO_JOBS_LLM_YIELD=auto, where the bundled single-slot model serves the calls (as the primary, or as the
+    fallback while the primary's circuit is open); always/never as set. None: summaries never wait."""
+    mode = services.settings.jobs_llm_yield
+    if mode == "never" or (mode == "auto" and embedded is None):
+        return None
+    if mode == "auto" and not services.settings.embedded_llm:  # the bundled model is only the fallback
+        return lambda: bool(services.calls.calls) and services.llm.breaker.state == "open"
+    return lambda: bool(services.calls.calls)
 
 
 async def _start_auth(services: Services) -> None:

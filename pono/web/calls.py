@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -70,7 +71,8 @@ async def list_calls(request: web.Request) -> web.Response:
 
 async def get_call(request: web.Request) -> web.Response:
     """GET /api/calls/{call_id} (viewer, calls): the call with its turns, tool calls, DLP findings, summary (from a
-    workflow's summarize step, or null) and workflow runs (newest first, with their steps)."""
+    workflow's summarize step, or null) and workflow runs (the newest 50, with their steps; `workflow_runs_next`,
+    the link to the rest, or null)."""
     await require(request, "viewer", "calls")
     call_id = request.match_info["call_id"]
     pool = database(request)
@@ -98,6 +100,10 @@ async def get_call(request: web.Request) -> web.Response:
         "duration_s": recording["duration_s"], "size": recording["size_bytes"], "sha256": recording["sha256"]}
     summary = await call_summary(pool, call_id)
     body["summary"] = None if summary is None else {**summary, "created_at": iso(summary["created_at"])}
-    body["workflow_runs"] = await runs_with_steps(pool, await list_runs(pool, call_id=call_id, count=50))
+    # The newest 50 runs; `workflow_runs_next` (null when that is all) pages on through the rest.
+    found, next_cursor = paginate(await list_runs(pool, call_id=call_id, count=51), 50, "created_at")
+    body["workflow_runs"] = await runs_with_steps(pool, found)
+    body["workflow_runs_next"] = None if next_cursor is None else \
+        f"/api/workflow-runs?{urlencode({'call_id': call_id, 'cursor': next_cursor})}"
     return web.json_response(body)
 

@@ -76,6 +76,7 @@ def routes() -> list[web.AbstractRouteDef]:
         web.post("/api/workflows/{workflow_id}/runs", workflows.start_run),
         web.post("/api/workflows/{workflow_id}/runs/{run_id}/retry", workflows.retry_run),
         web.get("/api/workflow-runs", workflows.all_runs),
+        web.post("/api/workflow-runs/{run_id}/cancel", workflows.cancel_run),
         # the pages and the console's feed
         web.get("/", pages.call_page),
         web.get("/console", pages.console_page),

@@ -1,7 +1,9 @@
-"""Workflows: list, read (viewer); create, replace, delete (admin, audited); their runs (viewer); a run by hand
-and the retry of a failed run (operator, audited). A workflow body is checked whole (pono.jobs.definition)
-before it is stored: malformed JSON is a 400, an unknown step type, a bad cron or time zone, or a template
-that reaches out of its sandbox a 422 naming the field."""
+"""Workflows: list, read (viewer); create, replace, delete (admin, audited; deleting cancels its runs); their
+runs (viewer); a run by hand, the retry of a failed or cancelled run and the cancel of a queued or running one
+(operator, audited). A workflow body is checked whole (pono.jobs.definition) before it is stored: malformed
+JSON is a 400; an unknown step type, a cron that never fires, a bad time zone, a template or condition that
+reaches out of its sandbox, a secret outside the allowed variables or a URL that is not http(s) a 422 naming
+the field."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pono.http import ApiError, read_json_model
 from pono.jobs.definition import Workflow, next_fire
@@ -22,7 +24,7 @@ from pono.storage.audit import write_audit
 from pono.web.access import require
 from pono.web.params import database, decode_cursor, iso, page_limit, paginate, path_uuid
 
-RUN_STATUSES = ("queued", "running", "succeeded", "failed")
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def workflow_json(workflow: dict[str, Any]) -> dict[str, Any]:
@@ -36,10 +38,12 @@ def workflow_json(workflow: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_json(run: dict[str, Any], steps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A run as the API shows it (outputs and errors as stored: redacted), with its step runs when given."""
+    """A run as the API shows it (input, outputs and errors as stored: redacted), with its step runs when
+    given. `cancel_reason`: set once a cancel was asked for (the run is "cancelled" when its runner stopped)."""
     body = {"id": run["id"], "workflow_id": run["workflow_id"], "workflow": run["workflow"], "call_id": run["call_id"],
             "trigger": run["trigger"], "status": run["status"], "execution": run["execution"],
             "attempts": run["attempts"], "error": run["error"], "input": run["input"],
+            "cancel_reason": run["cancel_reason"], "workflow_deleted": run["workflow_deleted"],
             "created_at": iso(run["created_at"]), "started_at": iso(run["started_at"]),
             "finished_at": iso(run["finished_at"])}
     if steps is not None:
@@ -129,20 +133,25 @@ async def list_runs(request: web.Request) -> web.Response:
 
 
 async def all_runs(request: web.Request) -> web.Response:
-    """GET /api/workflow-runs?status=&limit=&cursor= (viewer, workflows): every workflow's runs, newest first."""
+    """GET /api/workflow-runs?status=&call_id=&limit=&cursor= (viewer, workflows): every workflow's runs (or one
+    call's), newest first."""
     await require(request, "viewer", "workflows")
-    return await _runs_page(request, database(request), None)
+    return await _runs_page(request, database(request), None, request.query.get("call_id") or None)
 
 
-async def _runs_page(request: web.Request, pool: asyncpg.Pool, workflow_id: uuid.UUID | None) -> web.Response:
+async def _runs_page(request: web.Request, pool: asyncpg.Pool, workflow_id: uuid.UUID | None,
+                     call_id: str | None = None) -> web.Response:
     limit = page_limit(request)
-    found = await runs.list_runs(pool, workflow_id=workflow_id, status=_status(request),
+    found = await runs.list_runs(pool, workflow_id=workflow_id, call_id=call_id, status=_status(request),
                                  before=decode_cursor(request.query.get("cursor")), count=limit + 1)
     page, next_cursor = paginate(found, limit, "created_at")
     return web.json_response({"runs": await runs_with_steps(pool, page), "next_cursor": next_cursor})
 
 
 class ManualRun(BaseModel):
+    """POST /api/workflows/{id}/runs: on which call (optional), with what `input` (stored and shown redacted)."""
+
+    model_config = ConfigDict(extra="forbid")
     call_id: str | None = Field(default=None, max_length=200)
     input: dict[str, Any] = Field(default_factory=dict)
 
@@ -169,8 +178,9 @@ async def start_run(request: web.Request) -> web.Response:
 
 
 async def retry_run(request: web.Request) -> web.Response:
-    """POST /api/workflows/{workflow_id}/runs/{run_id}/retry (operator, workflows): a failed run runs again, all
-    its steps, as a new execution → 202; 409 when it has not failed. Audited."""
+    """POST /api/workflows/{workflow_id}/runs/{run_id}/retry (operator, workflows): a failed or cancelled run
+    runs again, all its steps, as a new execution → 202; 409 when it has neither failed nor been cancelled, or
+    its workflow was deleted. Audited."""
     who = await require(request, "operator", "workflows")
     workflow_id = path_uuid(request, "workflow_id", "workflow")
     run_id = path_uuid(request, "run_id", "run")
@@ -181,5 +191,22 @@ async def retry_run(request: web.Request) -> web.Response:
     try:
         run = await runs.retry_run(pool, run_id, who.name, request.remote)
     except runs.RunNotRetryable as exc:
-        raise ApiError(409, f"only a failed run can be retried; this one is {exc}") from None
+        raise ApiError(409, f"only a failed or cancelled run of a live workflow can be retried; this one is {exc}") \
+            from None
+    return web.json_response(run_json(run, await runs.step_runs(pool, run["id"])), status=202)
+
+
+async def cancel_run(request: web.Request) -> web.Response:
+    """POST /api/workflow-runs/{run_id}/cancel (operator, workflows): a queued run is cancelled at once; a running
+    one stops at its next await, after the compensations of its steps done → 202 with the run (its
+    `cancel_reason` set); 409 when it has already ended. Audited."""
+    who = await require(request, "operator", "workflows")
+    run_id = path_uuid(request, "run_id", "run")
+    pool = database(request)
+    try:
+        run = await runs.cancel_run(pool, run_id, who.name, request.remote)
+    except LookupError:
+        raise ApiError(404, f"no run {run_id}") from None
+    except runs.RunNotCancellable as exc:
+        raise ApiError(409, f"only a queued or running run can be cancelled; this one is {exc}") from None
     return web.json_response(run_json(run, await runs.step_runs(pool, run["id"])), status=202)

@@ -1,5 +1,5 @@
-// The console's Workflows tab: every workflow's runs (newest first) with their status and steps; a failed run
-// can be retried (operators). The console gives its authenticated get/post.
+// The console's Workflows tab: every workflow's runs (newest first) with their status and steps; a failed or
+// cancelled run can be retried, a queued or running one cancelled (operators). The console gives its authenticated get/post.
 const $ = (id) => document.getElementById(id);
 
 export function showRuns(get, post, showError) {
@@ -20,16 +20,21 @@ export function showRuns(get, post, showError) {
         for (const v of [new Date(run.created_at).toLocaleString(), run.workflow, run.trigger,
           run.call_id ? run.call_id.slice(0, 8) : "", run.status, steps, run.error || ""]) row.insertCell().textContent = v;
         const cell = row.insertCell();
-        if (run.status === "failed") {
-          const retry = document.createElement("button");
-          retry.type = "button";
-          retry.textContent = "Retry";
-          retry.addEventListener("click", async () => {
-            retry.disabled = true;
-            try { await post(`/api/workflows/${run.workflow_id}/runs/${run.id}/retry`, {}); await load(); }
-            catch (err) { showError(err.message); retry.disabled = false; }
+        const action = (label, path) => {
+          const button = document.createElement("button");
+          button.type = "button";
+          button.textContent = label;
+          button.addEventListener("click", async () => {
+            button.disabled = true;
+            try { await post(path, {}); await load(); }
+            catch (err) { showError(err.message); button.disabled = false; }
           });
-          cell.append(retry);
+          cell.append(button);
+        };
+        if ((run.status === "failed" || run.status === "cancelled") && !run.workflow_deleted) {
+          action("Retry", `/api/workflows/${run.workflow_id}/runs/${run.id}/retry`);
+        } else if ((run.status === "queued" || run.status === "running") && !run.cancel_reason) {
+          action("Cancel", `/api/workflow-runs/${run.id}/cancel`);
         }
       }
     } catch (err) { showError(err.message); }
