@@ -39,12 +39,14 @@ class Mailbox:
 
 class Target:
     """An HTTP service for webhook and http steps. POST/GET /{name}: answers the statuses planned for `name`
-    (then 200 with {"id": "T-<n>"}), records each request. /once/{name} keeps idempotency keys: the first request
-    with a key has the side effect (and may be held open until `release`), every later one gets the same answer."""
+    (then 200 with `replies[name]`, else {"id": "T-<n>"}), records each request (method, query, headers, body).
+    /once/{name} keeps idempotency keys: the first request with a key has the side effect (and may be held open
+    until `release`), every later one gets the same answer."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.plans: dict[str, list[int]] = {}
+        self.replies: dict[str, Any] = {}
         self.side_effects: list[str] = []
         self.answers: dict[str, Any] = {}
         self.hold_first = False
@@ -63,11 +65,13 @@ class Target:
     async def _handle(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         raw = await request.read()
-        self.requests.append({"name": name, "headers": dict(request.headers), "raw": raw,
-                              "body": json.loads(raw) if raw else None})
+        self.requests.append({"name": name, "method": request.method, "query": request.query_string,
+                              "headers": dict(request.headers), "raw": raw, "body": json.loads(raw) if raw else None})
         plan = self.plans.get(name)
         if plan:
             return web.json_response({"error": "planned failure"}, status=plan.pop(0))
+        if name in self.replies:
+            return web.json_response(self.replies[name])
         return web.json_response({"id": f"T-{len(self.requests)}", "ok": True})
 
     async def _once(self, request: web.Request) -> web.Response:

@@ -56,6 +56,7 @@ PROTECTED: list[tuple[str, str, Any, str, str]] = [
     ("POST", f"/api/workflows/{MISSING}/runs", {}, "operator", "workflows"),
     ("POST", f"/api/workflows/{MISSING}/runs/{MISSING}/retry", None, "operator", "workflows"),
     ("GET", "/api/workflow-runs", None, "viewer", "workflows"),
+    ("POST", f"/api/workflow-runs/{MISSING}/cancel", None, "operator", "workflows"),
 ]
 # Open to anyone, or guarded by something other than a login (call tokens, refresh tokens, the WS handshake).
 PUBLIC = {("GET", "/"), ("GET", "/console"), ("GET", "/api/health"), ("GET", "/api/ready"), ("GET", "/api/startup"),

@@ -62,7 +62,7 @@ async def test_deep_json_is_a_400_everywhere(server: RunningServer, admin_token:
             text = await r.text()
             if path == "/api/call-tokens":  # it reads no body, so none can hurt it
                 assert r.status == 201, text
-            elif path.endswith("/retry"):  # it reads no body either: the run it names does not exist
+            elif path.endswith(("/retry", "/cancel")):  # they read no body either: the run named does not exist
                 assert r.status == 404, text
             else:
                 assert r.status == 400, text

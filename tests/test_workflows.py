@@ -10,6 +10,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -26,12 +27,17 @@ from servers import PostgresProcess
 from test_browser import CHROMIUM, chromium_args
 
 from pono.context import SERVICES
+from pono.jobs import runner as runner_module
+from pono.jobs.steps import SUMMARY_PROMPT
 from pono.jobs.triggers import fire_due_schedules
+from pono.jobs.worker import JobWorker
 from pono.storage.reports import daily_report
+from pono.storage.workflow_runs import completed_steps
 from pono.testing.scripted_llm import Script, ScriptedLLM
 
 CARD = "4111 1111 1111 1111"
 SECRET = "workflow-test-secret"
+CRM_TOKEN = "crm-token-for-tests"
 README = Path(__file__).resolve().parent.parent / "README.md"
 SUMMARY = ('{"summary": "The caller gave card ' + CARD + ' to pay for an order.", '
            '"action_items": ["Ship the order"], "disposition": "resolved"}')
@@ -73,17 +79,20 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, scripted_llm: Scripted
     mailbox, target = Mailbox(), Target()
     await mailbox.start()
     await target.start()
-    os.environ["PONO_WEBHOOK_SECRET"] = SECRET
+    os.environ["PONO_WEBHOOK_SECRET"], os.environ["PONO_HTTP_SECRET_CRM"] = SECRET, CRM_TOKEN
     try:
+        # jobs_llm_yield=always: summaries give the scripted LLM up to live calls, as with the bundled model.
         async with server_on_own_stores(tmp_path_factory, scripted_llm, "workflows", smtp_host="127.0.0.1",
                                         smtp_port=mailbox.port, smtp_from="pono@example.com",
                                         webhook_allowed_hosts=["127.0.0.1"], jobs_heartbeat_s=2,
-                                        jobs_drain_timeout_s=2) as (running, pg, _valkey, token):
+                                        jobs_drain_timeout_s=2, jobs_eval_timeout_s=1.5,
+                                        jobs_llm_yield="always") as (running, pg, _valkey, token):
             s = Stack(running, pg, token, mailbox, target)
             yield s
             await s.http.close()
     finally:
         os.environ.pop("PONO_WEBHOOK_SECRET", None)
+        os.environ.pop("PONO_HTTP_SECRET_CRM", None)
         await target.stop()
         await mailbox.stop()
 
@@ -124,6 +133,8 @@ async def test_call_end_sends_the_summary_by_email_without_raw_pii(stack: Stack,
     assert [r["id"] for r in call["workflow_runs"]] == [run["id"]]
     assert [(s["type"], s["status"]) for s in run["steps"]] == [("summarize", "succeeded"), ("email", "succeeded")]
     assert "4111" not in str(run)
+    # The recipient is the workflow's own configuration, not a caller's data: history shows it as configured.
+    assert run["steps"][1]["output"]["to"] == ["ops@example.com"]
 
     # A call of another persona does not match the filter: no run, no e-mail.
     sent = len(stack.mailbox.messages)
@@ -192,13 +203,54 @@ async def test_bad_workflows_get_clear_errors(stack: Stack) -> None:
     for field, body in cases.items():
         answer = await stack.api("POST", "/api/workflows", {"name": "bad", **body}, 422)
         assert field in [f["field"] for f in answer["fields"]], (field, answer)
+    # What a run would refuse is refused when saved (it was accepted, or a 500), naming the field.
+    manual, http = {"type": "manual"}, "steps.0.http.url"
+    refused: list[tuple[str, dict[str, Any]]] = [
+        ("steps.0.email.body", {"trigger": manual, "steps": [
+            {"type": "email", "to": "a@example.com", "subject": "s", "body": "{{ ''|attr('__class__') }}"}]}),
+        *[("steps.0.condition.if", {"trigger": manual, "steps": [{"type": "condition", "if": expression}]})
+          for expression in ("call.__class__", "__import__('os')", "'x'.ljust(10**9).count('y') == 0")],
+        ("steps.0.webhook.secret_env", {"trigger": manual, "steps": [
+            {"type": "webhook", "url": f"{stack.target.url}/x", "secret_env": "OPENAI_API_KEY"}]}),
+        ("steps.0.http.secret_env", {"trigger": manual, "steps": [
+            {"type": "http", "url": f"{stack.target.url}/x", "secret_env": "OPENAI_API_KEY"}]}),
+        (http, {"trigger": manual, "steps": [{"type": "http", "url": "file:///etc/passwd"}]}),
+        (http, {"trigger": manual, "steps": [{"type": "http", "url": "gopher://127.0.0.1:25/x"}]}),
+        ("trigger.schedule.cron", {"trigger": {"type": "schedule", "cron": "0 0 31 2 *"},
+                                   "steps": [{"type": "summarize"}]}),
+        *[("trigger.schedule.timezone", {"trigger": {"type": "schedule", "cron": "0 9 * * *", "timezone": zone},
+                                         "steps": [{"type": "summarize"}]})
+          for zone in ("Europe", "__pycache__", "x" * 256)]]
+    for field, body in refused:
+        answer = await stack.api("POST", "/api/workflows", {"name": "bad", **body}, 422)
+        assert field in [f["field"] for f in answer["fields"]], (field, answer)
+    for zone in ("Europe", "__pycache__", "x" * 256):  # a persona's time zone: the same check (was a 500)
+        answer = await stack.api("POST", "/api/personas", {"name": f"tz-{uuid.uuid4().hex[:6]}", "system_prompt": "x",
+                                                           "timezone": zone}, 422)
+        assert "timezone" in str(answer["fields"])
     # A template that gets past the check reaches the sandbox, which refuses it: the run fails, nothing leaks.
     workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [
-        {"type": "email", "to": "a@example.com", "subject": "s", "body": "{{ run|attr('__class__') }}"}]})
+        {"type": "email", "to": "a@example.com", "subject": "s",
+         "body": "{% set n = '__cla' ~ 'ss__' %}{{ run[n] }}"}]})
     await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {}, 202)
     (run,) = await stack.finished_run(workflow["id"])
     assert run["status"] == "failed" and "sandbox" in run["error"] and run["steps"][0]["attempts"] == 1
     await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {"call_id": "no-such-call"}, 422)
+    answer = await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {"inputs": {"x": 1}}, 422)
+    assert answer["fields"][0]["field"] == "inputs"  # a misspelt field is refused, not ignored
+
+    # A condition's own error (an index out of range, an overflow) fails the run at once, saying which.
+    for expression, error in (("[1][3] == 1", "IndexError"), ("10.0 ** 400 > 1", "OverflowError")):
+        workflow = await stack.workflow({"trigger": manual, "steps": [{"type": "condition", "if": expression}]})
+        await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {}, 202)
+        (run,) = await stack.finished_run(workflow["id"])
+        assert run["status"] == "failed" and run["steps"][0]["attempts"] == 1, run
+        assert f"condition {expression!r} failed: {error}" in run["error"]
+    # A host the workflow names itself is shown as written in a refusal (was [IP_ADDRESS]).
+    workflow = await stack.workflow({"trigger": manual, "steps": [{"type": "http", "url": "http://10.9.8.7/crm"}]})
+    await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {}, 202)
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "failed" and "'10.9.8.7' is not on the tool host allow-list" in run["error"], run
 
 
 async def test_dead_llm_and_smtp_down_fail_then_retry_succeeds(stack: Stack, script: Script) -> None:
@@ -337,6 +389,234 @@ async def test_built_in_schedules_report_and_metrics(stack: Stack) -> None:
     assert 'pono_jobs_total{kind="workflow.call_ended",status="succeeded"}' in page
     assert "pono_jobs_queue_depth" in page and "pono_jobs_oldest_queued_seconds" in page
     assert 'pono_job_duration_seconds_count{kind="workflow.run"}' in page
+
+
+async def test_later_steps_get_raw_values_and_only_history_is_redacted(stack: Stack,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CRM answers with a value DLP would redact: later steps and the compensation send it as it is, history
+    shows it redacted, and a worker picking the run up again would read it raw (runner-only column). A manual
+    run's input is stored and shown redacted, and used as given. Redaction runs off the event loop."""
+    threads: list[bool] = []
+    original = runner_module.redact_value
+
+    def spy(*args: Any) -> Any:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return original(*args)
+
+    monkeypatch.setattr(runner_module, "redact_value", spy)
+    target, url = stack.target, stack.target.url
+    target.replies["card-ticket"] = {"id": CARD, "note": "x" * 60_000}
+    target.plans["card-broken"] = [400]
+    target.hold_first, target.held, target.release = True, asyncio.Event(), asyncio.Event()
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [
+        {"type": "http", "name": "ticket", "url": f"{url}/card-ticket", "map": {"ticket_id": "id"},
+         "compensate": {"type": "http", "url": f"{url}/card-undo", "body": {"ticket": "{{ticket_id}}"}}},
+        {"type": "webhook", "name": "hold", "url": f"{url}/once/card-hold", "payload": {}},
+        {"type": "webhook", "name": "notify", "url": f"{url}/card-notify",
+         "payload": {"ticket": "{{ticket_id}}", "card": "{{input.card}}"}},
+        {"type": "http", "name": "broken", "url": f"{url}/card-broken"}]})
+    try:
+        started = await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {"input": {"card": CARD}}, 202)
+        assert started["input"] == {"card": "[CREDIT_CARD]"}
+        await asyncio.wait_for(target.held.wait(), 30)
+        pool = stack.server.app[SERVICES].storage.db.pool
+        done = await completed_steps(pool, started["id"], 1)  # what a worker resuming the run would read
+        assert done[0]["output"]["mapped"] == {"ticket_id": CARD}
+        (running,) = (await stack.api("GET", f"/api/workflows/{workflow['id']}/runs", status=200))["runs"]
+        assert running["steps"][0]["output"]["mapped"] == {"ticket_id": "[CREDIT_CARD]"}
+    finally:
+        target.hold_first = False
+        target.release.set()
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "failed" and "card-broken answered 400" in run["error"]
+    assert target.sent("card-notify")[0]["body"] == {"ticket": CARD, "card": CARD}
+    assert target.sent("card-undo")[0]["body"] == {"ticket": CARD}  # the compensation hits the right ticket
+    assert "4111" not in json.dumps(run) and run["input"] == {"card": "[CREDIT_CARD]"}
+    assert await pool.fetchval("SELECT count(*) FROM workflow_step_runs WHERE run_id = $1 AND raw_output IS NOT"
+                               " NULL", uuid.UUID(run["id"])) == 0  # dropped once the run ended
+    assert threads and not any(threads)  # the 60 KB answer was redacted in a thread
+
+
+async def test_heavy_templates_stop_at_a_limit_while_the_server_answers(stack: Stack) -> None:
+    """A template that would render for a minute is stopped at PONO_JOBS_EVAL_TIMEOUT_S in its helper process,
+    while the server keeps answering; one over a range cap fails at once. Neither succeeds."""
+    loops = "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}"
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [
+        {"type": "email", "to": "ops@example.com", "subject": "s", "body": loops, "retries": 0}]})
+    await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {}, 202)
+    for _ in range(100):  # while it renders
+        runs = (await stack.api("GET", f"/api/workflows/{workflow['id']}/runs", status=200))["runs"]
+        if runs[0]["steps"] and runs[0]["status"] == "running":
+            break
+        await asyncio.sleep(0.05)
+    async with stack.http.get(f"{stack.server.url}/api/health") as r:
+        assert r.status == 200
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "failed" and "stopped after 1.5 s" in run["error"], run
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [
+        {"type": "email", "to": "ops@example.com", "subject": "s",
+         "body": "{% for i in range(100000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}"}]})
+    await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {}, 202)
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "failed" and "range() of 100000 items" in run["error"], run
+
+
+async def test_summaries_give_the_llm_up_to_live_calls(stack: Stack, scripted_llm: ScriptedLLM,
+                                                       script: Script) -> None:
+    """With a one-slot LLM, a summary being written is dropped when a call starts, waits while the call is live
+    (the call's turns get the LLM at once), and is written once the call ends."""
+    call_id = (await stack.api("GET", "/api/calls?state=ended&limit=1", status=200))["calls"][0]["id"]
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [{"type": "summarize"}]})
+
+    def summaries() -> int:
+        return sum(SUMMARY_PROMPT[:40] in str(r.get("messages")) for r in script.requests)
+
+    script.reply, script.token_interval_s = SUMMARY, 0.5  # a slow summary: about 10 s
+    before, dropped = summaries(), scripted_llm.chats_dropped
+    try:
+        await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {"call_id": call_id}, 202)
+        for _ in range(200):
+            if summaries() > before and scripted_llm.chats_open:
+                break
+            await asyncio.sleep(0.05)
+        async with text_call(stack.server.url) as caller:
+            for _ in range(200):  # the call started: the summary's request is dropped
+                if scripted_llm.chats_dropped > dropped:
+                    break
+                await asyncio.sleep(0.05)
+            assert scripted_llm.chats_dropped > dropped
+            script.token_interval_s = 0.01
+            script.responses = [{"text": "Hello there."}]
+            caller.send_text("hello")
+            await caller.wait_for(lambda e: e["type"] == "agent.final", 10)
+            assert summaries() == before + 1  # not asked again while the call is live
+    finally:
+        script.token_interval_s = 0.01
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "succeeded" and summaries() == before + 2
+    assert run["steps"][0]["output"]["disposition"] == "resolved"
+
+
+async def test_summary_without_json_is_the_plain_answer(stack: Stack, script: Script) -> None:
+    """A small model that answers in prose (the bundled SmolLM2) still gives a summary, and the README's subject
+    renders a disposition, not "None"."""
+    call_id = (await stack.api("GET", "/api/calls?state=ended&limit=1", status=200))["calls"][0]["id"]
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [
+        {"type": "summarize"},
+        {"type": "email", "to": "ops@example.com", "subject": "Call {{call.id}}: {{disposition}}",
+         "body": "{{summary}}"}]})
+    script.reply = "Summary: The caller asked when the order ships; the agent said Monday."
+    await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {"call_id": call_id}, 202)
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "succeeded", run
+    mails = {m["Subject"]: m.get_content().strip() for m in stack.mailbox.messages}
+    assert mails.get(f"Call {call_id}: unknown") == "The caller asked when the order ships; the agent said Monday."
+
+
+async def test_cancel_runs_compensations_and_deleting_a_workflow_cancels_its_runs(stack: Stack) -> None:
+    target, url = stack.target, stack.target.url
+    target.hold_first, target.held, target.release = True, asyncio.Event(), asyncio.Event()
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [
+        {"type": "http", "name": "ticket", "url": f"{url}/c-ticket", "map": {"ticket_id": "id"},
+         "compensate": {"type": "http", "url": f"{url}/c-undo", "body": {"ticket": "{{ticket_id}}"}}},
+        {"type": "webhook", "name": "hold", "url": f"{url}/once/c-hold", "timeout_s": 120}]})
+
+    async def cancelled(run_id: str) -> dict[str, Any]:
+        for _ in range(300):
+            found = (await stack.api("GET", "/api/workflow-runs?status=cancelled&limit=200", status=200))["runs"]
+            if any(r["id"] == run_id for r in found):
+                return next(r for r in found if r["id"] == run_id)
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"run {run_id} was not cancelled")
+
+    try:
+        run = await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {}, 202)
+        await asyncio.wait_for(target.held.wait(), 30)
+        asked = await stack.api("POST", f"/api/workflow-runs/{run['id']}/cancel", None, 202)
+        assert asked["cancel_reason"].startswith("cancelled by")
+        done = await cancelled(run["id"])
+        assert done["error"].startswith("cancelled by")
+        assert target.sent("c-undo")[0]["body"] == {"ticket": done["steps"][0]["output"]["mapped"]["ticket_id"]}
+        assert ("hold", "cancelled") in [(s["name"], s["status"]) for s in done["steps"]]
+        await stack.api("POST", f"/api/workflow-runs/{run['id']}/cancel", None, 409)
+        audit = (await stack.api("GET", "/api/audit?action=workflow.run.cancel", status=200))["entries"]
+        assert any(e["target"] == run["id"] for e in audit)
+
+        # A cancelled run may be retried; deleting its workflow while it runs cancels it, and no retry follows.
+        target.held = asyncio.Event()
+        await stack.api("POST", f"/api/workflows/{workflow['id']}/runs/{run['id']}/retry", None, 202)
+        await asyncio.wait_for(target.held.wait(), 30)
+        await stack.api("DELETE", f"/api/workflows/{workflow['id']}", None, 204)
+        done = await cancelled(run["id"])
+        assert done["execution"] == 2 and done["error"] == "its workflow was deleted"
+        assert len(target.sent("c-undo")) == 2
+        answer = await stack.api("POST", f"/api/workflows/{workflow['id']}/runs/{run['id']}/retry", None, 409)
+        assert "deleted workflow" in answer["error"]
+    finally:
+        target.hold_first = False
+        target.release.set()
+
+
+async def test_a_step_waits_at_most_its_backoff_budget(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each wait before a retry is capped, and all of a step's waits together: then the step fails for good
+    (10 retries of backoff 300 s would have held a worker for 85 h). The caps are shrunk here to keep it short."""
+    monkeypatch.setattr(runner_module, "MAX_WAIT_S", 0.1)
+    monkeypatch.setattr(runner_module, "MAX_BACKOFF_S", 0.25)
+    stack.target.plans["always-503"] = [503] * 20
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [
+        {"type": "webhook", "url": f"{stack.target.url}/always-503", "retries": 10, "backoff_s": 0.05}]})
+    await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {}, 202)
+    (run,) = await stack.finished_run(workflow["id"])
+    assert run["status"] == "failed" and "no more tries" in run["error"]
+    assert run["steps"][0]["attempts"] == 4  # waits 0.05, 0.1, 0.1; a fourth 0.1 would pass 0.25
+
+
+async def test_http_steps_authenticate_and_urls_in_errors_lose_their_query(stack: Stack) -> None:
+    url = stack.target.url
+    stack.target.plans["crm-denied"] = [401]
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [
+        {"type": "http", "name": "crm", "url": f"{url}/crm-auth?view=full", "headers": {"X-Run": "{{run.id}}"},
+         "secret_env": "PONO_HTTP_SECRET_CRM"},
+        {"type": "http", "name": "other", "url": f"{url}/crm-denied?api_key=leaked", "secret_env":
+         "PONO_HTTP_SECRET_CRM", "secret_header": "X-Api-Key"}]})
+    await stack.api("POST", f"/api/workflows/{workflow['id']}/runs", {}, 202)
+    (run,) = await stack.finished_run(workflow["id"])
+    (sent,) = stack.target.sent("crm-auth")
+    assert sent["headers"]["Authorization"] == f"Bearer {CRM_TOKEN}" and sent["headers"]["X-Run"] == run["id"]
+    assert stack.target.sent("crm-denied")[0]["headers"]["X-Api-Key"] == CRM_TOKEN
+    assert run["status"] == "failed" and f"{url}/crm-denied answered 401" in run["error"]
+    assert "leaked" not in json.dumps(run) and CRM_TOKEN not in json.dumps(run)
+
+
+async def test_history_is_purged_by_age_and_a_call_shows_where_its_other_runs_are(stack: Stack) -> None:
+    services = stack.server.app[SERVICES]
+    pool = services.storage.db.pool
+    workflow = await stack.workflow({"trigger": {"type": "manual"}, "steps": [{"type": "summarize"}]})
+    call_id = (await stack.api("GET", "/api/calls?state=ended&limit=1", status=200))["calls"][0]["id"]
+    await pool.execute(
+        "INSERT INTO workflow_runs (workflow_id, call_id, trigger, idempotency_key, definition, status, created_at)"
+        " SELECT $1, $2, 'manual', 'bulk-' || g || $3, '{}', 'succeeded', now() - g * interval '1 s'"
+        " FROM generate_series(1, 51) g", uuid.UUID(workflow["id"]), call_id, uuid.uuid4().hex)
+    call = await stack.api("GET", f"/api/calls/{call_id}", status=200)
+    total = await pool.fetchval("SELECT count(*) FROM workflow_runs WHERE call_id = $1", call_id)
+    assert len(call["workflow_runs"]) == 50 and call["workflow_runs_next"].startswith("/api/workflow-runs?")
+    rest = await stack.api("GET", call["workflow_runs_next"], status=200)
+    assert len(rest["runs"]) == total - 50 and all(r["call_id"] == call_id for r in rest["runs"])
+    assert not {r["id"] for r in rest["runs"]} & {r["id"] for r in call["workflow_runs"]}
+
+    # A live workflow's old runs without a call, and pgqueuer's old log rows, go with the purge job.
+    days = services.settings.retention_days
+    old = await pool.fetchval(
+        "INSERT INTO workflow_runs (workflow_id, trigger, idempotency_key, definition, status, created_at)"
+        " VALUES ($1, 'schedule', $2, '{}', 'succeeded', now() - make_interval(days => $3 + 1)) RETURNING id",
+        uuid.UUID(workflow["id"]), f"old-{uuid.uuid4()}", days)
+    await pool.execute("INSERT INTO pgqueuer_log (created, job_id, status, priority, entrypoint)"
+                       " VALUES (now() - interval '2 days', 0, 'successful', 0, 'old.job')")
+    worker = JobWorker(pool, services.storage.db.dsn, services.settings, services.metrics, None)
+    await worker._purge()
+    assert await pool.fetchval("SELECT count(*) FROM workflow_runs WHERE id = $1", old) == 0
+    assert await pool.fetchval("SELECT count(*) FROM workflow_runs WHERE call_id = $1", call_id) == total
+    assert await pool.fetchval("SELECT count(*) FROM pgqueuer_log WHERE entrypoint = 'old.job'") == 0
 
 
 async def test_postgres_down_when_a_call_ends_loses_no_trigger(stack: Stack, script: Script) -> None:
