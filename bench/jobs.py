@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/jobs.py [--latency-jobs 300] [--noop-jobs 3000] [--calls 10] [--ttft 0.2]
 
-Uses DATABASE_URL when set, else starts an embedded Postgres in a temporary folder. One in-process worker
+Needs the test install (scripts/install.sh --test: aiosmtpd for the SMTP server). Uses DATABASE_URL when set,
+else starts an embedded Postgres in a temporary folder. One in-process worker
 (pono.jobs.worker.JobWorker, PONO_JOBS_CONCURRENCY as configured, default 4) runs everything. Prints:
 - enqueue → job start, p50 and p99 (jobs enqueued one at a time, 10 ms apart, onto an idle worker);
 - no-op jobs per second (a backlog enqueued in one statement, drained by the worker);
@@ -42,7 +43,11 @@ from pono.storage.writer import Writer
 from pono.testing.scripted_llm import Script, ScriptedLLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from jobs_peers import Mailbox  # the tests' real SMTP server (aiosmtpd)
+try:
+    from jobs_peers import Mailbox  # the tests' real SMTP server (aiosmtpd, a dev extra)
+except ImportError as exc:  # a plain install has no aiosmtpd: say what to install instead of a traceback
+    sys.exit(f"bench/jobs.py needs the test install for its SMTP server ({exc.name} is missing): run "
+             "scripts/install.sh --test (or .venv/bin/pip install -e '.[dev]')")
 
 LATENCY = "bench.latency"
 NOOP_BENCH = "bench.noop"  # as pono's own no-op job, and counted
