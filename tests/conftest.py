@@ -88,6 +88,9 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "speak_greeting": False,
         "llm_timeout_s": 3.0,
         "stt_partial_interval_s": 0.0,
+        # The shared server runs no job worker: pgqueuer's own polling tasks come and go, and the leak checks
+        # (test_fuzz) count tasks. test_workflows and test_job_workers run servers and workers with it on.
+        "jobs_in_process": False,
         # Every test talks from 127.0.0.1: the limits are raised here and tested on their own.
         "call_tokens_per_minute": 10_000,
         "requests_per_second": 10_000,

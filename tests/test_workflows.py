@@ -86,7 +86,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, scripted_llm: Scripted
                                         smtp_port=mailbox.port, smtp_from="pono@example.com",
                                         webhook_allowed_hosts=["127.0.0.1"], jobs_heartbeat_s=2,
                                         jobs_drain_timeout_s=2, jobs_eval_timeout_s=1.5,
-                                        jobs_llm_yield="always") as (running, pg, _valkey, token):
+                                        jobs_llm_yield="always", jobs_in_process=True) as (running, pg, _valkey, token):
             s = Stack(running, pg, token, mailbox, target)
             yield s
             await s.http.close()
