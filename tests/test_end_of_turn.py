@@ -122,7 +122,9 @@ def test_features_match_pipecats_reference(
         assert features.flags.c_contiguous
         expected = reference_features(reference, pcm)
         np.testing.assert_allclose(features, expected, atol=1e-4, rtol=0)
-        assert abs(model.infer(features) - model.infer(expected)) < 1e-3
+        # The int8 model turns feature differences of ~1e-5 into up to a few thousandths of probability
+        # (0.0027 seen on one espeak rendering: sox dithers, so each rendering differs): far from any decision.
+        assert abs(model.infer(features) - model.infer(expected)) < 1e-2
 
 
 def test_a_complete_question_scores_complete(model: SmartTurn, complete_question: np.ndarray) -> None:
