@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     stt_partial_interval_s: float = 1.0  # 0 disables partial transcripts
     # Whisper's encoder window (s) at least: its own is 30, and a 3 s question padded to 30 s pays for 30.
     stt_partial_window_s: float = 10.0
-    stt_final_window_s: float = 20.0  # 30: Whisper's own (bench/speech.py --fidelity compares them)
+    # 30: Whisper's own (bench/speech.py --fidelity compares them); phone calls (8 kHz) always get 30.
+    stt_final_window_s: float = 20.0
     stt_batch_window_ms: float = 20.0  # requests this close together go to Whisper as one batch; 0: no wait
     # Clips per Whisper batch. 0: 16 on CUDA, 1 (no batching) on a CPU, where a batch of three finals takes as
     # long as the three one after another, so batching only delays the first two (bench/latency.py).

@@ -47,6 +47,7 @@ MAX_KEYS = 64  # one keypad entry holds at most this many keys: a key every seco
 # Audio kept from before speech was confirmed, so the first word is not clipped: a short first word ("Stop")
 # followed by a gap resets the speech candidate, and 300 ms lost it in some frame alignments (bench/turns.py).
 _PREROLL_MS = 600
+_NARROWBAND = ("sip", "twilio")  # transports whose audio is 8 kHz telephone speech
 _TURN_WINDOW_MS = 8000  # the end-of-turn model reads the last 8 s of the turn
 
 
@@ -115,6 +116,8 @@ class Call:
         # Streaming STT: partials while the caller speaks, the final on demand (pono.voice.speech.recognizer).
         self.recognizer = models.recognizer(
             language, partial_interval_s=partial_interval_s, on_partial=self._partial, spawn=self._spawn,
+            # Phone audio (8 kHz G.711) lost words in a 20 s encoder window that wideband audio did not: Whisper's own.
+            narrowband=transport.kind in _NARROWBAND,
             on_error=lambda message: self.events.emit(EventType.ERROR, kind="stt_unavailable", message=message))
         # A per-call budget for typed messages and key presses: a burst is fine, a flood is refused.
         self._text_budget = AsyncLimiter(max(1, text_messages_per_10s), 10.0)

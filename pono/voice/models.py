@@ -19,7 +19,7 @@ from pono.voice.endpoint import SmartTurn
 from pono.voice.speech.engine import BatchStats, TranscriptionEngine, default_max_batch
 from pono.voice.speech.languages import whisper_language
 from pono.voice.speech.recognizer import Recognizer, StreamingRecognizer
-from pono.voice.speech.whisper import BatchedWhisper, Clip, Hypothesis
+from pono.voice.speech.whisper import MAX_CLIP_S, BatchedWhisper, Clip, Hypothesis
 from pono.voice.tts import TTSEngine, load_tts
 from pono.voice.vad import SileroVAD
 from pono.voice.voices import VoiceLibrary
@@ -119,7 +119,7 @@ class SpeechModels:
     def recognizer(self, language: str = "en", *, partial_interval_s: float = 1.0,
                    on_partial: Callable[[str], None] | None = None,
                    spawn: Callable[[Any, str], asyncio.Task[Any]] | None = None,
-                   on_error: Callable[[str], None] | None = None) -> Recognizer:
+                   on_error: Callable[[str], None] | None = None, narrowband: bool = False) -> Recognizer:
         """A streaming recognizer for one call (see `pono.voice.speech.recognizer`): on a speech worker when
         one is configured (`on_error(message)` hears of a turn left without a transcript), else local."""
         s = self.settings
@@ -133,7 +133,7 @@ class SpeechModels:
                   on_partial: Callable[[str], None] | None = on_partial) -> Recognizer:
             return StreamingRecognizer(self.transcribe, language=language, partial_interval_s=partial_interval_s,
                                        on_partial=on_partial, spawn=spawn, partial_window_s=s.stt_partial_window_s,
-                                       final_window_s=s.stt_final_window_s)
+                                       final_window_s=MAX_CLIP_S if narrowband else s.stt_final_window_s)
         if self.worker is None:
             return local()
         return WorkerRecognizer(self.worker, language=language, partial_interval_s=partial_interval_s,
