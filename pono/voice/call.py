@@ -113,6 +113,7 @@ class Call:
         self._barged = False  # the caller's speech over the agent was found to be an interruption
         self._suspect: asyncio.Task[None] | None = None  # deciding whether it is one (see _decide_barge_in)
         self._ended_while_deciding: tuple[asyncio.Task[str], float] | None = None
+        self._deciding = False  # the decision still waits for the transcript
         # Streaming STT: partials while the caller speaks, the final on demand (pono.voice.speech.recognizer).
         self.recognizer = models.recognizer(
             language, partial_interval_s=partial_interval_s, on_partial=self._partial, spawn=self._spawn,
@@ -247,6 +248,7 @@ class Call:
                     recent.clear()
                     self._end_of_turn_p = None
                     spec, self._barged, self._suspect = None, False, None
+                    self._ended_while_deciding, self._deciding = None, False
                     started_while_busy = responder.busy
                     recognizer.partials = not started_while_busy
                     detector.use_model(not started_while_busy)  # "mhm" over the agent ends on silence alone
@@ -268,7 +270,7 @@ class Call:
                     spec = responder.spec = None  # the caller went on: that transcript is stale
                     responder.drop_preemptive()
                 elif signal is Signal.END:
-                    deciding = self._suspect is not None and not self._suspect.done()
+                    deciding = self._deciding and self._suspect is not None and not self._suspect.done()
                     ignored = started_while_busy and not self._barged and not deciding
                     self.events.emit(EventType.SPEECH_STOPPED, responder.turns, ignored=ignored,
                                      duration_s=round(self._utterance_samples / 16000, 3),
@@ -302,6 +304,7 @@ class Call:
                         self.state.caller_started(agent_busy=False)
                     elif detector.voiced_ms >= self.barge_in_min_ms and self._suspect is None:
                         if responder.pause():  # audio stops now; the caller's words decide what follows
+                            self._deciding = True
                             self._suspect = self._spawn(self._decide_barge_in(recognizer.final()), "barge-in")
                         else:
                             self._barged = True
@@ -322,6 +325,10 @@ class Call:
         except Exception as exc:  # no STT: better to stop talking than to talk over the caller
             log.error("hearing a suspected interruption failed (%s)", type(exc).__name__)
             text = None
+        self._deciding = False  # decided: an utterance that ends from here on is not this decision's to commit
+        if not self.output.paused:  # typed text, a key or an operator already cut the agent: nothing to decide
+            self._ended_while_deciding = None
+            return
         if text is not None and is_backchannel(text):
             self._ended_while_deciding = None  # the caller's turn (if over) was only this: nothing to answer
             self.events.emit(EventType.AGENT_RESUMED, self.responder.turns, heard=text,

@@ -195,6 +195,8 @@ class Responder:
         reply = self._playing[1] if self._playing is not None and self._playing[0] is handle else None
         if handle is None or (not handle.allow_interruptions and not force):
             self.scheduler.drop_queued()
+            if handle is None and isinstance(self.transport, PausableOutput) and self.transport.paused:
+                self.transport.clear()  # a pause whose reply ended meanwhile must not hold the next one
             return
         played = self.transport.played_s
         self.transport.clear()
