@@ -108,7 +108,7 @@ class Call:
         self._keys: list[str] = []
         self._keys_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._utterance_samples = 0
+        self._utterance_samples = self._utterance_turn = 0
         self._end_of_turn_p: float | None = None  # the model's answer for the current pause
         self._barged = False  # the caller's speech over the agent was found to be an interruption
         self._suspect: asyncio.Task[None] | None = None  # deciding whether it is one (see _decide_barge_in)
@@ -252,7 +252,7 @@ class Call:
                     started_while_busy = responder.busy
                     recognizer.partials = not started_while_busy
                     detector.use_model(not started_while_busy)  # "mhm" over the agent ends on silence alone
-                    self._utterance_samples = 0
+                    self._utterance_samples, self._utterance_turn = 0, responder.turns
                     self.events.emit(EventType.SPEECH_STARTED, responder.turns)
                     self.state.caller_started(agent_busy=started_while_busy)
                 elif signal is Signal.PAUSE:
@@ -361,8 +361,8 @@ class Call:
         return await self.models.run_stt(audio, self.language)
 
     def _partial(self, text: str) -> None:
-        if self.state.state is CallState.USER_SPEAKING:
-            self.events.emit(EventType.TRANSCRIPT_PARTIAL, self.responder.turns, text=text)
+        if self.state.state is CallState.USER_SPEAKING and self.responder.turns == self._utterance_turn:  # not late
+            self.events.emit(EventType.TRANSCRIPT_PARTIAL, self._utterance_turn, text=text)
 
     def _keys_pressed(self) -> None:
         keys, self._keys = "".join(self._keys), []
