@@ -44,9 +44,9 @@ TIME_LIMIT_GOODBYE = "We have reached the time limit for this call. Thank you fo
 GOODBYE_WAIT_S = 15.0  # a goodbye that can't be played in this long (a dead line) doesn't hold the hang-up
 DTMF_KEYS = tuple("0123456789*#ABCD")
 MAX_KEYS = 64  # one keypad entry holds at most this many keys: a key every second forever is many entries
-# Audio kept from before speech was confirmed, so the first word is not clipped: a short first word ("Stop")
-# followed by a gap resets the speech candidate, and 300 ms lost it in some frame alignments (bench/turns.py).
-_PREROLL_MS = 600
+# Audio kept from before speech was confirmed, so the first syllable is not clipped. (600 ms kept a short first
+# word that a gap cut off in some frame alignments, but changed what Whisper heard in phone calls: open question.)
+_PREROLL_MS = 300
 _NARROWBAND = ("sip", "twilio")  # transports whose audio is 8 kHz telephone speech
 _TURN_WINDOW_MS = 8000  # the end-of-turn model reads the last 8 s of the turn
 
