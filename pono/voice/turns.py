@@ -43,6 +43,7 @@ class TurnDetector:
     def __init__(self, config: TurnConfig) -> None:
         self.config = config
         self.model_wanted = True
+        self.pauses = 0  # tells a model's answer for an earlier pause apart
         self.reset()
 
     def reset(self) -> None:
@@ -64,7 +65,7 @@ class TurnDetector:
         self.hangover_ms = float(c.long_hangover_ms if c.end_of_turn and self.model_wanted else c.hangover_ms)
         self.checked = False
         if count:
-            self.pauses = getattr(self, "pauses", 0) + 1  # tells a model's answer for an earlier pause apart
+            self.pauses += 1
 
     def turn_complete(self, pause: int) -> None:
         """The end-of-turn model found the turn complete during pause number `pause`: if the caller is still
