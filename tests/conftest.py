@@ -9,6 +9,7 @@ import wave
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aioice.ice
 import numpy as np
 import pytest
 from aiohttp import web
@@ -18,6 +19,7 @@ from pono.agent.embedded import free_port
 from pono.app import build_app
 from pono.context import SERVICES
 from pono.settings import Settings
+from pono.signaling import ice
 from pono.storage.users import create_api_key, create_user
 from pono.testing.ready import wait_until_ready
 from pono.testing.scripted_llm import Script, ScriptedLLM
@@ -46,6 +48,19 @@ def write_wav(path: Path, pcm: np.ndarray, rate: int, channels: int = 1) -> None
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes(pcm.astype(np.int16).tobytes())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ice_gathering_is_left_as_found() -> Iterator[None]:
+    """Where aiortc gathers ICE candidates is process-wide (`restrict_host_addresses`), and the shared server runs
+    in this process: a module that changed it and put back aioice's default instead of what it found left every
+    later WebRTC call in the loopback-only namespace without a candidate (a data channel that never opened, two
+    modules on). The module that does it fails here, not an innocent one later."""
+    before = aioice.ice.get_host_addresses
+    yield
+    if before is not ice._original_host_addresses:  # once the shared server has set it
+        after = aioice.ice.get_host_addresses
+        assert after(True, True) == before(True, True), "this module changed where ICE gathers and left it so"
 
 
 @pytest.fixture(scope="session")

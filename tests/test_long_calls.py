@@ -73,7 +73,7 @@ async def operator_offer() -> tuple[RTCPeerConnection, str]:
 
 
 async def test_operators_coming_and_going_leave_one_observer_on_the_call(tmp_path: Any) -> None:
-    restrict_host_addresses(["127.0.0.1"])
+    restore_ice = restrict_host_addresses(["127.0.0.1"])
     media = OperatorMedia(Settings(data_dir=tmp_path))
     events = EventStream("call-1")
     call = SimpleNamespace(call_id="call-1", transport=TappedTransport(SilentLine()), events=events, operator=None)
@@ -96,6 +96,6 @@ async def test_operators_coming_and_going_leave_one_observer_on_the_call(tmp_pat
             await asyncio.sleep(0.05)
         assert media.owned() == [] and media._watched == set()
     finally:
-        restrict_host_addresses([])
+        restore_ice()
         for pc in operators:
             await pc.close()

@@ -126,14 +126,17 @@ async def worker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Work
 async def app(worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory, scripted_llm: ScriptedLLM,
               postgres_url: str, redis_url: str) -> AsyncIterator[PonoProcess]:
     """`pono serve` with its STT and TTS on the worker (and the local fallback loaded)."""
-    restrict_host_addresses(["127.0.0.1"])  # this process's callers gather on loopback, like the test servers
+    restore_ice = restrict_host_addresses(["127.0.0.1"])  # this process's callers gather on loopback
     process = PonoProcess(tmp_path_factory.mktemp("worker-app"), DATABASE_URL=postgres_url, REDIS_URL=redis_url,
                           OPENAI_BASE_URL=scripted_llm.base_url, PONO_LLM_MODEL="scripted",
                           PONO_REPLICA_ID=f"worker-{uuid.uuid4().hex[:6]}", PONO_SPEECH_WORKER_URL=worker.url,
                           PONO_SPEECH_WORKER_TOKEN=TOKEN, PONO_METRICS_TOKEN=METRICS_TOKEN)
-    await process.start()
-    yield process
-    await process.stop()
+    try:
+        await process.start()
+        yield process
+        await process.stop()
+    finally:
+        restore_ice()
 
 
 @pytest.fixture(scope="module")
