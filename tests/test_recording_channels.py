@@ -1,0 +1,110 @@
+"""Call recordings, the agent's side: a reply that reads a card number back is redacted in the agent's channel
+too; the persona's `silence` choice leaves silence where the number was (the `tone` choice is checked in
+test_recordings); `announce` says the notice before the greeting, also for the fallback persona.
+
+Real calls: an aiortc caller speaking espeak-ng audio to the shared server, the scripted LLM answering, and the
+stored recording decoded and heard again by the project's own STT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from conftest import espeak
+from helpers import poll_call
+from test_recordings import CARD_SENTENCE, decode, recorded_persona
+
+from pono.context import SERVICES
+from pono.testing.caller import Caller
+
+READBACK = "Thank you. I have your card as 4 1 1 1, 1 1 1 1, 1 1 1 1, 1 1 1 1, and the payment is done."
+RATE = 16_000
+
+
+@pytest.fixture(scope="module")
+def script(scripted_llm):
+    from pono.testing.scripted_llm import Script
+
+    scripted_llm.script = Script()
+    return scripted_llm.script
+
+
+async def recorded_call(server, admin_token: str, persona: str, speak: np.ndarray | None = None,
+                        wait_s: float = 2.0) -> dict:
+    """One call on `persona`: the caller says `speak` (if given) and waits for the agent's answer. Returns
+    {"call": the stored call once its recording is complete, "stereo": the recording decoded, "events"}."""
+    caller = Caller(server.url)
+    try:
+        await caller.connect(persona=persona)
+        await caller.wait_open()
+        await asyncio.sleep(1.0)
+        if speak is not None:
+            caller.speak(speak)
+            await caller.wait_for(lambda e: e["type"] == "agent.final", 60)
+        await asyncio.sleep(wait_s)
+    finally:
+        await caller.hang_up()
+    call = await poll_call(server, admin_token, caller.call_id,
+                           lambda c: (c.get("recording") or {}).get("status") == "complete", tries=300)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http, \
+            http.get(f"{server.url}/api/calls/{caller.call_id}/recording") as r:
+        assert r.status == 200
+        data = await r.read()
+    return {"call": call, "stereo": decode(data), "events": caller.events, "call_id": caller.call_id}
+
+
+@pytest.fixture(scope="module")
+async def readback(server, admin_token: str, audio_dir: Path, script) -> dict:
+    """A recorded call with `silence` redaction: the caller reads a card number, the agent reads it back."""
+    script.reply = READBACK
+    persona = await recorded_persona(server.url, admin_token, recording_redaction="silence")
+    return await recorded_call(server, admin_token, persona, espeak(CARD_SENTENCE, audio_dir / "card.wav"),
+                               wait_s=3.0)
+
+
+def rms(pcm: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2))) if len(pcm) else 0.0
+
+
+def spans_of(call: dict, channel: str) -> list[dict]:
+    return [f for f in call["dlp_findings"] if f.get("channel") == channel]
+
+
+async def test_a_card_number_the_agent_reads_back_is_not_in_its_channel(server, readback) -> None:
+    call, stereo = readback["call"], readback["stereo"]
+    agent_side = np.ascontiguousarray(stereo[:, 1])
+    assert rms(agent_side) > 100, "the agent's reply is in the recording"
+    heard = await server.app[SERVICES].models.run_stt(agent_side)
+    words = re.sub(r"[^a-z0-9 ]", " ", heard.lower()).split()
+    assert {"thank", "card", "payment"} <= set(words), heard  # the rest of the reply is kept
+    digits = re.sub(r"\D", "", heard)
+    spoken_ones = sum(w in ("one", "1") for w in words)
+    assert "1111" not in digits and "4111" not in digits and spoken_ones < 4, heard  # no digit run of the card
+    spans = spans_of(call, "agent")
+    assert spans, call["dlp_findings"]
+    span = spans[0]
+    assert span["audio_end_ms"] - span["audio_start_ms"] > 2000, span  # sixteen digits take seconds to say
+    assert span["action"] == "silence" and "4111" not in str(span)
+    agent_turns = [t["index"] for t in call["turns"] if t["role"] == "agent"]
+    assert span["turn"] in agent_turns
+
+
+async def test_silence_mode_leaves_near_silence_where_the_number_was(readback) -> None:
+    """Both channels' replaced spans are near-silent; the same channel around them carries speech."""
+    call, stereo = readback["call"], readback["stereo"]
+    for channel, index in (("caller", 0), ("agent", 1)):
+        spans = spans_of(call, channel)
+        assert spans, (channel, call["dlp_findings"])
+        start, end = spans[0]["audio_start_ms"] * 16, spans[0]["audio_end_ms"] * 16
+        side = stereo[:, index]
+        inside = side[start + 1600:end - 1600]  # Opus smears a few ms at the edges
+        assert len(inside) > RATE and rms(inside) < 30, (channel, rms(inside))
+        # The rest of that turn is speech: the second before the span.
+        assert rms(side[max(0, start - RATE):start]) > 300, (channel, rms(side[max(0, start - RATE):start]))
+        spectrum = np.abs(np.fft.rfft(inside.astype(np.float64)))
+        assert spectrum.max() < 50 * len(inside) ** 0.5, channel  # no tone either
