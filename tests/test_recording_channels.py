@@ -16,7 +16,7 @@ import aiohttp
 import numpy as np
 import pytest
 from conftest import espeak
-from helpers import poll_call
+from helpers import poll_call, server_on_own_stores, settings_for_new_calls
 from test_recordings import CARD_SENTENCE, decode, recorded_persona
 
 from pono.context import SERVICES
@@ -108,3 +108,53 @@ async def test_silence_mode_leaves_near_silence_where_the_number_was(readback) -
         assert rms(side[max(0, start - RATE):start]) > 300, (channel, rms(side[max(0, start - RATE):start]))
         spectrum = np.abs(np.fft.rfft(inside.astype(np.float64)))
         assert spectrum.max() < 50 * len(inside) ** 0.5, channel  # no tone either
+
+
+NOTICE = "Calls on this line are recorded."
+
+
+async def test_announce_says_the_notice_before_the_greeting_and_records(server, admin_token: str, script) -> None:
+    persona = await recorded_persona(server.url, admin_token, recording="announce", recording_notice=NOTICE,
+                                     greeting="How can I help?")
+    caller = Caller(server.url)
+    with settings_for_new_calls(server, speak_greeting=True):
+        try:
+            await caller.connect(persona=persona)
+            await caller.wait_open()
+            said = await caller.wait_for(lambda e: e["type"] == "agent.final", 30)
+            await asyncio.sleep(1.0)
+        finally:
+            await caller.hang_up()
+    assert said["text"] == f"{NOTICE} How can I help?"
+    call = await poll_call(server, admin_token, caller.call_id,
+                           lambda c: (c.get("recording") or {}).get("status") == "complete", tries=300)
+    assert call["turns"][0]["role"] == "agent" and call["turns"][0]["text"].startswith(NOTICE)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http, \
+            http.get(f"{server.url}/api/calls/{caller.call_id}/recording") as r:
+        stereo = decode(await r.read())
+    heard = await server.app[SERVICES].models.run_stt(np.ascontiguousarray(stereo[:, 1]))
+    assert "recorded" in heard.lower(), heard  # the notice itself is in the recording
+
+
+async def test_the_fallback_persona_records_as_pono_recording_default(tmp_path_factory, scripted_llm,
+                                                                      script) -> None:
+    """Postgres is down when the call starts and no copy of the default persona is known: the persona of last
+    resort records and announces by PONO_RECORDING_DEFAULT (greetings off: the notice is still said); the
+    recording's row reaches Postgres through the journal once it is back."""
+    notice = "This line records every call."
+    async with server_on_own_stores(tmp_path_factory, scripted_llm, "recdefault", recording_default="announce",
+                                    recording_notice=notice) as (running, pg, _valkey, token):
+        await pg.astop()
+        caller = Caller(running.url)
+        try:
+            await caller.connect()
+            await caller.wait_open()
+            said = await caller.wait_for(lambda e: e["type"] == "agent.final", 30)
+            await asyncio.sleep(1.0)
+        finally:
+            await caller.hang_up()
+            await pg.astart()
+        assert said["text"] == notice
+        call = await poll_call(running, token, caller.call_id,
+                               lambda c: (c.get("recording") or {}).get("status") == "complete", tries=300)
+        assert call["persona"] == "default" and (call["recording"] or {}).get("duration_s", 0) > 1.0, call
