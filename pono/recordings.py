@@ -56,9 +56,16 @@ class Recordings:
             writer.put({"key": f"{call_id}:{turn}:audio:{found['channel']}:{found['start']}:{found['entity_type']}",
                         "kind": "audio_redaction", "call_id": call_id, **found, "turn": turn})
 
+        loop = asyncio.get_running_loop()
+
+        def marked(mark: dict[str, Any]) -> None:
+            # Operator audio in the recording, for the console: an operator.action event of its own, emitted
+            # after the event being observed (if any) has reached every observer.
+            loop.call_soon(lambda: events.emit(EventType.OPERATOR, **mark))
+
         recording = CallRecording(store.spool_path(key), policy=policy, mode=persona.recording_redaction,
                                   whisper=whisper, language=persona.language, on_redaction=redacted,
-                                  lag_s=s.recording_lag_s, cap_s=s.recording_max_hold_s)
+                                  lag_s=s.recording_lag_s, cap_s=s.recording_max_hold_s, on_mark=marked)
         retention = persona.recording_retention_days
 
         def observe(event: CallEvent) -> None:

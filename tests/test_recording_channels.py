@@ -158,3 +158,93 @@ async def test_the_fallback_persona_records_as_pono_recording_default(tmp_path_f
         call = await poll_call(running, token, caller.call_id,
                                lambda c: (c.get("recording") or {}).get("status") == "complete", tries=300)
         assert call["persona"] == "default" and (call["recording"] or {}).get("duration_s", 0) > 1.0, call
+
+
+async def _act(http: aiohttp.ClientSession, url: str, token: str, call_id: str, **body: object) -> dict:
+    async with http.post(f"{url}/api/calls/{call_id}/actions", json=body,
+                         headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def test_operator_audio_is_recorded_and_marked(server, admin_token: str, redis_url: str, audio_dir: Path,
+                                                     script) -> None:
+    """An operator (an aiortc peer) takes a recorded call over and speaks, hands it back, then has the agent say a
+    line. The operator's voice is in the recording's agent channel, and operators watching the call (its Redis
+    event channel) are told where in the recording operator audio started and stopped."""
+    import json
+
+    import redis.asyncio as aioredis
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    from pono.signaling.audio_out import Resampler
+    from pono.testing.caller import RATE as MIC_RATE
+    from pono.testing.caller import MicrophoneTrack
+
+    persona = await recorded_persona(server.url, admin_token)
+    voice = espeak("This is the manager speaking", audio_dir / "manager.wav")
+    line = "Your parcel left the warehouse today."
+    caller = Caller(server.url)
+    operator = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    mic = MicrophoneTrack()
+    redis = aioredis.from_url(redis_url)
+    feed = redis.pubsub()
+    published: list[dict] = []
+
+    async def follow() -> None:
+        async for message in feed.listen():
+            if message["type"] == "message":
+                published.append(json.loads(message["data"]))
+
+    follower: asyncio.Task | None = None
+    try:
+        await caller.connect(persona=persona)
+        await caller.wait_open()
+        await feed.subscribe(f"pono:events:{caller.call_id}")
+        follower = asyncio.create_task(follow())
+        await asyncio.sleep(1.0)
+        operator.addTrack(mic)
+        await operator.setLocalDescription(await operator.createOffer())
+        async with aiohttp.ClientSession() as http:
+            answer = await _act(http, server.url, admin_token, caller.call_id, action="take_over",
+                                sdp=operator.localDescription.sdp)
+            await operator.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+            await caller.wait_for(lambda e: e["type"] == "call.state" and e["state"] == "operator")
+            await asyncio.sleep(0.5)
+            mic.play(Resampler(MIC_RATE)(voice, 16_000))
+            await asyncio.sleep(voice.size / 16_000 + 1.0)
+            await _act(http, server.url, admin_token, caller.call_id, action="hand_back")
+            await caller.wait_for(lambda e: e["type"] == "call.state" and e["state"] == "listening")
+            await _act(http, server.url, admin_token, caller.call_id, action="say", text=line)
+            await caller.wait_for(lambda e: e["type"] == "agent.final" and e["text"] == line, 30)
+        await asyncio.sleep(2.0)
+    finally:
+        await operator.close()
+        await caller.hang_up()
+        if follower is not None:
+            follower.cancel()
+        await feed.aclose()
+        await redis.aclose()
+    call = await poll_call(server, admin_token, caller.call_id,
+                           lambda c: (c.get("recording") or {}).get("status") == "complete", tries=300)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http, \
+            http.get(f"{server.url}/api/calls/{caller.call_id}/recording") as r:
+        stereo = decode(await r.read())
+    marks = [e for e in published if e["type"] == "operator.action" and "recording_offset_ms" in e]
+    spans = {}
+    for via in ("take_over", "say"):
+        started = [m["recording_offset_ms"] for m in marks if m["via"] == via and m["action"] == "audio_started"]
+        stopped = [m["recording_offset_ms"] for m in marks if m["via"] == via and m["action"] == "audio_stopped"]
+        assert len(started) == 1 and len(stopped) == 1 and started[0] < stopped[0], (via, marks)
+        spans[via] = (started[0] * 16, stopped[0] * 16)
+    assert spans["take_over"][1] <= spans["say"][0] <= call["recording"]["duration_s"] * RATE, spans
+    models = server.app[SERVICES].models
+    for via, words in (("take_over", {"manager", "speaking"}), ("say", {"parcel", "warehouse"})):
+        start, end = spans[via]
+        agent, caller_side = stereo[start:end, 1], stereo[start:end, 0]
+        assert rms(agent) > 300 and rms(caller_side) < 100, (via, rms(agent), rms(caller_side))
+        heard = await models.run_stt(np.ascontiguousarray(agent))
+        assert words & set(re.sub(r"[^a-z ]", " ", heard.lower()).split()), (via, heard)
+    # Before the take-over, the agent channel was quiet (no greeting): the operator's audio is what is there.
+    assert rms(stereo[:spans["take_over"][0], 1]) < 100
+    assert len({m["actor"] for m in marks}) == 1 and marks[0]["actor"].startswith("admin-"), marks  # who spoke

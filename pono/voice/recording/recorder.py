@@ -6,6 +6,10 @@ data is located with word timestamps (Whisper alignment, in a worker thread) and
 silence before the audio is encoded. The agent's replies are held the same way until `agent.final`. So the
 file lags the call by a few seconds (`lag_s`, longer while a turn is being checked, at most `cap_s`), and
 the unredacted audio never reaches disk. Encoding runs in worker threads, one chunk at a time.
+
+Operator audio is recorded in the agent's channel. A taken-over call's audio is not held (no text to check it
+against; the agent is quiet); an operator's `say` is the agent's voice, held and checked as a reply is. Where
+operator audio begins and ends in the recording is told through `on_mark` (see OnMark).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 PRE_SPEECH_S = 1.0  # speech.started comes after the VAD heard enough speech: the hold starts this much earlier
 CHUNK_S = 0.5  # audio goes to the encoder in pieces at least this long
 HOLD_TIMEOUT_S = 10.0  # a caller turn with no transcript this long after it ended is kept silenced
+SAY_WAIT_S = 120.0  # an operator's `say` not heard within this long was dropped (a barge-in drops queued speech)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,10 @@ class RecordingInfo:
 # A redaction as storage keeps it: {"turn", "channel": "caller"|"agent", "entity_type", "start", "end" (character
 # offsets in the turn's text), "start_ms", "end_ms" (in the recording), "action": "tone"|"silence", "recognizer"}.
 OnRedaction = Callable[[dict[str, Any]], None]
+# Operator audio in the recording: {"action": "audio_started"|"audio_stopped", "via": "take_over"|"say", "actor",
+# "recording_offset_ms": where, in ms from the recording's start}. A take-over's audio starts with the operator's
+# first frame and stops at the hand-back (or the call's end); a say's are known once it has been spoken.
+OnMark = Callable[[dict[str, Any]], None]
 
 
 class CallRecording:
@@ -60,13 +69,14 @@ class CallRecording:
 
     def __init__(self, path: Path, *, policy: DlpPolicy, mode: str = "tone", whisper: BatchedWhisper | None = None,
                  language: str = "en", on_redaction: OnRedaction | None = None, lag_s: float = 1.5,
-                 cap_s: float = 60.0) -> None:
+                 cap_s: float = 60.0, on_mark: OnMark | None = None) -> None:
         self.path = path
         self.policy = policy
         self.mode = mode if mode in ("tone", "silence") else "tone"
         self.whisper = whisper
         self.language = language
         self.on_redaction = on_redaction or (lambda record: None)
+        self.on_mark = on_mark or (lambda mark: None)
         self.timeline = Timeline(lag_s=lag_s, cap_s=cap_s)
         self.started_at = time.time()
         self._queue: asyncio.Queue[np.ndarray | None] = asyncio.Queue()
@@ -82,6 +92,10 @@ class CallRecording:
         self._resampler_rate = 0
         self._closed = False
         self._transcribed = asyncio.Event()  # set by every transcript.final (close waits for the last ones)
+        self._operator: str | None = None  # who has taken the call over
+        self._operator_from: int | None = None  # where their audio began (None: not heard yet)
+        self._says: list[tuple[str, int]] = []  # (operator, position) of each `say` not yet spoken
+        self._llm_turns: set[int] = set()  # turns the LLM answered (a say's turn is not one)
 
     def start(self) -> None:
         """Start the encoder task (the file is created in a worker thread)."""
@@ -92,7 +106,8 @@ class CallRecording:
         if self._closed:
             return
         t = self.timeline
-        if t.agent_queued and self._agent_hold is None and t.pos >= self._agent_free_at:
+        if t.agent_queued and self._agent_hold is None and t.pos >= self._agent_free_at and (
+                self._operator is None or self._says):
             self._agent_hold = t.hold(AGENT, t.pos)
         t.caller(frame)
         self._tick()
@@ -100,7 +115,11 @@ class CallRecording:
     def agent_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
         if self._closed:
             return
-        self.timeline.agent(self._resample(pcm, sample_rate))
+        t = self.timeline
+        if self._operator is not None and self._operator_from is None:
+            self._operator_from = t.pos + t.agent_queued
+            self._mark("audio_started", "take_over", self._operator, self._operator_from)
+        t.agent(self._resample(pcm, sample_rate))
 
     def agent_cleared(self) -> None:
         self.timeline.clear_agent()
@@ -136,11 +155,49 @@ class CallRecording:
                 self._spawn(self._resolve(holds, CALLER, text, event.turn))
             for h in holds if not text else ():
                 h.resolved = True
-        elif event.type is EventType.AGENT_FINAL and self._agent_hold is not None:
-            hold, self._agent_hold = self._agent_hold, None
-            hold.text, hold.turn = str(event.data.get("text") or ""), event.turn
-            hold.end = hold.closed_at = self._agent_free_at = t.pos + t.agent_queued
-            self._agent_waiting.append(hold)
+        elif event.type is EventType.AGENT_FINAL:
+            self._agent_final(event)
+        elif event.type is EventType.LATENCY and event.turn is not None and (
+                event.data.get("llm_endpoint") or "llm_first_token" in event.data.get("marks", {})):
+            self._llm_turns.add(event.turn)
+        elif event.type is EventType.OPERATOR:
+            self._operator_action(str(event.data.get("action")), str(event.data.get("actor") or ""))
+        elif event.type is EventType.CALL_ENDED and self._operator is not None:
+            self._operator_action("hand_back", self._operator)
+
+    def _agent_final(self, event: CallEvent) -> None:
+        """A reply (or a greeting, a say) is over: its hold gets its text, checked once its audio has played.
+        The first reply after a `say` that the LLM did not write, and whose audio began after it, is that say."""
+        t, hold = self.timeline, self._agent_hold
+        self._says = [s for s in self._says if t.pos - s[1] < SAY_WAIT_S * RATE]
+        said = None
+        if self._says and event.turn not in self._llm_turns and (hold is None or hold.start >= self._says[0][1]):
+            said = self._says.pop(0)[0]
+        if hold is None:
+            return
+        self._agent_hold = None
+        hold.text, hold.turn = str(event.data.get("text") or ""), event.turn
+        hold.end = hold.closed_at = self._agent_free_at = t.pos + t.agent_queued
+        self._agent_waiting.append(hold)
+        if said is not None:
+            self._mark("audio_started", "say", said, hold.start)
+            self._mark("audio_stopped", "say", said, hold.end)
+
+    def _operator_action(self, action: str, actor: str) -> None:
+        t = self.timeline
+        if action == "take_over":
+            self._operator, self._operator_from = actor, None
+        elif action == "hand_back" and self._operator is not None:
+            if self._operator_from is not None:
+                end = t.pos + t.agent_queued  # where the operator's queued audio ends
+                self._mark("audio_stopped", "take_over", self._operator, end)
+                self._agent_free_at = max(self._agent_free_at, end)  # the next reply's hold opens after it
+            self._operator = self._operator_from = None
+        elif action == "say":
+            self._says.append((actor, t.pos))
+
+    def _mark(self, action: str, via: str, actor: str, at: int) -> None:
+        self.on_mark({"action": action, "via": via, "actor": actor, "recording_offset_ms": at * 1000 // RATE})
 
     def _tick(self) -> None:
         t = self.timeline
