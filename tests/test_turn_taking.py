@@ -34,9 +34,11 @@ def test_the_model_decides_the_hangover_of_each_pause() -> None:
 
 
 async def test_a_thinking_pause_does_not_end_the_turn(server, script: Script, audio_dir, admin_token: str) -> None:
-    first = trim(espeak("I would like to book a", audio_dir / "think1.wav"))
-    second = trim(espeak("table for four tonight please", audio_dir / "think2.wav"))
-    script.reply = "A table for four, tonight."
+    # "I would like to book a | table" scored 0.53-0.58 (complete) in 3 of 8 frame alignments of espeak's voice,
+    # a borderline call of the model that made this test flaky; this one scored incomplete in all 8 (a review).
+    first = trim(espeak("What time does the", audio_dir / "think1.wav"))
+    second = trim(espeak("museum open tomorrow", audio_dir / "think2.wav"))
+    script.reply = "At nine."
     with settings_for_new_calls(server, end_of_turn_model=True):
         caller = await open_call(server)
     try:
@@ -44,20 +46,30 @@ async def test_a_thinking_pause_does_not_end_the_turn(server, script: Script, au
         final = await caller.wait_for(lambda e: e["type"] == "agent.final", 40)
         assert final["text"] == script.reply
         heard = [e for e in caller.events if e["type"] == "transcript.final"]
-        assert len(heard) == 1 and {"like", "table"} <= words(heard[0]["text"]), heard[0]["text"]
+        assert len(heard) == 1 and {"time", "open"} <= words(heard[0]["text"]), heard[0]["text"]
         stops = [e for e in caller.events if e["type"] == "speech.stopped"]
         assert len(stops) == 1 and stops[0]["end_of_turn"] is not None  # the model was asked
     finally:
         await caller.hang_up()
     users = [t for t in await stored_turns(server, admin_token, caller.call_id, 2) if t["role"] == "user"]
-    assert len(users) == 1 and {"like", "table"} <= words(users[0]["text"])
+    assert len(users) == 1 and {"time", "open"} <= words(users[0]["text"])
 
 
 def test_acknowledgements_are_told_from_words() -> None:
-    for text in ("", "M-HM", "Yeah, okay.", "Uhuh, right.", "Ah, ah, ah.", "Mmmm.", "I see."):
+    for text in ("", "M-HM", "Mm-hm.", "Yeah, okay.", "Uhuh, right.", "Ah, ah, ah.", "Mmmm.", "I see.", "Got it.",
+                 "All right.", "Thank you.", "Perfect.", "That's right.", "Ah ah ah ah ah ah."):
         assert is_backchannel(text), text
-    for text in ("Stop, wait", "yeah but no", "No.", "What time is it?"):
+    # "I", "it", "see" alone begin sentences ("I think..."); "Huh?" asks the agent to say it again.
+    for text in ("Stop, wait", "yeah but no", "No.", "What time is it?", "I", "It", "See", "Huh?", "Yeah, I think"):
         assert not is_backchannel(text), text
+
+
+def test_a_pause_is_signalled_before_an_early_check() -> None:
+    """A check due at the first silent chunk once took its place: no PAUSE, so no speculative transcript."""
+    d = TurnDetector(TurnConfig(min_speech_ms=64, chunk_ms=32, end_of_turn=True, check_after_ms=32,
+                                short_hangover_ms=192, long_hangover_ms=960))
+    [d.update(0.9) for _ in range(5)]
+    assert [d.update(0.0) for _ in range(2)] == [Signal.PAUSE, Signal.CHECK]
 
 
 async def _agent_speaking(caller, script: Script) -> None:

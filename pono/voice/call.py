@@ -13,7 +13,6 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine
 from typing import Any, cast
 
 import numpy as np
@@ -27,7 +26,8 @@ from pono.agent.tools.registry import ToolBox, ToolContext, ToolRegistry
 from pono.events import EventStream, EventType
 from pono.transport import FRAME_MS, Transport
 from pono.voice.actions import AgentActions
-from pono.voice.interruptions import FALSE_INTERRUPTION_S, PausableOutput, is_backchannel
+from pono.voice.barge_in import OverAgentSpeech
+from pono.voice.interruptions import PausableOutput
 from pono.voice.models import SpeechModels
 from pono.voice.operator import OperatorControls
 from pono.voice.responder import BLOCKED_WARNING, WITHHELD, ReplySettings, Responder
@@ -110,10 +110,7 @@ class Call:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._utterance_samples = self._utterance_turn = 0
         self._end_of_turn_p: float | None = None  # the model's answer for the current pause
-        self._barged = False  # the caller's speech over the agent was found to be an interruption
-        self._suspect: asyncio.Task[None] | None = None  # deciding whether it is one (see _decide_barge_in)
-        self._ended_while_deciding: tuple[asyncio.Task[str], float] | None = None
-        self._deciding = False  # the decision still waits for the transcript
+        self.detector = TurnDetector(turn_config)
         # Streaming STT: partials while the caller speaks, the final on demand (pono.voice.speech.recognizer).
         self.recognizer = models.recognizer(
             language, partial_interval_s=partial_interval_s, on_partial=self._partial, spawn=self._spawn,
@@ -129,6 +126,11 @@ class Call:
             ReplySettings(llm_options or {}, dlp, None, voice, preemptive), self._transcribe, self._spawn)
         self.actions = AgentActions(self.events, self.responder, self.hang_up, self._spawn)
         self.operator = OperatorControls(self.events, cast(Transport, self.output), self.responder, self.state)
+        # Speech over the agent: an interruption, or a backchannel to talk over (pono.voice.barge_in).
+        self.over_agent = OverAgentSpeech(
+            responder=self.responder, output=self.output, detector=self.detector, events=self.events,
+            transcript=self.recognizer.final, spawn=self._spawn, barge_in=self._barge_in,
+            becomes_turn=self._caller_turn, min_ms=barge_in_min_ms)
         if tools is not None:
             context = ToolContext(call_id, persona or "default", timezone,
                                   actions={"end_call": self.actions.end_call,
@@ -222,14 +224,12 @@ class Call:
     async def _audio_loop(self) -> None:
         assert self.models.vad is not None
         vad = self.models.vad.stream()
-        detector = self._detector = TurnDetector(self.turn_config)
+        detector, over_agent = self.detector, self.over_agent
         recent: deque[np.ndarray] = deque(maxlen=(self.turn_config.min_speech_ms + _PREROLL_MS) // FRAME_MS)
         recognizer, responder = self.recognizer, self.responder
         turn_audio: deque[np.ndarray] = deque(maxlen=_TURN_WINDOW_MS // FRAME_MS)  # for the end-of-turn model
         pause_at = 0.0
         spec: asyncio.Task[str] | None = None  # speculative final transcript started at the first pause
-        started_while_busy = False
-        self._barged = False
         async for frame in self.transport.audio_frames():
             self._last_activity = time.monotonic()
             if detector.in_speech:
@@ -246,23 +246,21 @@ class Call:
                     turn_audio.clear()
                     turn_audio.extend(recent)
                     recent.clear()
-                    self._end_of_turn_p = None
-                    spec, self._barged, self._suspect = None, False, None
-                    self._ended_while_deciding, self._deciding = None, False
-                    started_while_busy = responder.busy
-                    recognizer.partials = not started_while_busy
-                    detector.use_model(not started_while_busy)  # "mhm" over the agent ends on silence alone
+                    self._end_of_turn_p, spec = None, None
+                    over_agent.start(agent_busy=responder.busy)
+                    recognizer.partials = not over_agent.active
+                    detector.use_model(not over_agent.active)  # "mhm" over the agent ends on silence alone
                     self._utterance_samples, self._utterance_turn = 0, responder.turns
                     self.events.emit(EventType.SPEECH_STARTED, responder.turns)
-                    self.state.caller_started(agent_busy=started_while_busy)
+                    self.state.caller_started(agent_busy=over_agent.active)
                 elif signal is Signal.PAUSE:
                     pause_at = time.monotonic()
-                    if not started_while_busy or self._barged:
+                    if not over_agent.active:
                         spec = self._spawn(recognizer.final(), "stt-spec")
                         responder.spec = spec
                         spec.add_done_callback(lambda task, t0=pause_at: responder.preempt(task, t0))
                 elif signal is Signal.CHECK:
-                    if not started_while_busy or self._barged:
+                    if not over_agent.active:
                         self._spawn(self._check_end_of_turn(detector, detector.pauses, np.concatenate(turn_audio)),
                                     "end-of-turn")
                 elif signal is Signal.RESUME:
@@ -270,79 +268,39 @@ class Call:
                     spec = responder.spec = None  # the caller went on: that transcript is stale
                     responder.drop_preemptive()
                 elif signal is Signal.END:
-                    deciding = self._deciding and self._suspect is not None and not self._suspect.done()
-                    ignored = started_while_busy and not self._barged and not deciding
-                    self.events.emit(EventType.SPEECH_STOPPED, responder.turns, ignored=ignored,
-                                     duration_s=round(self._utterance_samples / 16000, 3),
-                                     end_of_turn=self._end_of_turn_p)
-                    if responder.preempted_by(spec):
-                        responder.commit_preemptive()
-                    elif deciding and not self._barged:
-                        # Whether this was an interruption is still being heard: the decision commits the turn.
-                        self._ended_while_deciding = (self._spawn(recognizer.final(), "stt-final"),
-                                                      pause_at or time.monotonic())
-                    elif not ignored:
-                        responder.drop_preemptive()
-                        turn = responder.commit_user(spec=spec or self._spawn(recognizer.final(), "stt-final"),
-                                                     source="voice")
-                        responder.reply_to(turn, t0=pause_at or time.monotonic(), spoken=True)
+                    stopped = {"duration_s": round(self._utterance_samples / 16000, 3),
+                               "end_of_turn": self._end_of_turn_p}
+                    if over_agent.active:  # heard whole before it counts, or not (pono.voice.barge_in)
+                        over_agent.ended(self._spawn(recognizer.final(), "stt-final"), pause_at or time.monotonic(),
+                                         stopped)
+                    else:
+                        self.events.emit(EventType.SPEECH_STOPPED, responder.turns, ignored=False, **stopped)
+                        if responder.preempted_by(spec):
+                            responder.commit_preemptive()
+                        else:
+                            responder.drop_preemptive()
+                            turn = responder.commit_user(spec=spec or self._spawn(recognizer.final(), "stt-final"),
+                                                         source="voice")
+                            responder.reply_to(turn, t0=pause_at or time.monotonic(), spoken=True)
                     spec = responder.spec = None
                     recognizer.reset()  # a final in flight keeps its own copy of the audio
                 elif signal is Signal.SEGMENT:
                     # A long turn is cut for transcription; each piece is kept, and one reply answers them all.
                     spec = responder.spec = None
                     responder.drop_preemptive()
-                    if not started_while_busy or self._barged:
+                    if not over_agent.active:
                         responder.commit_user(spec=self._spawn(recognizer.final(), "stt-final"), source="voice")
                     recognizer.reset()
-                if detector.in_speech and started_while_busy and not self._barged:
-                    if not responder.busy:
-                        # The agent stopped before the caller did: from here on this is the caller's turn.
-                        started_while_busy = False
-                        recognizer.partials = True
-                        detector.use_model(True)
-                        self.state.caller_started(agent_busy=False)
-                    elif detector.voiced_ms >= self.barge_in_min_ms and self._suspect is None:
-                        if responder.pause():  # audio stops now; the caller's words decide what follows
-                            self._deciding = True
-                            self._suspect = self._spawn(self._decide_barge_in(recognizer.final()), "barge-in")
-                        else:
-                            self._barged = True
-                            recognizer.partials = True
-                            detector.use_model(True)
-                            await self._barge_in()
+                await over_agent.heard_more()
             if detector.in_speech:
                 self._utterance_samples += frame.size
 
-    async def _decide_barge_in(self, heard: Coroutine[Any, Any, str]) -> None:
-        """A suspected interruption: the agent's audio is paused. Words beyond an acknowledgement make it real
-        (cut the reply where it paused); none within FALSE_INTERRUPTION_S, or only "mhm", "yeah", a cough:
-        the agent goes on where it stopped. A transcript that takes longer counts as words."""
-        try:
-            text: str | None = await asyncio.wait_for(heard, FALSE_INTERRUPTION_S)
-        except TimeoutError:
-            text = None
-        except Exception as exc:  # no STT: better to stop talking than to talk over the caller
-            log.error("hearing a suspected interruption failed (%s)", type(exc).__name__)
-            text = None
-        self._deciding = False  # decided: an utterance that ends from here on is not this decision's to commit
-        if not self.output.paused:  # typed text, a key or an operator already cut the agent: nothing to decide
-            self._ended_while_deciding = None
-            return
-        if text is not None and is_backchannel(text):
-            self._ended_while_deciding = None  # the caller's turn (if over) was only this: nothing to answer
-            self.events.emit(EventType.AGENT_RESUMED, self.responder.turns, heard=text,
-                             resumed_s=round(self.output.held_s, 3))
-            await self.responder.resume()
-            return
-        self._barged = True
+    def _caller_turn(self, barged: bool) -> None:
+        """Speech over the agent became the caller's own turn: an interruption, or the agent stopped first."""
         self.recognizer.partials = True
-        self._detector.use_model(True)
-        await self._barge_in()
-        ended, self._ended_while_deciding = self._ended_while_deciding, None
-        if ended is not None:  # the caller stopped before the decision: their turn is answered now
-            final, t0 = ended
-            self.responder.reply_to(self.responder.commit_user(spec=final, source="voice"), t0=t0, spoken=True)
+        self.detector.use_model(True)
+        if not barged:
+            self.state.caller_started(agent_busy=False)
 
     async def _check_end_of_turn(self, detector: TurnDetector, pause: int, audio: np.ndarray) -> None:
         """Ask the end-of-turn model about the turn so far (its pause included); a complete turn ends after the

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -20,55 +21,83 @@ import numpy as np
 from pono.transport import Transport
 
 FALSE_INTERRUPTION_S = 1.5  # no words within this long: the agent goes on
-# What a listener says to show they are listening, not to take the turn.
-BACKCHANNELS = frozenset({
-    "mhm", "mmhmm", "mhmm", "mm", "hmm", "hm", "uh", "uhuh", "uhhuh", "huh", "um", "uhm", "ah", "aah", "ahh",
+_PIECE_S = 0.1  # held audio is resumed in pieces this long, so queued_s stays true to within one
+# What a listener says to show they are listening, not to take the turn: single words, and phrases that are
+# acknowledgements only whole ("I see", "got it"; "I" or "it" alone start a sentence). "Huh?" is not here: it
+# asks the agent to say it again.
+BACKCHANNEL_WORDS = frozenset({
+    "mhm", "mmhm", "mmhmm", "mhmm", "mm", "hmm", "hm", "uhhuh", "uhuh", "um", "uhm", "uh", "ah", "aah", "ahh",
     "oh", "ooh", "aha", "yeah", "yes", "yep", "yup", "ok", "okay", "right", "sure", "alright", "cool", "great",
-    "i", "see", "got", "it", "gotcha", "true", "exactly", "indeed", "nice", "wow",
+    "gotcha", "true", "exactly", "indeed", "nice", "wow", "perfect", "thanks", "fine", "good",
 })
-_WORD = re.compile(r"[a-z]+")
+BACKCHANNEL_PHRASES = frozenset({
+    ("i", "see"), ("got", "it"), ("all", "right"), ("thank", "you"), ("uh", "huh"), ("mm", "hm"), ("mhm", "hm"),
+    ("i", "know"), ("that's", "right"), ("sounds", "good"), ("makes", "sense"), ("of", "course"),
+})
+_WORD = re.compile(r"[a-z']+")
 _REPEATS = re.compile(r"(.)\1{2,}")  # "ahhhh", "mmmm": a held sound is one word
 _MAX_BACKCHANNEL_WORDS = 4
 
 
 def is_backchannel(text: str) -> bool:
-    """Whether a transcript holds no words, or only a short acknowledgement ("mhm", "yeah okay", "I see")."""
-    words = [_REPEATS.sub(r"\1\1", w) for w in _WORD.findall(text.lower().replace("-", ""))]
-    return len(words) <= _MAX_BACKCHANNEL_WORDS and all(w in BACKCHANNELS for w in words)
+    """Whether a transcript holds no words, or only a short acknowledgement ("mhm", "yeah okay", "I see",
+    "Mm-hm", "All right, thank you"): at most `_MAX_BACKCHANNEL_WORDS` words (a word said again at once counts
+    once), each an acknowledgement word or part of an acknowledgement phrase."""
+    words = [_REPEATS.sub(r"\1\1", w.strip("'")) for w in _WORD.findall(text.lower().replace("-", ""))]
+    words = [w for i, w in enumerate(words) if w and (i == 0 or w != words[i - 1])]  # "ah ah ah ah ah" is one sound
+    if len(words) > _MAX_BACKCHANNEL_WORDS:
+        return False
+    i = 0
+    while i < len(words):
+        if tuple(words[i:i + 2]) in BACKCHANNEL_PHRASES:
+            i += 2
+        elif words[i] in BACKCHANNEL_WORDS:
+            i += 1
+        else:
+            return False
+    return True
 
 
 class PausableOutput:
     """A call's transport whose outbound audio can pause and resume where it stopped.
 
     `pause()` drops what the transport has queued but keeps it (the audio after the playout position);
-    `resume()` sends that again first, then lets waiting `send_audio` calls go on; `clear()` ends a pause
-    and drops everything. The playout clock stays true: `played_s` is the transport's, and `queued_s`
-    counts the held audio, so positions taken before a pause are where that audio plays after it.
-    Everything else is the transport's own."""
+    `resume()` sends that again first, then lets waiting `send_audio` calls go on; a `pause()` during a resume
+    stops it and holds again what it had not played; `clear()` ends a pause and drops everything. The playout
+    clock stays true: `played_s` is the transport's, and `queued_s` counts the held audio (to within one
+    `_PIECE_S` piece while a resume pushes it), so positions taken before a pause are where that audio plays
+    after it. The rest of the transport interface (`pono.transport.Transport`) is the transport's own."""
 
     def __init__(self, transport: Transport, keep_s: float = 8.0) -> None:
         self._transport = transport
+        self.kind = transport.kind
         self._keep_s = keep_s
         self._sent: deque[tuple[float, np.ndarray, int]] = deque()  # (start on the playout clock, pcm, rate)
-        self._held: list[tuple[np.ndarray, int]] = []
+        self._held: deque[tuple[np.ndarray, int]] = deque()  # in playout order, in pieces of at most _PIECE_S
         self._held_s = 0.0
-        self._resumed = asyncio.Event()
+        self._paused = False
+        self._resumed = asyncio.Event()  # set while audio may flow: not paused, and no resume pushing held audio
         self._resumed.set()
         self._pushing: asyncio.Future[None] | None = None  # the transport push under way
         self._stopped: asyncio.Future[None] | None = None  # the push a pause or a clear cancelled
         self._generation = 0  # one more at each clear()
+        self._resumes = 0  # one more at each resume(): an earlier one that a pause stopped does not go on
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
+    # The transport's own, unchanged.
+    def audio_frames(self) -> AsyncIterator[np.ndarray]:
+        return self._transport.audio_frames()
 
-    @property
-    def paused(self) -> bool:
-        return not self._resumed.is_set()
+    def text_messages(self) -> AsyncIterator[str]:
+        return self._transport.text_messages()
 
-    @property
-    def held_s(self) -> float:
-        """Seconds of audio a pause holds for `resume`."""
-        return self._held_s
+    def send_text(self, message: dict[str, Any]) -> None:
+        self._transport.send_text(message)
+
+    async def closed(self) -> None:
+        await self._transport.closed()
+
+    async def close(self) -> None:
+        await self._transport.close()
 
     @property
     def has_audio(self) -> bool:
@@ -77,6 +106,15 @@ class PausableOutput:
     @property
     def played_s(self) -> float:
         return self._transport.played_s
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def held_s(self) -> float:
+        """Seconds of audio a pause holds for `resume`."""
+        return self._held_s
 
     @property
     def queued_s(self) -> float:
@@ -90,7 +128,7 @@ class PausableOutput:
             return  # cleared meanwhile: this audio belongs to what was interrupted
         await self._send(pcm, sample_rate)
 
-    async def _send(self, pcm: np.ndarray, sample_rate: int) -> None:
+    async def _send(self, pcm: np.ndarray, sample_rate: int, resuming: bool = False) -> None:
         t = self._transport
         self._sent.append((t.played_s + t.queued_s, pcm, sample_rate))
         while self._sent and self._sent[0][0] + self._sent[0][1].size / self._sent[0][2] < t.played_s - self._keep_s:
@@ -104,7 +142,8 @@ class PausableOutput:
             task = asyncio.current_task()
             if self._stopped is push and task is not None and not task.cancelling():
                 # Stopped by pause(), which keeps the chunk's unplayed rest for resume(), or by clear().
-                await self._resumed.wait()
+                if not resuming:
+                    await self._resumed.wait()
                 return
             raise
         finally:
@@ -112,33 +151,45 @@ class PausableOutput:
                 self._pushing = None
 
     def pause(self) -> None:
-        """Stop the audio now; what was queued and unplayed is kept for `resume`."""
-        if self.paused:
+        """Stop the audio now; what was queued and unplayed is kept for `resume` (before what a resume under
+        way had still to send)."""
+        if self._paused:
             return
+        self._paused = True
         self._resumed.clear()
         played = self._transport.played_s
         if self._pushing is not None:
             self._stopped = self._pushing
             self._pushing.cancel()
         self._transport.clear()
+        unplayed: list[tuple[np.ndarray, int]] = []
         for start, pcm, rate in self._sent:
-            if start + pcm.size / rate <= played:
-                continue
-            rest = pcm[max(0, round((played - start) * rate)):]
-            if rest.size:
-                self._held.append((rest, rate))
-                self._held_s += rest.size / rate
+            if start + pcm.size / rate > played:
+                rest = pcm[max(0, round((played - start) * rate)):]
+                step = max(1, round(_PIECE_S * rate))
+                unplayed.extend((rest[i:i + step], rate) for i in range(0, rest.size, step))
         self._sent.clear()
+        self._held.extendleft(reversed(unplayed))
+        self._held_s = sum(pcm.size / rate for pcm, rate in self._held)
 
     async def resume(self) -> float:
-        """Play the held audio, then let the reply go on. Returns the seconds of audio resumed."""
-        held, self._held = self._held, []
-        resumed_s = sum(pcm.size / rate for pcm, rate in held)
-        try:
-            for pcm, rate in held:
-                self._held_s = max(0.0, self._held_s - pcm.size / rate)
-                await self._send(pcm, rate)
-        finally:
+        """Play the held audio, then let the reply go on. Returns the seconds of audio resumed (less when a new
+        pause stops it; nothing when not paused)."""
+        if not self._paused:
+            return 0.0
+        self._paused = False
+        self._resumes += 1
+        mine, generation, resumed_s = self._resumes, self._generation, 0.0
+
+        def still_mine() -> bool:  # not paused again, cleared, or taken over by a later resume
+            return not self._paused and generation == self._generation and mine == self._resumes
+
+        while self._held and still_mine():
+            pcm, rate = self._held.popleft()
+            self._held_s = max(0.0, self._held_s - pcm.size / rate)  # it is the transport's queue's from here
+            resumed_s += pcm.size / rate
+            await self._send(pcm, rate, resuming=True)
+        if still_mine():  # a pause meanwhile holds again what this had not played
             self._held_s = 0.0
             self._resumed.set()
         return resumed_s
@@ -150,7 +201,9 @@ class PausableOutput:
         if self._pushing is not None:
             self._stopped = self._pushing
             self._pushing.cancel()
-        self._held, self._held_s = [], 0.0
+        self._held.clear()
+        self._held_s = 0.0
+        self._paused = False
         self._sent.clear()
         self._transport.clear()
         self._resumed.set()

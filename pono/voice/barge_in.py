@@ -1,0 +1,149 @@
+"""Speech that begins while the agent talks: an interruption to stop for, or a backchannel to talk over.
+
+Decided with the words the STT hears, not with duration alone (Pipecat's minimum-words interruption strategy),
+and a false interruption resumes where the audio paused (LiveKit Agents' false-interruption resume):
+
+- once the speech has `min_ms` of voice, the agent's audio pauses and the utterance so far is transcribed.
+  Words beyond an acknowledgement make it an interruption: the reply is cut where it paused. No words, or only
+  "mhm", "yeah", "I see", within `FALSE_INTERRUPTION_S`: the audio resumes. A transcript that takes longer
+  counts as words (better to stop than to talk over the caller).
+- a caller who goes on after a resume is heard again each further `min_ms`: "Yeah, I think that's wrong" is
+  an interruption once "I think" is heard, not an acknowledgement decided on its first word.
+- an utterance that ends before any decision ("Stop.", shorter than `min_ms`), or after the last one, is
+  heard whole when it ends and decided the same way; its `speech.stopped` event waits for that hearing, so
+  `ignored` says what was decided. The agent talks on meanwhile, so this hearing has no 1.5 s limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from pono.events import EventStream, EventType
+from pono.voice.interruptions import FALSE_INTERRUPTION_S, PausableOutput, is_backchannel
+from pono.voice.responder import Responder
+from pono.voice.turns import TurnDetector
+
+log = logging.getLogger(__name__)
+
+ENDED_HEARING_S = 10.0  # the most an utterance over the agent that ended waits for its transcript
+Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
+
+
+class OverAgentSpeech:
+    """One call's judge of caller speech that starts while the agent is busy.
+
+    `start()` at each confirmed utterance, `heard_more()` after every VAD step while it lasts, `ended()` when it
+    is over. `active` is True while the utterance is speech over the agent and not (yet) the caller's own turn:
+    no partials, no speculative transcript, no end-of-turn model for it. `transcript` gives the utterance's
+    transcript so far (the call's streaming recognizer's `final`)."""
+
+    def __init__(self, *, responder: Responder, output: PausableOutput, detector: TurnDetector,
+                 events: EventStream, transcript: Callable[[], Coroutine[Any, Any, str]], spawn: Spawn,
+                 barge_in: Callable[[], Awaitable[None]], becomes_turn: Callable[[bool], None], min_ms: int) -> None:
+        self.responder, self.output, self.detector, self.events = responder, output, detector, events
+        self._transcript, self._spawn, self._barge_in, self._becomes_turn = transcript, spawn, barge_in, becomes_turn
+        self.min_ms = min_ms
+        self.active = False
+        self._deciding: asyncio.Task[None] | None = None
+        self._decide_at_ms = float(min_ms)
+        self._ended: tuple[asyncio.Task[str], float] | None = None  # the whole utterance, once it ended mid-decision
+        self._generation = 0  # one more per utterance: a decision for an earlier one changes nothing
+
+    def start(self, agent_busy: bool) -> None:
+        """A new utterance is confirmed; `agent_busy` says whether the agent is talking (or about to)."""
+        self._generation += 1
+        self.active = agent_busy
+        self._deciding, self._ended, self._decide_at_ms = None, None, float(self.min_ms)
+
+    @property
+    def deciding(self) -> bool:
+        return self._deciding is not None and not self._deciding.done()
+
+    async def heard_more(self) -> None:
+        """After each VAD step of the utterance: decide once it is long enough, or hand the turn to the caller
+        when the agent stopped first."""
+        if not self.active or not self.detector.in_speech:
+            return
+        if not self.responder.busy:  # the agent stopped before the caller did: this is the caller's turn now
+            self.active = False
+            self._becomes_turn(False)
+            return
+        if self.detector.voiced_ms < self._decide_at_ms or self.deciding:
+            return
+        self._decide_at_ms = self.detector.voiced_ms + self.min_ms
+        if self.responder.pause():  # audio stops now; the caller's words decide what follows
+            self._deciding = self._spawn(self._decide(self._spawn(self._transcript(), "stt-suspect")), "barge-in")
+        else:  # nothing that can pause (or be interrupted) is playing: the interruption is real
+            await self._interrupt()
+
+    def ended(self, final: asyncio.Task[str], t0: float, stopped: dict[str, Any]) -> None:
+        """The utterance is over; `final` transcribes all of it, `t0` is when its speech stopped (for latency),
+        `stopped` the `speech.stopped` event's fields. A decision in flight commits it if it was an
+        interruption; otherwise it is heard whole now."""
+        turn = self.responder.turns
+        if self.deciding:
+            self.events.emit(EventType.SPEECH_STOPPED, turn, ignored=False, **stopped)
+            self._ended = (final, t0)
+            return
+        self._spawn(self._decide_ended(final, t0, turn, stopped), "barge-in-at-end")
+
+    async def _interrupt(self) -> None:
+        self.active = False
+        self._becomes_turn(True)
+        await self._barge_in()
+
+    async def _hear(self, transcript: asyncio.Task[str]) -> str | None:
+        """The transcript, or None when it takes longer than FALSE_INTERRUPTION_S or fails (counted as words)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(transcript), FALSE_INTERRUPTION_S)
+        except TimeoutError:
+            return None
+        except Exception as exc:  # no STT: better to stop talking than to talk over the caller
+            log.error("hearing a suspected interruption failed (%s)", type(exc).__name__)
+            return None
+
+    async def _decide(self, transcript: asyncio.Task[str]) -> None:
+        generation = self._generation
+        text = await self._hear(transcript)
+        if generation != self._generation:
+            return
+        if self._ended is not None and text is not None and is_backchannel(text):
+            text = await self._hear(self._ended[0])  # it ended meanwhile: the whole of it decides
+            if generation != self._generation:
+                return
+        if not self.output.paused:  # typed text, a key or an operator already cut the agent: nothing to decide
+            self._ended = None
+            return
+        if text is not None and is_backchannel(text):
+            self._ended = None  # the caller's turn (if over) was only this: nothing to answer
+            self.events.emit(EventType.AGENT_RESUMED, self.responder.turns, heard=text,
+                             resumed_s=round(self.output.held_s, 3))
+            # Decided: the resume plays on by itself (seconds of held audio), and more words may pause it again.
+            self._spawn(self.responder.resume(), "resume")
+            return
+        await self._interrupt()
+        ended, self._ended = self._ended, None
+        if ended is not None:  # the caller stopped before the decision: their turn is answered now
+            self._answer(*ended)
+
+    async def _decide_ended(self, final: asyncio.Task[str], t0: float, turn: int, stopped: dict[str, Any]) -> None:
+        # The agent talks on meanwhile, so there is no hurry: a slow transcript is waited for, and none (the STT
+        # failed) is no reason to cut the agent.
+        try:
+            text = await asyncio.wait_for(asyncio.shield(final), ENDED_HEARING_S)
+        except Exception as exc:
+            log.error("hearing speech over the agent failed (%s)", type(exc).__name__)
+            text = ""
+        words = not is_backchannel(text)
+        self.events.emit(EventType.SPEECH_STOPPED, turn, ignored=not words, **stopped)
+        if not words:
+            return
+        if self.responder.busy:  # "Stop.": the agent talked through it, and stops now
+            await self._barge_in()
+        self._answer(final, t0)
+
+    def _answer(self, final: asyncio.Task[str], t0: float) -> None:
+        self.responder.reply_to(self.responder.commit_user(spec=final, source="voice"), t0=t0, spoken=True)
