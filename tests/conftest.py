@@ -7,7 +7,9 @@ import subprocess
 import uuid
 import wave
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aioice.ice
 import numpy as np
@@ -61,6 +63,39 @@ def ice_gathering_is_left_as_found() -> Iterator[None]:
     if before is not ice._original_host_addresses:  # once the shared server has set it
         after = aioice.ice.get_host_addresses
         assert after(True, True) == before(True, True), "this module changed where ICE gathers and left it so"
+
+
+@dataclass
+class SharedServer:
+    """The session's shared server, recorded by the `server` fixture when it starts (with its settings as they
+    were then), so that the guards below can look at it without asking for the fixture, which would start the
+    server for modules that never use it."""
+
+    running: RunningServer | None = None
+    settings_at_start: dict[str, Any] = field(default_factory=dict)
+
+
+shared_server = SharedServer()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def settings_are_left_as_found() -> Iterator[None]:
+    """The shared server's settings are one object that every later test in the process reads: a module that
+    changed a field and put back a literal (the default it assumed) instead of the value it found, or nothing,
+    left every later test running against a setting no one chose. helpers.settings_for_new_calls (or
+    monkeypatch.setattr) puts back the value found; a module that does not fails here, not an innocent one
+    later. A module that started the server is checked against the settings it started with."""
+    running = shared_server.running
+    before = running.app[SERVICES].settings.model_dump() if running is not None else None
+    yield
+    if before is None:
+        if (running := shared_server.running) is None:
+            return  # this module never used the shared server
+        before = shared_server.settings_at_start
+    after = running.app[SERVICES].settings.model_dump()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, "this module left the shared server's settings changed (found -> left): " + "; ".join(
+        f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
 
 
 @pytest.fixture(scope="session")
@@ -165,7 +200,9 @@ async def server(tmp_path_factory: pytest.TempPathFactory, scripted_llm: Scripte
                              sip_host="127.0.0.1", sip_port=free_port(), sip_tcp=True, sip_ring_ms=300,
                              twilio_token="provider-secret")
     running = await start_server(settings)
+    shared_server.running, shared_server.settings_at_start = running, settings.model_dump()
     yield running
+    shared_server.running = None
     await running.runner.cleanup()
 
 

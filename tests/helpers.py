@@ -90,7 +90,12 @@ async def stored_findings(server: Any, admin_token: str, call_id: str) -> list[d
 
 @contextmanager
 def settings_for_new_calls(server: Any, **values: object) -> Iterator[None]:
-    """Settings that calls opened inside the block start with; the old values are back afterwards."""
+    """The shared server's settings changed to `values` for the block (calls opened inside it start with them;
+    settings read per request, such as rate limits, apply at once), and afterwards set back to the values found
+    here, not to defaults. The server is shared by every test in the process: a test that put back a literal
+    (the default it assumed) left a different setting for every later test whenever make_settings or another
+    test had chosen another value, and the failure showed up modules later. conftest's
+    `settings_are_left_as_found` fails the module that leaves them changed."""
     settings = server.app[SERVICES].settings
     before = {k: getattr(settings, k) for k in values}
     for k, v in values.items():

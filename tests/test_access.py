@@ -13,6 +13,7 @@ import aiohttp
 import jwt
 import pytest
 from conftest import RunningServer
+from helpers import settings_for_new_calls
 
 from pono.context import SERVICES
 from pono.storage.users import create_api_key, create_user
@@ -232,9 +233,7 @@ async def test_login_bad_input(server: RunningServer, http: aiohttp.ClientSessio
 async def test_login_brute_force_is_rate_limited(server: RunningServer, admin_token: str,
                                                  http: aiohttp.ClientSession) -> None:
     name, password = await _new_user(server, admin_token, http, "viewer")
-    settings = server.app[SERVICES].settings
-    settings.logins_per_minute = 5
-    try:
+    with settings_for_new_calls(server, logins_per_minute=5):
         statuses = []
         for _ in range(8):
             async with http.post(f"{server.url}/api/auth/login", json={"name": name, "password": "guess-guess"}) as r:
@@ -246,33 +245,24 @@ async def test_login_brute_force_is_rate_limited(server: RunningServer, admin_to
         # The right password does not get through either, until the window passes.
         async with http.post(f"{server.url}/api/auth/login", json={"name": name, "password": password}) as r:
             assert r.status == 429
-    finally:
-        settings.logins_per_minute = 10_000
 
 
 async def test_per_ip_and_per_key_limits(server: RunningServer, principals: dict[str, str],
                                          http: aiohttp.ClientSession) -> None:
-    settings = server.app[SERVICES].settings
-    settings.requests_per_second = 20
-    try:
-        async def one(path: str) -> tuple[int, str | None]:
-            async with http.get(server.url + path, headers={"Authorization": f"Bearer {principals['viewer']}"}) as r:
-                return r.status, r.headers.get("Retry-After")
+    async def one(path: str) -> tuple[int, str | None]:
+        async with http.get(server.url + path, headers={"Authorization": f"Bearer {principals['viewer']}"}) as r:
+            return r.status, r.headers.get("Retry-After")
 
+    with settings_for_new_calls(server, requests_per_second=20):
         results = await asyncio.gather(*(one("/api/personas") for _ in range(60)))
         assert any(status == 429 and retry for status, retry in results)
         assert sum(status == 200 for status, _ in results) <= 40  # at most two 1 s windows' worth
         health = await asyncio.gather(*(one("/api/health") for _ in range(60)))
         assert all(status == 200 for status, _ in health), "health checks are never limited"
-    finally:
-        settings.requests_per_second = 10_000
     await asyncio.sleep(1.1)
-    settings.key_requests_per_second = 5
-    try:
+    with settings_for_new_calls(server, key_requests_per_second=5):
         results = await asyncio.gather(*(one("/api/personas") for _ in range(30)))
         assert any(status == 429 for status, _ in results)
-    finally:
-        settings.key_requests_per_second = 10_000
 
 
 async def test_api_keys_scoped_shown_once_and_revocable(server: RunningServer, principals: dict[str, str],

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from conftest import RunningServer, espeak, write_wav
+from helpers import settings_for_new_calls
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from playwright.async_api import async_playwright
 from servers import PonoProcess
@@ -436,8 +437,7 @@ async def test_console_checks_its_principal_on_every_action_and_periodically(ser
         assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401 and "revoked" in msg.extra, msg
 
         # A deleted user's login, and a login that expires: an idle console closes by itself.
-        services.settings.console_reauth_s = 0.2
-        try:
+        with settings_for_new_calls(server, console_reauth_s=0.2):
             name, password = await _operator_login(server, admin_token)
             tokens = await _login(server, http, name, password)
             ws = await _socket(server, http)
@@ -463,8 +463,6 @@ async def test_console_checks_its_principal_on_every_action_and_periodically(ser
             await _next(ws, "hello")
             msg = await _closed(ws)
             assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401 and "expired" in msg.extra, msg
-        finally:
-            services.settings.console_reauth_s = 30.0
 
 
 async def test_console_takes_a_fresh_token_for_the_same_user(server: RunningServer, admin_token: str) -> None:
@@ -506,37 +504,36 @@ async def test_an_operator_who_may_no_longer_act_loses_the_call(server: RunningS
                                        "operator", "take-over")
     caller = Caller(server.url)
     operator = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    services.settings.console_reauth_s = 0.2
     try:
-        await caller.connect()
-        await caller.wait_open()
-        operator.addTrack(MicrophoneTrack())
-        await operator.setLocalDescription(await operator.createOffer())
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{server.url}/api/calls/{caller.call_id}/actions",
-                                 json={"action": "take_over", "sdp": operator.localDescription.sdp},
-                                 headers={"Authorization": f"Bearer {key}"}) as r:
-                assert r.status == 200, await r.text()
-                answer = await r.json()
-            await operator.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
-            await caller.wait_for(lambda e: e["type"] == "call.state" and e["state"] == "operator")
-            mark = len(caller.events)
-            async with http.delete(f"{server.url}/api/keys/{key_id}",
-                                   headers={"Authorization": f"Bearer {admin_token}"}) as r:
-                assert r.status == 204
-        for _ in range(150):
-            if any(e["type"] == "call.state" and e["state"] == "listening" for e in caller.events[mark:]):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("the revoked operator still has the call")
-        desk = services.control.execute.__self__  # type: ignore[union-attr]
-        for _ in range(50):
-            if not desk.media.owned():
-                break
-            await asyncio.sleep(0.1)
-        assert not desk.media.owned()
+        with settings_for_new_calls(server, console_reauth_s=0.2):
+            await caller.connect()
+            await caller.wait_open()
+            operator.addTrack(MicrophoneTrack())
+            await operator.setLocalDescription(await operator.createOffer())
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{server.url}/api/calls/{caller.call_id}/actions",
+                                     json={"action": "take_over", "sdp": operator.localDescription.sdp},
+                                     headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status == 200, await r.text()
+                    answer = await r.json()
+                await operator.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+                await caller.wait_for(lambda e: e["type"] == "call.state" and e["state"] == "operator")
+                mark = len(caller.events)
+                async with http.delete(f"{server.url}/api/keys/{key_id}",
+                                       headers={"Authorization": f"Bearer {admin_token}"}) as r:
+                    assert r.status == 204
+            for _ in range(150):
+                if any(e["type"] == "call.state" and e["state"] == "listening" for e in caller.events[mark:]):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the revoked operator still has the call")
+            desk = services.control.execute.__self__  # type: ignore[union-attr]
+            for _ in range(50):
+                if not desk.media.owned():
+                    break
+                await asyncio.sleep(0.1)
+            assert not desk.media.owned()
     finally:
-        services.settings.console_reauth_s = 30.0
         await operator.close()
         await caller.hang_up()

@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 from conftest import RunningServer
+from helpers import settings_for_new_calls
 
 import pono
 from pono.agent.embedded import free_port
@@ -94,24 +95,22 @@ async def test_what_a_caller_said_is_still_redacted(server: RunningServer, admin
     script.responses = [{"tool_calls": [{"name": "transfer_to_operator",
                                          "arguments": {"reason": f"my card {CARD} was declined"}}]},
                         {"text": "I am getting a colleague for you."}]
-    settings = server.app[SERVICES].settings
-    settings.sip_operator_uri = "sip:desk@operators.example.com"
     phone = SipCaller(("127.0.0.1", server.app[SERVICES].sip.port), callee=number)
     with captured_logs() as stream:
         try:
-            assert await phone.call() == 200
-            phone.say(phone_question, 16000)
-            for _ in range(400):
-                if any(r.method == "REFER" for r in phone.requests):
-                    break
-                await asyncio.sleep(0.1)
-            url = server.url.replace("http://", "ws://") + "/api/phone/twilio?token=provider-secret"
-            async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
-                await ws.send_str(json.dumps({"event": "start", "start": {
-                    "streamSid": "MZ" + uuid.uuid4().hex, "customParameters": {"persona": f"card {CARD}"}}}))
-                await ws.receive(timeout=10)
+            with settings_for_new_calls(server, sip_operator_uri="sip:desk@operators.example.com"):
+                assert await phone.call() == 200
+                phone.say(phone_question, 16000)
+                for _ in range(400):
+                    if any(r.method == "REFER" for r in phone.requests):
+                        break
+                    await asyncio.sleep(0.1)
+                url = server.url.replace("http://", "ws://") + "/api/phone/twilio?token=provider-secret"
+                async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+                    await ws.send_str(json.dumps({"event": "start", "start": {
+                        "streamSid": "MZ" + uuid.uuid4().hex, "customParameters": {"persona": f"card {CARD}"}}}))
+                    await ws.receive(timeout=10)
         finally:
-            settings.sip_operator_uri = None
             await phone.bye()
     text = stream.getvalue()
     lines = [json.loads(line) for line in text.splitlines()]

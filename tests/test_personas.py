@@ -7,7 +7,7 @@ import json
 import uuid
 
 import aiohttp
-from helpers import text_call
+from helpers import settings_for_new_calls, text_call
 
 from pono.context import SERVICES
 from pono.testing.caller import Caller
@@ -24,13 +24,9 @@ async def test_call_uses_the_persona_it_asked_for(server, script: Script, admin_
             assert r.status == 201
             persona_id = (await r.json())["id"]
 
-    settings = server.app[SERVICES].settings
-    settings.speak_greeting = True
-    try:
+    with settings_for_new_calls(server, speak_greeting=True):
         caller = Caller(server.url)
         await caller.connect(audio=False, persona=name)
-    finally:
-        settings.speak_greeting = False
     try:
         await caller.wait_open()
         greeting = await caller.wait_for(lambda e: e["type"] == "agent.final", 10)

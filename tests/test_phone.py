@@ -16,6 +16,7 @@ import aiohttp
 import numpy as np
 import pytest
 from conftest import RunningServer
+from helpers import settings_for_new_calls
 from phone_peers import heard_the_question, latest_call, sipp, stored_call, ulaw_wav
 from pydantic import SecretStr
 
@@ -62,13 +63,9 @@ async def test_sipp_cancel_options_unsupported_and_busy(server: RunningServer, s
         assert code == 0, output
     code, output = await sipp("unsupported.xml", sip_port)
     assert code == 0, output
-    settings = server.app[SERVICES].settings
-    limit, settings.sip_max_calls = settings.sip_max_calls, 0
-    try:
+    with settings_for_new_calls(server, sip_max_calls=0):
         code, output = await sipp("busy.xml", sip_port)
         assert code == 0, output
-    finally:
-        settings.sip_max_calls = limit
     assert not server.app[SERVICES].sip.dialogs, "nothing is left behind"
 
 
@@ -192,20 +189,18 @@ async def test_transfer_refers_to_the_operator_then_leaves(server: RunningServer
     _, number = await _persona_on_number(server, admin_token, ["transfer_to_operator"])
     script.responses = [{"tool_calls": [{"name": "transfer_to_operator", "arguments": {"reason": "billing"}}]},
                         {"text": "I am getting a colleague for you."}]
-    settings = server.app[SERVICES].settings
-    settings.sip_operator_uri = "sip:desk@operators.example.com"
     phone = SipCaller(("127.0.0.1", sip_port), callee=number)
     started = time.time() - 1
     try:
-        assert await phone.call() == 200
-        phone.say(phone_question, 16000)
-        await _wait(lambda: any(r.method == "REFER" for r in phone.requests))
-        refer = next(r for r in phone.requests if r.method == "REFER")
-        assert refer.get("refer-to") == "<sip:desk@operators.example.com>"
-        assert await phone.notify("SIP/2.0 200 OK") == 200  # the operator picked up
-        await asyncio.wait_for(phone.hung_up.wait(), 10)  # and Pono leaves the call with a BYE
+        with settings_for_new_calls(server, sip_operator_uri="sip:desk@operators.example.com"):
+            assert await phone.call() == 200
+            phone.say(phone_question, 16000)
+            await _wait(lambda: any(r.method == "REFER" for r in phone.requests))
+            refer = next(r for r in phone.requests if r.method == "REFER")
+            assert refer.get("refer-to") == "<sip:desk@operators.example.com>"
+            assert await phone.notify("SIP/2.0 200 OK") == 200  # the operator picked up
+            await asyncio.wait_for(phone.hung_up.wait(), 10)  # and Pono leaves the call with a BYE
     finally:
-        settings.sip_operator_uri = None
         await phone.close()
     call = await latest_call(server, admin_token, started, "sip")
     assert call["end_reason"] == "transferred"

@@ -8,6 +8,7 @@ import gc
 import aiohttp
 import pytest
 from aiortc import RTCPeerConnection
+from helpers import settings_for_new_calls
 
 from pono.context import SERVICES
 from pono.testing.caller import Caller
@@ -208,9 +209,7 @@ async def test_health_ready_startup_and_metrics(server) -> None:
 
 
 async def test_call_tokens_are_rate_limited_per_ip(server) -> None:
-    settings = server.app[SERVICES].settings
-    settings.call_tokens_per_minute = 3  # read per request; counted in Redis
-    try:
+    with settings_for_new_calls(server, call_tokens_per_minute=3):  # read per request; counted in Redis
         async with aiohttp.ClientSession() as http:
             statuses = []
             for _ in range(6):
@@ -221,7 +220,5 @@ async def test_call_tokens_are_rate_limited_per_ip(server) -> None:
                         assert "slow down" in (await r.json())["error"]
             # Earlier tests in this minute count too, so the limit may bite from the first request on.
             assert statuses[-3:] == [429, 429, 429]
-    finally:
-        settings.call_tokens_per_minute = 10_000
     async with aiohttp.ClientSession() as http, http.post(f"{server.url}/api/call-tokens") as r:
         assert r.status == 201

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from feeds import operator_feed
+from helpers import settings_for_new_calls
 
 from pono.agent.embedded import free_port
 from pono.agent.tools.mcp_servers import BASIC_ENV, parse_mcp_servers
@@ -65,10 +66,8 @@ async def target(monkeypatch: pytest.MonkeyPatch, server):
     monkeypatch.setenv("PONO_WEBHOOK_SECRET", SECRET)
     t = WebhookTarget()
     await t.start()
-    settings = server.app[SERVICES].settings
-    settings.webhook_allowed_hosts = ["127.0.0.1"]
-    yield t
-    settings.webhook_allowed_hosts = []
+    with settings_for_new_calls(server, webhook_allowed_hosts=["127.0.0.1"]):
+        yield t
     await t.runner.cleanup()
 
 
@@ -181,15 +180,15 @@ async def test_webhook_retries_times_out_and_respects_allow_list(server, script:
         assert final["interrupted"] is False
     finally:
         await caller.hang_up()
-    server.app[SERVICES].settings.webhook_allowed_hosts = ["example.com"]
-    script.responses = [{"tool_calls": [{"name": "book_table", "arguments": {"party_size": 4}}]}, {"text": "No."}]
-    caller = await text_call(server, name)
-    try:
-        caller.send_text("Table for four")
-        await caller.wait_for(lambda e: e["type"] == "agent.final", 10)
-        assert "allow-list" in json.loads(tool_messages(script.requests[-1])[0]["content"])["error"]
-    finally:
-        await caller.hang_up()
+    with settings_for_new_calls(server, webhook_allowed_hosts=["example.com"]):
+        script.responses = [{"tool_calls": [{"name": "book_table", "arguments": {"party_size": 4}}]}, {"text": "No."}]
+        caller = await text_call(server, name)
+        try:
+            caller.send_text("Table for four")
+            await caller.wait_for(lambda e: e["type"] == "agent.final", 10)
+            assert "allow-list" in json.loads(tool_messages(script.requests[-1])[0]["content"])["error"]
+        finally:
+            await caller.hang_up()
 
 
 async def test_slow_tool_gets_filler_and_barge_in_never_runs_it_twice(server, script: Script, admin_token: str,

@@ -17,6 +17,7 @@ import aiohttp
 import numpy as np
 import pytest
 from conftest import RunningServer, write_wav
+from helpers import settings_for_new_calls
 from phone_peers import heard_the_question, latest_call
 from pydantic import SecretStr
 from streamdouble.api import CallReport, run_scenario
@@ -173,12 +174,10 @@ async def test_twilio_signature_authenticates_the_stream(server: RunningServer, 
             f"{server.url}/api/personas", json={"name": (persona := f"tw-{uuid.uuid4().hex[:6]}"),
                                                 "system_prompt": "You answer the phone."}) as r:
         assert r.status == 201
-    settings = server.app[SERVICES].settings
-    settings.twilio_auth_token = SecretStr(auth_token)
     url = f"{server.url}/api/phone/twilio"
     behind_proxy = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "pono.example.com"}
     since = time.time() - 1
-    try:
+    with settings_for_new_calls(server, twilio_auth_token=SecretStr(auth_token)):
         async with aiohttp.ClientSession() as http:
             for headers in ({"X-Twilio-Signature": sign("wss://elsewhere.example.com/api/phone/twilio"),
                              **behind_proxy},  # signed for another URL
@@ -196,16 +195,14 @@ async def test_twilio_signature_authenticates_the_stream(server: RunningServer, 
             await ws.send_str(json.dumps({"event": "stop", "streamSid": "MZ0"}))
             await ws.close()
             # With PONO_PUBLIC_URL set, that is the URL signed, whatever the request's own host is.
-            settings.public_url = "https://voice.example.org"
-            ws = await http.ws_connect(url, headers={"X-Twilio-Signature": sign("wss://voice.example.org/api/phone/twilio")})
-            assert not ws.closed
-            await ws.close()
-            # The provider token keeps working for other providers.
-            ws = await http.ws_connect(url, headers={"Authorization": f"Bearer {TOKEN}"})
-            assert not ws.closed
-            await ws.close()
-    finally:
-        settings.twilio_auth_token, settings.public_url = None, None
+            with settings_for_new_calls(server, public_url="https://voice.example.org"):
+                ws = await http.ws_connect(url, headers={"X-Twilio-Signature": sign("wss://voice.example.org/api/phone/twilio")})
+                assert not ws.closed
+                await ws.close()
+                # The provider token keeps working for other providers.
+                ws = await http.ws_connect(url, headers={"Authorization": f"Bearer {TOKEN}"})
+                assert not ws.closed
+                await ws.close()
     call = await _stored(server, admin_token, since, lambda c: c["caller"] == "+15550006666")
     assert call["persona"] == persona  # the custom parameters still choose
 
@@ -285,13 +282,9 @@ async def test_an_l16_stream_is_heard_and_answered_in_l16(server: RunningServer,
     format (640-byte payloads: 20 ms of 16-bit samples at 16 kHz). L16 is big-endian (RFC 3551 §4.5.11);
     PONO_TWILIO_L16_BYTE_ORDER=little serves providers that send it little-endian."""
     script.reply = "Certainly, your table for two is booked for seven."
-    settings = server.app[SERVICES].settings
-    settings.twilio_l16_byte_order = byte_order  # type: ignore[assignment]
     since = time.time() - 1
-    try:
+    with settings_for_new_calls(server, twilio_l16_byte_order=byte_order):
         heard, sizes = await _l16_call(server, trim(phone_question), ">i2" if byte_order == "big" else "<i2")
-    finally:
-        settings.twilio_l16_byte_order = "big"
     assert set(sizes) == {640}, sorted(set(sizes))
     transcript = await server.app[SERVICES].models.run_stt(heard)
     assert len(words(transcript) & words(script.reply)) >= 4, transcript

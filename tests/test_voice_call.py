@@ -42,12 +42,8 @@ async def open_call(server, **kwargs) -> Caller:
 
 async def test_spoken_question_gets_spoken_answer(server, script: Script, question: np.ndarray) -> None:
     script.reply = "Your table is booked for seven o'clock tonight. We look forward to seeing you."
-    settings = server.app[SERVICES].settings
-    settings.stt_partial_interval_s = 0.8  # new calls pick this up; the caller sees partials while speaking
-    try:
+    with settings_for_new_calls(server, stt_partial_interval_s=0.8):  # the caller sees partials while speaking
         caller = await open_call(server)
-    finally:
-        settings.stt_partial_interval_s = 0.0
     try:
         await asyncio.sleep(0.3)
         caller.speak(question)
@@ -205,12 +201,8 @@ async def test_preemptive_reply_is_dropped_when_caller_goes_on(server, script: S
 
     first = trim(espeak("Please book a table", audio_dir / "first.wav"))
     second = trim(espeak("for two people at seven", audio_dir / "second.wav"))
-    settings = server.app[SERVICES].settings
-    settings.hangover_ms, settings.end_of_turn_model = 2000, False  # silence alone decides, here
-    try:
+    with settings_for_new_calls(server, hangover_ms=2000, end_of_turn_model=False):  # silence alone decides, here
         caller = await open_call(server)
-    finally:
-        settings.hangover_ms, settings.end_of_turn_model = 450, True
     script.reply = "Done, a table for two at seven."
     script.first_token_s = 0.0
     try:

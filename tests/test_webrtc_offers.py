@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.sdp import grouplines
+from helpers import settings_for_new_calls
 from phone_peers import stored_call
 from test_signaling import call_token, settle
 from test_voice_call import words
@@ -89,12 +90,8 @@ async def test_audio_direction_decides_whether_replies_are_spoken(server, script
         lines = without(directions)(lines)
         return lines if direction is None else [*lines, f"a={direction}"]
 
-    settings = server.app[SERVICES].settings
-    settings.speak_greeting = True  # read when a call starts
-    try:
+    with settings_for_new_calls(server, speak_greeting=True):  # read when a call starts
         caller = await open_call(server, edit_offer=lambda sdp: edit_sections(sdp, set_direction))
-    finally:
-        settings.speak_greeting = False
     greeting = (await server.app[SERVICES].calls.persona(None)).greeting
     try:
         # The greeting and a reply each finish on their own, whole; nothing has to barge in to end them.
