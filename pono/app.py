@@ -136,6 +136,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                         secret=await shared_secret(services.storage.db.pool, "sip_digest"))
         await sip.start()
         services.sip = sip
+    services.calls.recordings.recover_later()  # recordings a killed process left unfinished in the data dir
     startup_task = asyncio.create_task(_start(services, embedded), name="startup")
     lag_task = asyncio.create_task(services.metrics.watch_loop_lag(), name="loop-lag")
     llm_probe = asyncio.create_task(_probe_llm(services), name="llm-probe")

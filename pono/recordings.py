@@ -1,5 +1,6 @@
 """Recording calls, from the composition root: one `CallRecording` per call whose persona records, its row and
-redactions through the storage writer, and its file made final (uploaded, in S3 mode) when the call ends."""
+redactions through the storage writer, and its file made final (uploaded, in S3 mode) when the call ends, or,
+for calls a killed process left behind, at the next start (`recover`)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pono.agent.dlp.engine import DlpPolicy
 from pono.agent.personas import Persona
 from pono.events import CallEvent, EventStream, EventType
 from pono.settings import Settings
-from pono.storage.recordings import recording_record
+from pono.storage.recordings import recording_record, unfinished_recordings
 from pono.storage.service import Storage
 from pono.voice.models import SpeechModels
+from pono.voice.recording.ogg import CODEC, file_digest, salvage
 from pono.voice.recording.recorder import CallRecording
 from pono.voice.tap import TappedTransport
 
@@ -31,6 +33,8 @@ class Recordings:
         self.models = models
         self._live: dict[str, tuple[CallRecording, TappedTransport, str, float, int | None]] = {}
         self._finishing: set[asyncio.Task[None]] = set()
+        self._finishing_ids: set[str] = set()  # calls whose recording is being finished
+        self._recovery: asyncio.Task[int] | None = None
 
     def greeting(self, persona: Persona, greeting: str) -> str:
         """The greeting with the recording notice before it when the persona announces recording."""
@@ -88,7 +92,9 @@ class Recordings:
         task = asyncio.create_task(self._finish(call_id, recording, key, started, retention),
                                    name=f"recording-finish-{call_id}")
         self._finishing.add(task)
+        self._finishing_ids.add(call_id)
         task.add_done_callback(self._finishing.discard)
+        task.add_done_callback(lambda _: self._finishing_ids.discard(call_id))
 
     async def _finish(self, call_id: str, recording: CallRecording, key: str, started: float,
                       retention: int | None) -> None:
@@ -106,8 +112,52 @@ class Recordings:
         if info.muted_s:
             log.warning("call %s: %.1f s of audio written silenced (not checked in time)", call_id, info.muted_s)
 
+    def recover_later(self) -> None:
+        """At start-up: finish, in the background, the recordings a killed process left (see `recover`)."""
+        if self.storage is not None and self.storage.db is not None and self.storage.writer is not None:
+            self._recovery = asyncio.create_task(self._recover_logged(), name="recordings-recover")
+
+    async def _recover_logged(self) -> int:
+        try:
+            return await self.recover()
+        except Exception:  # Postgres away at start-up, say: the next start tries again
+            log.exception("recordings left by a crash could not be looked for")
+            return 0
+
+    async def recover(self) -> int:
+        """Make final the recordings this data dir holds whose calls ended without finishing them (the process
+        was killed, or an upload failed): the file is cut to its last complete Ogg page, uploaded in S3 mode
+        (stale multipart uploads aborted), and its row completed with the figures of that prefix. Recordings of
+        this process's own calls, and files of other replicas (not in this data dir), are left alone. A failure
+        leaves the file for the next start. Returns how many were recovered."""
+        assert self.storage is not None and self.storage.db is not None and self.storage.writer is not None
+        store, writer, done = self.storage.recordings, self.storage.writer, 0
+        for row in await unfinished_recordings(self.storage.db.pool):
+            call_id, key = row["call_id"], row["storage_key"]
+            path = store.spool_path(key)
+            if call_id in self._live or call_id in self._finishing_ids or not path.is_file():
+                continue
+            try:
+                duration = await asyncio.to_thread(salvage, path)
+                size, sha256 = await asyncio.to_thread(file_digest, path)
+                await store.finish(key)
+            except Exception:
+                log.exception("recording of call %s could not be recovered", call_id)
+                continue
+            writer.put(recording_record(
+                call_id, key, row["started_at"].timestamp(), retention_days=row["retention_days"],
+                info={"duration_s": round(duration, 3), "size": size, "sha256": sha256, "codec": CODEC}))
+            log.warning("recording of call %s recovered after a crash: %.1f s", call_id, duration)
+            done += 1
+        return done
+
     async def drain(self, timeout_s: float = 15.0) -> None:
-        """Wait for recordings being finished (shutdown), at most `timeout_s`."""
+        """Wait for recordings being finished (shutdown), at most `timeout_s`; stop a recovery still going (the
+        next start takes it up again)."""
         if self._finishing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*self._finishing, return_exceptions=True), timeout_s)
+        if self._recovery is not None and not self._recovery.done():
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._recovery

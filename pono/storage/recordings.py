@@ -1,8 +1,9 @@
 """Recording files and rows: where a recording's file lives (the data dir, or S3-compatible object storage),
 reading it back by byte range, and its row in `recordings`.
 
-A recording is written to a local file as the call goes (`spool_path`); `finish` makes it final: on disk it
-stays where it is (`<data dir>/recordings/YYYY/MM/DD/<call id>.ogg`, key relative to that folder), with
+A recording is written to a local file as the call goes (`spool_path`); `finish` makes it final, also after a
+crash, at the next start (pono.recordings.Recordings.recover). On disk it stays where it is
+(`<data dir>/recordings/YYYY/MM/DD/<call id>.ogg`, key relative to that folder); with
 PONO_RECORDINGS_URL=s3://bucket/prefix it is uploaded in parts (aiobotocore) and the local copy removed.
 Credentials for object storage come from the usual AWS variables (AWS_ACCESS_KEY_ID, ...).
 """
@@ -104,6 +105,7 @@ class RecordingStore:
             return
         path = self.spool_path(key)
         async with self._client() as s3:
+            await self._abort_stale_uploads(s3, key)
             upload = await s3.create_multipart_upload(Bucket=self.bucket, Key=key, ContentType="audio/ogg")
             parts = []
             try:
@@ -126,6 +128,15 @@ class RecordingStore:
                     await s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload["UploadId"])
                 raise
         await asyncio.to_thread(path.unlink, missing_ok=True)
+
+    async def _abort_stale_uploads(self, s3: Any, key: str) -> None:
+        """Abort multipart uploads of `key` left by a process killed while uploading (their parts cost storage
+        and are never an object). Only one process finishes a key at a time: the one that recorded it, or, after
+        it died, the next start on its data dir."""
+        listed = await s3.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
+        for upload in listed.get("Uploads", []):
+            if upload["Key"] == key:
+                await s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload["UploadId"])
 
     def local_file(self, key: str) -> Path | None:
         """The file of a recording kept on disk (None in S3 mode). Raises RecordingMissing when it is gone."""
@@ -199,6 +210,16 @@ async def find_recording(pool: asyncpg.Pool, call_id: str) -> dict[str, Any] | N
         " r.completed_at FROM recordings r JOIN calls c ON c.id = r.call_id"
         " WHERE r.call_id = $1 AND c.deleted_at IS NULL", call_id)
     return dict(row) if row is not None else None
+
+
+async def unfinished_recordings(pool: asyncpg.Pool, limit: int = 10_000) -> list[dict[str, Any]]:
+    """Recordings whose file was never made final (status 'recording'): live calls on any replica, and calls
+    whose process was killed. [{"call_id", "storage_key", "started_at" (datetime), "retention_days"}], oldest
+    first."""
+    rows = await pool.fetch(
+        "SELECT call_id, storage_key, started_at, retention_days FROM recordings WHERE status = 'recording'"
+        " ORDER BY started_at LIMIT $1", limit)
+    return [dict(r) for r in rows]
 
 
 async def purge_recordings(pool: asyncpg.Pool, store: RecordingStore, retention_days: int) -> int:

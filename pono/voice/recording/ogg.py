@@ -72,3 +72,31 @@ def file_digest(path: Path) -> tuple[int, str]:
             digest.update(block)
             size += len(block)
     return size, digest.hexdigest()
+
+
+def salvage(path: Path) -> float:
+    """Make a recording whose writer was killed a clean prefix: cut off a trailing partial Ogg page, and return
+    the seconds of audio its complete pages hold (the last granule position, 48 kHz in Ogg Opus, less the
+    pre-skip). Reads page headers only. Blocking. Raises OSError; a file that is no Ogg at all gives 0.0."""
+    size = path.stat().st_size
+    good = granule = pre_skip = 0
+    with path.open("r+b") as f:
+        while True:
+            f.seek(good)
+            head = f.read(27)
+            if len(head) < 27 or head[:4] != b"OggS":
+                break
+            table = f.read(head[26])
+            end = good + 27 + len(table) + sum(table)
+            if len(table) < head[26] or end > size:
+                break
+            if good == 0:
+                first = f.read(19)  # OpusHead: magic, version, channels, pre-skip (u16 LE), ...
+                pre_skip = int.from_bytes(first[10:12], "little") if first[:8] == b"OpusHead" else 0
+            position = int.from_bytes(head[6:14], "little", signed=True)
+            if position >= 0:  # -1: no packet ends on this page
+                granule = position
+            good = end
+        if good < size:
+            f.truncate(good)
+    return max(0, granule - pre_skip) / 48_000
