@@ -9,9 +9,11 @@ and a false interruption resumes where the audio paused (LiveKit Agents' false-i
   counts as words (better to stop than to talk over the caller).
 - a caller who goes on after a resume is heard again each further `min_ms`: "Yeah, I think that's wrong" is
   an interruption once "I think" is heard, not an acknowledgement decided on its first word.
-- an utterance that ends before any decision ("Stop.", shorter than `min_ms`), or after the last one, is
-  heard whole when it ends and decided the same way; its `speech.stopped` event waits for that hearing, so
-  `ignored` says what was decided. The agent talks on meanwhile, so this hearing has no 1.5 s limit.
+- an utterance that ends before any decision (shorter than `min_ms`) interrupts only when it asks the agent to
+  stop ("Stop.", "Wait", "Sorry?": `is_stop_request`; Whisper makes words of a click or a hum); one that ends
+  after the last decision is heard whole when it ends and decided as on the way. Its `speech.stopped` event
+  waits for that hearing, so `ignored` says what was decided; the agent talks on meanwhile, so this hearing has
+  no 1.5 s limit.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from pono.events import EventStream, EventType
-from pono.voice.interruptions import FALSE_INTERRUPTION_S, PausableOutput, is_backchannel
+from pono.voice.interruptions import FALSE_INTERRUPTION_S, PausableOutput, is_backchannel, is_stop_request
 from pono.voice.responder import Responder
 from pono.voice.turns import TurnDetector
 
@@ -57,6 +59,7 @@ class OverAgentSpeech:
         self._generation += 1
         self.active = agent_busy
         self._deciding, self._ended, self._decide_at_ms = None, None, float(self.min_ms)
+        self._paused_once = False  # a decision was started on the way (the utterance reached min_ms)
 
     @property
     def deciding(self) -> bool:
@@ -74,6 +77,7 @@ class OverAgentSpeech:
         if self.detector.voiced_ms < self._decide_at_ms or self.deciding:
             return
         self._decide_at_ms = self.detector.voiced_ms + self.min_ms
+        self._paused_once = True
         if self.responder.pause():  # audio stops now; the caller's words decide what follows
             self._deciding = self._spawn(self._decide(self._spawn(self._transcript(), "stt-suspect")), "barge-in")
         else:  # nothing that can pause (or be interrupted) is playing: the interruption is real
@@ -137,7 +141,9 @@ class OverAgentSpeech:
         except Exception as exc:
             log.error("hearing speech over the agent failed (%s)", type(exc).__name__)
             text = ""
-        words = not is_backchannel(text)
+        # Too short to have been decided on the way: Whisper makes words of a click or a hum ("Thumb"), so only
+        # a word that asks the agent to stop counts; a longer one is decided as on the way.
+        words = is_stop_request(text) if not self._paused_once else not is_backchannel(text)
         self.events.emit(EventType.SPEECH_STOPPED, turn, ignored=not words, **stopped)
         if not words:
             return

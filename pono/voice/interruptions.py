@@ -58,6 +58,21 @@ def is_backchannel(text: str) -> bool:
     return True
 
 
+# Words that ask a talking agent to stop. Speech over the agent too short to pause it for (under
+# PONO_BARGE_IN_MIN_MS) interrupts only with one of them: anything else that short is more often a noise Whisper
+# made a word of than a turn.
+STOP_REQUESTS = frozenset({
+    "stop", "wait", "no", "nope", "hold", "hang", "sorry", "pardon", "excuse", "hello", "hey", "pause", "quiet",
+    "enough", "cancel", "listen", "actually", "but", "what", "operator", "agent", "human", "repeat", "again",
+})
+
+
+def is_stop_request(text: str) -> bool:
+    """Whether a short transcript asks the agent to stop ("Stop.", "Wait!", "Sorry?", "Hold on"): one of its
+    words is in STOP_REQUESTS."""
+    return any(w.strip("'") in STOP_REQUESTS for w in _WORD.findall(text.lower()))
+
+
 class PausableOutput:
     """A call's transport whose outbound audio can pause and resume where it stopped.
 
