@@ -66,17 +66,17 @@ class Settings(BaseSettings):
     speech_worker_stall_s: float = 5.0  # a final (or a TTS answer) not begun within this long: fall back
 
     # Turn-taking (milliseconds).
-    vad_threshold: float = 0.5
-    min_speech_ms: int = 200
-    hangover_ms: int = 450  # with the end-of-turn model off
-    # The end-of-turn model (Smart Turn v3.2) asked after check_after_ms of silence: a complete turn ends after
-    # the short hangover, an incomplete one waits up to the long one (or until the caller speaks again).
+    vad_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    min_speech_ms: int = Field(default=200, ge=32, le=2000)
+    hangover_ms: int = Field(default=450, ge=100, le=3000)  # with the end-of-turn model off
+    # The end-of-turn model (Smart Turn v3.2) asked after end_of_turn_check_ms of silence: a complete turn ends
+    # after the short hangover, an incomplete one waits up to the long one (or until the caller speaks again).
     end_of_turn_model: bool = True
-    end_of_turn_threshold: float = 0.5
-    end_of_turn_check_ms: int = 160
-    short_hangover_ms: int = 200
-    long_hangover_ms: int = 1500
-    barge_in_min_ms: int = 600
+    end_of_turn_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    end_of_turn_check_ms: int = Field(default=160, ge=32, le=1000)
+    short_hangover_ms: int = Field(default=200, ge=64, le=2000)
+    long_hangover_ms: int = Field(default=1500, ge=200, le=5000)
+    barge_in_min_ms: int = Field(default=600, ge=100, le=5000)
     max_utterance_s: float = 120.0  # a turn this long is cut and committed; the caller may go on
     drain_timeout_s: float = 3600.0  # on SIGTERM, live calls may go on this long before a goodbye
     call_max_s: float = 3600.0  # a call this long hears a goodbye and is hung up; 0: no limit
@@ -243,6 +243,14 @@ class Settings(BaseSettings):
     def _cron_fires(cls, value: str) -> str:
         """The built-in schedules must be cron expressions that fire: a bad one would stop every job worker."""
         return check_cron(value)
+
+    @model_validator(mode="after")
+    def _hangovers_in_order(self) -> Settings:
+        """The end-of-turn model is asked before the short hangover runs out, which is shorter than the long."""
+        if not self.end_of_turn_check_ms < self.short_hangover_ms < self.long_hangover_ms:
+            raise ValueError("PONO_END_OF_TURN_CHECK_MS < PONO_SHORT_HANGOVER_MS < PONO_LONG_HANGOVER_MS must hold "
+                             f"(now {self.end_of_turn_check_ms}, {self.short_hangover_ms}, {self.long_hangover_ms})")
+        return self
 
     @model_validator(mode="after")
     def _speech_worker_reachable(self) -> Settings:

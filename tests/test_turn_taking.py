@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
+import aiohttp
 import numpy as np
 import pytest
 from conftest import espeak
 from helpers import settings_for_new_calls, stored_turns
 from test_voice_call import LONG_REPLY, open_call, trim, words
 
+from pono.context import SERVICES
+from pono.settings import Settings
 from pono.testing.caller import RATE as HEARD_RATE
 from pono.testing.scripted_llm import Script
-from pono.voice.interruptions import is_backchannel
+from pono.voice.interruptions import is_backchannel, is_stop_request
 from pono.voice.turns import Signal, TurnConfig, TurnDetector
 
 RATE = 16000
@@ -62,6 +66,12 @@ def test_acknowledgements_are_told_from_words() -> None:
     # "I", "it", "see" alone begin sentences ("I think..."); "Huh?" asks the agent to say it again.
     for text in ("Stop, wait", "yeah but no", "No.", "What time is it?", "I", "It", "See", "Huh?", "Yeah, I think"):
         assert not is_backchannel(text), text
+    # Too short to pause the agent for: only a request to stop interrupts (Whisper heard a click and "hmm" as
+    # "Thumb").
+    for text in ("Stop.", "Wait!", "Sorry?", "Hold on.", "No, no."):
+        assert is_stop_request(text), text
+    for text in ("Thumb", "Hmm.", "Yeah.", ""):
+        assert not is_stop_request(text), text
 
 
 def test_a_pause_is_signalled_before_an_early_check() -> None:
@@ -123,3 +133,33 @@ async def test_words_over_the_agent_interrupt_it_where_it_paused(server, script:
         await caller.hang_up()
     stored = {t["index"]: t for t in await stored_turns(server, admin_token, caller.call_id, 2)}
     assert stored[barge["turn"]]["interrupted"] is True and stored[barge["turn"]]["text"] == cut["text"]
+
+
+def test_end_of_turn_settings_are_bounded_and_in_order(tmp_path) -> None:
+    """An unbounded check time (32 ms once took the PAUSE signal's place) or a short hangover over the long one
+    is refused at start, naming the variables."""
+    with pytest.raises(ValueError, match="PONO_END_OF_TURN_CHECK_MS"):
+        Settings(data_dir=tmp_path, end_of_turn_check_ms=300)  # asked after the short hangover ran out
+    with pytest.raises(ValueError, match="PONO_SHORT_HANGOVER_MS"):
+        Settings(data_dir=tmp_path, short_hangover_ms=1600)
+    with pytest.raises(ValueError):
+        Settings(data_dir=tmp_path, end_of_turn_threshold=1.5)
+    assert TurnConfig(short_hangover_ms=1800, long_hangover_ms=900).short_hangover_ms == 900
+
+
+async def test_a_personas_turn_taking_is_strict(server, admin_token: str) -> None:
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    long_ms = server.app[SERVICES].settings.long_hangover_ms
+    async with aiohttp.ClientSession(server.url, headers=headers) as http:
+        for turn_taking, field in (({"hangover_ms": "300"}, "hangover_ms"), ({"end_of_turn": "yes"}, "end_of_turn"),
+                                   ({"hangovr_ms": 300}, "hangovr_ms"),
+                                   ({"short_hangover_ms": long_ms + 100}, "short_hangover_ms")):
+            body = {"name": f"tt-{uuid.uuid4().hex[:6]}", "system_prompt": "x", "turn_taking": turn_taking}
+            async with http.post("/api/personas", json=body) as r:
+                assert r.status == 422, (turn_taking, await r.text())
+                assert field in await r.text()
+        body = {"name": f"tt-{uuid.uuid4().hex[:6]}", "system_prompt": "x",
+                "turn_taking": {"short_hangover_ms": 150, "end_of_turn_threshold": 0.6}}
+        async with http.post("/api/personas", json=body) as r:
+            assert r.status == 201, await r.text()
+            assert (await r.json())["turn_taking"] == {"short_hangover_ms": 150, "end_of_turn_threshold": 0.6}

@@ -59,6 +59,18 @@ def test_fixed_text_is_spoken_whole() -> None:
     # A greeting whose last sentence has no full stop must not lose it.
     assert split_all("Hello. Welcome to the Blue Door bistro") == ["Hello.", "Welcome to the Blue Door bistro"]
     assert split_all("Coffee time!") == ["Coffee time!"]
+    # All of it is there: no early first piece, which only buys time while an LLM streams.
+    assert split_all("The store opens at nine in the morning. Welcome, dear caller, to our shop.") == [
+        "The store opens at nine in the morning.", "Welcome, dear caller, to our shop."]
+
+
+def test_a_question_is_not_cut_before_a_phrase() -> None:
+    """"Would you like a table | for four?" made the first piece a statement to the TTS."""
+    s = SentenceSplitter(first_clause_words=4)
+    pieces: list[str] = []
+    for token in "Would you like a table for four tonight at the window? I can book it.".split(" "):
+        pieces += s.feed(token + " ")
+    assert pieces + s.flush() == ["Would you like a table for four tonight at the window?", "I can book it."]
 
 
 def test_playout_tracker_keeps_only_heard_words() -> None:

@@ -12,6 +12,11 @@ _MD_NOISE = re.compile(r"[*_`#]+")
 _PHRASE_START = re.compile(
     r"\s+(?=(?:and|but|or|so|because|which|who|when|where|if|at|in|on|for|with|from|to|by|about|after|"
     r"before|until|since|while)\s)", re.IGNORECASE)
+# A reply that opens like a question is not cut at a phrase start: the first piece would be spoken as a statement
+# ("Would you like a table | for four?"); it still starts at its first comma or sentence end.
+_QUESTION_START = re.compile(
+    r"\s*(?:what|when|where|who|whom|whose|why|how|which|would|could|can|do|does|did|is|are|was|were|will|shall|"
+    r"should|may|might|have|has|had|isn't|aren't|don't|doesn't|didn't|won't|wouldn't|couldn't)\b", re.IGNORECASE)
 
 
 def speakable(text: str) -> str:
@@ -23,11 +28,13 @@ class SentenceSplitter:
     """Feed text deltas; get back complete pieces to speak.
 
     The first piece of a reply is cut at a clause boundary (punctuation, or before a word that starts a
-    phrase) once it has `first_clause_words` words, so speech starts before the first sentence has arrived
-    whole; later pieces are cut at clauses only when a sentence exceeds `max_chars`, so the prosody holds.
+    phrase, unless the reply opens like a question) once it has `first_clause_words` words, so speech starts
+    before the first sentence has arrived whole; later pieces are cut at clauses only when a sentence exceeds
+    `max_chars`, so the prosody holds. `first_clause_words=None` cuts the first piece like the others (a text
+    known whole, which need not start early).
     """
 
-    def __init__(self, first_clause_words: int = 4, max_chars: int = 140) -> None:
+    def __init__(self, first_clause_words: int | None = 4, max_chars: int = 140) -> None:
         self.first_clause_words = first_clause_words
         self.max_chars = max_chars
         self._buffer = ""
@@ -56,7 +63,8 @@ class SentenceSplitter:
             return self._take(match.end())
         if clause:
             return self._take(clause.end())
-        if self._emitted == 0 and not match:
+        if self._emitted == 0 and not match and self.first_clause_words is not None \
+                and not _QUESTION_START.match(self._buffer):
             phrase = next((p for p in _PHRASE_START.finditer(self._buffer)
                            if len(self._buffer[:p.start()].split()) >= self.first_clause_words), None)
             if phrase is not None:
@@ -68,7 +76,7 @@ class SentenceSplitter:
 
     def _wants_clause(self, clause: re.Match[str]) -> bool:
         head = self._buffer[: clause.start()]
-        if self._emitted == 0:
+        if self._emitted == 0 and self.first_clause_words is not None:
             return len(head.split()) >= self.first_clause_words
         return len(head) >= self.max_chars
 
@@ -78,6 +86,7 @@ class SentenceSplitter:
 
 
 def split_all(text: str) -> list[str]:
-    """Every piece of a complete text (a greeting, an operator's line), the unterminated tail included."""
-    splitter = SentenceSplitter()
+    """Every piece of a complete text (a greeting, an operator's line), the unterminated tail included: whole
+    sentences (clauses of long ones), since all of it is there to be synthesised."""
+    splitter = SentenceSplitter(first_clause_words=None)
     return splitter.feed(text) + splitter.flush()

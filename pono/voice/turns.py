@@ -33,6 +33,11 @@ class TurnConfig:
     short_hangover_ms: int = 200
     long_hangover_ms: int = 1500
 
+    def __post_init__(self) -> None:
+        # A persona's short hangover over the server's long one (or the reverse) must not make a complete turn wait
+        # longer than an incomplete one.
+        self.short_hangover_ms = min(self.short_hangover_ms, self.long_hangover_ms)
+
     @property
     def off_threshold(self) -> float:
         # Hysteresis: speech must drop clearly below the threshold to count as silence.
@@ -105,12 +110,12 @@ class TurnDetector:
         if self.silence_ms >= self.hangover_ms:
             self.reset()
             return Signal.END
+        if self.silence_ms == c.chunk_ms:  # before CHECK: a check due this early comes one chunk later
+            return Signal.PAUSE
         if c.end_of_turn and self.model_wanted and not self.checked and self.silence_ms >= c.check_after_ms:
             self.checked = True
             return Signal.CHECK
         if self.utterance_ms >= c.max_utterance_ms:
             self.utterance_ms = 0.0
             return Signal.SEGMENT
-        if self.silence_ms == c.chunk_ms:
-            return Signal.PAUSE
         return None

@@ -21,6 +21,11 @@ from pono.web.params import database, decode_cursor, iso, page_limit, paginate, 
 
 
 class TurnTaking(BaseModel):
+    """A persona's turn-taking; unset fields follow the server's PONO_* settings. Strict: "300" is not 300, and
+    a misspelt field is refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     hangover_ms: int | None = Field(default=None, ge=100, le=3000)
     min_speech_ms: int | None = Field(default=None, ge=32, le=2000)
     barge_in_min_ms: int | None = Field(default=None, ge=100, le=5000)
@@ -138,6 +143,12 @@ async def _save_persona(request: web.Request, persona_id: uuid.UUID | None) -> w
         parse_tool_specs(body.tools, known_servers=request.app[SERVICES].settings.mcp_servers)
     except ValueError as exc:
         raise ApiError(422, "invalid request body", fields=[{"field": "tools", "message": str(exc)}]) from None
+    settings = request.app[SERVICES].settings  # one hangover set here, the other the server's: still in order
+    short = body.turn_taking.short_hangover_ms or settings.short_hangover_ms
+    long = body.turn_taking.long_hangover_ms or settings.long_hangover_ms
+    if short >= long:
+        raise ApiError(422, "invalid request body", fields=[{"field": "turn_taking", "message":
+                       f"short_hangover_ms ({short}) must be shorter than long_hangover_ms ({long})"}])
     values = {**body.model_dump(), "turn_taking": body.turn_taking.model_dump(exclude_none=True),
               "llm_params": body.llm_params.model_dump(exclude_none=True)}
     try:
