@@ -261,7 +261,7 @@ class Call:
                         spec.add_done_callback(lambda task, t0=pause_at: responder.preempt(task, t0))
                 elif signal is Signal.CHECK:
                     if not over_agent.active:
-                        self._spawn(self._check_end_of_turn(detector, detector.pauses, np.concatenate(turn_audio)),
+                        self._spawn(self._check_end_of_turn(detector, detector.pauses, list(turn_audio)),
                                     "end-of-turn")
                 elif signal is Signal.RESUME:
                     self._end_of_turn_p = None
@@ -302,7 +302,7 @@ class Call:
         if not barged:
             self.state.caller_started(agent_busy=False)
 
-    async def _check_end_of_turn(self, detector: TurnDetector, pause: int, audio: np.ndarray) -> None:
+    async def _check_end_of_turn(self, detector: TurnDetector, pause: int, audio: list[np.ndarray]) -> None:
         """Ask the end-of-turn model about the turn so far (its pause included); a complete turn ends after the
         short hangover. A model that fails leaves the long hangover in force."""
         try:

@@ -99,13 +99,18 @@ class SpeechModels:
     async def run_vad(self, fn: Callable[[np.ndarray], T], pcm: np.ndarray) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._vad_pool, fn, pcm)
 
-    async def run_end_of_turn(self, pcm: np.ndarray) -> float:
+    async def run_end_of_turn(self, pcm: np.ndarray | list[np.ndarray]) -> float:
         """How likely the caller has finished their turn (0-1, Smart Turn v3.2) from the turn's 16 kHz int16
-        audio, trailing silence included (the model reads the pause too). Raises RuntimeError when the model
-        is off."""
-        if self.end_of_turn is None:
+        audio (one array, or its frames: joined in the worker thread, not on the loop), trailing silence included
+        (the model reads the pause too). Raises RuntimeError when the model is off."""
+        model = self.end_of_turn
+        if model is None:
             raise RuntimeError("the end-of-turn model is off (PONO_END_OF_TURN_MODEL)")
-        return await asyncio.get_running_loop().run_in_executor(self._turn_pool, self.end_of_turn.probability, pcm)
+
+        def probability() -> float:
+            return model.probability(np.concatenate(pcm) if isinstance(pcm, list) else pcm)
+
+        return await asyncio.get_running_loop().run_in_executor(self._turn_pool, probability)
 
     def _batched(self, stats: BatchStats) -> None:
         if self.on_batch is not None:
