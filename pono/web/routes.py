@@ -15,10 +15,12 @@ from pono.web import (
     call_actions,
     calls,
     console,
+    dashboard,
     health,
     keys,
     knowledge,
     pages,
+    peaks,
     personas,
     phone_numbers,
     recordings,
@@ -40,6 +42,7 @@ def routes() -> list[web.AbstractRouteDef]:
         web.get("/api/calls", calls.list_calls),
         web.get("/api/calls/{call_id}", calls.get_call),
         web.get("/api/calls/{call_id}/recording", recordings.get_recording),
+        web.get("/api/calls/{call_id}/recording/peaks", peaks.get_peaks),
         web.post("/api/calls/{call_id}/actions", call_actions.call_action),
         # personas and the numbers that reach them
         web.get("/api/personas", personas.list_personas),
@@ -81,5 +84,6 @@ def routes() -> list[web.AbstractRouteDef]:
         web.get("/", pages.call_page),
         web.get("/console", pages.console_page),
         web.get("/api/console/ws", console.console_socket),
+        web.get("/api/dashboard", dashboard.get_dashboard),
         web.static("/static", pages.STATIC),
     ]
