@@ -64,3 +64,45 @@ class Transport(Protocol):
     async def close(self) -> None:
         """Hang up and free everything the transport holds. Safe to call twice."""
         ...
+
+
+class TransportWrapper:
+    """A transport that is another one (`inner`) in every respect, for wrappers to override a part of it: a
+    listen-in tap (`pono.voice.tap`), a pausable output (`pono.voice.interruptions`)."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+
+    @property
+    def has_audio(self) -> bool:
+        return self.inner.has_audio
+
+    def audio_frames(self) -> AsyncIterator[np.ndarray]:
+        return self.inner.audio_frames()
+
+    async def send_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
+        await self.inner.send_audio(pcm, sample_rate)
+
+    def clear(self) -> None:
+        self.inner.clear()
+
+    @property
+    def played_s(self) -> float:
+        return self.inner.played_s
+
+    @property
+    def queued_s(self) -> float:
+        return self.inner.queued_s
+
+    def text_messages(self) -> AsyncIterator[str]:
+        return self.inner.text_messages()
+
+    def send_text(self, message: dict[str, Any]) -> None:
+        self.inner.send_text(message)
+
+    async def closed(self) -> None:
+        await self.inner.closed()
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Any
 
 import numpy as np
 
-from pono.transport import Transport
+from pono.transport import Transport, TransportWrapper
 
 FALSE_INTERRUPTION_S = 1.5  # no words within this long: the agent goes on
 _PIECE_S = 0.1  # held audio is resumed in pieces this long, so queued_s stays true to within one
@@ -73,7 +71,7 @@ def is_stop_request(text: str) -> bool:
     return any(w.strip("'") in STOP_REQUESTS for w in _WORD.findall(text.lower()))
 
 
-class PausableOutput:
+class PausableOutput(TransportWrapper):
     """A call's transport whose outbound audio can pause and resume where it stopped.
 
     `pause()` drops what the transport has queued but keeps it (the audio after the playout position);
@@ -84,8 +82,7 @@ class PausableOutput:
     after it. The rest of the transport interface (`pono.transport.Transport`) is the transport's own."""
 
     def __init__(self, transport: Transport, keep_s: float = 8.0) -> None:
-        self._transport = transport
-        self.kind = transport.kind
+        super().__init__(transport)
         self._keep_s = keep_s
         self._sent: deque[tuple[float, np.ndarray, int]] = deque()  # (start on the playout clock, pcm, rate)
         self._held: deque[tuple[np.ndarray, int]] = deque()  # in playout order, in pieces of at most _PIECE_S
@@ -98,30 +95,6 @@ class PausableOutput:
         self._generation = 0  # one more at each clear()
         self._resumes = 0  # one more at each resume(): an earlier one that a pause stopped does not go on
 
-    # The transport's own, unchanged.
-    def audio_frames(self) -> AsyncIterator[np.ndarray]:
-        return self._transport.audio_frames()
-
-    def text_messages(self) -> AsyncIterator[str]:
-        return self._transport.text_messages()
-
-    def send_text(self, message: dict[str, Any]) -> None:
-        self._transport.send_text(message)
-
-    async def closed(self) -> None:
-        await self._transport.closed()
-
-    async def close(self) -> None:
-        await self._transport.close()
-
-    @property
-    def has_audio(self) -> bool:
-        return self._transport.has_audio
-
-    @property
-    def played_s(self) -> float:
-        return self._transport.played_s
-
     @property
     def paused(self) -> bool:
         return self._paused
@@ -133,7 +106,7 @@ class PausableOutput:
 
     @property
     def queued_s(self) -> float:
-        return self._transport.queued_s + self._held_s
+        return self.inner.queued_s + self._held_s
 
     async def send_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
         """Queue audio for playout; waits while paused (and while the transport's queue is full)."""
@@ -144,7 +117,7 @@ class PausableOutput:
         await self._send(pcm, sample_rate)
 
     async def _send(self, pcm: np.ndarray, sample_rate: int, resuming: bool = False) -> None:
-        t = self._transport
+        t = self.inner
         self._sent.append((t.played_s + t.queued_s, pcm, sample_rate))
         while self._sent and self._sent[0][0] + self._sent[0][1].size / self._sent[0][2] < t.played_s - self._keep_s:
             self._sent.popleft()
@@ -172,11 +145,11 @@ class PausableOutput:
             return
         self._paused = True
         self._resumed.clear()
-        played = self._transport.played_s
+        played = self.inner.played_s
         if self._pushing is not None:
             self._stopped = self._pushing
             self._pushing.cancel()
-        self._transport.clear()
+        self.inner.clear()
         unplayed: list[tuple[np.ndarray, int]] = []
         for start, pcm, rate in self._sent:
             if start + pcm.size / rate > played:
@@ -220,5 +193,5 @@ class PausableOutput:
         self._held_s = 0.0
         self._paused = False
         self._sent.clear()
-        self._transport.clear()
+        self.inner.clear()
         self._resumed.set()

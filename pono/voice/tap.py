@@ -7,11 +7,11 @@ agent's audio as it is queued, and hear the queue dropped on barge-in.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from pono.transport import Transport
+from pono.transport import Transport, TransportWrapper
 
 
 class AudioTap(Protocol):
@@ -22,17 +22,14 @@ class AudioTap(Protocol):
     def agent_cleared(self) -> None: ...
 
 
-class TappedTransport:
+class TappedTransport(TransportWrapper):
+    """`inner`, with its caller audio, agent audio and clears copied to `taps`."""
+
     def __init__(self, inner: Transport) -> None:
-        self.inner = inner
-        self.kind = inner.kind
+        super().__init__(inner)
         self.taps: set[AudioTap] = set()
 
-    @property
-    def has_audio(self) -> bool:
-        return self.inner.has_audio
-
-    async def audio_frames(self) -> AsyncIterator[np.ndarray]:
+    async def audio_frames(self) -> AsyncIterator[np.ndarray]:  # type: ignore[override]
         async for frame in self.inner.audio_frames():
             for tap in list(self.taps):
                 tap.caller_audio(frame)
@@ -47,23 +44,3 @@ class TappedTransport:
         for tap in list(self.taps):
             tap.agent_cleared()
         self.inner.clear()
-
-    @property
-    def played_s(self) -> float:
-        return self.inner.played_s
-
-    @property
-    def queued_s(self) -> float:
-        return self.inner.queued_s
-
-    def text_messages(self) -> AsyncIterator[str]:
-        return self.inner.text_messages()
-
-    def send_text(self, message: dict[str, Any]) -> None:
-        self.inner.send_text(message)
-
-    async def closed(self) -> None:
-        await self.inner.closed()
-
-    async def close(self) -> None:
-        await self.inner.close()
