@@ -176,15 +176,28 @@ def secret(text: str) -> list[Match]:
 _DSN = re.compile(r"(?i)\b(?:postgres(?:ql)?|mysql|mariadb|mongodb(?:\+srv)?|redis|rediss|amqps?|mssql|sqlserver"
                   r"|oracle|jdbc:[a-z]+)://(?:[^\s\"'<>/@:]*:[^\s\"'<>@]+@[^\s\"'<>]+"
                   r"|[^\s\"'<>]*[?&;]password=[^\s\"'<>]+)")
-_PASSWORD = re.compile(r"(?i)\b(?:password|passwd|pwd|passcode|pass phrase|passphrase)\b\s*(?:is|=|:)?\s*"
+_PASSWORD = re.compile(r"(?i)\b(?:password|passwd|pwd|passcode|pass phrase|passphrase)\b\s*(?P<sep>is|=|:)?\s*"
                        r"(?P<value>\"[^\"]+\"|'[^']+'|[^\s,;]+)")
+_SECRET_LOOKING = re.compile(r"[\d\W_]|[a-z][A-Z]")  # a digit, a symbol or a case change inside
+# Words that say something about a password rather than being one: "the password is wrong", "password and".
+_ABOUT_A_PASSWORD = frozenset({
+    "is", "please", "reset", "again", "for", "to", "and", "or", "but", "not", "wrong", "incorrect", "correct",
+    "invalid", "expired", "the", "a", "my", "your", "too", "still", "same", "different", "required", "needed",
+    "changed", "working", "fine", "ok", "okay", "right", "long", "short", "weak", "strong", "manager", "case",
+    "sensitive", "field", "box", "protected", "change", "changes", "expires", "hint", "it", "that", "this",
+})
 
 
 def connection_string(text: str) -> list[Match]:
     out = [Match("CONNECTION_STRING", m.start(), m.end(), 1.0, "dsn") for m in _DSN.finditer(text)]
     for m in _PASSWORD.finditer(text):
         value = m.group("value")
-        if value.lower() in {"is", "please", "reset", "again", "for", "to"} or len(value.strip("\"'")) < 4:
+        bare = value.strip("\"'")
+        if value.lower() in _ABOUT_A_PASSWORD or len(bare) < 4:
+            continue
+        # Without "is", "=" or ":" a plain word is what the sentence goes on with ("my password expired"), not
+        # the password; with one, "my password is sunshine" is the password.
+        if m.group("sep") is None and value == bare and not _SECRET_LOOKING.search(bare):
             continue
         out.append(Match("PASSWORD", m.start("value"), m.end("value"), 0.9, "password"))
     return out
