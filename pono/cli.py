@@ -9,7 +9,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,7 @@ from pono.agent.knowledge.base import KnowledgeBase
 from pono.agent.knowledge.documents import DocumentError, extract_text, kind_of
 from pono.logs import configure_logging, own
 from pono.settings import Settings
-from pono.storage.db import Database, StorageError
-from pono.storage.embedded import EmbeddedPostgres
+from pono.storage.db import Database, StorageError, open_database
 from pono.storage.personas import find_persona
 from pono.storage.recordings import RecordingStore
 from pono.storage.retention import purge
@@ -115,23 +114,9 @@ async def _serve_metrics(app: web.Application, settings: Settings) -> web.AppRun
     return runner
 
 
-@contextlib.asynccontextmanager
-async def _database(settings: Settings) -> AsyncIterator[Database]:
+def _database(settings: Settings) -> contextlib.AbstractAsyncContextManager[Database]:
     """The configured Postgres (or the embedded one in the data dir), migrated, for one command."""
-    embedded = None
-    if settings.database_url is not None:
-        dsn = settings.database_url.get_secret_value()
-    else:
-        embedded = EmbeddedPostgres(settings.data_dir)
-        dsn = await embedded.start()
-    db = Database(dsn, min_size=1, max_size=2, attempts=settings.db_connect_attempts)
-    try:
-        await db.connect()
-        yield db
-    finally:
-        await db.close()
-        if embedded is not None:
-            await embedded.stop()
+    return open_database(settings, max_size=2)
 
 
 async def _migrate(settings: Settings) -> None:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import asyncpg
 
+from pono.storage.embedded import EmbeddedPostgres
 from pono.storage.migrate import apply_migrations
+
+if TYPE_CHECKING:
+    from pono.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +112,24 @@ class Database:
                 await asyncio.wait_for(pool.close(), 5)
             except TimeoutError:
                 pool.terminate()
+
+
+@contextlib.asynccontextmanager
+async def open_database(settings: Settings, *, max_size: int) -> AsyncIterator[Database]:
+    """The configured Postgres (DATABASE_URL), or else an embedded one started in the data dir, connected (so
+    migrated) with a pool of 1 to `max_size` connections, for one process or command: on the way out the pool is
+    closed and the embedded server stopped. Its `dsn` is where it connected. Raises StorageError."""
+    embedded = None
+    if settings.database_url is not None:
+        dsn = settings.database_url.get_secret_value()
+    else:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        dsn = await embedded.start()
+    db = Database(dsn, min_size=1, max_size=max_size, attempts=settings.db_connect_attempts)
+    try:
+        await db.connect()
+        yield db
+    finally:
+        await db.close()
+        if embedded is not None:
+            await embedded.stop()
