@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -34,8 +33,7 @@ from pono.jobs.definition import Workflow
 from pono.jobs.worker import JobWorker
 from pono.metrics import Metrics
 from pono.settings import Settings
-from pono.storage.db import Database
-from pono.storage.embedded import EmbeddedPostgres
+from pono.storage.db import Database, open_database
 from pono.storage.jobs import enqueue_many
 from pono.storage.journal import Journal
 from pono.storage.workflows import save_workflow
@@ -111,87 +109,79 @@ async def main() -> None:
     ap.add_argument("--ttft", type=float, default=0.2, help="the scripted LLM's time to first token (s)")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="pono-jobs-bench-"))
-    embedded = None
-    dsn = os.environ.get("DATABASE_URL")
-    if not dsn:
-        embedded = EmbeddedPostgres(workdir)
-        dsn = await embedded.start()
-    db = Database(dsn, min_size=1, max_size=10)
-    await db.connect()
     mailbox, llm_server = TimedMailbox(asyncio.get_running_loop()), ScriptedLLM(Script(
         reply='{"summary": "The caller booked a table for two.", "action_items": [], "disposition": "resolved"}',
         first_token_s=args.ttft, token_interval_s=0.0))
     await mailbox.start()
     await llm_server.start()
+    # DATABASE_URL when set, else an embedded Postgres in the data dir.
     settings = Settings(data_dir=workdir / "data", smtp_host="127.0.0.1", smtp_port=mailbox.port,
                         jobs_drain_timeout_s=5)
     metrics = Metrics()
     llm = LLMClient(llm_server.base_url, "none", "scripted", timeout_s=10)
-    worker = BenchWorker(db.pool, dsn, settings, metrics, llm)
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        await asyncio.sleep(1.0)  # the worker is listening
-        # 1. Enqueue → start, one job at a time onto an idle worker.
-        enqueued: dict[str, float] = {}
-        all_started = worker.expect(args.latency_jobs)
-        for _ in range(args.latency_jobs):
-            key = uuid.uuid4().hex
-            enqueued[key] = time.perf_counter()
-            await _enqueue_raw(db, key)
-            await asyncio.sleep(0.01)
-        await all_started.wait()
-        waits = [(worker.started[k] - t) * 1000 for k, t in enqueued.items()]
-        print(f"enqueue → start: p50 {statistics.median(waits):.1f} ms, p99 {pct(waits, 0.99):.1f} ms"
-              f" ({len(waits)} jobs)")
+    async with open_database(settings, max_size=10) as db:
+        worker = BenchWorker(db.pool, db.dsn, settings, metrics, llm)
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            await asyncio.sleep(1.0)  # the worker is listening
+            # 1. Enqueue → start, one job at a time onto an idle worker.
+            enqueued: dict[str, float] = {}
+            all_started = worker.expect(args.latency_jobs)
+            for _ in range(args.latency_jobs):
+                key = uuid.uuid4().hex
+                enqueued[key] = time.perf_counter()
+                await _enqueue_raw(db, key)
+                await asyncio.sleep(0.01)
+            await all_started.wait()
+            waits = [(worker.started[k] - t) * 1000 for k, t in enqueued.items()]
+            print(f"enqueue → start: p50 {statistics.median(waits):.1f} ms, p99 {pct(waits, 0.99):.1f} ms"
+                  f" ({len(waits)} jobs)")
 
-        # 2. No-op throughput: a backlog drained.
-        drained = worker.expect(args.noop_jobs)
-        t0 = time.perf_counter()
-        for i in range(0, args.noop_jobs, 1000):
-            await enqueue_many(db.pool, [(NOOP_BENCH, {}, None)] * min(1000, args.noop_jobs - i))
-        await drained.wait()
-        elapsed = time.perf_counter() - t0
-        print(f"no-op jobs: {args.noop_jobs / elapsed:.0f} per second ({args.noop_jobs} in {elapsed:.1f} s,"
-              f" concurrency {settings.jobs_concurrency})")
-
-        # 3. Call end → e-mail delivered.
-        body = Workflow.model_validate({"name": "bench-follow-up", "trigger": {"type": "call.ended"}, "steps": [
-            {"type": "summarize"},
-            {"type": "email", "to": "ops@example.com", "subject": "Call {{call.id}}", "body": "{{summary}}"}]})
-        definition = body.model_dump(mode="json", by_alias=True, exclude_none=True, include={"trigger", "steps"})
-        await save_workflow(db.pool, None, {"name": f"{body.name}-{uuid.uuid4().hex[:6]}", "definition": definition,
-                                            "trigger_type": "call.ended", "enabled": True, "next_fire_at": None},
-                            "bench", None)
-        writer = Writer(db, Journal(workdir / "journal"), redact=redact_records)
-        writer.start()
-        delivered: list[float] = []
-        for _ in range(args.calls):
-            call_id = uuid.uuid4().hex
-            events = EventStream(call_id)
-            events.subscribe(writer.observer(call_id, "bench"))
-            events.emit(EventType.CALL_STARTED, transport="bench", persona=None)
-            events.emit(EventType.TRANSCRIPT_FINAL, 0, text="A table for two at seven, please.", source="text")
-            events.emit(EventType.AGENT_FINAL, 0, text="Booked: two at seven.")
-            subject = f"Call {call_id}"
+            # 2. No-op throughput: a backlog drained.
+            drained = worker.expect(args.noop_jobs)
             t0 = time.perf_counter()
-            events.emit(EventType.CALL_ENDED, reason="hangup")
-            while subject not in mailbox.arrived:
-                mailbox.wake.clear()
-                await mailbox.wake.wait()
-            delivered.append((mailbox.arrived[subject] - t0) * 1000)
-        await writer.close()
-        print(f"call end → e-mail delivered (LLM first token {args.ttft * 1000:.0f} ms): p50"
-              f" {statistics.median(delivered):.0f} ms, p99 {pct(delivered, 0.99):.0f} ms ({len(delivered)} calls)")
-    finally:
-        stop.set()
-        await task
-        await llm.close()
-        await llm_server.stop()
-        await mailbox.stop()
-        await db.close()
-        if embedded is not None:
-            await embedded.stop()
+            for i in range(0, args.noop_jobs, 1000):
+                await enqueue_many(db.pool, [(NOOP_BENCH, {}, None)] * min(1000, args.noop_jobs - i))
+            await drained.wait()
+            elapsed = time.perf_counter() - t0
+            print(f"no-op jobs: {args.noop_jobs / elapsed:.0f} per second ({args.noop_jobs} in {elapsed:.1f} s,"
+                  f" concurrency {settings.jobs_concurrency})")
+
+            # 3. Call end → e-mail delivered.
+            body = Workflow.model_validate({"name": "bench-follow-up", "trigger": {"type": "call.ended"}, "steps": [
+                {"type": "summarize"},
+                {"type": "email", "to": "ops@example.com", "subject": "Call {{call.id}}", "body": "{{summary}}"}]})
+            definition = body.model_dump(mode="json", by_alias=True, exclude_none=True, include={"trigger", "steps"})
+            await save_workflow(db.pool, None, {"name": f"{body.name}-{uuid.uuid4().hex[:6]}", "definition": definition,
+                                                "trigger_type": "call.ended", "enabled": True, "next_fire_at": None},
+                                "bench", None)
+            writer = Writer(db, Journal(workdir / "journal"), redact=redact_records)
+            writer.start()
+            delivered: list[float] = []
+            for _ in range(args.calls):
+                call_id = uuid.uuid4().hex
+                events = EventStream(call_id)
+                events.subscribe(writer.observer(call_id, "bench"))
+                events.emit(EventType.CALL_STARTED, transport="bench", persona=None)
+                events.emit(EventType.TRANSCRIPT_FINAL, 0, text="A table for two at seven, please.", source="text")
+                events.emit(EventType.AGENT_FINAL, 0, text="Booked: two at seven.")
+                subject = f"Call {call_id}"
+                t0 = time.perf_counter()
+                events.emit(EventType.CALL_ENDED, reason="hangup")
+                while subject not in mailbox.arrived:
+                    mailbox.wake.clear()
+                    await mailbox.wake.wait()
+                delivered.append((mailbox.arrived[subject] - t0) * 1000)
+            await writer.close()
+            print(f"call end → e-mail delivered (LLM first token {args.ttft * 1000:.0f} ms): p50"
+                  f" {statistics.median(delivered):.0f} ms, p99 {pct(delivered, 0.99):.0f} ms ({len(delivered)} calls)")
+        finally:
+            stop.set()
+            await task
+            await llm.close()
+            await llm_server.stop()
+            await mailbox.stop()
 
 
 async def _enqueue_raw(db: Database, key: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import tempfile
 import time
@@ -21,8 +20,8 @@ from pathlib import Path
 
 from pono.agent.dlp.apply import redact_records
 from pono.events import EventStream, EventType
-from pono.storage.db import Database
-from pono.storage.embedded import EmbeddedPostgres
+from pono.settings import Settings
+from pono.storage.db import open_database
 from pono.storage.journal import Journal
 from pono.storage.records import record
 from pono.storage.writer import Writer
@@ -46,14 +45,8 @@ async def main() -> None:
     ap.add_argument("--journal", type=int, default=10_000)
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="pono-storage-bench-"))
-    embedded = None
-    dsn = os.environ.get("DATABASE_URL")
-    if not dsn:
-        embedded = EmbeddedPostgres(workdir)
-        dsn = await embedded.start()
-    db = Database(dsn, min_size=1, max_size=4)
-    await db.connect()
-    try:
+    settings = Settings(data_dir=workdir)  # DATABASE_URL when set, else an embedded Postgres in workdir
+    async with open_database(settings, max_size=4) as db:
         # 1. Throughput: a call's events, through the observer, the queue and the batching writer.
         writer = Writer(db, Journal(workdir / "journal"), redact=redact_records)
         writer.start()
@@ -88,12 +81,8 @@ async def main() -> None:
         replayed = await replayer.replay()
         replay_s = time.perf_counter() - replay_started
         assert replayed == args.journal and not journal.has_pending()
-    finally:
-        await db.close()
-        if embedded is not None:
-            await embedded.stop()
 
-    print(f"Pono storage ({'DATABASE_URL' if embedded is None else 'embedded Postgres 18'})")
+    print(f"Pono storage ({'embedded Postgres 18' if settings.database_url is None else 'DATABASE_URL'})")
     print(f"  turns persisted per second through the write queue: {args.turns / elapsed:,.0f} "
           f"({args.turns} turns in {elapsed:.2f} s)")
     print(f"  call-loop latency per persisted event: p50 {statistics.median(emit_us):.1f} µs, "
