@@ -1,10 +1,14 @@
 // The operator console: log in, watch live calls on every replica, open one, act on it, search history.
 import { showRuns, showSummary } from "./workflows.js";
+import { hideRecording, showRecording } from "./player.js";
+import { createWaterfall } from "./waterfall.js";
+import { hideDashboard, showDashboard } from "./dashboard.js";
 const $ = (id) => document.getElementById(id);
 const state = { access: null, refresh: null, socket: null, calls: new Map(), open: null, iceServers: [],
   listenPeak: 0, listenPc: null, talkPc: null, refs: 0, pending: new Map(), agentLines: new Map(),
   userLines: new Map() };
 window.consoleState = state; // for tests and curious operators
+const waterfall = createWaterfall(document.getElementById("waterfall"));
 
 function showError(message) { $("error").textContent = message || ""; }
 
@@ -123,6 +127,7 @@ function onMessage(m) {
     case "watching":
       $("transcript").textContent = "";
       $("latency").tBodies[0].textContent = "";
+      waterfall.clear();
       for (const t of m.turns) line(t.role, t.text);
       break;
     case "event":
@@ -167,6 +172,7 @@ setInterval(() => { if (state.calls.size) renderCalls(); }, 1000);
 // -- one call --------------------------------------------------------------------------------
 function openCall(callId) {
   stopMedia();
+  hideRecording();
   state.open = callId;
   state.agentLines.clear();
   state.userLines.clear();
@@ -189,11 +195,11 @@ function line(role, text, extra = "") {
 
 function note(text, kind = "note") { line(kind, text); }
 
-function dlpBadge(div, types) {
+function dlpBadge(div, types, where = "") {
   if (!types || !types.length) return;
   const badge = document.createElement("span");
   badge.className = "dlp";
-  badge.textContent = `redacted: ${types.join(", ")}`;
+  badge.textContent = `redacted${where ? ` ${where}` : ""}: ${types.join(", ")}`;
   div.append(badge);
 }
 
@@ -264,6 +270,7 @@ function latencyRow(turn, marks) {
   const ms = (k) => (marks[k] === undefined ? "–" : Math.round(marks[k] * 1000));
   for (const v of [turn, ms("stt_final"), ms("llm_first_token"), ms("first_sentence"), ms("tts_first_audio"),
     ms("first_audio_sent")]) row.insertCell().textContent = v;
+  waterfall.add(turn, marks);
 }
 
 function action(name, extra = {}) {
@@ -407,13 +414,19 @@ async function openHistory(callId) {
     showSummary(call);
     $("transcript").textContent = "";
     $("latency").tBodies[0].textContent = "";
+    waterfall.clear();
     for (const t of call.turns) {
       const div = line(t.role, t.text, t.interrupted ? "interrupted" : "");
-      const types = call.dlp_findings.filter((f) => f.turn === t.index).map((f) => f.entity_type);
+      div.dataset.turn = t.index;
+      const types = call.dlp_findings.filter((f) => f.turn === t.index && !f.channel).map((f) => f.entity_type);
       dlpBadge(div, [...new Set(types)]);
+      const audio = call.dlp_findings.filter((f) => f.turn === t.index && f.channel).map((f) => f.entity_type);
+      dlpBadge(div, [...new Set(audio)], "in the recording");
       if (t.role === "agent" && Object.keys(t.latency).length) latencyRow(t.index, t.latency);
     }
     for (const tool of call.tool_calls) note(`tool ${tool.name} (turn ${tool.turn})`, "tool");
+    $("transcript").scrollTop = 0;
+    await showRecording(call, () => state.access);
   } catch (err) { showError(err.message); }
 }
 
@@ -421,11 +434,15 @@ function tab(name) {
   $("live").hidden = name !== "live";
   $("history").hidden = name !== "history";
   $("workflows").hidden = name !== "workflows";
+  $("dashboard").hidden = name !== "dashboard";
+  $("app").dataset.tab = name; // the dashboard hides the open call (review.css)
   $("tab-live").classList.toggle("active", name === "live");
   $("tab-history").classList.toggle("active", name === "history");
   $("tab-workflows").classList.toggle("active", name === "workflows");
+  $("tab-dashboard").classList.toggle("active", name === "dashboard");
   if (name === "history") search();
   if (name === "workflows") showRuns(get, post, showError);
+  if (name === "dashboard") showDashboard(get, showError); else hideDashboard();
 }
 
 $("login").addEventListener("submit", login);
@@ -434,6 +451,7 @@ $("logout").addEventListener("click", logout);
 $("tab-live").addEventListener("click", () => tab("live"));
 $("tab-history").addEventListener("click", () => tab("history"));
 $("tab-workflows").addEventListener("click", () => tab("workflows"));
+$("tab-dashboard").addEventListener("click", () => tab("dashboard"));
 $("listen").addEventListener("click", toggleListen);
 $("take-over").addEventListener("click", toggleTakeOver);
 $("hang-up").addEventListener("click", hangUp);
