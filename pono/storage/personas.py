@@ -16,13 +16,19 @@ from typing import Any
 
 import asyncpg
 
-from pono.storage.audit import write_audit
+from pono.storage.audit import save_audited, write_audit
 
 _COLUMNS = ("id, name, system_prompt, greeting, language, tts_voice, llm_model, llm_params, tools,"
             " knowledge_collections, dlp_policy, turn_taking, is_default, timezone, call_tokens_enabled,"
             " call_tokens_per_minute, recording, recording_notice, recording_redaction, recording_retention_days,"
             " created_at, updated_at")
 _JSON_FIELDS = ("llm_params", "tools", "dlp_policy", "turn_taking")
+# What save_persona stores: these, then the recording fields (absent ones take these defaults).
+_FIELDS = ("name", "system_prompt", "greeting", "language", "tts_voice", "llm_model", "llm_params", "tools",
+           "knowledge_collections", "dlp_policy", "turn_taking", "is_default", "timezone", "call_tokens_enabled",
+           "call_tokens_per_minute")
+_RECORDING_DEFAULTS = {"recording": "off", "recording_notice": "", "recording_redaction": "tone",
+                       "recording_retention_days": None}
 
 
 class PersonaNotFound(LookupError):
@@ -41,12 +47,9 @@ def _persona(row: asyncpg.Record) -> dict[str, Any]:
     return persona
 
 
-def _values(p: dict[str, Any]) -> tuple[Any, ...]:
-    return (p["name"], p["system_prompt"], p["greeting"], p["language"], p["tts_voice"], p["llm_model"],
-            json.dumps(p["llm_params"]), json.dumps(p["tools"]), p["knowledge_collections"],
-            json.dumps(p["dlp_policy"]), json.dumps(p["turn_taking"]), p["is_default"], p["timezone"],
-            p["call_tokens_enabled"], p["call_tokens_per_minute"], p.get("recording", "off"),
-            p.get("recording_notice", ""), p.get("recording_redaction", "tone"), p.get("recording_retention_days"))
+def _fields(p: dict[str, Any]) -> dict[str, Any]:
+    """The stored fields of a persona, column → value (the recording ones may be absent: their defaults)."""
+    return {**{f: p[f] for f in _FIELDS}, **{f: p.get(f, default) for f, default in _RECORDING_DEFAULTS.items()}}
 
 
 async def find_persona(pool: asyncpg.Pool, ref: str | None) -> dict[str, Any] | None:
@@ -90,27 +93,10 @@ async def save_persona(pool: asyncpg.Pool, persona_id: uuid.UUID | None, values:
         if values["is_default"]:  # one default at a time: taking it moves it
             await conn.execute("UPDATE personas SET is_default = false WHERE is_default AND deleted_at IS NULL"
                                " AND id IS DISTINCT FROM $1", persona_id)
-        if persona_id is None:
-            row = await conn.fetchrow(
-                "INSERT INTO personas (name, system_prompt, greeting, language, tts_voice, llm_model, llm_params,"
-                " tools, knowledge_collections, dlp_policy, turn_taking, is_default, timezone, call_tokens_enabled,"
-                " call_tokens_per_minute, recording, recording_notice, recording_redaction, recording_retention_days)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10::jsonb,"
-                " $11::jsonb, $12, $13, $14, $15, $16, $17, $18, $19)"
-                f" RETURNING {_COLUMNS}", *_values(values))
-        else:
-            row = await conn.fetchrow(
-                "UPDATE personas SET name = $1, system_prompt = $2, greeting = $3, language = $4,"
-                " tts_voice = $5, llm_model = $6, llm_params = $7::jsonb, tools = $8::jsonb,"
-                " knowledge_collections = $9, dlp_policy = $10::jsonb, turn_taking = $11::jsonb,"
-                " is_default = $12, timezone = $13, call_tokens_enabled = $14, call_tokens_per_minute = $15,"
-                " recording = $16, recording_notice = $17, recording_redaction = $18, recording_retention_days = $19,"
-                " updated_at = now() WHERE id = $20 AND deleted_at IS NULL"
-                f" RETURNING {_COLUMNS}", *_values(values), persona_id)
-            if row is None:
-                raise PersonaNotFound(str(persona_id))  # rolls back the default's move too
-        await write_audit(conn, actor, "persona.create" if persona_id is None else "persona.update",
-                          str(row["id"]), source_ip)
+        row = await save_audited(conn, "personas", persona_id, _fields(values), _COLUMNS, jsonb=_JSON_FIELDS,
+                                 actor=actor, kind="persona", source_ip=source_ip)
+        if row is None:
+            raise PersonaNotFound(str(persona_id))  # rolls back the default's move too
     return _persona(row)
 
 

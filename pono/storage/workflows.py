@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from pono.storage.audit import write_audit
+from pono.storage.audit import save_audited, write_audit
 from pono.storage.workflow_runs import request_cancel
 
 _COLUMNS = "id, name, definition, trigger_type, enabled, next_fire_at, created_at, updated_at"
@@ -39,22 +39,12 @@ async def save_workflow(pool: asyncpg.Pool, workflow_id: uuid.UUID | None, value
     `values`: {"name", "definition": dict, "trigger_type", "enabled", "next_fire_at": datetime | None}.
     Raises WorkflowNotFound, asyncpg.UniqueViolationError when the name is taken.
     """
-    args = (values["name"], json.dumps(values["definition"]), values["trigger_type"], values["enabled"],
-            values["next_fire_at"])
+    fields = {f: values[f] for f in ("name", "definition", "trigger_type", "enabled", "next_fire_at")}
     async with pool.acquire() as conn, conn.transaction():
-        if workflow_id is None:
-            row = await conn.fetchrow(
-                "INSERT INTO workflows (name, definition, trigger_type, enabled, next_fire_at)"
-                f" VALUES ($1, $2::jsonb, $3, $4, $5) RETURNING {_COLUMNS}", *args)
-        else:
-            row = await conn.fetchrow(
-                "UPDATE workflows SET name = $1, definition = $2::jsonb, trigger_type = $3, enabled = $4,"
-                " next_fire_at = $5, updated_at = now() WHERE id = $6 AND deleted_at IS NULL"
-                f" RETURNING {_COLUMNS}", *args, workflow_id)
-            if row is None:
-                raise WorkflowNotFound(str(workflow_id))
-        await write_audit(conn, actor, "workflow.create" if workflow_id is None else "workflow.update",
-                          str(row["id"]), source_ip, name=values["name"])
+        row = await save_audited(conn, "workflows", workflow_id, fields, _COLUMNS, jsonb=("definition",), actor=actor,
+                                 kind="workflow", source_ip=source_ip, name=values["name"])
+    if row is None:
+        raise WorkflowNotFound(str(workflow_id))
     return workflow_of(row)
 
 
