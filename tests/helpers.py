@@ -1,19 +1,23 @@
-"""Small pieces several test files share: a server on stores of its own, a text call, reading a call back
-through the API, a settings change for new calls, and a hand-built PDF."""
+"""Small pieces several test files share: a server on stores of its own, a database of its own, a text call,
+reading a call back through the API, a settings change for new calls, and a hand-built PDF."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import asyncpg
 import pytest
 from conftest import RunningServer, make_settings, start_server
 from servers import PostgresProcess, ValkeyProcess
 
 from pono.context import SERVICES
+from pono.storage.db import Database
 from pono.storage.users import create_api_key, create_user
 from pono.testing.caller import Caller
 from pono.testing.scripted_llm import ScriptedLLM
@@ -35,6 +39,25 @@ async def server_on_own_stores(tmp_path_factory: pytest.TempPathFactory, scripte
     await running.runner.cleanup()
     valkey.stop()
     pg.close()
+
+
+@asynccontextmanager
+async def database_of_its_own(postgres_url: str, max_size: int) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
+    """A fresh database on the tests' Postgres, migrated, that no server uses (nor its job worker): (its URL, a
+    pool of up to `max_size` connections on it, closed on the way out)."""
+    name = f"pono_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}"))
+    db = Database(url, min_size=1, max_size=max_size)
+    await db.connect()  # applies the migrations
+    try:
+        yield url, db.pool
+    finally:
+        await db.close()
 
 
 @asynccontextmanager

@@ -11,10 +11,10 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from helpers import database_of_its_own
 from jobs_peers import Target
 
 from pono.agent.dlp.apply import redact_records
@@ -32,19 +32,8 @@ from pono.storage.writer import Writer
 @pytest.fixture
 async def database(postgres_url: str) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
     """A fresh, migrated database of its own (no server's worker watches its queue): (its URL, a pool)."""
-    name = f"pono_jobs_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}"))
-    db = Database(url, min_size=1, max_size=4)
-    await db.connect()
-    try:
-        yield url, db.pool
-    finally:
-        await db.close()
+    async with database_of_its_own(postgres_url, max_size=4) as found:
+        yield found
 
 
 class Worker:

@@ -10,12 +10,11 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from helpers import database_of_its_own
 
-from pono.storage.db import Database
 from pono.storage.retention import SOFT_DELETED, purge, purge_daily
 
 DAYS = 90
@@ -24,19 +23,8 @@ DAYS = 90
 @pytest.fixture
 async def database(postgres_url: str) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
     """A fresh, migrated database of its own: (its URL, a pool on it)."""
-    name = f"pono_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}"))
-    db = Database(url, min_size=1, max_size=2)
-    await db.connect()  # applies the migrations
-    try:
-        yield url, db.pool
-    finally:
-        await db.close()
+    async with database_of_its_own(postgres_url, max_size=2) as found:
+        yield found
 
 
 async def _call(pool: asyncpg.Pool, age_days: int, *, deleted_days: int | None = None) -> str:
