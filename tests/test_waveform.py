@@ -8,6 +8,7 @@ import tempfile
 import tracemalloc
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -111,3 +112,10 @@ async def test_a_recording_in_object_storage(tmp_path: Path, ten_minutes: Path, 
             await recording_peaks(store, {**row, "storage_key": "pono/gone.ogg"}, 300)
     finally:
         moto.stop()
+
+
+def test_a_file_that_is_not_audio_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.ogg"
+    junk.write_bytes(b"not an Ogg file at all " * 100)
+    with pytest.raises((av.error.FFmpegError, ValueError)):
+        file_peaks(junk, 100)

@@ -107,8 +107,10 @@ def file_peaks(path: Path, buckets: int) -> Peaks:
     """The peaks of the recording at `path` in at most `buckets` slices (fewer for audio under `buckets` × 10 ms).
 
     A file cut short (a crashed server's, or one still being written) gives the peaks of what decodes. Raises
-    av.error.FFmpegError (or OSError) when the file cannot be opened as audio at all."""
+    av.error.FFmpegError (or OSError) when the file cannot be opened, ValueError when it holds no audio."""
     with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ValueError("the file holds no audio stream")
         stream = container.streams.audio[0]
         rate = int(stream.codec_context.sample_rate or stream.rate or 48_000)
         windows = _Windows(max(1, int(rate * WINDOW_S)))
