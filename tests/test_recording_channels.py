@@ -31,7 +31,8 @@ def script(scripted_llm):
     from pono.testing.scripted_llm import Script
 
     scripted_llm.script = Script()
-    return scripted_llm.script
+    yield scripted_llm.script
+    scripted_llm.script = Script()  # the next module's tests get the default answer, not the card read back
 
 
 async def recorded_call(server, admin_token: str, persona: str, speak: np.ndarray | None = None,
