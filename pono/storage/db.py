@@ -15,6 +15,8 @@ from pono.storage.embedded import EmbeddedPostgres
 from pono.storage.migrate import apply_migrations
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from pono.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,18 @@ class Database:
                 await asyncio.wait_for(pool.close(), 5)
             except TimeoutError:
                 pool.terminate()
+
+
+async def live_rows_oldest_first(pool: asyncpg.Pool, table: str, columns: str, after: tuple[datetime, str] | None,
+                                 count: int) -> list[asyncpg.Record]:
+    """Up to `count` rows of `table` not soft-deleted, oldest first, continuing after the (created_at, id)
+    position `after` (None: from the first): a page of a list endpoint. `table` and `columns` are named by code,
+    never by a request (they go into the SQL)."""
+    return await pool.fetch(
+        f"SELECT {columns} FROM {table} WHERE deleted_at IS NULL"
+        " AND ($1::timestamptz IS NULL OR (created_at, id::text) > ($1, $2))"
+        " ORDER BY created_at, id::text LIMIT $3",
+        after[0] if after else None, after[1] if after else "", count)
 
 
 @contextlib.asynccontextmanager

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 
 from pono.storage.audit import save_audited, write_audit
+from pono.storage.db import live_rows_oldest_first
 
 _COLUMNS = ("id, name, system_prompt, greeting, language, tts_voice, llm_model, llm_params, tools,"
             " knowledge_collections, dlp_policy, turn_taking, is_default, timezone, call_tokens_enabled,"
@@ -74,12 +75,7 @@ async def get_persona(pool: asyncpg.Pool, persona_id: uuid.UUID) -> dict[str, An
 
 async def list_personas(pool: asyncpg.Pool, after: tuple[datetime, str] | None, count: int) -> list[dict[str, Any]]:
     """Up to `count` personas, oldest first, continuing after the (created_at, id) position `after`."""
-    rows = await pool.fetch(
-        f"SELECT {_COLUMNS} FROM personas WHERE deleted_at IS NULL"
-        " AND ($1::timestamptz IS NULL OR (created_at, id::text) > ($1, $2))"
-        " ORDER BY created_at, id::text LIMIT $3",
-        after[0] if after else None, after[1] if after else "", count)
-    return [_persona(r) for r in rows]
+    return [_persona(r) for r in await live_rows_oldest_first(pool, "personas", _COLUMNS, after, count)]
 
 
 async def save_persona(pool: asyncpg.Pool, persona_id: uuid.UUID | None, values: dict[str, Any], actor: str,

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from pono.storage.audit import save_audited, write_audit
+from pono.storage.db import live_rows_oldest_first
 from pono.storage.workflow_runs import request_cancel
 
 _COLUMNS = "id, name, definition, trigger_type, enabled, next_fire_at, created_at, updated_at"
@@ -71,12 +72,7 @@ async def get_workflow(pool: asyncpg.Pool | asyncpg.Connection, workflow_id: uui
 
 async def list_workflows(pool: asyncpg.Pool, after: tuple[datetime, str] | None, count: int) -> list[dict[str, Any]]:
     """Up to `count` workflows, oldest first, continuing after the (created_at, id) position `after`."""
-    rows = await pool.fetch(
-        f"SELECT {_COLUMNS} FROM workflows WHERE deleted_at IS NULL"
-        " AND ($1::timestamptz IS NULL OR (created_at, id::text) > ($1, $2))"
-        " ORDER BY created_at, id::text LIMIT $3",
-        after[0] if after else None, after[1] if after else "", count)
-    return [workflow_of(r) for r in rows]
+    return [workflow_of(r) for r in await live_rows_oldest_first(pool, "workflows", _COLUMNS, after, count)]
 
 
 async def enabled_workflows(pool: asyncpg.Pool | asyncpg.Connection, trigger_type: str) -> list[dict[str, Any]]:
