@@ -27,6 +27,8 @@ PROTECTED: list[tuple[str, str, Any, str, str]] = [
     ("GET", "/api/calls?state=live", None, "viewer", "calls"),
     ("GET", f"/api/calls/{MISSING}", None, "viewer", "calls"),
     ("GET", f"/api/calls/{MISSING}/recording", None, "viewer", "calls"),
+    ("GET", f"/api/calls/{MISSING}/recording/peaks", None, "viewer", "calls"),
+    ("GET", "/api/dashboard", None, "viewer", "calls"),
     ("POST", f"/api/calls/{MISSING}/actions", {"action": "hang_up"}, "operator", "calls"),
     ("GET", "/api/personas", None, "viewer", "personas"),
     ("GET", f"/api/personas/{MISSING}", None, "viewer", "personas"),
