@@ -79,3 +79,23 @@ async def test_keys_pressed_without_a_pause_are_cut_into_bounded_entries(server,
                 caller.send_raw(json.dumps({"type": "dtmf", "digit": "*"}))
             entry = await caller.wait_for(lambda e: e["type"] == "transcript.final", 20)
             assert entry["text"] == "the caller pressed " + "*" * MAX_KEYS
+
+
+async def test_a_call_whose_loop_fails_ends_as_an_error(server, admin_token, monkeypatch) -> None:
+    """A call's audio loop that raised once left the call open, deaf, until the caller gave up, and it was
+    stored as a hang-up; nothing ever stored "error" (the dashboard's and the nightly report's failed calls)."""
+    models = server.app[SERVICES].models
+
+    async def broken_vad(*args: object) -> list[float]:
+        raise RuntimeError("the VAD broke")
+
+    caller = await open_call(server)
+    try:
+        monkeypatch.setattr(models, "run_vad", broken_vad)  # this call's next frame fails its audio loop
+        error = await caller.wait_for(lambda e: e["type"] == "error" and e.get("kind") == "internal", 10)
+        assert "ends" in error["message"]
+        assert await call_gone(server, caller.call_id)
+    finally:
+        monkeypatch.undo()
+        await caller.hang_up()
+    assert await stored_end_reason(server, admin_token, caller.call_id) == "error"

@@ -150,9 +150,11 @@ class Call:
                  asyncio.create_task(self._watch_limits(), name=f"limits-{self.call_id}")]
         if self.greeting:
             self.responder.say(self.greeting, kind="greeting")
+        closed = asyncio.ensure_future(t.closed())
         try:
-            await t.closed()
+            await self._until_closed_or_failed(closed, loops)
         finally:
+            closed.cancel()
             if self._keys_timer is not None:
                 self._keys_timer.cancel()
             await self.responder.close(reason=self.end_reason)
@@ -166,6 +168,19 @@ class Call:
             self.events.emit(
                 EventType.CALL_ENDED, reason=self.end_reason, duration_s=round(time.time() - self.started, 3)
             )
+
+    async def _until_closed_or_failed(self, closed: asyncio.Future[None], loops: list[asyncio.Task[None]]) -> None:
+        """Until the caller has gone, or one of the call's loops failed: a call whose loop died would otherwise
+        stay open, deaf or mute, until the caller gave up; it ends with reason "error" instead."""
+        waiting: set[asyncio.Future[Any]] = {closed, *loops}
+        while closed in waiting:
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            failed = [task for task in done if task is not closed and not task.cancelled() and task.exception()]
+            if failed:
+                log.error("call %s: %s failed", self.call_id, failed[0].get_name(), exc_info=failed[0].exception())
+                self.end_reason = "error"
+                self.events.emit(EventType.ERROR, kind="internal", message="the call failed and ends")
+                return
 
     async def end_with_goodbye(self, reason: str, text: str) -> None:
         """Stop whatever the agent says, say `text` whole (no barge-in), then hang up for `reason`.
