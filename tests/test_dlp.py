@@ -55,6 +55,9 @@ def test_spoken_forms_are_redacted_on_the_original_words() -> None:
     assert email.text == "it's [EMAIL_ADDRESS] ok"
     card = DEFAULT_POLICY.scan("four one one one one one one one one one one one one one one one is my card")
     assert card.text == "[CREDIT_CARD] is my card"
+    # Heard with a digit too many (Whisper, in a real call): the checksum fails, the words around say card.
+    misheard = DEFAULT_POLICY.scan("my card is 4111111111111111111 thanks")
+    assert misheard.text == "my card is [CREDIT_CARD] thanks"
 
 
 def test_policies_mask_custom_patterns_and_reject_bad_regex() -> None:
