@@ -206,6 +206,7 @@ class Settings(BaseSettings):
     jobs_concurrency: int = Field(default=4, ge=2, le=256)  # jobs one worker runs at once (pgqueuer: 2 or more)
     jobs_heartbeat_s: float = Field(default=30.0, ge=1.0)  # a job whose worker is silent this long is picked again
     jobs_drain_timeout_s: float = 60.0  # on SIGTERM, running jobs may finish this long; then they are released
+    jobs_health_port: int | None = None  # `pono jobs` serves /health and /ready here (its probes); unset: none
     jobs_purge_cron: str = "17 3 * * *"  # the retention purge (UTC)
     jobs_report_cron: str = "5 0 * * *"  # the nightly report of the day before (UTC)
     # Summaries give the LLM up to live calls: "auto" when the bundled (single-slot) model serves them, "always"

@@ -6,8 +6,9 @@ Up to PONO_JOBS_CONCURRENCY jobs run at once. A job's worker beats every PONO_JO
 whose worker went silent for PONO_JOBS_HEARTBEAT_S (killed, frozen) is picked again by another. A job that
 raises is retried by pgqueuer with exponential backoff (up to 5 tries). When told to stop, the worker takes
 no new jobs and lets running ones finish for PONO_JOBS_DRAIN_TIMEOUT_S; those still running then are handed
-back to the queue (requeued at once), not lost. If Postgres goes away, the worker restarts itself every few
-seconds until it is back.
+back to the queue (requeued at once), not lost. If Postgres goes away, or only the queue's LISTEN connection
+does, the worker restarts itself every few seconds until it is back. `readiness()` says whether it takes jobs
+now (`pono jobs` serves it as /ready).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class JobWorker:
         self.runner = WorkflowRunner(pool, settings, llm, llm_busy)
         self.gauge_interval_s = gauge_interval_s
         self._release = asyncio.Event()  # set when the drain time is up: running jobs go back to the queue
+        self._pgq: PgQueuer | None = None  # the queue manager running now (None: starting, restarting, stopped)
+        self.draining = False  # told to stop: no new jobs
 
     def build(self, queue_pool: asyncpg.Pool) -> PgQueuer:
         """A PgQueuer on `queue_pool` with every entrypoint and schedule registered (a fresh one for each
@@ -135,6 +138,26 @@ class JobWorker:
         self.metrics.jobs_total.labels(kind, outcome if outcome in ("failed", "cancelled") else "succeeded").inc()
         task.result()  # re-raises: pgqueuer retries the job with backoff
 
+    async def readiness(self, timeout_s: float = 2.0) -> str | None:
+        """None while this worker takes jobs: not draining, the jobs' pool answers, and the queue's LISTEN
+        connection round-trips a NOTIFY within `timeout_s` (pgqueuer's own listener probe); else why not."""
+        if self.draining:
+            return "draining: taking no new jobs"
+        pgq = self._pgq
+        if pgq is None:
+            return "the queue is not running (starting, or restarting after a database error)"
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.pool.fetchval("SELECT 1")
+        except Exception as exc:  # asyncpg's errors, OSError, TimeoutError: Postgres is away
+            return f"Postgres does not answer ({type(exc).__name__})"
+        try:
+            async with asyncio.timeout(timeout_s + 1):
+                await pgq.qm.listener_healthy(timeout=timedelta(seconds=timeout_s))
+        except Exception as exc:
+            return f"the queue's listener does not answer ({type(exc).__name__})"
+        return None
+
     def release_now(self) -> None:
         """Hand running jobs back to the queue now instead of at the end of the drain time."""
         self._release.set()
@@ -161,12 +184,15 @@ class JobWorker:
             # checked out, and that must not eat into the pool calls and jobs use.
             queue_pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=concurrency + 3, timeout=5)
             try:
-                yield self.build(queue_pool)
+                self._pgq = self.build(queue_pool)
+                yield self._pgq
             finally:
+                self._pgq = None
                 queue_pool.terminate()
 
         async def drain() -> None:
             await stop.wait()
+            self.draining = True
             log.info("job worker draining (up to %.0f s)", self.settings.jobs_drain_timeout_s)
             inner.set()
             await asyncio.sleep(self.settings.jobs_drain_timeout_s)
@@ -178,7 +204,11 @@ class JobWorker:
             await pgqueuer.run(factory, batch_size=batch, max_concurrent_tasks=max(concurrency, 2 * batch),
                                heartbeat_timeout=timedelta(seconds=self.settings.jobs_heartbeat_s),
                                dequeue_timeout=timedelta(seconds=10), restart_on_failure=True,
-                               restart_delay=timedelta(seconds=2), shutdown=inner)
+                               restart_delay=timedelta(seconds=2), shutdown=inner,
+                               # A LISTEN connection lost in a short Postgres restart (a failover) is not seen
+                               # by the polling, which reconnects: without this the worker went on deaf to
+                               # new jobs and cancels for good. pgqueuer's probe fails within ~20 s: restart.
+                               shutdown_on_listener_failure=True)
         finally:
             for task in watchers:
                 task.cancel()

@@ -1,0 +1,199 @@
+"""`pono jobs` as Kubernetes runs it (k8s/base/jobs.yaml): real worker processes, their probes on
+PONO_JOBS_HEALTH_PORT, and SIGTERM.
+
+- /health answers from start to exit, Postgres or not; /ready only while the worker takes jobs: 503 while it
+  connects, while Postgres is away (it comes back by itself), and from SIGTERM on.
+- SIGTERM with a job that outlasts PONO_JOBS_DRAIN_TIMEOUT_S: the worker hands the job back to the queue and
+  exits 0 soon after the drain time (the pod's grace period is sized on this), and another worker finishes it,
+  the side effect happening once (the idempotency key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import pytest
+from jobs_peers import Target
+from servers import PostgresProcess
+
+from pono.agent.embedded import free_port
+from pono.jobs.definition import Workflow
+from pono.jobs.triggers import run_by_hand
+from pono.storage.db import Database
+from pono.storage.workflow_runs import RUN_WORKFLOW, get_run, step_runs
+from pono.storage.workflows import save_workflow
+
+DRAIN_S = 3.0
+
+
+class Worker:
+    """`python -m pono jobs` as a child process, with its probes on a port of its own."""
+
+    def __init__(self, url: str, folder: Path, name: str, **env: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log = folder / f"{name}.log"
+        self.port = free_port()
+        self.env = {**os.environ, "DATABASE_URL": url, "PONO_DATA_DIR": str(folder / name),
+                    "PONO_JOBS_HEALTH_PORT": str(self.port), "PONO_JOBS_HEARTBEAT_S": "2",
+                    "PONO_JOBS_DRAIN_TIMEOUT_S": str(DRAIN_S), "PONO_LOG_FORMAT": "console",
+                    "PONO_WEBHOOK_ALLOWED_HOSTS": '["127.0.0.1"]', "PONO_WEBHOOK_SECRET": "s3cret-for-workers", **env}
+        for name_ in ("OPENAI_BASE_URL", "PONO_METRICS_PORT"):
+            if name_ not in env:
+                self.env.pop(name_, None)
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(sys.executable, "-m", "pono", "jobs", env=self.env,
+                                                                stdout=log, stderr=asyncio.subprocess.STDOUT)
+
+    async def probe(self, path: str) -> tuple[int, dict[str, Any]]:
+        """(status, JSON body) of GET `path`; (0, {}) when nothing answers."""
+        try:
+            async with aiohttp.ClientSession() as http, \
+                    http.get(self.url + path, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                return r.status, await r.json()
+        except (aiohttp.ClientConnectionError, TimeoutError):
+            return 0, {}
+
+    async def until(self, path: str, status: int, within_s: float) -> dict[str, Any]:
+        """Probe `path` every 0.1 s until it answers `status` (its body then); fails after `within_s`."""
+        deadline = time.monotonic() + within_s
+        seen: tuple[int, dict[str, Any]] = (0, {})
+        while time.monotonic() < deadline:
+            seen = await self.probe(path)
+            if seen[0] == status:
+                return seen[1]
+            assert self.process is not None and self.process.returncode is None, self.tail()
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{path} never answered {status} (last: {seen}):\n{self.tail()}")
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+@pytest.fixture
+async def database(postgres_url: str) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
+    """A fresh, migrated database of its own (no other worker watches its queue): (its URL, a pool)."""
+    name = f"pono_probes_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}"))
+    db = Database(url, min_size=1, max_size=4)
+    await db.connect()
+    try:
+        yield url, db.pool
+    finally:
+        await db.close()
+
+
+async def _manual_webhook(pool: asyncpg.Pool, url: str) -> dict[str, Any]:
+    body = Workflow.model_validate({"name": f"pay-{uuid.uuid4().hex[:6]}", "trigger": {"type": "manual"},
+                                    "steps": [{"type": "webhook", "name": "pay", "url": url, "timeout_s": 120}]})
+    definition = body.model_dump(mode="json", by_alias=True, exclude_none=True, include={"trigger", "steps"})
+    return await save_workflow(pool, None, {"name": body.name, "definition": definition, "trigger_type": "manual",
+                                            "enabled": True, "next_fire_at": None}, "test", None)
+
+
+async def test_ready_only_while_taking_jobs_and_alive_throughout(tmp_path: Path) -> None:
+    pg = PostgresProcess(tmp_path / "pg")
+    await pg.astop()  # the worker starts before its database is up
+    # /metrics on the probes' port: the two may be one (pono.jobs.process).
+    worker = Worker(pg.uri, tmp_path, "probes", PONO_DB_CONNECT_ATTEMPTS="30")
+    worker.env["PONO_METRICS_PORT"] = str(worker.port)
+    try:
+        await worker.start()
+        await worker.until("/health", 200, 30)
+        status, body = await worker.probe("/ready")
+        assert status == 503 and body["reason"].startswith("starting"), (status, body)
+
+        await pg.astart()
+        assert (await worker.until("/ready", 200, 60))["status"] == "ready"
+        async with aiohttp.ClientSession() as http, http.get(worker.url + "/metrics") as r:
+            assert r.status == 200 and "pono_jobs_queue_depth" in await r.text()
+
+        await pg.astop()  # an outage: not ready (no job can be taken), yet alive (a restart would not help)
+        body = await worker.until("/ready", 503, 30)
+        assert "Postgres" in body["reason"] or "queue" in body["reason"], body
+        assert (await worker.probe("/health"))[0] == 200
+
+        await pg.astart()  # it comes back without a restart
+        await worker.until("/ready", 200, 60)
+
+        assert worker.process is not None
+        worker.process.send_signal(signal.SIGTERM)
+        body = await worker.until("/ready", 503, 5)
+        assert body["reason"].startswith("draining"), body
+        assert await asyncio.wait_for(worker.process.wait(), 30) == 0  # nothing running: it stops at once
+    finally:
+        await worker.stop()
+        pg.close()
+
+
+async def test_sigterm_past_the_drain_time_hands_the_job_to_another_worker(
+        database: tuple[str, asyncpg.Pool], tmp_path: Path) -> None:
+    url, pool = database
+    target = Target()
+    await target.start()
+    first, second = Worker(url, tmp_path, "first"), Worker(url, tmp_path, "second")
+    try:
+        target.hold_first = True  # the receiver acts, then holds its answer past the drain time
+        run_id = await run_by_hand(pool, await _manual_webhook(pool, f"{target.url}/once/pay"), None, {})
+        await first.start()
+        await asyncio.wait_for(target.held.wait(), 60)
+        assert (await first.probe("/ready"))[0] == 200  # busy is still ready: it takes more jobs
+
+        assert first.process is not None
+        stopped_at = time.monotonic()
+        first.process.send_signal(signal.SIGTERM)
+        assert (await first.until("/ready", 503, 2))["reason"].startswith("draining")
+        assert (await first.probe("/health"))[0] == 200  # draining is alive: no restart mid-drain
+        assert await asyncio.wait_for(first.process.wait(), DRAIN_S + 30) == 0
+        took = time.monotonic() - stopped_at
+        # k8s/base/jobs.yaml: terminationGracePeriodSeconds >= PONO_JOBS_DRAIN_TIMEOUT_S + 30.
+        assert DRAIN_S <= took < DRAIN_S + 15, took
+        run = await get_run(pool, run_id)
+        assert run is not None and run["status"] == "running", run  # not failed, not lost: back in the queue
+        queued = await pool.fetch("SELECT status FROM pgqueuer WHERE entrypoint = $1", RUN_WORKFLOW)
+        assert [r["status"] for r in queued] == ["queued"], queued
+
+        await second.start()  # takes the job at once: nothing to wait for, no heartbeat to go stale
+        for _ in range(300):
+            run = await get_run(pool, run_id)
+            if run is not None and run["status"] in ("succeeded", "failed"):
+                break
+            await asyncio.sleep(0.1)
+        assert run is not None and run["status"] == "succeeded", (run, second.tail())
+        tries = target.sent("once/pay")
+        assert len(tries) == 2 and len({t["headers"]["Idempotency-Key"] for t in tries}) == 1
+        assert target.side_effects == [tries[0]["headers"]["Idempotency-Key"]]  # the payment happened once
+        (step,) = await step_runs(pool, run_id)
+        assert step["status"] == "succeeded" and step["attempts"] == 2
+    finally:
+        target.release.set()
+        await first.stop()
+        await second.stop()
+        await target.stop()
