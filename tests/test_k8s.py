@@ -27,6 +27,7 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
+from pono.settings import Settings
 from pono.voice.worker.server import DRAIN_S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -431,8 +432,9 @@ def test_the_secrets_to_create(rendered) -> None:
                 ("pono-turn", "username"), ("pono-turn", "password")} | {("pono-app", k) for k in app_keys}
     assert secret_refs(rendered["dev"]) == expected
     sip = {("pono-sip", "PONO_SIP_AUTH_USER"), ("pono-sip", "PONO_SIP_AUTH_PASSWORD")}
-    assert secret_refs(rendered["prod"]) == expected | sip
-    assert secret_refs(rendered["gpu"]) == expected | sip | {("pono-speech-worker", "token")}
+    jobs = {("pono-app", "PONO_SMTP_PASSWORD")}  # the job workers' e-mail steps (not in dev: no workers)
+    assert secret_refs(rendered["prod"]) == expected | sip | jobs
+    assert secret_refs(rendered["gpu"]) == expected | sip | jobs | {("pono-speech-worker", "token")}
 
 
 def test_sip_service_matches_the_rtp_range(rendered) -> None:
@@ -502,6 +504,126 @@ def test_gpu_speech_worker(rendered) -> None:
                 if any(f.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
                        == "monitoring" for f in rule["from"])]
     assert any(port["port"] == 3001 for rule in scrapers for port in rule["ports"])
+
+
+def worker_settings(objs: list[dict[str, Any]], container: dict[str, Any],
+                    monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """pono's Settings as a container would read them: its ConfigMaps, literal env, and a stand-in for each
+    secret it cannot start without (optional ones left out: they may be absent)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        name = source["configMapRef"]["name"]
+        env.update(one(objs, "ConfigMap", name)["data"])
+    for entry in container.get("env", []):
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        elif ref and not ref.get("optional"):
+            env[entry["name"]] = "postgresql://pono:x@pono-db-rw/pono" if entry["name"] == "DATABASE_URL" else "x" * 32
+    for key in list(os.environ):
+        if key.startswith("PONO_") or key in ("DATABASE_URL", "REDIS_URL", "OPENAI_BASE_URL"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return Settings()
+
+
+def test_the_job_worker_renders_as_written() -> None:
+    """k8s/base alone: two workers (the autoscaling component hands the count to KEDA in prod and gpu)."""
+    objs = render(K8S / "base")
+    assert one(objs, "Deployment", "pono-jobs")["spec"]["replicas"] == 2
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_jobs_run_in_one_place(rendered, overlay: str) -> None:
+    """Where the job workers run, the app servers run no jobs (PONO_JOBS_IN_PROCESS=false), and the workers
+    have an LLM for summaries (OPENAI_BASE_URL: `pono jobs` has no bundled model). dev has no workers: its
+    one server runs the jobs with the bundled model."""
+    objs = rendered[overlay]
+    config = config_data(objs, "pono-config")
+    workers = find(objs, "Deployment", "pono-jobs")
+    if overlay == "dev":
+        assert workers == [] and config["PONO_JOBS_IN_PROCESS"] == "true"
+        assert "OPENAI_BASE_URL" not in config
+    else:
+        assert len(workers) == 1 and config["PONO_JOBS_IN_PROCESS"] == "false"
+        assert config["OPENAI_BASE_URL"].startswith("https://")
+    for server in server_pods(objs):  # every `pono serve` pod (app, SIP) reads the same ConfigMap
+        (pono,) = [c for c in containers(server) if c["name"] == "pono"]
+        refs = [s["configMapRef"]["name"] for s in pono["envFrom"] if "configMapRef" in s]
+        assert any(re.fullmatch(r"pono-config(-[a-z0-9]{10})?", r) for r in refs)
+        assert "PONO_JOBS_IN_PROCESS" not in env_of(pono)  # nothing overrides it per workload
+
+
+@pytest.mark.parametrize("overlay", ["prod", "gpu"])
+def test_job_worker(rendered, overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pono.jobs.health import routes
+
+    objs = rendered[overlay]
+    worker = one(objs, "Deployment", "pono-jobs")
+    spec = pod_spec(worker)
+    (c,) = spec["containers"]
+    app = one(objs, "Deployment", "pono")
+    (pono,) = [x for x in containers(app) if x["name"] == "pono"]
+    # The app's program, image, settings and secrets.
+    assert c["args"] == ["jobs"] and c["image"] == pono["image"]
+    assert c["envFrom"] == pono["envFrom"]
+    env, app_env = env_of(c), env_of(pono)
+    for name in ("DATABASE_URL", "OPENAI_API_KEY", "PONO_WEBHOOK_SECRET"):
+        assert env[name]["valueFrom"]["secretKeyRef"] == app_env[name]["valueFrom"]["secretKeyRef"], name
+    assert env["PONO_SMTP_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "pono-app"
+    # Hardened as the app is.
+    assert spec["securityContext"] == pod_spec(app)["securityContext"]
+    assert c["securityContext"] == pono["securityContext"]
+    assert spec["serviceAccountName"] == pod_spec(app)["serviceAccountName"]
+    assert {"/var/lib/pono", "/tmp"} <= {m["mountPath"] for m in c["volumeMounts"]}
+    # Its probes hit the port `pono jobs` opens (PONO_JOBS_HEALTH_PORT, as Settings read it) and the paths
+    # pono.jobs.health serves there; /metrics is on PONO_METRICS_PORT, which Service pono-metrics scrapes.
+    settings = worker_settings(objs, c, monkeypatch)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    served = {r.path for r in routes(lambda: None)}
+    assert settings.jobs_health_port is not None and settings.jobs_health_port != settings.metrics_port
+    for probe, path in (("livenessProbe", "/health"), ("readinessProbe", "/ready"), ("startupProbe", "/health")):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path and path in served, probe
+        assert ports[get["port"]] == settings.jobs_health_port, probe
+    assert ports["metrics"] == settings.metrics_port
+    metrics = one(objs, "Service", "pono-metrics")["spec"]
+    assert metrics["selector"].items() <= worker["spec"]["template"]["metadata"]["labels"].items()
+    assert metrics["ports"][0]["targetPort"] == "metrics"
+    # The drain: running jobs get PONO_JOBS_DRAIN_TIMEOUT_S, then go back to the queue and the process exits
+    # (tests/test_jobs_health.py: within a second); the grace period leaves 30 s for that.
+    assert settings.jobs_drain_timeout_s == 60 and not settings.jobs_in_process
+    assert spec["terminationGracePeriodSeconds"] >= settings.jobs_drain_timeout_s + 30
+    assert "lifecycle" not in c  # no Service sends it anything: no preStop wait
+    assert worker["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    # KEDA: 2-4 workers on the shared queue's depth, from the workers' own gauge.
+    assert "replicas" not in worker["spec"]
+    scaled = one(objs, "ScaledObject", "pono-jobs")["spec"]
+    assert scaled["scaleTargetRef"]["name"] == "pono-jobs"
+    assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (2, 4)
+    (trigger,) = scaled["triggers"]
+    assert trigger["metricType"] == "AverageValue" and float(trigger["metadata"]["threshold"]) > 0
+    query = trigger["metadata"]["query"]
+    assert re.search(r"\bmax\(pono_jobs_queue_depth\{", query) and 'app_kubernetes_io_component="jobs"' in query
+    assert f'namespace="{OVERLAYS[overlay]}"' in query
+    # Out: Postgres, DNS, HTTPS (LLM, webhooks, http steps) and SMTP (e-mail steps, PONO_SMTP_PORT).
+    labels = worker["spec"]["template"]["metadata"]["labels"]
+    tcp = {port["port"] for p in policies_for(objs, labels, "Egress") for rule in p["spec"].get("egress", [])
+           for port in rule.get("ports", []) if port.get("protocol", "TCP") == "TCP"}
+    assert {53, 5432, 443, settings.smtp_port} <= tcp
+    db_ingress = {port["port"] for p in policies_for(objs, {"cnpg.io/cluster": "pono-db"}, "Ingress")
+                  for rule in p["spec"].get("ingress", []) for port in rule["ports"]
+                  if any(f.get("podSelector", {}).get("matchLabels", {}).items() <= labels.items()
+                         and "namespaceSelector" not in f for f in rule["from"])}
+    assert 5432 in db_ingress
+    # Postgres has room for every connection: the servers' pools and the workers' two pools each
+    # (pono.jobs.process: PONO_JOBS_CONCURRENCY + 4; pono.jobs.worker: + 3), with 20 to spare.
+    servers = one(objs, "ScaledObject", "pono")["spec"]["maxReplicaCount"] + one(objs, "StatefulSet", "pono-sip")[
+        "spec"]["replicas"]
+    needed = servers * settings.db_pool_max + scaled["maxReplicaCount"] * (2 * settings.jobs_concurrency + 7)
+    max_connections = int(one(objs, "Cluster", "pono-db")["spec"]["postgresql"]["parameters"]["max_connections"])
+    assert needed + 20 <= max_connections, needed
 
 
 def test_ingress_tls_and_websockets(rendered) -> None:
