@@ -37,3 +37,23 @@ async def daily_report(pool: asyncpg.Pool, day: date) -> dict[str, Any]:
                        " ON CONFLICT (kind, period) DO UPDATE SET body = EXCLUDED.body, created_at = now()",
                        day, json.dumps(body))
     return body
+
+
+def _report(row: asyncpg.Record) -> dict[str, Any]:
+    return {"id": row["id"], "day": row["period"], "body": json.loads(row["body"]), "created_at": row["created_at"]}
+
+
+async def list_reports(pool: asyncpg.Pool, before: date | None, count: int) -> list[dict[str, Any]]:
+    """Up to `count` nightly reports, newest day first, of the days before `before` (all when None): each
+    {"id", "day" (a date), "body" (as `daily_report` returned it), "created_at"}."""
+    rows = await pool.fetch(
+        "SELECT id, period, body, created_at FROM reports WHERE kind = 'nightly'"
+        " AND ($1::date IS NULL OR period < $1) ORDER BY period DESC LIMIT $2", before, count)
+    return [_report(r) for r in rows]
+
+
+async def get_report(pool: asyncpg.Pool, day: date) -> dict[str, Any] | None:
+    """The nightly report of `day` (as `list_reports` gives them), or None when there is none."""
+    row = await pool.fetchrow(
+        "SELECT id, period, body, created_at FROM reports WHERE kind = 'nightly' AND period = $1", day)
+    return None if row is None else _report(row)

@@ -24,6 +24,7 @@ from pono.web import (
     personas,
     phone_numbers,
     recordings,
+    reports,
     users,
     workflows,
 )
@@ -80,6 +81,9 @@ def routes() -> list[web.AbstractRouteDef]:
         web.post("/api/workflows/{workflow_id}/runs/{run_id}/retry", workflows.retry_run),
         web.get("/api/workflow-runs", workflows.all_runs),
         web.post("/api/workflow-runs/{run_id}/cancel", workflows.cancel_run),
+        # the nightly reports (the job worker writes them)
+        web.get("/api/reports", reports.list_reports),
+        web.get("/api/reports/{day}", reports.get_report),
         # the pages and the console's feed
         web.get("/", pages.call_page),
         web.get("/console", pages.console_page),
