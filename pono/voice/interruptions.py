@@ -32,7 +32,7 @@ BACKCHANNEL_PHRASES = frozenset({
     ("i", "see"), ("got", "it"), ("all", "right"), ("thank", "you"), ("uh", "huh"), ("mm", "hm"), ("mhm", "hm"),
     ("i", "know"), ("that's", "right"), ("sounds", "good"), ("makes", "sense"), ("of", "course"),
 })
-_WORD = re.compile(r"[a-z']+")
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")  # letters of any script and digits: "4 5 6" are words
 _REPEATS = re.compile(r"(.)\1{2,}")  # "ahhhh", "mmmm": a held sound is one word
 _MAX_BACKCHANNEL_WORDS = 4
 
