@@ -29,6 +29,8 @@ PROTECTED: list[tuple[str, str, Any, str, str]] = [
     ("GET", f"/api/calls/{MISSING}/recording", None, "viewer", "calls"),
     ("GET", f"/api/calls/{MISSING}/recording/peaks", None, "viewer", "calls"),
     ("GET", "/api/dashboard", None, "viewer", "calls"),
+    ("GET", "/api/reports", None, "viewer", "calls"),
+    ("GET", "/api/reports/2001-01-01", None, "viewer", "calls"),  # no report that day: a 404 is still allowed
     ("POST", f"/api/calls/{MISSING}/actions", {"action": "hang_up"}, "operator", "calls"),
     ("GET", "/api/personas", None, "viewer", "personas"),
     ("GET", f"/api/personas/{MISSING}", None, "viewer", "personas"),
