@@ -30,10 +30,10 @@ QUESTION = "Please book a table for two at seven tonight"
 PHONE_QUESTION = "I would like to speak with somebody about my order"
 
 
-def espeak(text: str, path: Path) -> np.ndarray:
+def espeak(text: str, path: Path, words_per_minute: int = 150) -> np.ndarray:
     """16 kHz mono int16 speech for `text`, made by Debian's espeak-ng and sox."""
     raw = path.with_suffix(".raw.wav")
-    subprocess.run(["espeak-ng", "-s", "150", "-w", str(raw), text], check=True)
+    subprocess.run(["espeak-ng", "-s", str(words_per_minute), "-w", str(raw), text], check=True)
     subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(path)], check=True)
     return read_wav(path)
 

@@ -17,6 +17,7 @@ from pono.settings import Settings
 from pono.testing.caller import RATE as HEARD_RATE
 from pono.testing.scripted_llm import Script
 from pono.voice.interruptions import is_backchannel, is_stop_request
+from pono.voice.lead_in import LeadIn
 from pono.voice.turns import Signal, TurnConfig, TurnDetector
 
 RATE = 16000
@@ -73,6 +74,39 @@ def test_acknowledgements_are_told_from_words() -> None:
         assert is_stop_request(text), text
     for text in ("Thumb", "Hmm.", "Yeah.", ""):
         assert not is_stop_request(text), text
+
+
+def test_a_short_first_word_before_a_gap_starts_the_utterance() -> None:
+    """ "Stop" (160 ms, too short to confirm speech) | 300 ms | the confirming speech: the word is kept, with
+    100 ms before it; a voiced blip further back than 600 ms is not."""
+    lead_in = LeadIn(keep_ms=500)
+    frames = [np.full(320, i, np.int16) for i in range(60)]
+    voiced = set(range(12, 20)) | set(range(35, 60))  # "Stop" at frames 12-19, the confirming speech from 35
+    for i, frame in enumerate(frames):
+        lead_in.add(frame)
+        if i in voiced:
+            lead_in.mark_voiced()
+    assert [int(f[0]) for f in lead_in.take()] == list(range(7, 60))
+    for i in range(60):  # a click at frame 4, 31 frames (620 ms) before the kept 25 frames: too far to join
+        lead_in.add(frames[i])
+        if i == 4 or i >= 45:
+            lead_in.mark_voiced()
+    assert [int(f[0]) for f in lead_in.take()] == list(range(35, 60))
+
+
+async def test_a_short_first_word_after_which_the_caller_pauses_is_heard(server, script: Script, audio_dir,
+                                                                        admin_token: str) -> None:
+    yes = trim(espeak("Yes", audio_dir / "yes-fast.wav", words_per_minute=400))
+    rest = trim(espeak("I need a table for two tonight", audio_dir / "need-table.wav"))
+    assert yes.size < 0.15 * RATE  # too short to be confirmed as speech alone (PONO_MIN_SPEECH_MS, voiced)
+    script.reply = "Of course."
+    caller = await open_call(server)
+    try:
+        caller.speak(np.concatenate([yes, np.zeros(int(0.4 * RATE), np.int16), rest]))
+        heard = await caller.wait_for(lambda e: e["type"] == "transcript.final" and e.get("source") == "voice", 30)
+        assert "yes" in words(heard["text"]) and "table" in words(heard["text"]), heard["text"]
+    finally:
+        await caller.hang_up()
 
 
 def test_a_pause_is_signalled_before_an_early_check() -> None:

@@ -28,6 +28,7 @@ from pono.transport import FRAME_MS, Transport
 from pono.voice.actions import AgentActions
 from pono.voice.barge_in import OverAgentSpeech
 from pono.voice.interruptions import PausableOutput
+from pono.voice.lead_in import LeadIn
 from pono.voice.models import SpeechModels
 from pono.voice.operator import OperatorControls
 from pono.voice.responder import BLOCKED_WARNING, WITHHELD, ReplySettings, Responder
@@ -44,8 +45,8 @@ TIME_LIMIT_GOODBYE = "We have reached the time limit for this call. Thank you fo
 GOODBYE_WAIT_S = 15.0  # a goodbye that can't be played in this long (a dead line) doesn't hold the hang-up
 DTMF_KEYS = tuple("0123456789*#ABCD")
 MAX_KEYS = 64  # one keypad entry holds at most this many keys: a key every second forever is many entries
-# Audio kept from before speech was confirmed, so the first syllable is not clipped. (600 ms kept a short first
-# word that a gap cut off in some frame alignments, but changed what Whisper heard in phone calls: open question.)
+# Audio kept from before speech was confirmed, so the first syllable is not clipped; an earlier short word close
+# before it is kept too (pono.voice.lead_in).
 _PREROLL_MS = 300
 _NARROWBAND = ("sip", "twilio")  # transports whose audio is 8 kHz telephone speech
 _TURN_WINDOW_MS = 8000  # the end-of-turn model reads the last 8 s of the turn
@@ -240,7 +241,7 @@ class Call:
         assert self.models.vad is not None
         vad = self.models.vad.stream()
         detector, over_agent = self.detector, self.over_agent
-        recent: deque[np.ndarray] = deque(maxlen=(self.turn_config.min_speech_ms + _PREROLL_MS) // FRAME_MS)
+        lead_in = LeadIn(self.turn_config.min_speech_ms + _PREROLL_MS)  # what an utterance starts with
         recognizer, responder = self.recognizer, self.responder
         turn_audio: deque[np.ndarray] = deque(maxlen=_TURN_WINDOW_MS // FRAME_MS)  # for the end-of-turn model
         pause_at = 0.0
@@ -251,16 +252,18 @@ class Call:
                 recognizer.push(frame)
                 turn_audio.append(frame)
             else:
-                recent.append(frame)
+                lead_in.add(frame)
             for prob in await self.models.run_vad(vad.process, frame):
+                if not detector.in_speech and prob >= self.turn_config.threshold:
+                    lead_in.mark_voiced()
                 signal = detector.update(prob)
                 if signal is Signal.START:
                     recognizer.reset()
-                    for earlier in recent:
-                        recognizer.push(earlier)
+                    earlier = lead_in.take()
+                    for piece in earlier:
+                        recognizer.push(piece)
                     turn_audio.clear()
-                    turn_audio.extend(recent)
-                    recent.clear()
+                    turn_audio.extend(earlier)
                     self._end_of_turn_p, spec = None, None
                     over_agent.start(agent_busy=responder.busy)
                     recognizer.partials = not over_agent.active
