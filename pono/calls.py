@@ -158,6 +158,7 @@ class CallManager:
                                     and self.models.end_of_turn is not None),
                        end_of_turn_threshold=turn_taking.get("end_of_turn_threshold", s.end_of_turn_threshold),
                        check_after_ms=s.end_of_turn_check_ms,
+                       recheck_after_ms=s.end_of_turn_recheck_ms,
                        short_hangover_ms=turn_taking.get("short_hangover_ms", s.short_hangover_ms),
                        long_hangover_ms=turn_taking.get("long_hangover_ms", s.long_hangover_ms)),
             barge_in_min_ms=turn_taking.get("barge_in_min_ms", s.barge_in_min_ms),

@@ -109,6 +109,24 @@ async def test_a_short_first_word_after_which_the_caller_pauses_is_heard(server,
         await caller.hang_up()
 
 
+def test_a_turn_found_unfinished_early_is_asked_again() -> None:
+    """An early check answers sooner but takes more complete questions for unfinished ones (bench/turns.py): a
+    second one, later in the same pause, saves those the long hangover."""
+    config = TurnConfig(min_speech_ms=64, chunk_ms=32, end_of_turn=True, check_after_ms=96, recheck_after_ms=320,
+                        short_hangover_ms=160, long_hangover_ms=960)
+    d = TurnDetector(config)
+    [d.update(0.9) for _ in range(5)]
+    signals = [d.update(0.0) for _ in range(10)]  # 320 ms of silence
+    assert signals.count(Signal.CHECK) == 2 and Signal.END not in signals
+    d.turn_complete(d.pauses)  # the second answer: complete; the silence is past the short hangover already
+    assert d.update(0.0) is Signal.END
+    d = TurnDetector(config)
+    [d.update(0.9) for _ in range(5)]
+    [d.update(0.0) for _ in range(3)]
+    d.turn_complete(d.pauses)  # the first answer: complete, so no second question
+    assert Signal.CHECK not in [d.update(0.0) for _ in range(2)]
+
+
 def test_a_pause_is_signalled_before_an_early_check() -> None:
     """A check due at the first silent chunk once took its place: no PAUSE, so no speculative transcript."""
     d = TurnDetector(TurnConfig(min_speech_ms=64, chunk_ms=32, end_of_turn=True, check_after_ms=32,
@@ -179,6 +197,8 @@ def test_end_of_turn_settings_are_bounded_and_in_order(tmp_path) -> None:
         Settings(data_dir=tmp_path, short_hangover_ms=1600)
     with pytest.raises(ValueError):
         Settings(data_dir=tmp_path, end_of_turn_threshold=1.5)
+    with pytest.raises(ValueError, match="PONO_END_OF_TURN_RECHECK_MS"):
+        Settings(data_dir=tmp_path, end_of_turn_recheck_ms=1600)
     assert TurnConfig(short_hangover_ms=1800, long_hangover_ms=900).short_hangover_ms == 900
 
 

@@ -11,16 +11,18 @@ class Signal(Enum):
     PAUSE = "pause"  # first silent chunk after confirmed speech (the earliest end-of-speech guess)
     RESUME = "resume"  # speech came back before the hangover ran out
     END = "end"  # silence lasted the hangover: the caller's turn is over
-    CHECK = "check"  # silence lasted `check_after_ms`: time to ask the end-of-turn model (once per pause)
+    CHECK = "check"  # silence lasted `check_after_ms` (or `recheck_after_ms`): time to ask the end-of-turn model
     SEGMENT = "segment"  # the utterance reached max_utterance_ms: cut here, the caller's turn goes on
 
 
 @dataclass
 class TurnConfig:
     """Turn-taking in milliseconds. Without the end-of-turn model a turn ends after `hangover_ms` of silence.
-    With it (`end_of_turn`), the model is asked once per pause after `check_after_ms` of silence: a turn it
-    finds complete ends after `short_hangover_ms`, one it does not after `long_hangover_ms` (the cap), unless
-    the caller speaks again first; then the next pause is checked again."""
+    With it (`end_of_turn`), the model is asked after `check_after_ms` of silence: a turn it finds complete
+    ends after `short_hangover_ms`. One it does not is asked again after `recheck_after_ms` (0: never), with
+    more of the pause to hear: early checks answer sooner but take more complete questions for unfinished ones.
+    A turn still unfinished ends after `long_hangover_ms` (the cap), unless the caller speaks again first;
+    then the next pause is checked again."""
 
     threshold: float = 0.5
     min_speech_ms: int = 200
@@ -29,8 +31,9 @@ class TurnConfig:
     chunk_ms: float = 32.0
     end_of_turn: bool = False
     end_of_turn_threshold: float = 0.5
-    check_after_ms: int = 160
-    short_hangover_ms: int = 200
+    check_after_ms: int = 64
+    recheck_after_ms: int = 288
+    short_hangover_ms: int = 160
     long_hangover_ms: int = 1500
 
     def __post_init__(self) -> None:
@@ -68,9 +71,16 @@ class TurnDetector:
     def _new_pause(self, count: bool = True) -> None:
         c = self.config
         self.hangover_ms = float(c.long_hangover_ms if c.end_of_turn and self.model_wanted else c.hangover_ms)
-        self.checked = False
+        self.checks = 0  # end-of-turn checks asked in this pause
         if count:
             self.pauses += 1
+
+    def _check_due(self) -> bool:
+        c = self.config
+        if self.checks == 0:
+            return self.silence_ms >= c.check_after_ms
+        return (self.checks == 1 and c.recheck_after_ms > c.check_after_ms and self.silence_ms >= c.recheck_after_ms
+                and self.hangover_ms > c.short_hangover_ms)  # not when the first check already found it complete
 
     def turn_complete(self, pause: int) -> None:
         """The end-of-turn model found the turn complete during pause number `pause`: if the caller is still
@@ -112,8 +122,8 @@ class TurnDetector:
             return Signal.END
         if self.silence_ms == c.chunk_ms:  # before CHECK: a check due this early comes one chunk later
             return Signal.PAUSE
-        if c.end_of_turn and self.model_wanted and not self.checked and self.silence_ms >= c.check_after_ms:
-            self.checked = True
+        if c.end_of_turn and self.model_wanted and self._check_due():
+            self.checks += 1
             return Signal.CHECK
         if self.utterance_ms >= c.max_utterance_ms:
             self.utterance_ms = 0.0
