@@ -6,9 +6,14 @@ Up to PONO_JOBS_CONCURRENCY jobs run at once. A job's worker beats every PONO_JO
 whose worker went silent for PONO_JOBS_HEARTBEAT_S (killed, frozen) is picked again by another. A job that
 raises is retried by pgqueuer with exponential backoff (up to 5 tries). When told to stop, the worker takes
 no new jobs and lets running ones finish for PONO_JOBS_DRAIN_TIMEOUT_S; those still running then are handed
-back to the queue (requeued at once), not lost. If Postgres goes away, or only the queue's LISTEN connection
-does, the worker restarts itself every few seconds until it is back. `readiness()` says whether it takes jobs
-now (`pono jobs` serves it as /ready).
+back to the queue (requeued at once), not lost. If Postgres goes away the worker restarts itself every few
+seconds until it is back. If only the queue's LISTEN connection does (a short Postgres restart, a failover: the
+polling reconnects, the LISTEN does not), the worker notices it because NOTIFY probes go unheard
+(LISTENER_MISSES in a row) and restarts the queue, logging why at WARNING; jobs running then finish first (they
+are neither cancelled nor run twice). One unheard probe is not enough: pgqueuer 1.6 sends its first probe
+while it is still setting up its LISTEN, and on a loaded machine the NOTIFY can commit first and is lost, so
+pgqueuer's own restart-on-first-miss (shutdown_on_listener_failure) restarted healthy workers ~10 s after
+starting. `readiness()` says whether it takes jobs now (`pono jobs` serves it as /ready).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import asyncpg
 import pgqueuer
 from pgqueuer import PgQueuer
+from pgqueuer.errors import FailingListenerError
 from pgqueuer.executors import DatabaseRetryEntrypointExecutor
 from pgqueuer.models import Job, Schedule
 
@@ -44,6 +50,10 @@ log = logging.getLogger(__name__)
 
 NOOP = "noop"  # a job that does nothing: the benchmark's, and a probe
 MAX_ATTEMPTS = 5  # a job that raises is tried again with backoff until it has been retried this often
+LISTENER_PROBE_S = 5.0  # how often the worker checks that the queue's LISTEN connection hears a NOTIFY
+LISTENER_TIMEOUT_S = 10.0  # a NOTIFY not heard within this long is a miss
+LISTENER_MISSES = 2  # misses in a row that restart the queue (~30 s to notice a dead LISTEN connection)
+RESTART_DELAY_S = 2.0
 
 
 class JobWorker:
@@ -52,7 +62,9 @@ class JobWorker:
     (pono.jobs.llm); `metrics` gets pono_jobs_* (the queue gauges every `gauge_interval_s`)."""
 
     def __init__(self, pool: asyncpg.Pool, dsn: str, settings: Settings, metrics: Metrics, llm: LLMClient | None, *,
-                 gauge_interval_s: float = 5.0, llm_busy: Callable[[], bool] | None = None) -> None:
+                 gauge_interval_s: float = 5.0, llm_busy: Callable[[], bool] | None = None,
+                 listener_probe_s: float = LISTENER_PROBE_S, listener_timeout_s: float = LISTENER_TIMEOUT_S,
+                 listener_misses: int = LISTENER_MISSES) -> None:
         self.pool = pool
         self.dsn = dsn  # the queue gets pools of its own on the same database
         self.settings = settings
@@ -61,6 +73,11 @@ class JobWorker:
         self.gauge_interval_s = gauge_interval_s
         self._release = asyncio.Event()  # set when the drain time is up: running jobs go back to the queue
         self._pgq: PgQueuer | None = None  # the queue manager running now (None: starting, restarting, stopped)
+        self._cycle = asyncio.Event()  # set: the running queue stops (draining, or restarting: see _restart_queue)
+        self._restart_reason: str | None = None
+        self.listener_probe_s = listener_probe_s
+        self.listener_timeout_s = listener_timeout_s
+        self.listener_misses = max(1, listener_misses)
         self.draining = False  # told to stop: no new jobs
 
     def build(self, queue_pool: asyncpg.Pool) -> PgQueuer:
@@ -162,6 +179,48 @@ class JobWorker:
         """Hand running jobs back to the queue now instead of at the end of the drain time."""
         self._release.set()
 
+    async def _watch_listener(self) -> None:
+        """Every `listener_probe_s`, round-trip a NOTIFY through the running queue's LISTEN connection; after
+        `listener_misses` unheard in a row on the same queue, restart it. A NOTIFY that cannot be sent (Postgres
+        away) is no miss: the queue's polling fails then and pgqueuer restarts it itself."""
+        misses, watched = 0, None
+        while True:
+            await asyncio.sleep(self.listener_probe_s)
+            pgq = self._pgq
+            if pgq is None or self.draining or self._cycle.is_set():
+                continue
+            if pgq is not watched:  # a fresh (re)start
+                misses, watched = 0, pgq
+            try:
+                async with asyncio.timeout(self.listener_timeout_s + 5):
+                    await pgq.qm.listener_healthy(timeout=timedelta(seconds=self.listener_timeout_s))
+            except (FailingListenerError, TimeoutError) as exc:
+                if pgq is not self._pgq:  # restarted meanwhile
+                    continue
+                misses += 1
+                what = "went unheard" if isinstance(exc, FailingListenerError) else "could not be sent"
+                if misses < self.listener_misses:
+                    log.info("job queue: a NOTIFY probe %s within %.0f s (%d in a row; restarting at %d)",
+                             what, self.listener_timeout_s, misses, self.listener_misses)
+                    continue
+                self._restart_queue(f"{misses} NOTIFY probes in a row {what} within {self.listener_timeout_s:.0f} s "
+                                    "each: its LISTEN connection is gone")
+            except Exception as exc:  # asyncpg's errors, OSError: Postgres is away
+                log.debug("job queue: NOTIFY probe not sent: %s", type(exc).__name__)
+            else:
+                misses = 0
+
+    def _restart_queue(self, reason: str) -> None:
+        """Stop the running queue (its running jobs and schedules finish first, however long they take: none is
+        cancelled nor handed back) and start a fresh one, with a fresh LISTEN connection, RESTART_DELAY_S later."""
+        if self.draining or self._cycle.is_set():
+            return
+        pgq = self._pgq
+        running = len(pgq.qm.job_context) if pgq is not None else 0
+        self._restart_reason = reason
+        log.warning("job queue restarting: %s; %d running job(s) finish first", reason, running)
+        self._cycle.set()
+
     async def _watch_queue(self) -> None:
         while True:
             try:
@@ -176,7 +235,6 @@ class JobWorker:
         """Work until `stop` is set, then drain (see the module's docstring) and return."""
         concurrency = self.settings.jobs_concurrency
         batch = max(1, concurrency // 2)  # pgqueuer wants room for two batches
-        inner = asyncio.Event()
 
         @contextlib.asynccontextmanager
         async def factory() -> AsyncIterator[PgQueuer]:
@@ -194,21 +252,33 @@ class JobWorker:
             await stop.wait()
             self.draining = True
             log.info("job worker draining (up to %.0f s)", self.settings.jobs_drain_timeout_s)
-            inner.set()
+            self._cycle.set()
             await asyncio.sleep(self.settings.jobs_drain_timeout_s)
             self._release.set()
 
+        self._cycle = asyncio.Event()
         watchers = [asyncio.create_task(drain(), name="jobs-drain"),
-                    asyncio.create_task(self._watch_queue(), name="jobs-gauges")]
+                    asyncio.create_task(self._watch_queue(), name="jobs-gauges"),
+                    asyncio.create_task(self._watch_listener(), name="jobs-listener")]
         try:
-            await pgqueuer.run(factory, batch_size=batch, max_concurrent_tasks=max(concurrency, 2 * batch),
-                               heartbeat_timeout=timedelta(seconds=self.settings.jobs_heartbeat_s),
-                               dequeue_timeout=timedelta(seconds=10), restart_on_failure=True,
-                               restart_delay=timedelta(seconds=2), shutdown=inner,
-                               # A LISTEN connection lost in a short Postgres restart (a failover) is not seen
-                               # by the polling, which reconnects: without this the worker went on deaf to
-                               # new jobs and cancels for good. pgqueuer's probe fails within ~20 s: restart.
-                               shutdown_on_listener_failure=True)
+            while True:
+                self._restart_reason = None
+                # pgqueuer restarts the queue itself after errors (Postgres away). Not on its own listener probe
+                # (shutdown_on_listener_failure): it restarts on the first miss, and its first probe races its
+                # LISTEN (see the module's docstring); _watch_listener restarts it through self._cycle instead.
+                await pgqueuer.run(factory, batch_size=batch, max_concurrent_tasks=max(concurrency, 2 * batch),
+                                   heartbeat_timeout=timedelta(seconds=self.settings.jobs_heartbeat_s),
+                                   dequeue_timeout=timedelta(seconds=10), restart_on_failure=True,
+                                   restart_delay=timedelta(seconds=RESTART_DELAY_S), shutdown=self._cycle,
+                                   shutdown_on_listener_failure=False)
+                if self.draining or self._restart_reason is None:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RESTART_DELAY_S)
+                if self.draining or stop.is_set():
+                    break
+                self._cycle = asyncio.Event()
+                log.info("job queue starting again")
         finally:
             for task in watchers:
                 task.cancel()
