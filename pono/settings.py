@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +13,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pono.agent.tools.mcp_servers import McpServerConfig
 from pono.timecheck import check_cron
+
+# Bounds of PONO_RECORDING_LAG_S and PONO_RECORDING_MAX_HOLD_S. The caller's audio is held for redaction from
+# this long before speech is confirmed (pono.voice.recording.recorder.PRE_SPEECH_S): the lag may not be shorter.
+RECORDING_LAG_MIN_S = 1.0
+RECORDING_LAG_MAX_S = 30.0
+RECORDING_MAX_HOLD_MAX_S = 600.0
 
 
 class IceServer(BaseModel):
@@ -138,8 +145,10 @@ class Settings(BaseSettings):
     recordings_url: str | None = None
     recordings_s3_endpoint: str | None = None
     recordings_s3_region: str = "us-east-1"
-    recording_lag_s: float = 1.5  # the recording trails the call at least this much (to redact before writing)
-    recording_max_hold_s: float = 60.0  # audio still unchecked this long is written silenced
+    # The recording trails the call at least this much (to redact before writing); audio still unchecked after
+    # recording_max_hold_s is written silenced. Bounds: RECORDING_LAG_MIN_S.. and _recording_bounds below.
+    recording_lag_s: float = 1.5
+    recording_max_hold_s: float = 60.0
 
     # Knowledge: an OpenAI-compatible embeddings endpoint instead of the bundled MiniLM (optional).
     # It must return 384 dimensions (the `dimensions` parameter is sent), the size of the pgvector column.
@@ -258,6 +267,28 @@ class Settings(BaseSettings):
         if recheck and not self.end_of_turn_check_ms < recheck < self.long_hangover_ms:
             raise ValueError("PONO_END_OF_TURN_RECHECK_MS must be 0 (off) or between PONO_END_OF_TURN_CHECK_MS and "
                              f"PONO_LONG_HANGOVER_MS (now {recheck})")
+        return self
+
+    @model_validator(mode="after")
+    def _recording_bounds(self) -> Settings:
+        """The recording's lag and hold, named by their variables. A lag shorter than the caller's hold reaches
+        back (it begins RECORDING_LAG_MIN_S before speech is confirmed), or a hold no longer than the lag, writes
+        the caller's audio before its transcript was checked for personal data: a negative lag wrote a card
+        number unredacted. The upper bounds keep each call's held audio (64 kB a second) bounded. S3 settings
+        have the form the store needs, refused here rather than at the first recorded call."""
+        lag, cap = self.recording_lag_s, self.recording_max_hold_s
+        if not RECORDING_LAG_MIN_S <= lag <= RECORDING_LAG_MAX_S:
+            raise ValueError(f"PONO_RECORDING_LAG_S must be between {RECORDING_LAG_MIN_S} and {RECORDING_LAG_MAX_S} "
+                             f"seconds (now {lag}): the caller's audio is held from {RECORDING_LAG_MIN_S} s before "
+                             "speech is confirmed, and a shorter lag writes it before it is checked for personal data")
+        if not lag < cap <= RECORDING_MAX_HOLD_MAX_S:
+            raise ValueError(f"PONO_RECORDING_MAX_HOLD_S must be more than PONO_RECORDING_LAG_S ({lag}) and at most "
+                             f"{RECORDING_MAX_HOLD_MAX_S} seconds (now {cap})")
+        url, endpoint = self.recordings_url, self.recordings_s3_endpoint
+        if url and not re.fullmatch(r"s3://[^/\s]+(/\S*)?", url):
+            raise ValueError(f"PONO_RECORDINGS_URL must be s3://bucket[/prefix] (now {url!r})")
+        if endpoint and not endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"PONO_RECORDINGS_S3_ENDPOINT must be an http(s):// URL (now {endpoint!r})")
         return self
 
     @model_validator(mode="after")

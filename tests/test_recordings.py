@@ -281,3 +281,36 @@ async def test_a_long_recorded_call_keeps_memory_flat_and_plays_in_full(
     lasted = (datetime.fromisoformat(call["ended_at"]) - datetime.fromisoformat(call["started_at"])).total_seconds()
     assert abs(len(stereo) / 16_000 - lasted) < 1.0, (len(stereo) / 16_000, lasted)
     assert abs(len(stereo) / 16_000 - call["recording"]["duration_s"]) < 1.0
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"PONO_RECORDING_LAG_S": "-1"}, "PONO_RECORDING_LAG_S"),
+    ({"PONO_RECORDING_LAG_S": "0.5"}, "PONO_RECORDING_LAG_S"),  # shorter than the hold reaches back
+    ({"PONO_RECORDING_LAG_S": "nan"}, "PONO_RECORDING_LAG_S"),
+    ({"PONO_RECORDING_LAG_S": "3600"}, "PONO_RECORDING_LAG_S"),
+    ({"PONO_RECORDING_MAX_HOLD_S": "-5"}, "PONO_RECORDING_MAX_HOLD_S"),
+    ({"PONO_RECORDING_LAG_S": "20", "PONO_RECORDING_MAX_HOLD_S": "10"}, "PONO_RECORDING_MAX_HOLD_S"),
+    ({"PONO_RECORDING_MAX_HOLD_S": "inf"}, "PONO_RECORDING_MAX_HOLD_S"),
+    ({"PONO_RECORDINGS_URL": "https://bucket/prefix"}, "PONO_RECORDINGS_URL"),
+    ({"PONO_RECORDINGS_S3_ENDPOINT": "minio:9000"}, "PONO_RECORDINGS_S3_ENDPOINT"),
+])
+def test_settings_refuse_recording_values_that_would_leak_or_break(tmp_path: Path, monkeypatch, env: dict,
+                                                                   named: str) -> None:
+    """A negative lag wrote the caller's audio before its check: a card number reached the disk unredacted."""
+    from pydantic import ValidationError
+
+    from pono.settings import Settings
+    from pono.voice.recording.recorder import PRE_SPEECH_S
+    from pono.voice.recording.timeline import Timeline
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=named):
+        Settings(data_dir=tmp_path)
+    for name in env:
+        monkeypatch.delenv(name)
+    settings = Settings(data_dir=tmp_path, recording_lag_s=PRE_SPEECH_S, recording_max_hold_s=PRE_SPEECH_S + 0.5,
+                        recordings_url="s3://calls/pono", recordings_s3_endpoint="http://127.0.0.1:9000")
+    assert settings.recording_lag_s == PRE_SPEECH_S
+    with pytest.raises(ValueError, match="lag"):
+        Timeline(lag_s=-1.0)

@@ -28,6 +28,7 @@ import numpy as np
 
 from pono.agent.dlp.engine import DlpPolicy
 from pono.events import CallEvent, EventType
+from pono.settings import RECORDING_LAG_MIN_S
 from pono.voice.recording.ogg import CODEC, OggOpusWriter, file_digest
 from pono.voice.recording.redaction import sensitive_spans, time_span
 from pono.voice.recording.timeline import AGENT, CALLER, RATE, Hold, Span, Timeline
@@ -36,7 +37,9 @@ from pono.voice.speech.whisper import MAX_CLIP_S, BatchedWhisper
 
 log = logging.getLogger(__name__)
 
-PRE_SPEECH_S = 1.0  # speech.started comes after the VAD heard enough speech: the hold starts this much earlier
+# speech.started comes after the VAD heard enough speech: the hold starts this much earlier (and the recording's
+# lag, PONO_RECORDING_LAG_S, may not be shorter, or that audio would be written before the hold began).
+PRE_SPEECH_S = RECORDING_LAG_MIN_S
 CHUNK_S = 0.5  # audio goes to the encoder in pieces at least this long
 HOLD_TIMEOUT_S = 10.0  # a caller turn with no transcript this long after it ended is kept silenced
 SAY_WAIT_S = 120.0  # an operator's `say` not heard within this long was dropped (a barge-in drops queued speech)

@@ -48,6 +48,8 @@ class Span:
 
 class Timeline:
     def __init__(self, *, lag_s: float = 1.5, cap_s: float = 60.0) -> None:
+        if not 0 <= lag_s < cap_s:  # a negative lag, or a cap under it, releases audio before it is checked
+            raise ValueError(f"the recording's lag ({lag_s} s) must be at least 0 and less than its cap ({cap_s} s)")
         self.lag = int(lag_s * RATE)
         self.cap = int(cap_s * RATE)
         self.pos = 0  # samples of the call so far
