@@ -163,8 +163,9 @@ class CallManager:
                        long_hangover_ms=turn_taking.get("long_hangover_ms", s.long_hangover_ms)),
             barge_in_min_ms=turn_taking.get("barge_in_min_ms", s.barge_in_min_ms),
             partial_interval_s=s.stt_partial_interval_s,
-            # A recording notice is said even where greetings are off: callers must hear it.
-            greeting=self.recordings.greeting(persona, persona.greeting if s.speak_greeting else ""),
+            greeting=persona.greeting if s.speak_greeting else "",
+            # A recording notice is said even where greetings are off, and cannot be interrupted: callers must hear it.
+            notice=self.recordings.notice(persona),
             persona=persona.name,
             preemptive=s.preemptive_reply,
             llm_options={k: v for k, v in llm_options.items() if v is not None},

@@ -36,12 +36,12 @@ class Recordings:
         self._finishing_ids: set[str] = set()  # calls whose recording is being finished
         self._recovery: asyncio.Task[int] | None = None
 
-    def greeting(self, persona: Persona, greeting: str) -> str:
-        """The greeting with the recording notice before it when the persona announces recording."""
+    def notice(self, persona: Persona) -> str:
+        """What the call says first when its persona announces recording ("" otherwise): said whole, before the
+        greeting and apart from it, so that neither speech nor typed text can cut the caller's consent short."""
         if persona.recording != "announce":
-            return greeting
-        notice = persona.recording_notice or self.settings.recording_notice
-        return f"{notice} {greeting}".strip()
+            return ""
+        return (persona.recording_notice or self.settings.recording_notice).strip()
 
     def start(self, call_id: str, persona: Persona, transport: TappedTransport, events: EventStream,
               policy: DlpPolicy) -> None:

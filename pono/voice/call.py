@@ -71,6 +71,7 @@ class Call:
         barge_in_min_ms: int = 600,
         partial_interval_s: float = 1.0,
         greeting: str = "",
+        notice: str = "",
         persona: str | None = None,
         preemptive: bool = True,
         llm_options: dict[str, Any] | None = None,
@@ -94,6 +95,7 @@ class Call:
         self.barge_in_min_ms = barge_in_min_ms
         self.partial_interval_s = partial_interval_s
         self.greeting = greeting
+        self.notice = notice  # said first and whole: no barge-in, no typed text cuts it (a recording's consent)
         self.persona = persona
         self.dlp = dlp
         self.language = language
@@ -149,6 +151,8 @@ class Call:
         loops = [asyncio.create_task(self._text_loop(), name=f"text-{self.call_id}"),
                  asyncio.create_task(self._audio_loop(), name=f"audio-{self.call_id}"),
                  asyncio.create_task(self._watch_limits(), name=f"limits-{self.call_id}")]
+        if self.notice:
+            self.responder.say(self.notice, kind="notice", allow_interruptions=False)
         if self.greeting:
             self.responder.say(self.greeting, kind="greeting")
         closed = asyncio.ensure_future(t.closed())
