@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
 import uuid
 from pathlib import Path
@@ -107,6 +108,40 @@ async def test_a_card_number_read_aloud_is_not_in_the_recording(server, card_cal
     assert span["action"] == "tone" and "4111" not in str(span)
 
 
+async def check_range_edge_cases(http: aiohttp.ClientSession, url: str, data: bytes) -> None:
+    """RFC 9110 range handling, the same for a file on disk and an object in S3: 206 for one satisfiable range
+    (cut at the end), 416 with a JSON error and `Content-Range: bytes */size` for an unsatisfiable one (a
+    first byte past the end, a zero-length suffix), and 200 with the whole file for a header to ignore (several
+    ranges, another unit, one that does not parse, an If-Range that does not match)."""
+    size = len(data)
+
+    async def get(range_header: str, **headers: str) -> tuple[int, aiohttp.typedefs.LooseHeaders, bytes]:
+        async with http.get(url, headers={"Range": range_header, **headers}) as r:
+            return r.status, r.headers, await r.read()
+
+    for header, start, stop in [("bytes=100-299", 100, 300), ("bytes=-50", size - 50, size),
+                                (f"bytes={size - 50}-", size - 50, size), (f"bytes=0-{size + 100}", 0, size),
+                                (f"bytes=-{size + 100}", 0, size), ("BYTES = 5-9 ,", 5, 10), ("bytes=0-0", 0, 1)]:
+        status, headers, body = await get(header)
+        assert (status, body) == (206, data[start:stop]), (header, status, len(body))
+        assert headers["Content-Range"] == f"bytes {start}-{stop - 1}/{size}", header
+        assert headers["Content-Type"] == "audio/ogg" and int(headers["Content-Length"]) == stop - start
+    for header in ["bytes=-0", f"bytes={size}-", f"bytes={size + 10}-{size + 20}"]:
+        status, headers, body = await get(header)
+        assert status == 416, (header, status)
+        assert headers["Content-Type"].startswith("application/json"), (header, headers["Content-Type"])
+        assert headers["Content-Range"] == f"bytes */{size}", header
+        assert "not satisfiable" in json.loads(body)["error"], body
+    for header in ["bytes=0-1,5-9", "items=0-5", "bytes=abc", "bytes=9-5", "bytes=-", "bytes", "bytes=1-2-3", ""]:
+        status, headers, body = await get(header)
+        assert (status, body) == (200, data), (header, status, len(body))
+        assert "Content-Range" not in headers and headers["Accept-Ranges"] == "bytes", header
+    status, headers, body = await get("bytes=0-9", **{"If-Range": '"not-this-one"'})
+    assert (status, body) == (200, data)
+    status, _, body = await get("bytes=0-9", **{"If-Range": headers["ETag"]})
+    assert (status, body) == (206, data[:10])
+
+
 async def test_ranges_access_and_audit(server, admin_token: str, card_call) -> None:
     call_id, data = card_call["call_id"], card_call["data"]
     url = f"{server.url}/api/calls/{call_id}/recording"
@@ -125,6 +160,8 @@ async def test_ranges_access_and_audit(server, admin_token: str, card_call) -> N
             assert r.status == 206 and await r.read() == data[-50:]
         async with http.get(url, headers={**auth, "Range": f"bytes={len(data) + 10}-"}) as r:
             assert r.status == 416
+        async with aiohttp.ClientSession(headers=auth) as viewer_http:
+            await check_range_edge_cases(viewer_http, url, data)
         async with http.get(f"{server.url}/api/calls/{uuid.uuid4().hex}/recording", headers=auth) as r:
             assert r.status == 404
     rows = await pool.fetch("SELECT actor, details FROM audit_log WHERE action = 'recording.access' AND target = $1",
@@ -229,6 +266,7 @@ async def test_recordings_in_s3_compatible_storage(tmp_path: Path, monkeypatch, 
                     assert await r.read() == stored[10:110]
                 async with http.get(url) as r:
                     assert r.status == 200 and await r.read() == stored
+                await check_range_edge_cases(http, url, stored)
             await pool.execute("UPDATE calls SET started_at = now() - interval '400 days' WHERE id = $1",
                                caller.call_id)
             store = running.app[SERVICES].storage.recordings

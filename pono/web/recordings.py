@@ -1,23 +1,109 @@
 """A call's recording: GET /api/calls/{call_id}/recording streams the Ogg Opus file, with HTTP range requests
-so a player can seek. Every access is audited (who, which call, which range)."""
+so a player can seek. Every access is audited (who, which call, which range).
+
+Files on disk and objects in S3 are answered by the same code: the Range header is parsed once (`byte_range`),
+resolved against the recording's size (`resolve_range`), and the bytes streamed from the file or the bucket."""
 
 from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
 from pono.context import SERVICES
 from pono.http import ApiError
 from pono.storage.audit import write_audit
-from pono.storage.recordings import RecordingMissing, find_recording
+from pono.storage.recordings import Blob, RecordingMissing, find_recording
 from pono.web.access import require
 from pono.web.params import database
 
 CONTENT_TYPE = "audio/ogg"
+CHUNK = 64 << 10
+_RANGE_SPEC = re.compile(r"(\d*)-(\d*)")
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """One range of a `bytes` Range header: `first`..`last` (inclusive; `last` None: to the end), or, with
+    `first` None, the last `last` bytes (a suffix range)."""
+
+    first: int | None
+    last: int | None
+
+
+class Unsatisfiable(ValueError):
+    """The range lies past the end of the recording (416)."""
+
+
+def byte_range(header: str | None) -> ByteRange | None:
+    """The single byte range a Range header asks for; None where the header is to be ignored and the whole
+    recording served (200). RFC 9110:
+
+    - §14.2: Range = ranges-specifier; a server MAY ignore it, and MUST ignore one with a range unit it does not
+      understand (`items=0-5`). A header that does not parse (`bytes=abc`, `bytes=5-2`) is ignored too.
+    - §14.1.1: range units are case-insensitive; range-set = 1#range-spec, and §5.6.1.2 has recipients accept
+      empty list elements (`bytes=0-9,`). More than one range is ignored (one answer, no multipart/byteranges).
+    - §14.1.2: int-range = first-pos "-" [ last-pos ], with last-pos not below first-pos; suffix-range =
+      "-" suffix-length.
+
+    A library would do this (werkzeug.http.parse_range_header), but none is a dependency of Pono, and these
+    fifteen lines are what the endpoint needs."""
+    if header is None:
+        return None
+    unit, eq, ranges = header.partition("=")
+    if not eq or unit.strip().lower() != "bytes":
+        return None
+    specs = [s.strip() for s in ranges.split(",") if s.strip()]
+    if len(specs) != 1 or (m := _RANGE_SPEC.fullmatch(specs[0])) is None or m.group(0) == "-":
+        return None
+    first, last = (int(g) if g else None for g in m.groups())
+    if first is not None and last is not None and last < first:
+        return None
+    return ByteRange(first, last)
+
+
+def resolve_range(wanted: ByteRange, size: int) -> tuple[int, int]:
+    """`wanted` as `start`, `stop` (exclusive) within `size` bytes. Raises Unsatisfiable (RFC 9110 §14.1.3: a
+    first-pos at or past the end, or a suffix of length 0, is not satisfiable); a last-pos or suffix past the end
+    is cut to it."""
+    if wanted.first is None:
+        assert wanted.last is not None
+        if wanted.last == 0 or size == 0:
+            raise Unsatisfiable
+        return max(0, size - wanted.last), size
+    if wanted.first >= size:
+        raise Unsatisfiable
+    return wanted.first, size if wanted.last is None else min(wanted.last + 1, size)
+
+
+async def _file_blob(path: Path, start: int | None, stop: int | None) -> Blob:
+    """Bytes `start`..`stop` of a file on disk, read in worker threads a chunk at a time."""
+    size = (await asyncio.to_thread(path.stat)).st_size
+    first, end = start or 0, size if stop is None else stop
+
+    async def body() -> AsyncIterator[bytes]:
+        handle = await asyncio.to_thread(path.open, "rb")
+        try:
+            await asyncio.to_thread(handle.seek, first)
+            left = end - first
+            while left > 0 and (chunk := await asyncio.to_thread(handle.read, min(CHUNK, left))):
+                left -= len(chunk)
+                yield chunk
+        finally:
+            await asyncio.to_thread(handle.close)
+
+    return Blob(size, first, max(0, end - first), body())
 
 
 async def get_recording(request: web.Request) -> web.StreamResponse:
-    """GET /api/calls/{call_id}/recording (viewer, calls): 200 with the file, 206 for a `Range: bytes=a-b`,
-    416 for a range past the end; 404 when the call has no recording (or it was purged)."""
+    """GET /api/calls/{call_id}/recording (viewer, calls): 200 with the file, 206 for a single
+    `Range: bytes=a-b` (or `a-`, `-n`), 416 (JSON, with `Content-Range: bytes */size`) for a range past the end;
+    any other Range header (another unit, several ranges, a malformed one, an If-Range that does not match the
+    ETag) is ignored: 200 with the whole file. 404 when the call has no recording (or it was purged)."""
     who = await require(request, "viewer", "calls")
     call_id = request.match_info["call_id"]
     pool = database(request)
@@ -28,31 +114,46 @@ async def get_recording(request: web.Request) -> web.StreamResponse:
     await write_audit(pool, who.name, "recording.access", call_id, request.remote,
                       range=range_header[:100] if range_header else None, status=row["status"])
     store = request.app[SERVICES].storage.recordings
+    missing = ApiError(404, f"the recording of call {call_id} is no longer stored")
     try:
         path = store.local_file(row["storage_key"])
     except RecordingMissing:
-        raise ApiError(404, f"the recording of call {call_id} is no longer stored") from None
-    headers = {"Cache-Control": "no-store", "Content-Type": CONTENT_TYPE}
-    if path is not None:  # aiohttp answers Range, If-Range and 416 itself
-        return web.FileResponse(path, headers=headers)
+        raise missing from None
+    etag = f'"{row["sha256"]}"' if row.get("sha256") and row["status"] == "complete" else None
+    wanted = byte_range(range_header) if request.method == "GET" else None
+    if_range = request.headers.get("If-Range")
+    if wanted is not None and if_range is not None and (etag is None or if_range.strip() != etag):
+        wanted = None  # RFC 9110 §13.1.5: a validator that does not match, the whole representation
+    size = (await asyncio.to_thread(path.stat)).st_size if path is not None else row.get("size_bytes")
+    if wanted is not None and size is None:
+        wanted = None  # an S3 object whose size is not known yet: served whole (§14.2 allows ignoring Range)
+    start = stop = None
+    if wanted is not None:
+        assert size is not None
+        try:
+            start, stop = resolve_range(wanted, size)
+        except Unsatisfiable:
+            raise ApiError(416, "range not satisfiable", headers={"Content-Range": f"bytes */{size}"},
+                           size=size) from None
     try:
-        window = request.http_range
-    except ValueError:
-        raise ApiError(416, "invalid Range header") from None
-    if window.step not in (None, 1) or (window.start is not None and window.start < 0):
-        raise ApiError(416, "only a single range of bytes=a-b is served")
-    try:
-        blob = await store.read(row["storage_key"], window.start, window.stop)
+        blob = await (_file_blob(path, start, stop) if path is not None
+                      else store.read(row["storage_key"], start, stop))
     except RecordingMissing:
-        raise ApiError(404, f"the recording of call {call_id} is no longer stored") from None
-    except ValueError:
-        raise ApiError(416, "range not satisfiable", headers={"Content-Range": "bytes */*"}) from None
-    ranged = window.start is not None or window.stop is not None
-    response = web.StreamResponse(status=206 if ranged else 200, headers={
-        **headers, "Accept-Ranges": "bytes", "Content-Length": str(blob.length),
-        **({"Content-Range": f"bytes {blob.start}-{blob.start + blob.length - 1}/{blob.size}"} if ranged else {})})
-    await response.prepare(request)
-    async for chunk in blob.body:
-        await response.write(chunk)
-    await response.write_eof()
+        raise missing from None
+    except ValueError:  # the object is shorter than its row says
+        raise ApiError(416, "range not satisfiable", headers={"Content-Range": f"bytes */{size}"},
+                       size=size) from None
+    ranged = wanted is not None
+    headers = {"Cache-Control": "no-store", "Content-Type": CONTENT_TYPE, "Accept-Ranges": "bytes",
+               "Content-Length": str(blob.length), **({"ETag": etag} if etag else {})}
+    if ranged:
+        headers["Content-Range"] = f"bytes {blob.start}-{blob.start + blob.length - 1}/{blob.size}"
+    response = web.StreamResponse(status=206 if ranged else 200, headers=headers)
+    try:
+        await response.prepare(request)
+        async for chunk in blob.body:
+            await response.write(chunk)
+        await response.write_eof()
+    finally:
+        await blob.body.aclose()  # type: ignore[attr-defined]
     return response
