@@ -213,6 +213,16 @@ async def test_dashboard_figures_match_the_calls_made(server: RunningServer, adm
             assert live["available"] and live["total"] == 1 and live["by_transport"] == {"webrtc": 1}, live
     finally:
         script.reply, script.token_interval_s = "Thank you.", 0.01
+    # A typed question in a call with audio: its spoken answer has first_audio_sent but is no voice-to-voice turn.
+    caller = Caller(server.url)
+    try:
+        await caller.connect(persona=persona)
+        await caller.wait_open()
+        made.append(caller.call_id)
+        caller.send_text("Hello there")
+        await caller.wait_for(lambda e: e["type"] == "latency" and "first_audio_sent" in e["marks"], 20)
+    finally:
+        await caller.hang_up()
     # What no real call can be made to do here: one that ended in error, and one whose replica died (never ended).
     pool = server.app[SERVICES].storage.db.pool
     failed, lost = f"review-failed-{uuid.uuid4().hex[:6]}", f"review-lost-{uuid.uuid4().hex[:6]}"
@@ -224,7 +234,10 @@ async def test_dashboard_figures_match_the_calls_made(server: RunningServer, adm
 
     calls = [await poll_call(server, admin_token, call_id, lambda c: bool(c.get("ended_at"))) for call_id in made]
     agent_turns = [t for c in calls for t in c["turns"] if t["role"] == "agent"]
-    voice_to_voice = [t["latency"]["first_audio_sent"] for t in agent_turns if "first_audio_sent" in t["latency"]]
+    # Answers to speech only: the typed call's replies (and any greeting) have first_audio_sent but no speech_end.
+    voice_to_voice = [t["latency"]["first_audio_sent"] for t in agent_turns
+                      if {"first_audio_sent", "speech_end"} <= t["latency"].keys()]
+    assert len(voice_to_voice) < sum("first_audio_sent" in t["latency"] for t in agent_turns)
     barge_ins = sum(t["interrupted"] for t in agent_turns)
     assert voice_to_voice and barge_ins >= 1, agent_turns
     for _ in range(50):

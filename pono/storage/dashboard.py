@@ -14,6 +14,8 @@ from typing import Any
 
 import asyncpg
 
+from pono.storage.reports import VOICE_TO_VOICE
+
 ERROR_REASON = "error"  # the end reason of a call that failed (as the nightly report counts it)
 LOST_AFTER_S = 60  # a call with no end stored this long after it started, and not live, was lost with its replica
 
@@ -57,8 +59,9 @@ async def dashboard_figures(pool: asyncpg.Pool, window: Window, persona: str | N
     [call ids with no end stored that started over LOST_AFTER_S ago, at most 10,000], "dlp_findings":
     [{"entity_type", "transcript": int (found in text), "audio": int (spans replaced in recordings)}, most first]}.
 
-    Voice-to-voice is an agent turn's `first_audio_sent` latency mark: seconds from the caller's end of speech to
-    the first audio of the reply sent. A barge-in is an agent turn the caller interrupted.
+    Voice-to-voice is an agent turn's `first_audio_sent` latency mark, for turns that answer speech (they have a
+    `speech_end` mark; greetings and replies to typed text do not count): seconds from the caller's end of speech
+    to the first audio of the reply sent. A barge-in is an agent turn the caller interrupted.
     """
     since, until = window.since, window.until
     calls = await pool.fetch(
@@ -71,11 +74,11 @@ async def dashboard_figures(pool: asyncpg.Pool, window: Window, persona: str | N
     turns = await pool.fetch(
         "SELECT floor(extract(epoch FROM t.started_at) / 3600)::bigint AS hour, count(*) AS agent_turns,"
         " count(*) FILTER (WHERE t.interrupted) AS barge_ins,"
-        " count(*) FILTER (WHERE t.latency ? 'first_audio_sent') AS latency_turns,"
+        f" count(*) FILTER (WHERE {VOICE_TO_VOICE}) AS latency_turns,"
         " percentile_cont(0.5) WITHIN GROUP (ORDER BY (t.latency->>'first_audio_sent')::float8)"
-        "   FILTER (WHERE t.latency ? 'first_audio_sent') AS p50,"
+        f"   FILTER (WHERE {VOICE_TO_VOICE}) AS p50,"
         " percentile_cont(0.95) WITHIN GROUP (ORDER BY (t.latency->>'first_audio_sent')::float8)"
-        "   FILTER (WHERE t.latency ? 'first_audio_sent') AS p95"
+        f"   FILTER (WHERE {VOICE_TO_VOICE}) AS p95"
         " FROM turns t JOIN calls c ON c.id = t.call_id"
         " WHERE t.role = 'agent' AND c.deleted_at IS NULL AND t.started_at >= $1 AND t.started_at <= $2"
         " AND ($3::text IS NULL OR c.persona = $3)"
