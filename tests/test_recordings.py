@@ -352,3 +352,58 @@ def test_settings_refuse_recording_values_that_would_leak_or_break(tmp_path: Pat
     assert settings.recording_lag_s == PRE_SPEECH_S
     with pytest.raises(ValueError, match="lag"):
         Timeline(lag_s=-1.0)
+
+
+TINY_CARD_SENTENCE = "My card number is 4111 1111 1111 1111 and please book the table"
+NUMBER_WORDS = {"four", "one", "eleven", "thousand", "hundred", "for"}
+
+
+async def test_with_tiny_en_the_first_digit_of_a_card_is_not_heard(tmp_path: Path, server, admin_token: str,
+                                                                   audio_dir: Path, postgres_url: str,
+                                                                   redis_url: str, scripted_llm, script) -> None:
+    """With PONO_STT_MODEL=tiny.en, word alignment put "is" over the card's first word: the span began 0.3 s
+    into "four" and Whisper base heard "My card number is 4" in the recording. Heard again by Whisper base (the
+    shared server's model), nothing of the card is left, and what comes just before the span is speech."""
+    from conftest import make_settings, start_server
+
+    script.reply = "Thank you."
+    running = await start_server(make_settings(
+        tmp_path / "tiny", stt_model="tiny.en", openai_base_url=scripted_llm.base_url, llm_model="scripted",
+        database_url=postgres_url, redis_url=redis_url))
+    try:
+        persona = await recorded_persona(running.url, admin_token)
+        sentence = espeak(TINY_CARD_SENTENCE, audio_dir / "tiny-card.wav")
+        caller = Caller(running.url)
+        try:
+            await caller.connect(persona=persona)
+            await caller.wait_open()
+            await asyncio.sleep(1.0)
+            caller.speak(sentence)
+            await caller.wait_for(lambda e: e["type"] == "agent.final", 60)
+            await asyncio.sleep(2.0)
+        finally:
+            await caller.hang_up()
+        call = await poll_call(running, admin_token, caller.call_id,
+                               lambda c: (c.get("recording") or {}).get("status") == "complete", tries=300)
+        key = await running.app[SERVICES].storage.db.pool.fetchval(
+            "SELECT storage_key FROM recordings WHERE call_id = $1", caller.call_id)
+        path = running.app[SERVICES].storage.recordings.local_file(key)
+        assert path is not None
+        stereo = decode(path.read_bytes())
+    finally:
+        await running.runner.cleanup()
+    caller_side = np.ascontiguousarray(stereo[:, 0])
+    heard = await server.app[SERVICES].models.run_stt(caller_side)
+    words = re.sub(r"[^a-z0-9 ]", " ", heard.lower()).split()
+    assert {"my", "card"} <= set(words) and {"book", "table"} & set(words), heard
+    assert not re.search(r"\d", heard) and not NUMBER_WORDS & set(words), heard  # "My card number is 4" before
+    spans = [f for f in call["dlp_findings"] if f.get("channel") == "caller"]
+    assert spans, call["dlp_findings"]
+    start, end = spans[0]["audio_start_ms"] * 16, spans[0]["audio_end_ms"] * 16
+    before = caller_side[start - 4800:start].astype(np.float64)  # 0.3 s before the span: the caller's words
+    assert np.sqrt(np.mean(before ** 2)) > 300, "silence before the span"
+    spectrum = np.abs(np.fft.rfft(before))
+    tone = spectrum[int(990 * len(before) / 16_000):int(1010 * len(before) / 16_000) + 1].sum()
+    assert tone < 0.2 * spectrum.sum(), "the tone before the span"
+    inside = caller_side[start + 1600:end - 1600].astype(np.float64)
+    assert abs(np.argmax(np.abs(np.fft.rfft(inside))) * 16_000 / len(inside) - 1000) < 20  # the tone
