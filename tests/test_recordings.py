@@ -3,7 +3,8 @@
 What a person reviewing calls would check: the recording plays; a card number read aloud is not in it (the
 project's own STT hears the other words and none of the card's digits, and the span where it was said is a
 tone); the span is in dlp_findings; seeking works (HTTP ranges); only people with a login or key get it, and
-each access is in the audit log; a server killed mid-call leaves a recording that plays up to near the kill;
+each access is in the audit log; a server killed mid-call leaves a recording that plays up to near the kill
+(here the caller's turn was checked well before it; audio of a turn still open at the kill is lost);
 retention removes file and row.
 """
 
