@@ -80,10 +80,11 @@ class Settings(BaseSettings):
     # after the short hangover, an incomplete one waits up to the long one (or until the caller speaks again).
     end_of_turn_model: bool = True
     end_of_turn_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
-    # Asked early (64 ms) and, if unfinished, again (288 ms): median end-of-turn delay 424 ms against 500 with one
-    # check at 160 ms, false cut-offs 68 % against 60 % (bench/turns.py, espeak and hibari, 20 + 40 clips, noisy).
-    end_of_turn_check_ms: int = Field(default=64, ge=32, le=1000)
-    end_of_turn_recheck_ms: int = Field(default=288, ge=0, le=2000)  # a turn found unfinished is asked again; 0: never
+    # Asked at 96 ms: median end-of-turn delay 454 ms and false cut-offs 48 % against 500 ms and 60 % when asked at
+    # 160 ms (bench/turns.py, espeak and hibari, same machine and load). A second check later in the pause saves
+    # complete questions the long wait but cut more paused sentences (68 % at 64 + 288 ms): off by default.
+    end_of_turn_check_ms: int = Field(default=96, ge=32, le=1000)
+    end_of_turn_recheck_ms: int = Field(default=0, ge=0, le=2000)  # a turn found unfinished is asked again; 0: never
     short_hangover_ms: int = Field(default=160, ge=64, le=2000)
     long_hangover_ms: int = Field(default=1500, ge=200, le=5000)
     barge_in_min_ms: int = Field(default=600, ge=100, le=5000)

@@ -54,6 +54,9 @@ async def test_a_thinking_pause_does_not_end_the_turn(server, script: Script, au
         assert len(heard) == 1 and {"time", "open"} <= words(heard[0]["text"]), heard[0]["text"]
         stops = [e for e in caller.events if e["type"] == "speech.stopped"]
         assert len(stops) == 1 and stops[0]["end_of_turn"] is not None  # the model was asked
+        # One utterance, one turn number, whatever a preemptive reply counted meanwhile (a review saw 1, 3, 1).
+        started = next(e for e in caller.events if e["type"] == "speech.started")
+        assert started["turn"] == stops[0]["turn"] == heard[0]["turn"], (started, stops, heard)
     finally:
         await caller.hang_up()
     users = [t for t in await stored_turns(server, admin_token, caller.call_id, 2) if t["role"] == "user"]
@@ -77,21 +80,21 @@ def test_acknowledgements_are_told_from_words() -> None:
 
 
 def test_a_short_first_word_before_a_gap_starts_the_utterance() -> None:
-    """ "Stop" (160 ms, too short to confirm speech) | 300 ms | the confirming speech: the word is kept, with
-    100 ms before it; a voiced blip further back than 600 ms is not."""
+    """ "Stop" (160 ms, too short to confirm speech) | 220 ms | the confirming speech: the word is kept, with
+    100 ms before it; nothing further back than 1 s (the recording holds audio from 1 s before speech)."""
     lead_in = LeadIn(keep_ms=500)
     frames = [np.full(320, i, np.int16) for i in range(60)]
-    voiced = set(range(12, 20)) | set(range(35, 60))  # "Stop" at frames 12-19, the confirming speech from 35
-    for i, frame in enumerate(frames):
+    voiced = set(range(6, 14)) | set(range(25, 50))  # "Stop" at frames 6-13, the confirming speech from 25
+    for i, frame in enumerate(frames[:50]):
         lead_in.add(frame)
         if i in voiced:
             lead_in.mark_voiced()
-    assert [int(f[0]) for f in lead_in.take()] == list(range(7, 60))
-    for i in range(60):  # a click at frame 4, 31 frames (620 ms) before the kept 25 frames: too far to join
-        lead_in.add(frames[i])
-        if i == 4 or i >= 45:
+    assert [int(f[0]) for f in lead_in.take()] == list(range(1, 50))
+    for i, frame in enumerate(frames):  # a word at frames 8-9, speech from 18: 1 s back is frame 10, so not the word
+        lead_in.add(frame)
+        if i in (8, 9) or i >= 18:
             lead_in.mark_voiced()
-    assert [int(f[0]) for f in lead_in.take()] == list(range(35, 60))
+    assert [int(f[0]) for f in lead_in.take()] == list(range(13, 60))  # from 100 ms before the speech
 
 
 async def test_a_short_first_word_after_which_the_caller_pauses_is_heard(server, script: Script, audio_dir,
@@ -208,7 +211,8 @@ async def test_a_personas_turn_taking_is_strict(server, admin_token: str) -> Non
     async with aiohttp.ClientSession(server.url, headers=headers) as http:
         for turn_taking, field in (({"hangover_ms": "300"}, "hangover_ms"), ({"end_of_turn": "yes"}, "end_of_turn"),
                                    ({"hangovr_ms": 300}, "hangovr_ms"),
-                                   ({"short_hangover_ms": long_ms + 100}, "short_hangover_ms")):
+                                   ({"short_hangover_ms": long_ms + 100}, "short_hangover_ms"),
+                                   ({"short_hangover_ms": 64}, "PONO_END_OF_TURN_CHECK_MS")):  # asked after it
             body = {"name": f"tt-{uuid.uuid4().hex[:6]}", "system_prompt": "x", "turn_taking": turn_taking}
             async with http.post("/api/personas", json=body) as r:
                 assert r.status == 422, (turn_taking, await r.text())

@@ -31,8 +31,8 @@ class TurnConfig:
     chunk_ms: float = 32.0
     end_of_turn: bool = False
     end_of_turn_threshold: float = 0.5
-    check_after_ms: int = 64
-    recheck_after_ms: int = 288
+    check_after_ms: int = 96
+    recheck_after_ms: int = 0
     short_hangover_ms: int = 160
     long_hangover_ms: int = 1500
 
