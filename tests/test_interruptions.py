@@ -136,7 +136,8 @@ async def test_a_one_word_interruption_too_short_to_pause_the_agent_stops_it(ser
         script.reply = "Of course."
         caller.speak(stop)
         stopped = await caller.wait_for(lambda e: e["type"] == "speech.stopped", 20)
-        assert stopped["ignored"] is False
+        started = next(e for e in caller.events if e["type"] == "speech.started")
+        assert stopped["ignored"] is False and stopped["turn"] == started["turn"]  # one utterance, one number
         barge = await caller.wait_for(lambda e: e["type"] == "barge_in", 10)
         cut = await caller.wait_for(lambda e: e["type"] == "agent.final" and e["turn"] == barge["turn"], 10)
         assert cut["interrupted"] is True and len(cut["text"]) < len(LONG_REPLY)

@@ -83,11 +83,10 @@ class OverAgentSpeech:
         else:  # nothing that can pause (or be interrupted) is playing: the interruption is real
             await self._interrupt()
 
-    def ended(self, final: asyncio.Task[str], t0: float, stopped: dict[str, Any]) -> None:
-        """The utterance is over; `final` transcribes all of it, `t0` is when its speech stopped (for latency),
-        `stopped` the `speech.stopped` event's fields. A decision in flight commits it if it was an
-        interruption; otherwise it is heard whole now."""
-        turn = self.responder.turns
+    def ended(self, final: asyncio.Task[str], t0: float, turn: int, stopped: dict[str, Any]) -> None:
+        """The utterance (turn number `turn`, as its speech.started said) is over; `final` transcribes all of it,
+        `t0` is when its speech stopped (for latency), `stopped` the `speech.stopped` event's fields. A decision
+        in flight commits it if it was an interruption; otherwise it is heard whole now."""
         if self.deciding:
             self.events.emit(EventType.SPEECH_STOPPED, turn, ignored=False, **stopped)
             self._ended = (final, t0)
@@ -123,7 +122,8 @@ class OverAgentSpeech:
             return
         if text is not None and is_backchannel(text):
             self._ended = None  # the caller's turn (if over) was only this: nothing to answer
-            self.events.emit(EventType.AGENT_RESUMED, self.responder.turns, heard=text,
+            turn = self.responder.playing_turn  # the agent's turn that goes on
+            self.events.emit(EventType.AGENT_RESUMED, self.responder.turns if turn is None else turn, heard=text,
                              resumed_s=round(self.output.held_s, 3))
             # Decided: the resume plays on by itself (seconds of held audio), and more words may pause it again.
             self._spawn(self.responder.resume(), "resume")

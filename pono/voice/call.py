@@ -294,9 +294,9 @@ class Call:
                                "end_of_turn": self._end_of_turn_p}
                     if over_agent.active:  # heard whole before it counts, or not (pono.voice.barge_in)
                         over_agent.ended(self._spawn(recognizer.final(), "stt-final"), pause_at or time.monotonic(),
-                                         stopped)
-                    else:
-                        self.events.emit(EventType.SPEECH_STOPPED, responder.turns, ignored=False, **stopped)
+                                         self._utterance_turn, stopped)
+                    else:  # the turn number speech.started gave, whatever was committed meanwhile (a preemptive)
+                        self.events.emit(EventType.SPEECH_STOPPED, self._utterance_turn, ignored=False, **stopped)
                         if responder.preempted_by(spec):
                             responder.commit_preemptive()
                         else:

@@ -17,9 +17,11 @@ class LeadIn:
     `max_ms` in all. A short first word that is followed by a gap ("Stop | I need a table") is too short to
     confirm speech by itself, and was lost when the pre-roll did not happen to reach it; a longer pre-roll
     everywhere instead made Whisper hear phone calls' leading noise (a 600 ms pre-roll changed a phone test's
-    transcript)."""
+    transcript). At most 1 s: a recorded call holds the caller's audio for redaction from 1 s before speech is
+    confirmed (pono.voice.recording), so a word further back could be in a transcript after its audio was written
+    unchecked."""
 
-    def __init__(self, keep_ms: int, join_ms: int = 600, lead_ms: int = 100, max_ms: int = 1500) -> None:
+    def __init__(self, keep_ms: int, join_ms: int = 600, lead_ms: int = 100, max_ms: int = 1000) -> None:
         self._keep = max(1, keep_ms // FRAME_MS)
         self._join = join_ms // FRAME_MS
         self._lead = lead_ms // FRAME_MS

@@ -169,6 +169,11 @@ class Responder:
                                                     allow_interruptions=allow_interruptions,
                                                     name=f"{kind}-{self.events.call_id}"))
 
+    @property
+    def playing_turn(self) -> int | None:
+        """The turn number of the agent's utterance playing now, if any."""
+        return self._playing[1].turn if self._playing is not None else None
+
     def pause(self) -> bool:
         """Pause the agent's audio where it is, for a suspected interruption. False (and nothing paused) when
         nothing that may be interrupted is playing, or the output cannot pause."""
