@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 from helpers import settings_for_new_calls, stored_end_reason, stored_turns
 from test_voice_call import open_call
@@ -99,3 +100,26 @@ async def test_a_call_whose_loop_fails_ends_as_an_error(server, admin_token, mon
         monkeypatch.undo()
         await caller.hang_up()
     assert await stored_end_reason(server, admin_token, caller.call_id) == "error"
+
+
+async def test_what_the_caller_said_or_pressed_as_they_hung_up_is_kept(server, admin_token, audio_dir) -> None:
+    """A hang-up mid-sentence lost the sentence (only the greeting was stored), and keys pressed just before
+    a hang-up were lost with their inter-digit timer (review finding)."""
+    from conftest import espeak
+
+    sentence = espeak("I would like to book a table for two people at seven o'clock tonight please",
+                      audio_dir / "long-sentence.wav")
+    with settings_for_new_calls(server, dtmf_interdigit_ms=600_000):
+        caller = await open_call(server)
+    try:
+        caller.send_raw(json.dumps({"type": "dtmf", "digit": "4"}))
+        caller.send_raw(json.dumps({"type": "dtmf", "digit": "2"}))
+        await caller.wait_for(lambda e: e["type"] == "dtmf" and e["digit"] == "2", 10)
+        caller.speak(sentence)
+        await caller.wait_for(lambda e: e["type"] == "speech.started", 10)
+        await asyncio.sleep(1.5)  # mid-sentence
+    finally:
+        await caller.hang_up()
+    turns = await stored_turns(server, admin_token, caller.call_id, 2)
+    said = " ".join(t["text"].lower() for t in turns if t["role"] == "user")
+    assert "42" in said and {"book", "table"} & set(re.findall(r"[a-z]+", said)), turns

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 2000
 TIME_LIMIT_GOODBYE = "We have reached the time limit for this call. Thank you for calling, goodbye."
+UNFINISHED_WAIT_S = 5.0  # a call's end waits this long for the transcript of a sentence the caller was cut off in
 GOODBYE_WAIT_S = 15.0  # a goodbye that can't be played in this long (a dead line) doesn't hold the hang-up
 DTMF_KEYS = tuple("0123456789*#ABCD")
 MAX_KEYS = 64  # one keypad entry holds at most this many keys: a key every second forever is many entries
@@ -162,6 +163,7 @@ class Call:
             closed.cancel()
             if self._keys_timer is not None:
                 self._keys_timer.cancel()
+            await self._keep_what_was_cut_off(loops[1])
             await self.responder.close(reason=self.end_reason)
             for task in [*loops, *self._tasks]:
                 task.cancel()
@@ -173,6 +175,21 @@ class Call:
             self.events.emit(
                 EventType.CALL_ENDED, reason=self.end_reason, duration_s=round(time.time() - self.started, 3)
             )
+
+    async def _keep_what_was_cut_off(self, audio_loop: asyncio.Task[None]) -> None:
+        """The call ends while the caller is mid-sentence or mid-keypad-entry: what they said or pressed is kept as
+        their last turn (stored, not answered) instead of lost with the call. Its transcript is waited for at most
+        UNFINISHED_WAIT_S."""
+        keys, self._keys = "".join(self._keys), []
+        turns = [self.responder.commit_user(text=f"the caller pressed {keys}")] if keys else []
+        audio_loop.cancel()  # no frame may move the utterance on while its transcript is taken
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await audio_loop
+        if self.detector.in_speech and not self.over_agent.active:
+            turns.append(self.responder.commit_user(spec=self._spawn(self.recognizer.final(), "stt-final"),
+                                                    source="voice"))
+        if turns:
+            await asyncio.wait([asyncio.ensure_future(asyncio.shield(t)) for t in turns], timeout=UNFINISHED_WAIT_S)
 
     async def _until_closed_or_failed(self, closed: asyncio.Future[None], loops: list[asyncio.Task[None]]) -> None:
         """Until the caller has gone, or one of the call's loops failed: a call whose loop died would otherwise
