@@ -1,5 +1,7 @@
 """Small pieces several test files share: a server on stores of its own, a database of its own, a text call,
-reading a call back through the API, a settings change for new calls, and a hand-built PDF."""
+reading a call back through the API, a settings change for new calls, a hand-built PDF, and, for the job
+worker tests, a webhook target with two workers, a webhook workflow, a run waited for, and a payment made once
+over two tries."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -17,10 +19,23 @@ from conftest import RunningServer, make_settings, start_server
 from servers import PostgresProcess, ValkeyProcess
 
 from pono.context import SERVICES
+from pono.jobs.definition import Workflow
 from pono.storage.db import Database
 from pono.storage.users import create_api_key, create_user
+from pono.storage.workflow_runs import get_run, step_runs
+from pono.storage.workflows import save_workflow
 from pono.testing.caller import Caller
 from pono.testing.scripted_llm import ScriptedLLM
+
+if TYPE_CHECKING:
+    from jobs_peers import Target
+
+
+class _Stoppable(Protocol):
+    async def stop(self) -> None: ...
+
+
+W = TypeVar("W", bound=_Stoppable)
 
 
 @asynccontextmanager
@@ -41,17 +56,22 @@ async def server_on_own_stores(tmp_path_factory: pytest.TempPathFactory, scripte
     pg.close()
 
 
-@asynccontextmanager
-async def database_of_its_own(postgres_url: str, max_size: int) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
-    """A fresh database on the tests' Postgres, migrated, that no server uses (nor its job worker): (its URL, a
-    pool of up to `max_size` connections on it, closed on the way out)."""
+async def empty_database(postgres_url: str) -> str:
+    """A fresh database on the tests' Postgres, not migrated: its name."""
     name = f"pono_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(postgres_url)
     try:
         await admin.execute(f"CREATE DATABASE {name}")
     finally:
         await admin.close()
-    url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}"))
+    return name
+
+
+@asynccontextmanager
+async def database_of_its_own(postgres_url: str, max_size: int) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
+    """A fresh database on the tests' Postgres, migrated, that no server uses (nor its job worker): (its URL, a
+    pool of up to `max_size` connections on it, closed on the way out)."""
+    url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{await empty_database(postgres_url)}"))
     db = Database(url, min_size=1, max_size=max_size)
     await db.connect()  # applies the migrations
     try:
@@ -141,3 +161,54 @@ def pdf_file(objects: list[bytes]) -> bytes:
     out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
     return bytes(out)
+
+
+@asynccontextmanager
+async def target_and_two_workers(worker: Callable[[str], W]) -> AsyncIterator[tuple[Target, W, W]]:
+    """A started webhook target (jobs_peers.Target) and two job workers, `worker("first")` and
+    `worker("second")`, not started. On the way out the target's held answer is released, then both workers
+    (their `stop()`) and the target are stopped."""
+    from jobs_peers import Target
+
+    target = Target()
+    await target.start()
+    first, second = worker("first"), worker("second")
+    try:
+        yield target, first, second
+    finally:
+        target.release.set()
+        await first.stop()
+        await second.stop()
+        await target.stop()
+
+
+async def webhook_workflow(pool: asyncpg.Pool, url: str) -> dict[str, Any]:
+    """A saved, enabled workflow run by hand whose one step is a webhook to `url` (120 s timeout)."""
+    body = Workflow.model_validate({"name": f"pay-{uuid.uuid4().hex[:6]}", "trigger": {"type": "manual"},
+                                    "steps": [{"type": "webhook", "name": "pay", "url": url, "timeout_s": 120}]})
+    definition = body.model_dump(mode="json", by_alias=True, exclude_none=True, include={"trigger", "steps"})
+    return await save_workflow(pool, None, {"name": body.name, "definition": definition, "trigger_type": "manual",
+                                            "enabled": True, "next_fire_at": None}, "test", None)
+
+
+async def settled_run(pool: asyncpg.Pool, run_id: str, tries: int = 300) -> dict[str, Any] | None:
+    """The workflow run, read every 0.1 s until it has succeeded or failed, or `tries` reads were made; the
+    last read either way (None if there was no such run)."""
+    run = None
+    for _ in range(tries):
+        run = await get_run(pool, run_id)
+        if run is not None and run["status"] in ("succeeded", "failed"):
+            break
+        await asyncio.sleep(0.1)
+    return run
+
+
+async def paid_once_over_two_tries(target: Target, pool: asyncpg.Pool, run_id: str) -> tuple[str, dict[str, Any]]:
+    """Asserts that the run's webhook reached `target` at once/pay twice with one Idempotency-Key, that the
+    payment happened once, and that its step succeeded at its second attempt: (the key, the step)."""
+    tries = target.sent("once/pay")
+    assert len(tries) == 2 and len({t["headers"]["Idempotency-Key"] for t in tries}) == 1
+    assert target.side_effects == [tries[0]["headers"]["Idempotency-Key"]]  # the payment happened once
+    (step,) = await step_runs(pool, run_id)
+    assert step["status"] == "succeeded" and step["attempts"] == 2
+    return tries[0]["headers"]["Idempotency-Key"], step

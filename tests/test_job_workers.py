@@ -14,18 +14,14 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from helpers import database_of_its_own
-from jobs_peers import Target
+from helpers import database_of_its_own, paid_once_over_two_tries, settled_run, target_and_two_workers, webhook_workflow
 
 from pono.agent.dlp.apply import redact_records
 from pono.events import CallEvent, EventType
-from pono.jobs.definition import Workflow
 from pono.jobs.triggers import run_by_hand
 from pono.storage.db import Database
 from pono.storage.journal import Journal
 from pono.storage.records import CallRecorder
-from pono.storage.workflow_runs import get_run, step_runs
-from pono.storage.workflows import save_workflow
 from pono.storage.writer import Writer
 
 
@@ -67,31 +63,18 @@ class Worker:
 
 
 async def _finished(pool: asyncpg.Pool, run_id: str, tries: int = 600) -> dict:
-    for _ in range(tries):
-        run = await get_run(pool, run_id)
-        if run is not None and run["status"] in ("succeeded", "failed"):
-            return run
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"run {run_id} did not finish: {await get_run(pool, run_id)}")
-
-
-async def _workflow(pool: asyncpg.Pool, url: str) -> dict:
-    body = Workflow.model_validate({"name": f"pay-{uuid.uuid4().hex[:6]}", "trigger": {"type": "manual"},
-                                    "steps": [{"type": "webhook", "name": "pay", "url": url, "timeout_s": 120}]})
-    definition = body.model_dump(mode="json", by_alias=True, exclude_none=True, include={"trigger", "steps"})
-    return await save_workflow(pool, None, {"name": body.name, "definition": definition, "trigger_type": "manual",
-                                            "enabled": True, "next_fire_at": None}, "test", None)
+    run = await settled_run(pool, run_id, tries)
+    if run is None or run["status"] not in ("succeeded", "failed"):
+        raise AssertionError(f"run {run_id} did not finish: {run}")
+    return run
 
 
 async def test_killed_worker_job_is_picked_up_and_acts_once_and_sigterm_drains(
         database: tuple[str, asyncpg.Pool], tmp_path: Path) -> None:
     url, pool = database
-    target = Target()
-    await target.start()
-    first, second = Worker(url, tmp_path, "first"), Worker(url, tmp_path, "second")
-    try:
+    async with target_and_two_workers(lambda name: Worker(url, tmp_path, name)) as (target, first, second):
         target.hold_first = True  # the receiver acts, then holds the answer: the worker dies waiting for it
-        workflow = await _workflow(pool, f"{target.url}/once/pay")
+        workflow = await webhook_workflow(pool, f"{target.url}/once/pay")
         run_id = await run_by_hand(pool, workflow, None, {})
         await first.start()
         await asyncio.wait_for(target.held.wait(), 60)
@@ -103,16 +86,12 @@ async def test_killed_worker_job_is_picked_up_and_acts_once_and_sigterm_drains(
         await second.start()  # picks the job up once the first worker's heartbeat is stale
         run = await _finished(pool, run_id)
         assert run["status"] == "succeeded" and run["attempts"] == 2  # started by both workers
-        tries = target.sent("once/pay")
-        assert len(tries) == 2 and len({t["headers"]["Idempotency-Key"] for t in tries}) == 1
-        assert target.side_effects == [tries[0]["headers"]["Idempotency-Key"]]  # the payment happened once
-        (step,) = await step_runs(pool, run_id)
-        assert step["status"] == "succeeded" and step["attempts"] == 2
-        assert step["output"] == {"response": {"done": tries[0]["headers"]["Idempotency-Key"]}}
+        key, step = await paid_once_over_two_tries(target, pool, run_id)
+        assert step["output"] == {"response": {"done": key}}
 
         # SIGTERM while a job runs: the worker takes no new job, lets this one finish, and exits cleanly.
         target.hold_first, target.held, target.release = True, asyncio.Event(), asyncio.Event()
-        slow = await run_by_hand(pool, await _workflow(pool, f"{target.url}/once/slow"), None, {})
+        slow = await run_by_hand(pool, await webhook_workflow(pool, f"{target.url}/once/slow"), None, {})
         await asyncio.wait_for(target.held.wait(), 60)
         assert second.process is not None
         second.process.terminate()
@@ -120,10 +99,6 @@ async def test_killed_worker_job_is_picked_up_and_acts_once_and_sigterm_drains(
         target.release.set()
         assert await asyncio.wait_for(second.process.wait(), 60) == 0
         assert (await _finished(pool, slow, tries=10))["status"] == "succeeded"
-    finally:
-        await first.stop()
-        await second.stop()
-        await target.stop()
 
 
 async def test_calls_ending_together_enqueue_one_trigger_each_even_when_replayed(

@@ -19,30 +19,25 @@ import os
 import signal
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import pytest
 from conftest import make_settings
-from jobs_peers import Target
+from helpers import database_of_its_own, paid_once_over_two_tries, settled_run, target_and_two_workers, webhook_workflow
 from pgqueuer.errors import FailingListenerError
 from servers import PostgresProcess
 
 from pono.agent.embedded import free_port
-from pono.jobs.definition import Workflow
 from pono.jobs.triggers import run_by_hand
 from pono.jobs.worker import JobWorker
 from pono.metrics import Metrics
-from pono.storage.db import Database
 from pono.storage.workflow_runs import RUN_WORKFLOW, get_run, step_runs
-from pono.storage.workflows import save_workflow
 
 DRAIN_S = 3.0
 
@@ -105,27 +100,8 @@ class Worker:
 @pytest.fixture
 async def database(postgres_url: str) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
     """A fresh, migrated database of its own (no other worker watches its queue): (its URL, a pool)."""
-    name = f"pono_probes_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}"))
-    db = Database(url, min_size=1, max_size=4)
-    await db.connect()
-    try:
-        yield url, db.pool
-    finally:
-        await db.close()
-
-
-async def _manual_webhook(pool: asyncpg.Pool, url: str) -> dict[str, Any]:
-    body = Workflow.model_validate({"name": f"pay-{uuid.uuid4().hex[:6]}", "trigger": {"type": "manual"},
-                                    "steps": [{"type": "webhook", "name": "pay", "url": url, "timeout_s": 120}]})
-    definition = body.model_dump(mode="json", by_alias=True, exclude_none=True, include={"trigger", "steps"})
-    return await save_workflow(pool, None, {"name": body.name, "definition": definition, "trigger_type": "manual",
-                                            "enabled": True, "next_fire_at": None}, "test", None)
+    async with database_of_its_own(postgres_url, max_size=4) as found:
+        yield found
 
 
 async def test_ready_only_while_taking_jobs_and_alive_throughout(tmp_path: Path) -> None:
@@ -166,12 +142,9 @@ async def test_ready_only_while_taking_jobs_and_alive_throughout(tmp_path: Path)
 async def test_sigterm_past_the_drain_time_hands_the_job_to_another_worker(
         database: tuple[str, asyncpg.Pool], tmp_path: Path) -> None:
     url, pool = database
-    target = Target()
-    await target.start()
-    first, second = Worker(url, tmp_path, "first"), Worker(url, tmp_path, "second")
-    try:
+    async with target_and_two_workers(lambda name: Worker(url, tmp_path, name)) as (target, first, second):
         target.hold_first = True  # the receiver acts, then holds its answer past the drain time
-        run_id = await run_by_hand(pool, await _manual_webhook(pool, f"{target.url}/once/pay"), None, {})
+        run_id = await run_by_hand(pool, await webhook_workflow(pool, f"{target.url}/once/pay"), None, {})
         await first.start()
         await asyncio.wait_for(target.held.wait(), 60)
         assert (await first.probe("/ready"))[0] == 200  # busy is still ready: it takes more jobs
@@ -191,35 +164,19 @@ async def test_sigterm_past_the_drain_time_hands_the_job_to_another_worker(
         assert [r["status"] for r in queued] == ["queued"], queued
 
         await second.start()  # takes the job at once: nothing to wait for, no heartbeat to go stale
-        for _ in range(300):
-            run = await get_run(pool, run_id)
-            if run is not None and run["status"] in ("succeeded", "failed"):
-                break
-            await asyncio.sleep(0.1)
+        run = await settled_run(pool, run_id)
         assert run is not None and run["status"] == "succeeded", (run, second.tail())
-        tries = target.sent("once/pay")
-        assert len(tries) == 2 and len({t["headers"]["Idempotency-Key"] for t in tries}) == 1
-        assert target.side_effects == [tries[0]["headers"]["Idempotency-Key"]]  # the payment happened once
-        (step,) = await step_runs(pool, run_id)
-        assert step["status"] == "succeeded" and step["attempts"] == 2
-    finally:
-        target.release.set()
-        await first.stop()
-        await second.stop()
-        await target.stop()
+        await paid_once_over_two_tries(target, pool, run_id)
 
 
 async def test_the_listen_connection_lost_mid_job_restarts_the_queue_after_the_job(
         database: tuple[str, asyncpg.Pool], tmp_path: Path) -> None:
     url, pool = database
-    target = Target()
-    await target.start()
-    first, second = Worker(url, tmp_path, "first"), Worker(url, tmp_path, "second")
     listening = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN %'"
                  " AND pid <> pg_backend_pid()")
-    try:
+    async with target_and_two_workers(lambda name: Worker(url, tmp_path, name)) as (target, first, second):
         target.hold_first = True  # the receiver acts, then holds its answer: the job is mid side effect
-        workflow = await _manual_webhook(pool, f"{target.url}/once/pay")
+        workflow = await webhook_workflow(pool, f"{target.url}/once/pay")
         run_id = await run_by_hand(pool, workflow, None, {})
         await first.start()
         await asyncio.wait_for(target.held.wait(), 60)
@@ -241,11 +198,7 @@ async def test_the_listen_connection_lost_mid_job_restarts_the_queue_after_the_j
         assert (await first.probe("/ready"))[0] == 503  # restarting: it takes no job meanwhile
 
         target.release.set()
-        for _ in range(300):
-            run = await get_run(pool, run_id)
-            if run is not None and run["status"] in ("succeeded", "failed"):
-                break
-            await asyncio.sleep(0.1)
+        run = await settled_run(pool, run_id)
         assert run is not None and run["status"] == "succeeded", (run, first.tail())
         (step,) = await step_runs(pool, run_id)
         assert step["status"] == "succeeded" and step["attempts"] == 1  # finished, neither cancelled nor retried
@@ -256,20 +209,11 @@ async def test_the_listen_connection_lost_mid_job_restarts_the_queue_after_the_j
         assert "job queue starting again" in first.tail()
         assert len(await pool.fetch(listening)) == 1
         again = await run_by_hand(pool, workflow, None, {})
-        for _ in range(300):
-            run = await get_run(pool, again)
-            if run is not None and run["status"] in ("succeeded", "failed"):
-                break
-            await asyncio.sleep(0.1)
+        run = await settled_run(pool, again)
         assert run is not None and run["status"] == "succeeded", (run, first.tail())
         await asyncio.sleep(3)  # past the heartbeat timeout: no job left behind to be taken again
         assert await pool.fetchval("SELECT count(*) FROM pgqueuer") == 0
         assert len(target.sent("once/pay")) == 2 and len(target.side_effects) == 2  # one per run
-    finally:
-        target.release.set()
-        await first.stop()
-        await second.stop()
-        await target.stop()
 
 
 class _Listener:

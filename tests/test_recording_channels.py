@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import espeak
 from helpers import poll_call, server_on_own_stores, settings_for_new_calls
-from test_recordings import CARD_SENTENCE, decode, recorded_persona
+from test_recordings import CARD_SENTENCE, call_with_recording, decode, recorded_persona, recording_of
 
 from pono.context import SERVICES
 from pono.testing.caller import Caller
@@ -39,23 +39,8 @@ async def recorded_call(server, admin_token: str, persona: str, speak: np.ndarra
                         wait_s: float = 2.0) -> dict:
     """One call on `persona`: the caller says `speak` (if given) and waits for the agent's answer. Returns
     {"call": the stored call once its recording is complete, "stereo": the recording decoded, "events"}."""
-    caller = Caller(server.url)
-    try:
-        await caller.connect(persona=persona)
-        await caller.wait_open()
-        await asyncio.sleep(1.0)
-        if speak is not None:
-            caller.speak(speak)
-            await caller.wait_for(lambda e: e["type"] == "agent.final", 60)
-        await asyncio.sleep(wait_s)
-    finally:
-        await caller.hang_up()
-    call = await poll_call(server, admin_token, caller.call_id,
-                           lambda c: (c.get("recording") or {}).get("status") == "complete", tries=300)
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http, \
-            http.get(f"{server.url}/api/calls/{caller.call_id}/recording") as r:
-        assert r.status == 200
-        data = await r.read()
+    caller, call = await call_with_recording(server, admin_token, persona, speak, wait_s)
+    data = await recording_of(server.url, admin_token, caller.call_id)
     return {"call": call, "stereo": decode(data), "events": caller.events, "call_id": caller.call_id}
 
 

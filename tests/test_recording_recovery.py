@@ -8,17 +8,15 @@ a cloud object store outside the machine (TESTING.md).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from pathlib import Path
 
 import numpy as np
 from helpers import poll_call
 from servers import PonoProcess
-from test_recordings import decode, recorded_persona
+from test_recordings import call_killed_mid_answer, decode, recorded_persona
 
 from pono.context import SERVICES
-from pono.testing.caller import Caller
 
 
 async def test_a_restart_uploads_what_a_killed_server_recorded(
@@ -48,24 +46,13 @@ async def test_a_restart_uploads_what_a_killed_server_recorded(
         async with s3_client as s3:
             await s3.create_bucket(Bucket="calls")
             persona = await recorded_persona(server.url, admin_token)
-            replica = PonoProcess(data_dir, **env)
-            await replica.start()
-            caller = Caller(replica.url)
-            try:
-                await caller.connect(persona=persona)
-                await caller.wait_open()
-                caller.speak(question)
-                await asyncio.sleep(12.0)
-                await replica.kill()
-            finally:
-                await caller.close()
-                await replica.stop()
+            call_id = await call_killed_mid_answer(PonoProcess(data_dir, **env), persona, question)
 
             # What the crash left: a spooled prefix, no object, the row still 'recording'.
-            row = await pool.fetchrow("SELECT status, storage_key FROM recordings WHERE call_id = $1", caller.call_id)
+            row = await pool.fetchrow("SELECT status, storage_key FROM recordings WHERE call_id = $1", call_id)
             assert row is not None and row["status"] == "recording"
             key = row["storage_key"]
-            spooled = list((data_dir / "recordings-spool").glob(f"*{caller.call_id}.ogg"))
+            spooled = list((data_dir / "recordings-spool").glob(f"*{call_id}.ogg"))
             assert len(spooled) == 1 and spooled[0].stat().st_size > 0
             listed = await s3.list_objects_v2(Bucket="calls", Prefix="pono/")
             assert key not in [o["Key"] for o in listed.get("Contents", [])]
@@ -75,7 +62,7 @@ async def test_a_restart_uploads_what_a_killed_server_recorded(
 
             restarted = PonoProcess(data_dir, **env)
             await restarted.start()
-            call = await poll_call(server, admin_token, caller.call_id,
+            call = await poll_call(server, admin_token, call_id,
                                    lambda c: (c.get("recording") or {}).get("status") == "complete", tries=300)
             recording = call["recording"]
             assert recording is not None and recording["status"] == "complete", call.get("recording")

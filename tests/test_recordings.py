@@ -51,28 +51,59 @@ async def recorded_persona(url: str, token: str, **fields: object) -> str:
     return name
 
 
+async def call_with_recording(server, admin_token: str, persona: str, speak: np.ndarray | None = None,
+                              wait_s: float = 2.0) -> tuple[Caller, dict]:
+    """One call to `server` on `persona`: 1 s after it opens the caller says `speak` (if given) and waits for the
+    agent's answer, and it hangs up `wait_s` later. (The caller, the stored call once its recording is complete.)"""
+    caller = Caller(server.url)
+    try:
+        await caller.connect(persona=persona)
+        await caller.wait_open()
+        await asyncio.sleep(1.0)
+        if speak is not None:
+            caller.speak(speak)
+            await caller.wait_for(lambda e: e["type"] == "agent.final", 60)
+        await asyncio.sleep(wait_s)
+    finally:
+        await caller.hang_up()
+    call = await poll_call(server, admin_token, caller.call_id,
+                           lambda c: (c.get("recording") or {}).get("status") == "complete", tries=300)
+    return caller, call
+
+
+async def recording_of(url: str, admin_token: str, call_id: str) -> bytes:
+    """`GET /api/calls/{id}/recording`: it must answer 200; the file."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http, \
+            http.get(f"{url}/api/calls/{call_id}/recording") as r:
+        assert r.status == 200
+        return await r.read()
+
+
+async def call_killed_mid_answer(replica: PonoProcess, persona: str, question: np.ndarray) -> str:
+    """Starts `replica`, calls it on `persona`, says `question`, kills the server (SIGKILL) 12 s later and
+    stops it: the call's id."""
+    await replica.start()
+    caller = Caller(replica.url)
+    try:
+        await caller.connect(persona=persona)
+        await caller.wait_open()
+        caller.speak(question)
+        await asyncio.sleep(12.0)
+        await replica.kill()
+    finally:
+        await caller.close()
+        await replica.stop()
+    return caller.call_id
+
+
 @pytest.fixture(scope="module")
 async def card_call(server, admin_token: str, audio_dir: Path, script) -> dict:
     """One recorded call where the caller reads a card number mid-sentence; its stored record and recording."""
     script.reply = "Thank you."
     persona = await recorded_persona(server.url, admin_token)
     sentence = espeak(CARD_SENTENCE, audio_dir / "card.wav")
-    caller = Caller(server.url)
-    try:
-        await caller.connect(persona=persona)
-        await caller.wait_open()
-        await asyncio.sleep(1.0)
-        caller.speak(sentence)
-        await caller.wait_for(lambda e: e["type"] == "agent.final", 60)
-        await asyncio.sleep(2.0)
-    finally:
-        await caller.hang_up()
-    call = await poll_call(server, admin_token, caller.call_id,
-                           lambda c: (c.get("recording") or {}).get("status") == "complete", tries=300)
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as http, \
-            http.get(f"{server.url}/api/calls/{caller.call_id}/recording") as r:
-        assert r.status == 200
-        data = await r.read()
+    caller, call = await call_with_recording(server, admin_token, persona, sentence)
+    data = await recording_of(server.url, admin_token, caller.call_id)
     return {"call": call, "data": data, "sentence": sentence, "call_id": caller.call_id}
 
 
@@ -202,18 +233,8 @@ async def test_a_killed_server_leaves_a_recording_that_plays_to_near_the_kill(
     persona = await recorded_persona(server.url, admin_token)
     replica = PonoProcess(tmp_path / "replica", DATABASE_URL=postgres_url, REDIS_URL=redis_url,
                           OPENAI_BASE_URL=scripted_llm.base_url, PONO_LLM_MODEL="scripted")
-    await replica.start()
-    caller = Caller(replica.url)
-    try:
-        await caller.connect(persona=persona)
-        await caller.wait_open()
-        caller.speak(question)
-        await asyncio.sleep(12.0)
-        await replica.kill()
-    finally:
-        await caller.close()
-        await replica.stop()
-    files = list((tmp_path / "replica" / "recordings").rglob(f"{caller.call_id}.ogg"))
+    call_id = await call_killed_mid_answer(replica, persona, question)
+    files = list((tmp_path / "replica" / "recordings").rglob(f"{call_id}.ogg"))
     assert len(files) == 1
     stereo = decode(files[0].read_bytes())
     # The call ran about 12 s; the recording trails it by its redaction lag (1.5 s) and one Ogg page.
@@ -374,18 +395,7 @@ async def test_with_tiny_en_the_first_digit_of_a_card_is_not_heard(tmp_path: Pat
     try:
         persona = await recorded_persona(running.url, admin_token)
         sentence = espeak(TINY_CARD_SENTENCE, audio_dir / "tiny-card.wav")
-        caller = Caller(running.url)
-        try:
-            await caller.connect(persona=persona)
-            await caller.wait_open()
-            await asyncio.sleep(1.0)
-            caller.speak(sentence)
-            await caller.wait_for(lambda e: e["type"] == "agent.final", 60)
-            await asyncio.sleep(2.0)
-        finally:
-            await caller.hang_up()
-        call = await poll_call(running, admin_token, caller.call_id,
-                               lambda c: (c.get("recording") or {}).get("status") == "complete", tries=300)
+        caller, call = await call_with_recording(running, admin_token, persona, sentence)
         key = await running.app[SERVICES].storage.db.pool.fetchval(
             "SELECT storage_key FROM recordings WHERE call_id = $1", caller.call_id)
         path = running.app[SERVICES].storage.recordings.local_file(key)

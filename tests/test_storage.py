@@ -10,7 +10,7 @@ import aiohttp
 import asyncpg
 import pytest
 from conftest import RunningServer
-from helpers import server_on_own_stores
+from helpers import empty_database, server_on_own_stores
 from servers import PonoProcess
 
 from pono.context import SERVICES
@@ -20,19 +20,9 @@ from pono.testing.caller import Caller
 from pono.testing.scripted_llm import Script, ScriptedLLM
 
 
-async def fresh_database(postgres_url: str) -> str:
-    name = f"pono_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    return name
-
-
 async def test_migrations_from_empty_twice_and_concurrently(postgres_url: str) -> None:
     versions = [v for v, _ in migration_files()]
-    name = await fresh_database(postgres_url)
+    name = await empty_database(postgres_url)
     conn = await asyncpg.connect(postgres_url, database=name)
     try:
         assert await apply_migrations(conn) == versions
@@ -44,7 +34,7 @@ async def test_migrations_from_empty_twice_and_concurrently(postgres_url: str) -
     finally:
         await conn.close()
 
-    name = await fresh_database(postgres_url)
+    name = await empty_database(postgres_url)
     a = await asyncpg.connect(postgres_url, database=name)
     b = await asyncpg.connect(postgres_url, database=name)
     try:
