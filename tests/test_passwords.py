@@ -14,7 +14,7 @@ import aiohttp
 import asyncpg
 import jwt
 from conftest import RunningServer
-from test_storage import fresh_database
+from helpers import empty_database
 
 from pono.context import SERVICES
 from pono.storage.migrate import apply_migrations
@@ -117,7 +117,7 @@ async def test_a_login_ends_at_its_max_age(server: RunningServer, admin_token: s
 
 
 async def test_the_first_admin_gets_a_one_time_password(postgres_url: str) -> None:
-    database = await fresh_database(postgres_url)
+    database = await empty_database(postgres_url)
     conn = await asyncpg.connect(postgres_url, database=database)
     try:
         await apply_migrations(conn)
