@@ -110,9 +110,10 @@ async def test_a_monologue_longer_than_one_utterance_is_kept_whole(server, scrip
         assert len(pieces) >= 2
         heard = words(" ".join(pieces))
         assert {"robert", "order", "jacket", "office"} <= heard, heard
-        # One reply, asked with the whole monologue.
-        assert len(script.requests) == 1
-        asked = words(script.requests[0]["messages"][-1]["content"])
+        # One reply, asked with the whole monologue. (A preemptive request started at a pause and dropped when the
+        # caller went on is by design, PONO_PREEMPTIVE_REPLY: under load one may reach the LLM before the drop.)
+        assert [e["text"] for e in caller.events if e["type"] == "agent.final"] == [script.reply]
+        asked = words(script.requests[-1]["messages"][-1]["content"])
         assert {"robert", "office"} <= asked
     finally:
         await caller.hang_up()
