@@ -80,12 +80,14 @@ class Settings(BaseSettings):
     # after the short hangover, an incomplete one waits up to the long one (or until the caller speaks again).
     end_of_turn_model: bool = True
     end_of_turn_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
-    # Asked at 96 ms: median end-of-turn delay 454 ms and false cut-offs 48 % against 500 ms and 60 % when asked at
-    # 160 ms (bench/turns.py, espeak and hibari, same machine and load). A second check later in the pause saves
-    # complete questions the long wait but cut more paused sentences (68 % at 64 + 288 ms): off by default.
-    end_of_turn_check_ms: int = Field(default=96, ge=32, le=1000)
+    # Asked at 160 ms. At 96 ms with a 160 ms hangover the median end-of-turn delay was 413 ms (against ~470) and
+    # fewer paused sentences were cut, but a card number read in groups ("4 1 1 1, 1 1 1 1, ...") was cut into
+    # turns of four digits, and a recording's redaction, which checks each turn alone, kept them (two CI runs):
+    # that default waits until recordings join turns as the transcript DLP does. A second check later in the pause
+    # saves complete questions the long wait but cuts more paused sentences: off by default.
+    end_of_turn_check_ms: int = Field(default=160, ge=32, le=1000)
     end_of_turn_recheck_ms: int = Field(default=0, ge=0, le=2000)  # a turn found unfinished is asked again; 0: never
-    short_hangover_ms: int = Field(default=160, ge=64, le=2000)
+    short_hangover_ms: int = Field(default=200, ge=64, le=2000)
     long_hangover_ms: int = Field(default=1500, ge=200, le=5000)
     barge_in_min_ms: int = Field(default=600, ge=100, le=5000)
     max_utterance_s: float = 120.0  # a turn this long is cut and committed; the caller may go on

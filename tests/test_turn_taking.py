@@ -218,7 +218,7 @@ async def test_a_personas_turn_taking_is_strict(server, admin_token: str) -> Non
                 assert r.status == 422, (turn_taking, await r.text())
                 assert field in await r.text()
         body = {"name": f"tt-{uuid.uuid4().hex[:6]}", "system_prompt": "x",
-                "turn_taking": {"short_hangover_ms": 150, "end_of_turn_threshold": 0.6}}
+                "turn_taking": {"short_hangover_ms": 180, "end_of_turn_threshold": 0.6}}
         async with http.post("/api/personas", json=body) as r:
             assert r.status == 201, await r.text()
-            assert (await r.json())["turn_taking"] == {"short_hangover_ms": 150, "end_of_turn_threshold": 0.6}
+            assert (await r.json())["turn_taking"] == {"short_hangover_ms": 180, "end_of_turn_threshold": 0.6}

@@ -31,9 +31,9 @@ class TurnConfig:
     chunk_ms: float = 32.0
     end_of_turn: bool = False
     end_of_turn_threshold: float = 0.5
-    check_after_ms: int = 96
+    check_after_ms: int = 160
     recheck_after_ms: int = 0
-    short_hangover_ms: int = 160
+    short_hangover_ms: int = 200
     long_hangover_ms: int = 1500
 
     def __post_init__(self) -> None:
