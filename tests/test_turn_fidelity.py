@@ -61,9 +61,11 @@ async def test_the_stored_turn_is_what_the_model_hears_offline(server, script: S
     assert word_list(offline), f"offline transcription heard nothing of {CLIPS[name]}"
     assert len(users) == 1, f"one turn was stored as {len(users)}: {[t['text'] for t in users]}"
     if word_list(users[0]["text"]) != word_list(offline):
-        # Say whether the reference itself moves with a few tens of ms of leading silence (the model's edge,
-        # not the pipeline's loss).
+        # The live turn starts wherever the VAD and the lead-in put it (0.2-0.44 s before the first word), and
+        # Whisper may hear the same audio differently by where it starts ("Is there" / "Is that" between 0.2 and
+        # 0.26 s, a CI run): equal to the offline transcript at one of those starts is no word lost by the pipeline.
         others = {lead: await server.app[SERVICES].models.run_stt(opus_round_trip(clip, lead_s=lead))
                   for lead in (0.2, 0.26, 0.36, 0.44)}
-        raise AssertionError(f"stored {users[0]['text']!r}, offline {offline!r}; offline with other leading "
-                             f"silence: {others}")
+        if all(word_list(users[0]["text"]) != word_list(text) for text in others.values()):
+            raise AssertionError(f"stored {users[0]['text']!r}, offline {offline!r}; offline with other leading "
+                                 f"silence: {others}")
