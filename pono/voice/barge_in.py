@@ -59,7 +59,6 @@ class OverAgentSpeech:
         self._generation += 1
         self.active = agent_busy
         self._deciding, self._ended, self._decide_at_ms = None, None, float(self.min_ms)
-        self._paused_once = False  # a decision was started on the way (the utterance reached min_ms)
 
     @property
     def deciding(self) -> bool:
@@ -76,8 +75,7 @@ class OverAgentSpeech:
             return
         if self.detector.voiced_ms < self._decide_at_ms or self.deciding:
             return
-        self._decide_at_ms = self.detector.voiced_ms + self.min_ms
-        self._paused_once = True
+        self._decide_at_ms = self.detector.voiced_ms + self.min_ms  # past min_ms: decided on the way
         if self.responder.pause():  # audio stops now; the caller's words decide what follows
             self._deciding = self._spawn(self._decide(self._spawn(self._transcript(), "stt-suspect")), "barge-in")
         else:  # nothing that can pause (or be interrupted) is playing: the interruption is real
@@ -143,7 +141,7 @@ class OverAgentSpeech:
             text = ""
         # Too short to have been decided on the way: Whisper makes words of a click or a hum ("Thumb"), so only
         # a word that asks the agent to stop counts; a longer one is decided as on the way.
-        words = is_stop_request(text) if not self._paused_once else not is_backchannel(text)
+        words = is_stop_request(text) if self._decide_at_ms <= self.min_ms else not is_backchannel(text)
         self.events.emit(EventType.SPEECH_STOPPED, turn, ignored=not words, **stopped)
         if not words:
             return
