@@ -30,6 +30,7 @@ from pono.signaling.call_tokens import (
     verify_call_token,
 )
 from pono.signaling.ice import rtc_configuration
+from pono.signaling.jitter import use_for_received_audio
 from pono.signaling.services import SIGNALING
 from pono.signaling.webrtc import WebRTCTransport
 
@@ -354,6 +355,7 @@ async def create_call(request: web.Request) -> web.Response:
             log.info("aiortc refused a checked offer", exc_info=True)
             raise _bad(str(exc) or type(exc).__name__) from None
         await asyncio.wait_for(pc.setLocalDescription(answer), _NEGOTIATION_TIMEOUT_S)
+        use_for_received_audio(pc)  # before any media: the caller's words reach the VAD as they arrive
         answer_sdp = restore_answer(offer, pc.localDescription.sdp)
     except BaseException:
         services.calls.release()

@@ -17,6 +17,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from pono.settings import Settings
 from pono.signaling.audio_out import PacedAudioTrack, Resampler
 from pono.signaling.ice import rtc_configuration
+from pono.signaling.jitter import use_for_received_audio
 from pono.signaling.webrtc import read_frames
 from pono.transport import FRAME_SAMPLES, SAMPLE_RATE
 from pono.voice.call import Call
@@ -100,6 +101,7 @@ class OperatorMedia:
                                    _NEGOTIATION_TIMEOUT_S)
             pc.addTrack(mix)
             await asyncio.wait_for(pc.setLocalDescription(await pc.createAnswer()), _NEGOTIATION_TIMEOUT_S)
+            use_for_received_audio(pc)  # the operator's words go out to the caller as they arrive
         except BaseException:
             await pc.close()
             raise

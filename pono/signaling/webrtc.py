@@ -16,6 +16,7 @@ from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
 from pono.signaling.audio_out import OUT_RATE, PacedAudioTrack, Resampler
+from pono.signaling.jitter import received_audio_buffers
 from pono.transport import FRAME_SAMPLES, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,10 @@ class WebRTCTransport:
         if self.dropped_texts and not self._closed.is_set():
             log.warning("dropped %d messages to the caller: the data channel's send buffer was full",
                         self.dropped_texts)
+        if not self._closed.is_set():
+            for jitter in received_audio_buffers(self.pc):
+                if jitter.lost or jitter.late:
+                    log.info("caller's audio: %d packets lost, %d came too late", jitter.lost, jitter.late)
         self._closed.set()
         self.out_track.stop()
         await self.pc.close()
