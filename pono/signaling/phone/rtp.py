@@ -68,10 +68,20 @@ MAX_MISORDER = 100  # … and a packet further behind than this is not late but 
 
 
 class JitterBuffer:
-    """Reorders packets by sequence number and hands them out in order, one per playout tick.
+    """Reorders packets by sequence number and hands them out in order, one per playout tick (`tick`).
 
     It waits for `depth` packets before starting, holds at most `capacity` (the oldest go when it overflows),
     drops packets that arrive after their turn has passed, and reports a gap (None) for a lost one.
+
+    It drains: when a tick finds it holding more than `drain_above` packets (2 × depth), that tick hands out
+    everything beyond `depth` at once, in order, none dropped. Played one per tick while one arrives per
+    tick, a backlog never shrinks: after a network stall (300 ms of nothing, then 15 packets in one burst)
+    or against a phone whose clock runs a little fast, the caller would be heard that much late, up to
+    `capacity` (500 ms), for the rest of the call. A delay from a burst must cost once and never stay (as in
+    the WebRTC path, pono/signaling/jitter.py). RFC 3550 has no word on it; without time-stretching
+    (playing the backlog a little faster, as adaptive playout does) handing it out at once is what a
+    playout buffer can do, and the call loop takes frames faster than real time (PhoneTransport queues
+    them; the VAD and recognizer run on each as it comes).
 
     It resynchronises (starts afresh on the new stream) when the SSRC changes, and, as RFC 3550 A.1 does,
     when two consecutive packets both lie more than MAX_DROPOUT ahead of or MAX_MISORDER behind the expected
@@ -81,12 +91,13 @@ class JitterBuffer:
     def __init__(self, depth: int = 3, capacity: int = 25) -> None:
         self.depth = depth
         self.capacity = capacity
+        self.drain_above = 2 * depth  # a tick finding more than this held hands out all but `depth`
         self._packets: dict[int, RtpPacket] = {}
         self._next: int | None = None
         self._started = False
         self._ssrc: int | None = None
         self._stray_next: int | None = None  # the sequence that would confirm a new numbering
-        self.late = self.lost = self.overflow = self.resyncs = self.stray = 0
+        self.late = self.lost = self.overflow = self.resyncs = self.stray = self.drained = 0
 
     def __len__(self) -> int:
         return len(self._packets)
@@ -141,6 +152,18 @@ class JitterBuffer:
             self.lost += 1
         self._next = (self._next + 1) & 0xFFFF
         return packet
+
+    def tick(self) -> list[RtpPacket | None]:
+        """What one playout tick plays: the next packet (None: still filling, empty, or lost), and when more
+        than `drain_above` are held, every one after it down to `depth` (a lost one among them: None, its
+        turn still taken). At most `capacity` per tick, so a wide gap in what is held is not played out as
+        a flood of silence at once (the overflow skips it, as before)."""
+        out = [self.pop()]
+        if len(self._packets) > self.drain_above:
+            self.drained += 1
+            while len(self._packets) > self.depth and len(out) < self.capacity:
+                out.append(self.pop())
+        return out
 
 
 class DtmfReceiver:
@@ -269,13 +292,13 @@ class RtpSession(asyncio.DatagramProtocol):
         while True:
             ticks += 1
             await asyncio.sleep(max(0.0, start + ticks * 0.02 - time.monotonic()))
-            packet = self.buffer.pop()
-            if packet is not None:
-                self.on_audio(g711.decode(packet.payload, self._codecs.get(packet.payload_type, self.codec)))
-            elif self.stats.received:
-                # Lost, late, or the far end stopped sending (silence suppression, a muted phone): the call's
-                # timeline goes on, so the turn detector hears silence rather than a line gone dead.
-                self.on_audio(silence)
+            for packet in self.buffer.tick():  # one packet, or a backlog drained at once (JitterBuffer)
+                if packet is not None:
+                    self.on_audio(g711.decode(packet.payload, self._codecs.get(packet.payload_type, self.codec)))
+                elif self.stats.received:
+                    # Lost, late, or the far end stopped sending (silence suppression, a muted phone): the
+                    # call's timeline goes on, so the turn detector hears silence rather than a line gone dead.
+                    self.on_audio(silence)
             if (self.media_timeout_s and self.sending and self.on_media_timeout is not None
                     and time.monotonic() - self.last_heard > self.media_timeout_s):
                 callback, self.on_media_timeout = self.on_media_timeout, None
