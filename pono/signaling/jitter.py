@@ -15,11 +15,10 @@ caller is heard about 300 ms late for the rest of the call (aiortc issue #543, o
   gap costs `max_wait` packets of delay once and never stays: Opus frames are joined into one multi-frame
   Opus packet (RFC 6716 §3.2.5, code 3, which the decoder decodes frame by frame as if they came apart),
   G.711 and G.722 samples are simply concatenated;
-- drops a packet that comes after its turn was given up, and starts again from a packet far ahead of what
-  it holds (a sender that jumped its sequence).
-
-Joining Opus frames is done here: libopus' repacketizer (which does it) is not exposed by PyAV, and no
-maintained Python binding offers it; the framing is a dozen lines of RFC 6716 §3.2.
+- drops a packet that comes after its turn was given up or more than once; follows a new numbering (a new
+  SSRC at once; a jump far ahead or back once a second packet confirms it, RFC 3550 A.1), so a stray packet
+  cannot mute the caller;
+- never holds more than `capacity` packets, whatever the sender does: past it the oldest are let go.
 
 `use_for_received_audio(pc)` puts one on each audio receiver of a negotiated RTCPeerConnection.
 """
@@ -36,72 +35,18 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
 from aiortc.sdp import SessionDescription
 
+from pono.signaling import opus_packets
+
 log = logging.getLogger(__name__)
 
 _RECEIVER_BUFFER = "_RTCRtpReceiver__jitter_buffer"  # where aiortc 1.16's RTCRtpReceiver.__init__ keeps its own
-_SEQ = 0x10000  # RTP sequence numbers are 16 bits (RFC 3550 §5.1)
-_HALF = 0x8000
-OPUS_MAX_PACKET_MS = 120.0  # RFC 6716 §3.2.5: a code 3 packet holds at most 120 ms of audio
-_SILK_MS = (10.0, 20.0, 40.0, 60.0)
-_HYBRID_MS = (10.0, 20.0)
-_CELT_MS = (2.5, 5.0, 10.0, 20.0)
+_SEQ = 0x10000  # RTP sequence numbers are 16 bits (RFC 3550 §5.1), timestamps 32
+_TS = 1 << 32
+MAX_DROPOUT = 3000  # RFC 3550 A.1: a jump ahead bigger than this is not loss but a new numbering
+MAX_MISORDER = 100  # ... and a packet further behind than this is not late but a new numbering
+CONCEAL_MAX_PACKETS = 5  # a longer gap is an outage, not a loss: nothing is made up for it
 
 Join = Callable[[list[bytes]], list[tuple[int, bytes]]]
-
-
-def opus_frame_ms(toc: int) -> float:
-    """The duration of each frame in an Opus packet with TOC byte `toc`, from its configuration number
-    (RFC 6716 §3.1, Table 2): SILK-only 0-11, Hybrid 12-15, CELT-only 16-31."""
-    config = toc >> 3
-    if config < 12:
-        return _SILK_MS[config % 4]
-    if config < 16:
-        return _HYBRID_MS[config % 2]
-    return _CELT_MS[config % 4]
-
-
-def _opus_length(length: int) -> bytes:
-    # RFC 6716 §3.2.1: below 252 one byte; else two, the first in 252..255, length = 4 * second + first.
-    if length < 252:
-        return bytes([length])
-    first = 252 + (length & 3)
-    return bytes([first, (length - first) >> 2])
-
-
-def join_opus(payloads: list[bytes]) -> list[tuple[int, bytes]]:
-    """Join consecutive single-frame Opus packets into as few packets as RFC 6716 allows.
-
-    `payloads`: Opus packets in sequence order. Runs of code 0 packets (one frame each, RFC 6716 §3.2.2) with
-    the same configuration and channel count (the TOC byte's upper six bits) are joined into code 3 packets
-    (§3.2.5: VBR, no padding) of at most 120 ms; any other packet is passed as it is. Returns the packets
-    to decode, in order, each with the index in `payloads` of its first frame. Decoding them gives exactly
-    the samples of decoding the input one by one.
-    """
-    out: list[tuple[int, bytes]] = []
-    run: list[bytes] = []
-    run_start = 0
-
-    def flush() -> None:
-        if len(run) == 1:
-            out.append((run_start, run[0]))
-        elif run:
-            header = bytes([(run[0][0] & 0xFC) | 3, 0x80 | len(run)])
-            lengths = b"".join(_opus_length(len(p) - 1) for p in run[:-1])
-            out.append((run_start, header + lengths + b"".join(p[1:] for p in run)))
-        run.clear()
-
-    for index, payload in enumerate(payloads):
-        joinable = len(payload) >= 1 and payload[0] & 3 == 0
-        if run and not (joinable and payload[0] >> 2 == run[0][0] >> 2
-                        and (len(run) + 1) * opus_frame_ms(payload[0]) <= OPUS_MAX_PACKET_MS):
-            flush()
-        if not run:
-            run_start = index
-        run.append(payload)
-        if not joinable:
-            flush()
-    flush()
-    return out
 
 
 def join_samples(payloads: list[bytes]) -> list[tuple[int, bytes]]:
@@ -113,14 +58,6 @@ def _one_by_one(payloads: list[bytes]) -> list[tuple[int, bytes]]:
     return list(enumerate(payloads))
 
 
-def opus_lost_frame(previous: bytes) -> bytes:
-    """An Opus packet that stands for one lost after `previous`: its TOC byte alone, a frame of length 0
-    (RFC 6716 §3.2.2), which libopus decodes by concealment (PLC) for the frame's duration. The caller is then
-    heard without a hole the length of the loss or a jump in time: the recording's lanes stay aligned, the
-    speech recogniser hears speech go on."""
-    return bytes([previous[0] & 0xFC])
-
-
 @dataclass(frozen=True)
 class PayloadFormat:
     """How a codec's payloads are joined, and what stands for a lost one (None: nothing, it is skipped)."""
@@ -129,7 +66,7 @@ class PayloadFormat:
     conceal: Callable[[bytes], bytes] | None = None
 
 
-OPUS = PayloadFormat(join_opus, opus_lost_frame)
+OPUS = PayloadFormat(opus_packets.join_packets, opus_packets.lost_packet)
 FORMATS: dict[str, PayloadFormat] = {"opus": OPUS, "pcmu": PayloadFormat(join_samples),
                                      "pcma": PayloadFormat(join_samples), "g722": PayloadFormat(join_samples)}
 _ONE_BY_ONE = PayloadFormat(_one_by_one)
@@ -141,8 +78,11 @@ class AudioJitterBuffer:
     `formats`: each RTP payload type's PayloadFormat (see FORMATS); a type without one is let out a packet at a
     time. A lost packet is concealed with its format's `conceal` from the packet before it, else skipped.
     `max_wait`: how many later packets may arrive while one is missing before it is counted lost (2: 40 ms at
-    20 ms per packet). `capacity`: how far ahead of the next expected packet one may be before the buffer
-    starts again from it. `lost` and `late` count packets given up and packets discarded.
+    20 ms per packet); a single packet ahead of a gap is held, not followed, so a stray cannot skip the
+    stream. `capacity`: the most packets held (waiting for a gap, or let out but not yet joined);
+    a packet further ahead or behind than MAX_DROPOUT / MAX_MISORDER starts a new numbering once the next
+    packet confirms it. `lost`, `late` and `restarts` count packets given up, packets discarded and
+    numberings followed.
     """
 
     def __init__(self, formats: dict[int, PayloadFormat] | None = None, *, max_wait: int = 2,
@@ -152,16 +92,23 @@ class AudioJitterBuffer:
         self.capacity = capacity
         self.max_wait = max_wait
         self.formats = formats or {}
-        self.lost = 0
-        self.late = 0
+        self.lost = self.late = self.restarts = 0
+        self._ssrc: int | None = None
         self._next: int | None = None  # the sequence number whose turn it is
         self._held: dict[int, RtpPacket] = {}
+        self._stray: RtpPacket | None = None  # far from the numbering: a new one if the next packet follows it
         self._last: RtpPacket | None = None  # the last packet let out, which a lost one is concealed from
         self._waiting: list[RtpPacket] = []  # their turn has come; more than one frame could hold
 
     def _ahead(self, sequence_number: int) -> int:
         assert self._next is not None
         return (sequence_number - self._next) % _SEQ
+
+    def _restart(self, packet: RtpPacket) -> None:
+        self.lost += len(self._held)  # older than anything to come: their turn will not come
+        self._held.clear()
+        self._ssrc, self._next, self._stray = packet.ssrc, packet.sequence_number, None
+        self.restarts += 1
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
         """Take one received packet (its payload depacketised into `packet._data`, as aiortc's receiver does).
@@ -170,17 +117,27 @@ class AudioJitterBuffer:
         wanted for audio. `frame` holds every packet whose turn has come, joined, or None when none has.
         """
         seq = packet.sequence_number
-        if self._next is None:
-            self._next = seq
+        if self._next is None or packet.ssrc != self._ssrc:
+            self._restart(packet)  # the first packet, or a new source whose numbering is its own
         ahead = self._ahead(seq)
-        if ahead >= _HALF or seq in self._held:
+        if MAX_DROPOUT < ahead < _SEQ - MAX_MISORDER:
+            # Far from the numbering (RFC 3550 A.1): one stray packet is dropped; a second that follows it
+            # means the sender renumbered (a restart, a long outage), and the stream goes on from there.
+            stray, self._stray = self._stray, packet
+            if stray is None or seq != (stray.sequence_number + 1) % _SEQ:
+                self.late += 1
+                return False, None
+            self._restart(stray)
+            self._held[stray.sequence_number] = stray
+            ahead = self._ahead(seq)
+        self._stray = None
+        if ahead > MAX_DROPOUT or seq in self._held:
             self.late += 1  # its turn passed (or a duplicate): what came after it has been let out already
             return False, None
-        if ahead >= self.capacity:
-            self.lost += len(self._held)  # the sender jumped ahead; what is held is older than anything to come
-            self._held.clear()
-            self._next = seq
         self._held[seq] = packet
+        if len(self._held) > self.capacity:  # stray packets far ahead of the stream: the furthest goes
+            del self._held[max(self._held, key=self._ahead)]
+            self.late += 1
         if self._next not in self._held:
             if len(self._held) < self.max_wait:
                 return False, None
@@ -190,22 +147,24 @@ class AudioJitterBuffer:
         return False, self._take_ready()
 
     def _conceal(self, first: int) -> None:
-        """The packets from `_next` up to `first` are lost: stand-ins take their turn where the format has one."""
+        """The packets from `_next` up to `first` are lost: stand-ins take their turn where the format has one
+        and the gap is short (a long one is an outage: nothing to conceal, the stream goes on from `first`)."""
         assert self._next is not None
         previous = self._waiting[-1] if self._waiting else self._last
         conceal = self.formats.get(previous.payload_type, _ONE_BY_ONE).conceal if previous is not None else None
-        if previous is not None and conceal is not None:
-            step = (self._held[first].timestamp - previous.timestamp) // max(1, (first - previous.sequence_number)
-                                                                              % _SEQ)
-            for k in range(self._ahead(first)):
-                seq = (self._next + k) % _SEQ
-                stand_in = RtpPacket(payload_type=previous.payload_type, sequence_number=seq,
-                                     timestamp=(previous.timestamp + step * ((seq - previous.sequence_number) % _SEQ))
-                                     % (1 << 32))
-                stand_in._data = conceal(previous._data)  # type: ignore[attr-defined]
-                self._held[seq] = stand_in
-        else:
+        missing = self._ahead(first)
+        if previous is None or conceal is None or missing > CONCEAL_MAX_PACKETS:
             self._next = first
+            return
+        packets = (first - previous.sequence_number) % _SEQ
+        step = ((self._held[first].timestamp - previous.timestamp) % _TS) // max(1, packets)
+        for k in range(missing):
+            seq = (self._next + k) % _SEQ
+            stand_in = RtpPacket(payload_type=previous.payload_type, sequence_number=seq, ssrc=previous.ssrc,
+                                 timestamp=(previous.timestamp + step * ((seq - previous.sequence_number) % _SEQ))
+                                 % _TS)
+            stand_in._data = conceal(previous._data)  # type: ignore[attr-defined]
+            self._held[seq] = stand_in
 
     def _take_ready(self) -> JitterFrame | None:
         assert self._next is not None
@@ -214,6 +173,9 @@ class AudioJitterBuffer:
             self._next = (self._next + 1) % _SEQ
             if packet._data:  # type: ignore[attr-defined]  # b"" carries no audio, and would flush the decoder
                 self._waiting.append(packet)
+        if len(self._waiting) > self.capacity:  # a sender whose packets cannot be joined: never fall behind
+            self.lost += len(self._waiting) - self.capacity
+            del self._waiting[:len(self._waiting) - self.capacity]
         if not self._waiting:
             return None
         # The packets that have waited, and those just come, of the first one's payload type: joined as far as
