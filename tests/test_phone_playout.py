@@ -111,3 +111,63 @@ async def test_a_call_heard_after_a_burst_catches_up() -> None:
             assert rtp.buffer.lost == rtp.buffer.late == rtp.buffer.overflow == 0
         finally:
             await rtp.close()
+
+
+def _steady(ticks: int, first: int, skip_at: int, skipped: int, *,
+            lose: bool) -> tuple[list[int], list[int | None], list[int], int]:
+    """One packet per playout tick (put, then tick), numbered from `first`; at tick `skip_at` the numbering
+    jumps `skipped` ahead. `lose`: those ticks pass with nothing arriving (an outage: the phone went on
+    numbering, the network lost it all); otherwise packets keep coming every tick (a jump in the numbering
+    with the same SSRC, within MAX_DROPOUT: not a resync). Returns the sequence numbers sent, what the
+    ticks played (None: a frame of silence), for each frame how many packets were held before its tick, and
+    how many the buffer counted lost."""
+    buffer = JitterBuffer(depth=3, capacity=25)
+    sent: list[int] = []
+    played: list[int | None] = []
+    held: list[int] = []
+    sequence = first
+    for tick in range(ticks):
+        if tick == skip_at:
+            sequence += skipped
+        if not (lose and skip_at <= tick < skip_at + skipped):
+            sent.append(sequence & 0xFFFF)
+            buffer.put(RtpPacket(0, sequence & 0xFFFF, tick * 160, 1, b"\x55" * 160))
+            sequence += 1
+        before = len(buffer)
+        out = buffer.tick()
+        played += [None if p is None else p.sequence for p in out]
+        held += [before] * len(out)
+    while len(buffer):
+        played += [None if p is None else p.sequence for p in buffer.tick()]
+    return sent, played, held, buffer.lost
+
+
+def _started(played: list[int | None]) -> int:
+    """Where playback first started (before: the buffer filling to depth, as in every call)."""
+    return next(i for i, p in enumerate(played) if p is not None)
+
+
+def test_a_sequence_jump_is_one_gap_not_a_flood_of_silence() -> None:
+    """The numbering jumps 1000 ahead, same SSRC, packets still one per tick (across the 16-bit wrap): the
+    1000 numbers that never came are one gap, at most a couple of frames of silence, not 20 s of it (one
+    per missing number, 25 a tick while draining); every packet is played once, in order."""
+    sent, played, held, lost = _steady(200, 65000, 50, 1000, lose=False)
+    silence = played[_started(played):].count(None)
+    assert silence <= 2, silence
+    assert lost == 1000  # still counted, each of them
+    assert [p for p in played if p is not None] == sent
+    assert max(held[60:]) <= 2 * 3  # and no backlog is left behind it
+
+
+def test_an_outage_adds_no_silence_of_its_own() -> None:
+    """A 2 s outage (100 packets lost on the way, the phone goes on numbering), then one packet per tick
+    again. While the buffer holds packets, a tick plays silence only to fill it to depth again (depth - 1
+    frames, as at the start of the call), not one frame per number lost (100, then drained 25 a tick):
+    all the silence heard is the outage's own 100 ticks. Every packet is played once, in order."""
+    outage = 100
+    sent, played, held, lost = _steady(300, 100, 50, outage, lose=True)
+    start = _started(played)
+    silent_while_held = sum(p is None and h > 0 for p, h in zip(played[start:], held[start:], strict=False))
+    assert silent_while_held <= 3 - 1, silent_while_held
+    assert played[start:].count(None) == outage and lost == outage
+    assert [p for p in played if p is not None] == sent

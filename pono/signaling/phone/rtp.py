@@ -71,17 +71,21 @@ class JitterBuffer:
     """Reorders packets by sequence number and hands them out in order, one per playout tick (`tick`).
 
     It waits for `depth` packets before starting, holds at most `capacity` (the oldest go when it overflows),
-    drops packets that arrive after their turn has passed, and reports a gap (None) for a lost one.
+    drops packets that arrive after their turn has passed, and reports a gap (None) for a lost one. A gap
+    with `depth` or more packets held behind it (what it waits for before it starts) is skipped whole, as
+    one None however many sequence numbers it spans (all counted as lost), and playback that starts again
+    after the buffer ran empty starts at the oldest packet held: a sequence jump (a long outage, a B2BUA
+    that keeps the SSRC) or an outage is never played out as a second of silence per 50 missing numbers.
 
     It drains: when a tick finds it holding more than `drain_above` packets (2 × depth), that tick hands out
-    everything beyond `depth` at once, in order, none dropped. Played one per tick while one arrives per
-    tick, a backlog never shrinks: after a network stall (300 ms of nothing, then 15 packets in one burst)
-    or against a phone whose clock runs a little fast, the caller would be heard that much late, up to
-    `capacity` (500 ms), for the rest of the call. A delay from a burst must cost once and never stay (as in
-    the WebRTC path, pono/signaling/jitter.py). RFC 3550 has no word on it; without time-stretching
-    (playing the backlog a little faster, as adaptive playout does) handing it out at once is what a
-    playout buffer can do, and the call loop takes frames faster than real time (PhoneTransport queues
-    them; the VAD and recognizer run on each as it comes).
+    everything beyond `depth` at once, in order, none dropped (a gap among them: one None). Played one per
+    tick while one arrives per tick, a backlog never shrinks: after a network stall (300 ms of nothing, then
+    15 packets in one burst) or against a phone whose clock runs a little fast, the caller would be heard
+    that much late, up to `capacity` (500 ms), for the rest of the call. A delay from a burst must cost once
+    and never stay (as in the WebRTC path, pono/signaling/jitter.py). RFC 3550 has no word on it; without
+    time-stretching (playing the backlog a little faster, as adaptive playout does) handing it out at once is
+    what a playout buffer can do, and the call loop takes frames faster than real time (PhoneTransport
+    queues them; the VAD and recognizer run on each as it comes).
 
     It resynchronises (starts afresh on the new stream) when the SSRC changes, and, as RFC 3550 A.1 does,
     when two consecutive packets both lie more than MAX_DROPOUT ahead of or MAX_MISORDER behind the expected
@@ -147,17 +151,36 @@ class JitterBuffer:
             if len(self._packets) < self.depth:
                 return None
             self._started = True
+            # (Re)starting, after the buffer ran empty: from the oldest packet held. The time of what never
+            # came has passed already (the ticks played silence while nothing was held); filling it in again
+            # from the sequence number expected back then would add that much silence (and delay) twice.
+            self._skip_to_oldest()
         packet = self._packets.pop(self._next, None)
-        if packet is None:
+        if packet is not None:
+            self._next = (self._next + 1) & 0xFFFF
+        elif len(self._packets) >= self.depth:
+            # As many packets held behind this gap as the buffer waits for before it starts: whatever is
+            # missing is not coming in time. One frame of silence for the whole gap, not one per missing
+            # number (a jump of 1000 would be 20 s of silence, 25 frames a tick while draining). A gap with
+            # fewer behind it (a lost packet or two in a steady stream) takes one turn per missing number.
+            self._skip_to_oldest()
+        else:
             self.lost += 1
-        self._next = (self._next + 1) & 0xFFFF
+            self._next = (self._next + 1) & 0xFFFF
         return packet
+
+    def _skip_to_oldest(self) -> None:
+        """Move the next expected sequence number on to the oldest packet held; the ones between are lost."""
+        expected = self._next
+        assert expected is not None and self._packets
+        oldest = min(self._packets, key=lambda s: _seq_delta(s, expected))
+        self.lost += max(0, _seq_delta(oldest, expected))
+        self._next = oldest
 
     def tick(self) -> list[RtpPacket | None]:
         """What one playout tick plays: the next packet (None: still filling, empty, or lost), and when more
-        than `drain_above` are held, every one after it down to `depth` (a lost one among them: None, its
-        turn still taken). At most `capacity` per tick, so a wide gap in what is held is not played out as
-        a flood of silence at once (the overflow skips it, as before)."""
+        than `drain_above` are held, every one after it down to `depth` (a gap among them, however wide:
+        one None, see `pop`). At most `capacity` per tick."""
         out = [self.pop()]
         if len(self._packets) > self.drain_above:
             self.drained += 1
