@@ -7,6 +7,11 @@ and a false interruption resumes where the audio paused (LiveKit Agents' false-i
   Words beyond an acknowledgement make it an interruption: the reply is cut where it paused. No words, or only
   "mhm", "yeah", "I see", within `FALSE_INTERRUPTION_S`: the audio resumes. A transcript that takes longer
   counts as words (better to stop than to talk over the caller).
+- an utterance that ends while its first decision is heard is decided by all of it: if the part heard was only an
+  acknowledgement and the whole takes longer than `FALSE_INTERRUPTION_S` (Whisper can turn a held "Aaaah" into
+  a 448-token "Ah ah ah ..." loop, 3 s on a CPU), the caller has stopped and nothing heard was a word, so the
+  audio resumes, and the whole is decided when it arrives, as for an utterance that ended after its last
+  decision (below). Lateness is load, not words.
 - a caller who goes on after a resume is heard again each further `min_ms`: "Yeah, I think that's wrong" is
   an interruption once "I think" is heard, not an acknowledgement decided on its first word.
 - an utterance that ends before any decision (shorter than `min_ms`) interrupts only when it asks the agent to
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from enum import Enum
 from typing import Any
 
 from pono.events import EventStream, EventType
@@ -32,6 +38,13 @@ log = logging.getLogger(__name__)
 
 ENDED_HEARING_S = 10.0  # the most an utterance over the agent that ended waits for its transcript
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
+
+
+class Unheard(Enum):
+    """Why a hearing of speech over the agent has no transcript."""
+
+    LATE = "late"  # not within FALSE_INTERRUPTION_S; the transcript still comes
+    FAILED = "failed"  # the STT failed
 
 
 class OverAgentSpeech:
@@ -96,49 +109,71 @@ class OverAgentSpeech:
         self._becomes_turn(True)
         await self._barge_in()
 
-    async def _hear(self, transcript: asyncio.Task[str]) -> str | None:
-        """The transcript, or None when it takes longer than FALSE_INTERRUPTION_S or fails (counted as words)."""
+    async def _hear(self, transcript: asyncio.Task[str]) -> str | Unheard:
+        """The transcript, or why there is none: it takes longer than FALSE_INTERRUPTION_S (LATE: the task goes
+        on) or it failed (FAILED)."""
         try:
             return await asyncio.wait_for(asyncio.shield(transcript), FALSE_INTERRUPTION_S)
         except TimeoutError:
-            return None
-        except Exception as exc:  # no STT: better to stop talking than to talk over the caller
+            return Unheard.LATE
+        except Exception as exc:
             log.error("hearing a suspected interruption failed (%s)", type(exc).__name__)
-            return None
+            return Unheard.FAILED
 
     async def _decide(self, transcript: asyncio.Task[str]) -> None:
         generation = self._generation
-        text = await self._hear(transcript)
+        text = await self._hear(transcript)  # none at all counts as words: better to stop than to talk over
         if generation != self._generation:
             return
-        if self._ended is not None and text is not None and is_backchannel(text):
-            text = await self._hear(self._ended[0])  # it ended meanwhile: the whole of it decides
+        late: tuple[asyncio.Task[str], float] | None = None  # the whole, decided when it arrives
+        if self._ended is not None and isinstance(text, str) and is_backchannel(text):
+            whole = await self._hear(self._ended[0])  # it ended meanwhile: the whole of it decides
             if generation != self._generation:
                 return
+            if whole is Unheard.LATE:  # the caller stopped after an acknowledgement: go on, decide it later
+                late = self._ended
+            else:
+                text = whole
         if not self.output.paused:  # typed text, a key or an operator already cut the agent: nothing to decide
             self._ended = None
             return
-        if text is not None and is_backchannel(text):
+        if isinstance(text, str) and is_backchannel(text):
             self._ended = None  # the caller's turn (if over) was only this: nothing to answer
             turn = self.responder.playing_turn  # the agent's turn that goes on
             self.events.emit(EventType.AGENT_RESUMED, self.responder.turns if turn is None else turn, heard=text,
                              resumed_s=round(self.output.held_s, 3))
             # Decided: the resume plays on by itself (seconds of held audio), and more words may pause it again.
             self._spawn(self.responder.resume(), "resume")
+            if late is not None:
+                self._spawn(self._decide_late(*late), "barge-in-late")
             return
         await self._interrupt()
         ended, self._ended = self._ended, None
         if ended is not None:  # the caller stopped before the decision: their turn is answered now
             self._answer(*ended)
 
-    async def _decide_ended(self, final: asyncio.Task[str], t0: float, turn: int, stopped: dict[str, Any]) -> None:
-        # The agent talks on meanwhile, so there is no hurry: a slow transcript is waited for, and none (the STT
-        # failed) is no reason to cut the agent.
+    @staticmethod
+    async def _hear_ended(final: asyncio.Task[str]) -> str:
+        """The transcript of an utterance that is over while the agent talks on: there is no hurry, so a slow
+        transcript is waited for (up to ENDED_HEARING_S), and none (the STT failed) is no reason to cut the agent
+        (an empty transcript)."""
         try:
-            text = await asyncio.wait_for(asyncio.shield(final), ENDED_HEARING_S)
+            return await asyncio.wait_for(asyncio.shield(final), ENDED_HEARING_S)
         except Exception as exc:
             log.error("hearing speech over the agent failed (%s)", type(exc).__name__)
-            text = ""
+            return ""
+
+    async def _decide_late(self, final: asyncio.Task[str], t0: float) -> None:
+        """An utterance heard as an acknowledgement that ended before its whole transcript came: the agent went
+        on, and the whole decides now, as on the way (its `speech.stopped` was sent when it ended)."""
+        if is_backchannel(await self._hear_ended(final)):
+            return
+        if self.responder.busy:
+            await self._barge_in()
+        self._answer(final, t0)
+
+    async def _decide_ended(self, final: asyncio.Task[str], t0: float, turn: int, stopped: dict[str, Any]) -> None:
+        text = await self._hear_ended(final)
         # Too short to have been decided on the way: Whisper makes words of a click or a hum ("Thumb"), so only
         # a word that asks the agent to stop counts; a longer one is decided as on the way.
         words = is_stop_request(text) if self._decide_at_ms <= self.min_ms else not is_backchannel(text)
