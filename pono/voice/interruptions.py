@@ -26,8 +26,12 @@ _PIECE_S = 0.1  # held audio is resumed in pieces this long, so queued_s stays t
 BACKCHANNEL_WORDS = frozenset({
     "mhm", "mmhm", "mmhmm", "mhmm", "mm", "hmm", "hm", "uhhuh", "uhuh", "um", "uhm", "uh", "ah", "aah", "ahh",
     "oh", "ooh", "aha", "yeah", "yes", "yep", "yup", "ok", "okay", "right", "sure", "alright", "cool", "great",
-    "gotcha", "true", "exactly", "indeed", "nice", "wow", "perfect", "thanks", "fine", "good",
+    "gotcha", "true", "exactly", "indeed", "nice", "wow", "perfect", "thanks", "fine", "good", "ha", "haha", "hehe",
 })
+# What Whisper writes for a held vowel or a laugh with no word in it (espeak's "Aaaaah" came back as "Ah ah ah", "I",
+# "I-I-I-", "A-A-A-" and "Ha ha ha" depending on where the audio started). A transcript of nothing else is a
+# sound, not words: "I" alone is no request, and the caller who goes on ("I think...") is heard again 600 ms on.
+VOCAL_SOUNDS = frozenset({"a", "aa", "i", "ii", "e", "ee", "o", "oo", "er", "erm", "hah", "heh"})  # not "eh?": it asks
 BACKCHANNEL_PHRASES = frozenset({
     ("i", "see"), ("got", "it"), ("all", "right"), ("thank", "you"), ("uh", "huh"), ("mm", "hm"), ("mhm", "hm"),
     ("i", "know"), ("that's", "right"), ("sounds", "good"), ("makes", "sense"), ("of", "course"),
@@ -40,11 +44,14 @@ _MAX_BACKCHANNEL_WORDS = 4
 def is_backchannel(text: str) -> bool:
     """Whether a transcript holds no words, or only a short acknowledgement ("mhm", "yeah okay", "I see",
     "Mm-hm", "All right, thank you"): at most `_MAX_BACKCHANNEL_WORDS` words (a word said again at once counts
-    once), each an acknowledgement word or part of an acknowledgement phrase."""
+    once), each an acknowledgement word or part of an acknowledgement phrase; or only vowel sounds ("I",
+    "A-A-A-": VOCAL_SOUNDS)."""
     words = [_REPEATS.sub(r"\1\1", w.strip("'")) for w in _WORD.findall(text.lower().replace("-", ""))]
     words = [w for i, w in enumerate(words) if w and (i == 0 or w != words[i - 1])]  # "ah ah ah ah ah" is one sound
     if len(words) > _MAX_BACKCHANNEL_WORDS:
         return False
+    if words and set(words) <= VOCAL_SOUNDS:
+        return True
     i = 0
     while i < len(words):
         if tuple(words[i:i + 2]) in BACKCHANNEL_PHRASES:
