@@ -186,3 +186,15 @@ async def test_a_clip_in_a_language_whisper_lacks_fails_alone(tmp_path_factory: 
         engine.close()
     assert isinstance(results[1], ValueError)
     assert {"paris", "tomorrow"} <= words(results[0].text) and {"human"} <= words(results[2].text)
+
+
+def test_a_held_sound_does_not_keep_whisper_decoding_to_its_limit(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Whisper base makes espeak's 0.9 s "Aaaaaaaaaaaaah." (through the call's Opus round trip) a loop,
+    "I-I-I-..." to its 448-token limit: 3.4 s of CPU on a shared engine. Output is bounded by the clip's length."""
+    from test_voice_call import trim
+
+    from pono.testing.codec import opus_round_trip
+
+    sound = opus_round_trip(trim(espeak("Aaaaaaaaaaaaah.", tmp_path_factory.mktemp("aah") / "aah.wav")))
+    (hypothesis,) = BatchedWhisper("base", tmp_path_factory.mktemp("base-loop"), "cpu").transcribe_batch([Clip(sound)])
+    assert hypothesis.text and len(hypothesis.text) <= 100, hypothesis.text  # before: 448 characters of "I-"

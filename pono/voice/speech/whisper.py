@@ -28,6 +28,11 @@ _FRAMES_PER_S = 100
 _TIME_PRECISION = 0.02  # seconds per timestamp token
 _MAX_LENGTH = 448  # Whisper's decoder context, prompt included
 _NO_SPEECH = 0.8  # a clip whose no-speech probability is above this is silence (as Pono's filter always was)
+# Tokens a clip may yield per second of audio, and a margin: fast speech is 3-4 words (4-6 tokens) a second, with a
+# timestamp pair per segment. Whisper caught in a loop on a held sound ("Aaaah" → "I-I-I-..." to the 448-token
+# limit) spent 3.4 s of CPU on 0.9 s of audio, holding the engine every call shares: it now stops near 40 tokens.
+_TOKENS_PER_S = 20  # (Chinese or Japanese: up to about 10)
+_TOKEN_MARGIN = 16
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,7 @@ class BatchedWhisper:
                                              to_cpu=self.device == "cpu" and len(clips) > 1)
         prompts = [self._prompt(c) for c in clips]
         results = self._whisper.model.generate(
-            encoded, prompts, beam_size=1, max_length=_MAX_LENGTH, return_no_speech_prob=True,
+            encoded, prompts, beam_size=1, max_length=generation_length(clips, prompts), return_no_speech_prob=True,
             suppress_blank=True, suppress_tokens=[-1], max_initial_timestamp_index=50)
         return [self._hypothesis(c, r.sequences_ids[0], r.no_speech_prob) for c, r in zip(clips, results, strict=True)]
 
@@ -136,6 +141,14 @@ class BatchedWhisper:
             return Hypothesis(_clean(tok.decode(tokens)), (), no_speech_prob)
         segments = _segments(tok, tokens)
         return Hypothesis(" ".join(s.text for s in segments if s.text), tuple(segments), no_speech_prob)
+
+
+def generation_length(clips: list[Clip], prompts: list[list[int]]) -> int:
+    """CTranslate2's `max_length` for a batch (prompt included, as faster-whisper counts it): the longest prompt
+    and `_TOKENS_PER_S` tokens for each second of the longest clip, plus `_TOKEN_MARGIN`, at most Whisper's 448."""
+    seconds = max(min(MAX_CLIP_S, c.pcm.size / SAMPLE_RATE) for c in clips)
+    budget = _TOKEN_MARGIN + int(np.ceil(_TOKENS_PER_S * seconds))
+    return min(_MAX_LENGTH, max(len(p) for p in prompts) + budget)
 
 
 def _segments(tok, tokens: list[int]) -> list[Segment]:
