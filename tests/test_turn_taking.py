@@ -73,8 +73,12 @@ def test_acknowledgements_are_told_from_words() -> None:
         assert is_backchannel(text), text
     # What Whisper base made of espeak's "Aaaaaaaaaaaaah." at different starts: a sound, no words (one of them,
     # "I", barged in on the agent in a CI run of test_an_acknowledgement_or_a_sound_over_the_agent...).
-    for text in ("I", "I-I-I-I-I-I-I-I-I-I", "A-A-A-A-A-A-", "Ha ha ha ha.", "Ah ah ah"):
+    for text in ("I", "I-I-I-I-I-I-I-I-I-I", "A-A-A-A-A-A-", "Ha ha ha ha.", "Ah ah ah", "Er, ah", "Ah, I-I-I-",
+                 "Ha ha, I", "Oh, er"):
         assert is_backchannel(text), text
+    # A letter alone may be an answer ("A", option A) or spelled ("E, A, E"): words.
+    for text in ("A", "E?", "E, A, E", "A. B."):
+        assert not is_backchannel(text), text
     # "it", "see" alone begin sentences; "I" with more is words ("I think..."); "Huh?" asks to say it again.
     for text in ("Stop, wait", "yeah but no", "No.", "What time is it?", "I think", "It", "See", "Huh?", "Eh?",
                  "Yeah, I think",
@@ -248,9 +252,12 @@ async def test_a_sound_that_ends_while_it_is_heard_is_not_words_because_its_whol
     await asyncio.wait_for(agent.decided.wait(), 10)
     assert (agent.resumes, agent.cuts) == (1, 0), "a late transcript of an acknowledgement was taken for words"
     assert [data["heard"] for kind, data in agent.events if kind == "agent.resumed"] == ["Ah ah ah"]
+    assert not [data for kind, data in agent.events if kind == "speech.stopped"]  # ignored or not: not known yet
     whole_sound.set_result(whole)
     await asyncio.gather(final, *tasks)
     assert agent.cuts == int(cut) and agent.answered == ([final] if cut else [])
+    # Sent once, saying what was decided (it said ignored=False at once, and then the agent went on).
+    assert [data["ignored"] for kind, data in agent.events if kind == "speech.stopped"] == [not cut]
 
 
 async def test_words_over_the_agent_interrupt_it_where_it_paused(server, script: Script, audio_dir,

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 ENDED_HEARING_S = 10.0  # the most an utterance over the agent that ended waits for its transcript
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
+Stopped = tuple[int, dict[str, Any]]  # an ended utterance's turn number and its speech.stopped fields
 
 
 class Unheard(Enum):
@@ -65,11 +66,14 @@ class OverAgentSpeech:
         self._deciding: asyncio.Task[None] | None = None
         self._decide_at_ms = float(min_ms)
         self._ended: tuple[asyncio.Task[str], float] | None = None  # the whole utterance, once it ended mid-decision
+        self._stopped: Stopped | None = None  # its speech.stopped, sent once the decision says whether it was ignored
         self._generation = 0  # one more per utterance: a decision for an earlier one changes nothing
 
     def start(self, agent_busy: bool) -> None:
         """A new utterance is confirmed; `agent_busy` says whether the agent is talking (or about to)."""
         self._generation += 1
+        self._send_stopped(self._stopped, ignored=False)  # undecided when the caller spoke again: as before
+        self._stopped = None
         self.active = agent_busy
         self._deciding, self._ended, self._decide_at_ms = None, None, float(self.min_ms)
 
@@ -99,10 +103,13 @@ class OverAgentSpeech:
         `t0` is when its speech stopped (for latency), `stopped` the `speech.stopped` event's fields. A decision
         in flight commits it if it was an interruption; otherwise it is heard whole now."""
         if self.deciding:
-            self.events.emit(EventType.SPEECH_STOPPED, turn, ignored=False, **stopped)
-            self._ended = (final, t0)
+            self._ended, self._stopped = (final, t0), (turn, stopped)
             return
         self._spawn(self._decide_ended(final, t0, turn, stopped), "barge-in-at-end")
+
+    def _send_stopped(self, pending: Stopped | None, *, ignored: bool) -> None:
+        if pending is not None:
+            self.events.emit(EventType.SPEECH_STOPPED, pending[0], ignored=ignored, **pending[1])
 
     async def _interrupt(self) -> None:
         self.active = False
@@ -134,8 +141,10 @@ class OverAgentSpeech:
                 late = self._ended
             else:
                 text = whole
+        stopped, self._stopped = self._stopped, None
         if not self.output.paused:  # typed text, a key or an operator already cut the agent: nothing to decide
             self._ended = None
+            self._send_stopped(stopped, ignored=True)
             return
         if isinstance(text, str) and is_backchannel(text):
             self._ended = None  # the caller's turn (if over) was only this: nothing to answer
@@ -145,10 +154,15 @@ class OverAgentSpeech:
             # Decided: the resume plays on by itself (seconds of held audio), and more words may pause it again.
             self._spawn(self.responder.resume(), "resume")
             if late is not None:
-                self._spawn(self._decide_late(*late), "barge-in-late")
+                self._spawn(self._decide_late(*late, stopped), "barge-in-late")
+            else:
+                self._send_stopped(stopped, ignored=True)
             return
+        self._send_stopped(stopped, ignored=False)
         await self._interrupt()
         ended, self._ended = self._ended, None
+        self._send_stopped(self._stopped, ignored=False)  # it ended while the agent was being cut
+        self._stopped = None
         if ended is not None:  # the caller stopped before the decision: their turn is answered now
             self._answer(*ended)
 
@@ -163,10 +177,12 @@ class OverAgentSpeech:
             log.error("hearing speech over the agent failed (%s)", type(exc).__name__)
             return ""
 
-    async def _decide_late(self, final: asyncio.Task[str], t0: float) -> None:
+    async def _decide_late(self, final: asyncio.Task[str], t0: float, stopped: Stopped | None) -> None:
         """An utterance heard as an acknowledgement that ended before its whole transcript came: the agent went
-        on, and the whole decides now, as on the way (its `speech.stopped` was sent when it ended)."""
-        if is_backchannel(await self._hear_ended(final)):
+        on, and the whole decides now, as on the way; its `speech.stopped` (`stopped`) is sent with the outcome."""
+        words = not is_backchannel(await self._hear_ended(final))
+        self._send_stopped(stopped, ignored=not words)
+        if not words:
             return
         if self.responder.busy:
             await self._barge_in()

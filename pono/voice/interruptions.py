@@ -29,9 +29,10 @@ BACKCHANNEL_WORDS = frozenset({
     "gotcha", "true", "exactly", "indeed", "nice", "wow", "perfect", "thanks", "fine", "good", "ha", "haha", "hehe",
 })
 # What Whisper writes for a held vowel or a laugh with no word in it (espeak's "Aaaaah" came back as "Ah ah ah", "I",
-# "I-I-I-", "A-A-A-" and "Ha ha ha" depending on where the audio started). A transcript of nothing else is a
-# sound, not words: "I" alone is no request, and the caller who goes on ("I think...") is heard again 600 ms on.
-VOCAL_SOUNDS = frozenset({"a", "aa", "i", "ii", "e", "ee", "o", "oo", "er", "erm", "hah", "heh"})  # not "eh?": it asks
+# "I-I-I-", "A-A-A-" and "Ha ha ha" depending on where the audio started): sounds, counted as acknowledgements are.
+# "I" alone is no request, and a caller who goes on ("I think...") is heard again 600 ms on; a single "A", "E" or
+# "O" may be an answer or a letter spelled, so only held ones ("A-A-A", "Aaa") are sounds. Not "eh?": it asks.
+VOCAL_SOUNDS = frozenset({"i", "ii", "aa", "ee", "oo", "er", "erm", "hah", "heh"})
 BACKCHANNEL_PHRASES = frozenset({
     ("i", "see"), ("got", "it"), ("all", "right"), ("thank", "you"), ("uh", "huh"), ("mm", "hm"), ("mhm", "hm"),
     ("i", "know"), ("that's", "right"), ("sounds", "good"), ("makes", "sense"), ("of", "course"),
@@ -50,13 +51,11 @@ def is_backchannel(text: str) -> bool:
     words = [w for i, w in enumerate(words) if w and (i == 0 or w != words[i - 1])]  # "ah ah ah ah ah" is one sound
     if len(words) > _MAX_BACKCHANNEL_WORDS:
         return False
-    if words and set(words) <= VOCAL_SOUNDS:
-        return True
     i = 0
     while i < len(words):
         if tuple(words[i:i + 2]) in BACKCHANNEL_PHRASES:
             i += 2
-        elif words[i] in BACKCHANNEL_WORDS:
+        elif words[i] in BACKCHANNEL_WORDS or words[i] in VOCAL_SOUNDS:
             i += 1
         else:
             return False
