@@ -22,12 +22,19 @@ async function post(path, body, auth = true) {
   return data;
 }
 
-async function get(path) {
+// A GET with the login's token (renewed once on a 401): the response; an Error with the API's message otherwise.
+async function fetchAuthed(path) {
   const res = await fetch(path, { headers: { Authorization: `Bearer ${state.access}` } });
-  const data = await res.json().catch(() => ({}));
-  if (res.status === 401 && state.refresh) { await refresh(); return get(path); }
-  if (!res.ok) throw new Error(data.error || `${path} failed with ${res.status}`);
-  return data;
+  if (res.status === 401 && state.refresh) { await refresh(); return fetchAuthed(path); }
+  if (!res.ok) {
+    const data = await res.json().catch(() => ({}));
+    throw new Error(data.error || `${path} failed with ${res.status}`);
+  }
+  return res;
+}
+
+async function get(path) {
+  return (await fetchAuthed(path)).json().catch(() => ({}));
 }
 
 function keepTokens(data) {
@@ -426,7 +433,7 @@ async function openHistory(callId) {
     }
     for (const tool of call.tool_calls) note(`tool ${tool.name} (turn ${tool.turn})`, "tool");
     $("transcript").scrollTop = 0;
-    await showRecording(call, () => state.access);
+    await showRecording(call, fetchAuthed);
   } catch (err) { showError(err.message); }
 }
 

@@ -15,15 +15,6 @@ window.consolePlayer = state; // for tests
 function seconds(iso) { return Date.parse(iso) / 1000; }
 function clock(s) { return `${Math.floor(s / 60)}:${String(Math.floor(s % 60)).padStart(2, "0")}`; }
 
-async function authed(path, token) {
-  const res = await fetch(path, { headers: { Authorization: `Bearer ${token()}` } });
-  if (!res.ok) {
-    const body = await res.json().catch(() => ({}));
-    throw new Error(body.error || `${path} failed with ${res.status}`);
-  }
-  return res;
-}
-
 function draw() {
   const canvas = $("waveform-canvas");
   const peaks = state.peaks;
@@ -129,8 +120,9 @@ export function hideRecording() {
   $("recording").hidden = true;
 }
 
-// Show the recording of `call` (GET /api/calls/{id}), if it has one; `token()` gives the current access token.
-export async function showRecording(call, token) {
+// Show the recording of `call` (GET /api/calls/{id}), if it has one; `fetchAuthed(path)` GETs with the login
+// (console.js's: the response, or an Error).
+export async function showRecording(call, fetchAuthed) {
   hideRecording();
   if (!call.recording) return;
   state.callId = call.id;
@@ -140,9 +132,9 @@ export async function showRecording(call, token) {
   const buckets = Math.min(5000, Math.max(100, Math.round(canvas.clientWidth * (window.devicePixelRatio || 1))));
   const base = `/api/calls/${encodeURIComponent(call.id)}/recording`;
   const [peaks, audio] = await Promise.all([
-    authed(`${base}/peaks?buckets=${buckets}`, token).then((r) => r.json()),
+    fetchAuthed(`${base}/peaks?buckets=${buckets}`).then((r) => r.json()),
     // The file is fetched with the login's token (an <audio src> cannot send it) and played from memory.
-    authed(base, token).then((r) => r.blob()),
+    fetchAuthed(base).then((r) => r.blob()),
   ]);
   if (state.callId !== call.id) return; // another call was opened meanwhile
   state.peaks = peaks;
