@@ -29,6 +29,7 @@ from pono.testing.scripted_llm import ScriptedLLM
 
 if TYPE_CHECKING:
     from jobs_peers import Target
+    from playwright.async_api import Page
 
 
 class _Stoppable(Protocol):
@@ -90,6 +91,27 @@ async def text_call(url: str, persona: str | None = None) -> AsyncIterator[Calle
         yield caller
     finally:
         await caller.hang_up()
+
+
+async def console_user(server: RunningServer, admin_token: str, role: str, password: str) -> str:
+    """A new user with `role` and `password`, made through POST /api/users (201): its name."""
+    name = f"{role}-{uuid.uuid4().hex[:6]}"
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{server.url}/api/users", json={"name": name, "role": role, "password": password},
+            headers={"Authorization": f"Bearer {admin_token}"}) as r:
+        assert r.status == 201, await r.text()
+    return name
+
+
+async def console_login(page: Page, url: str, name: str, password: str) -> None:
+    """Open the operator console at `url` in `page`, log in, and wait for its live feed. The wait is a function,
+    not an expression string, so that it runs under the console's CSP too (no eval)."""
+    await page.goto(f"{url}/console")
+    await page.fill("#login-name", name)
+    await page.fill("#login-password", password)
+    await page.click("#login button[type=submit]")
+    await page.wait_for_function("() => document.getElementById('feed-status').textContent === 'live'",
+                                 timeout=15000)
 
 
 async def fetch_call(http: aiohttp.ClientSession, url: str, admin_token: str, call_id: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from conftest import RunningServer, espeak, write_wav
-from helpers import settings_for_new_calls
+from helpers import console_login, console_user, settings_for_new_calls
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from playwright.async_api import async_playwright
 from servers import PonoProcess
@@ -88,12 +88,8 @@ async def replica(tmp_path_factory: pytest.TempPathFactory, scripted_llm: Script
 
 
 async def _operator_login(server: RunningServer, admin_token: str) -> tuple[str, str]:
-    name, password = f"operator-{uuid.uuid4().hex[:6]}", "listen carefully 42"
-    async with aiohttp.ClientSession() as http, http.post(
-            f"{server.url}/api/users", json={"name": name, "role": "operator", "password": password},
-            headers={"Authorization": f"Bearer {admin_token}"}) as r:
-        assert r.status == 201, await r.text()
-    return name, password
+    password = "listen carefully 42"
+    return await console_user(server, admin_token, "operator", password), password
 
 
 async def _heard(server: RunningServer, caller: Caller, since_sample: int) -> str:
@@ -120,12 +116,7 @@ async def test_operator_watches_and_acts_across_replicas(server: RunningServer, 
         try:
             page = await ctx.new_page()
             page.on("console", lambda m: console.append(m.text))
-            await page.goto(f"{server.url}/console")
-            await page.fill("#login-name", name)
-            await page.fill("#login-password", password)
-            await page.click("#login button[type=submit]")
-            await page.wait_for_function("document.getElementById('feed-status').textContent === 'live'",
-                                         timeout=15000)
+            await console_login(page, server.url, name, password)
 
             # A call on the other replica appears in the live list without a reload.
             await caller.connect()

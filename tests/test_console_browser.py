@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 import pytest
 from conftest import RunningServer, write_wav
+from helpers import console_login, console_user
 from playwright.async_api import Page, async_playwright
 from test_browser import CHROMIUM, chromium_args
 from test_console_review import api, card_call, made, persona, script, stamp, viewer  # noqa: F401 (fixtures)
@@ -50,17 +49,8 @@ BLUE, ORANGE, GREEN = (42, 93, 176), (217, 131, 36), (47, 111, 79)
 
 
 async def _login(server: RunningServer, admin_token: str, page: Page) -> None:
-    name, password = f"reviewer-{uuid.uuid4().hex[:6]}", "listen to the calls 42"
-    async with aiohttp.ClientSession() as http, http.post(
-            f"{server.url}/api/users", json={"name": name, "role": "viewer", "password": password},
-            headers={"Authorization": f"Bearer {admin_token}"}) as r:
-        assert r.status == 201, await r.text()
-    await page.goto(f"{server.url}/console")
-    await page.fill("#login-name", name)
-    await page.fill("#login-password", password)
-    await page.click("#login button[type=submit]")
-    await page.wait_for_function("() => document.getElementById('feed-status').textContent === 'live'",
-                                 timeout=15000)
+    password = "listen to the calls 42"
+    await console_login(page, server.url, await console_user(server, admin_token, "viewer", password), password)
 
 
 async def _seek_by_click(page: Page, turn: int) -> float:
