@@ -50,8 +50,9 @@ def byte_range(header: str | None) -> ByteRange | None:
     - §14.1.2: int-range = first-pos "-" [ last-pos ], with last-pos not below first-pos; suffix-range =
       "-" suffix-length.
 
-    A library would do this (werkzeug.http.parse_range_header), but none is a dependency of Pono, and these
-    fifteen lines are what the endpoint needs."""
+    aiohttp's `request.http_range` (which this endpoint used before) raises ValueError for all of these rather
+    than ignoring them, and ignores neither the unit's case nor empty list elements; werkzeug's
+    parse_range_header would do, but it is not a dependency of Pono."""
     if header is None:
         return None
     unit, eq, ranges = header.partition("=")
@@ -80,9 +81,9 @@ def resolve_range(wanted: ByteRange, size: int) -> tuple[int, int]:
     return wanted.first, size if wanted.last is None else min(wanted.last + 1, size)
 
 
-async def _file_blob(path: Path, start: int | None, stop: int | None) -> Blob:
-    """Bytes `start`..`stop` of a file on disk, read in worker threads a chunk at a time."""
-    size = (await asyncio.to_thread(path.stat)).st_size
+def _file_blob(path: Path, size: int, start: int | None, stop: int | None) -> Blob:
+    """Bytes `start`..`stop` of a file on disk of `size` bytes (as the range was resolved against: a recording
+    still being written grows), read in worker threads a chunk at a time."""
     first, end = start or 0, size if stop is None else stop
 
     async def body() -> AsyncIterator[bytes]:
@@ -136,8 +137,8 @@ async def get_recording(request: web.Request) -> web.StreamResponse:
             raise ApiError(416, "range not satisfiable", headers={"Content-Range": f"bytes */{size}"},
                            size=size) from None
     try:
-        blob = await (_file_blob(path, start, stop) if path is not None
-                      else store.read(row["storage_key"], start, stop))
+        blob = (_file_blob(path, size, start, stop) if path is not None and size is not None
+                else await store.read(row["storage_key"], start, stop))
     except RecordingMissing:
         raise missing from None
     except ValueError:  # the object is shorter than its row says
