@@ -147,13 +147,14 @@ async def _save_persona(request: web.Request, persona_id: uuid.UUID | None) -> w
     short = body.turn_taking.short_hangover_ms or settings.short_hangover_ms
     long = body.turn_taking.long_hangover_ms or settings.long_hangover_ms
     check, recheck = settings.end_of_turn_check_ms, settings.end_of_turn_recheck_ms
-    problem = (f"short_hangover_ms ({short}) must be shorter than long_hangover_ms ({long})" if short >= long else
-               f"short_hangover_ms ({short}) must be longer than PONO_END_OF_TURN_CHECK_MS ({check})"
-               if short <= check else
-               f"long_hangover_ms ({long}) must be longer than PONO_END_OF_TURN_RECHECK_MS ({recheck})"
-               if recheck and long <= recheck else None)
-    if problem:
-        raise ApiError(422, "invalid request body", fields=[{"field": "turn_taking", "message": problem}])
+    # The order Settings._turn_taking holds the server's own to: check < short < long, and recheck (0: off) < long.
+    problems = [message for broken, message in (
+        (short >= long, f"short_hangover_ms ({short}) must be shorter than long_hangover_ms ({long})"),
+        (short <= check, f"short_hangover_ms ({short}) must be longer than PONO_END_OF_TURN_CHECK_MS ({check})"),
+        (0 < recheck and long <= recheck,
+         f"long_hangover_ms ({long}) must be longer than PONO_END_OF_TURN_RECHECK_MS ({recheck})")) if broken]
+    if problems:
+        raise ApiError(422, "invalid request body", fields=[{"field": "turn_taking", "message": problems[0]}])
     values = {**body.model_dump(), "turn_taking": body.turn_taking.model_dump(exclude_none=True),
               "llm_params": body.llm_params.model_dump(exclude_none=True)}
     try:
