@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +21,7 @@ from pono.storage.db import Database
 from pono.storage.journal import Journal
 from pono.storage.records import CallRecorder
 from pono.storage.writer import Writer
+from pono.testing.job_worker import JobWorkerProcess as Worker
 
 
 @pytest.fixture
@@ -30,36 +29,6 @@ async def database(postgres_url: str) -> AsyncIterator[tuple[str, asyncpg.Pool]]
     """A fresh, migrated database of its own (no server's worker watches its queue): (its URL, a pool)."""
     async with database_of_its_own(postgres_url, max_size=4) as found:
         yield found
-
-
-class Worker:
-    """`python -m pono jobs` as a child process."""
-
-    def __init__(self, url: str, folder: Path, name: str) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.log = folder / f"{name}.log"
-        self.env = {**os.environ, "DATABASE_URL": url, "PONO_DATA_DIR": str(folder / name),
-                    "PONO_JOBS_HEARTBEAT_S": "2", "PONO_JOBS_DRAIN_TIMEOUT_S": "30", "PONO_LOG_FORMAT": "console",
-                    "PONO_WEBHOOK_ALLOWED_HOSTS": '["127.0.0.1"]', "PONO_WEBHOOK_SECRET": "s3cret-for-workers"}
-        self.env.pop("OPENAI_BASE_URL", None)
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(sys.executable, "-m", "pono", "jobs", env=self.env,
-                                                                stdout=log, stderr=asyncio.subprocess.STDOUT)
-
-    async def wait_logged(self, text: str, tries: int = 300) -> None:
-        for _ in range(tries):
-            if text in self.log.read_text(errors="replace"):
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"{text!r} never logged:\n{self.log.read_text(errors='replace')[-2000:]}")
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
 
 
 async def _finished(pool: asyncpg.Pool, run_id: str, tries: int = 600) -> dict:

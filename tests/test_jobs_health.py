@@ -15,9 +15,7 @@ PONO_JOBS_HEALTH_PORT, and SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -33,68 +31,18 @@ from helpers import database_of_its_own, paid_once_over_two_tries, settled_run, 
 from pgqueuer.errors import FailingListenerError
 from servers import PostgresProcess
 
-from pono.agent.embedded import free_port
 from pono.jobs.triggers import run_by_hand
 from pono.jobs.worker import JobWorker
 from pono.metrics import Metrics
 from pono.storage.workflow_runs import RUN_WORKFLOW, get_run, step_runs
+from pono.testing.job_worker import JobWorkerProcess
 
 DRAIN_S = 3.0
 
 
-class Worker:
-    """`python -m pono jobs` as a child process, with its probes on a port of its own."""
-
-    def __init__(self, url: str, folder: Path, name: str, **env: str) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.log = folder / f"{name}.log"
-        self.port = free_port()
-        self.env = {**os.environ, "DATABASE_URL": url, "PONO_DATA_DIR": str(folder / name),
-                    "PONO_JOBS_HEALTH_PORT": str(self.port), "PONO_JOBS_HEARTBEAT_S": "2",
-                    "PONO_JOBS_DRAIN_TIMEOUT_S": str(DRAIN_S), "PONO_LOG_FORMAT": "console",
-                    "PONO_WEBHOOK_ALLOWED_HOSTS": '["127.0.0.1"]', "PONO_WEBHOOK_SECRET": "s3cret-for-workers", **env}
-        for name_ in ("OPENAI_BASE_URL", "PONO_METRICS_PORT"):
-            if name_ not in env:
-                self.env.pop(name_, None)
-        self.process: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(sys.executable, "-m", "pono", "jobs", env=self.env,
-                                                                stdout=log, stderr=asyncio.subprocess.STDOUT)
-
-    async def probe(self, path: str) -> tuple[int, dict[str, Any]]:
-        """(status, JSON body) of GET `path`; (0, {}) when nothing answers."""
-        try:
-            async with aiohttp.ClientSession() as http, \
-                    http.get(self.url + path, timeout=aiohttp.ClientTimeout(total=5)) as r:
-                return r.status, await r.json()
-        except (aiohttp.ClientConnectionError, TimeoutError):
-            return 0, {}
-
-    async def until(self, path: str, status: int, within_s: float) -> dict[str, Any]:
-        """Probe `path` every 0.1 s until it answers `status` (its body then); fails after `within_s`."""
-        deadline = time.monotonic() + within_s
-        seen: tuple[int, dict[str, Any]] = (0, {})
-        while time.monotonic() < deadline:
-            seen = await self.probe(path)
-            if seen[0] == status:
-                return seen[1]
-            assert self.process is not None and self.process.returncode is None, self.tail()
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"{path} never answered {status} (last: {seen}):\n{self.tail()}")
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
+def worker_process(url: str, folder: Path, name: str, **env: str) -> JobWorkerProcess:
+    """`python -m pono jobs` with its probes on a port of its own, draining for DRAIN_S."""
+    return JobWorkerProcess(url, folder, name, PONO_JOBS_DRAIN_TIMEOUT_S=str(DRAIN_S), **env)
 
 
 @pytest.fixture
@@ -108,7 +56,7 @@ async def test_ready_only_while_taking_jobs_and_alive_throughout(tmp_path: Path)
     pg = PostgresProcess(tmp_path / "pg")
     await pg.astop()  # the worker starts before its database is up
     # /metrics on the probes' port: the two may be one (pono.jobs.process).
-    worker = Worker(pg.uri, tmp_path, "probes", PONO_DB_CONNECT_ATTEMPTS="30")
+    worker = worker_process(pg.uri, tmp_path, "probes", PONO_DB_CONNECT_ATTEMPTS="30")
     worker.env["PONO_METRICS_PORT"] = str(worker.port)
     try:
         await worker.start()
@@ -142,7 +90,7 @@ async def test_ready_only_while_taking_jobs_and_alive_throughout(tmp_path: Path)
 async def test_sigterm_past_the_drain_time_hands_the_job_to_another_worker(
         database: tuple[str, asyncpg.Pool], tmp_path: Path) -> None:
     url, pool = database
-    async with target_and_two_workers(lambda name: Worker(url, tmp_path, name)) as (target, first, second):
+    async with target_and_two_workers(lambda name: worker_process(url, tmp_path, name)) as (target, first, second):
         target.hold_first = True  # the receiver acts, then holds its answer past the drain time
         run_id = await run_by_hand(pool, await webhook_workflow(pool, f"{target.url}/once/pay"), None, {})
         await first.start()
@@ -174,7 +122,7 @@ async def test_the_listen_connection_lost_mid_job_restarts_the_queue_after_the_j
     url, pool = database
     listening = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN %'"
                  " AND pid <> pg_backend_pid()")
-    async with target_and_two_workers(lambda name: Worker(url, tmp_path, name)) as (target, first, second):
+    async with target_and_two_workers(lambda name: worker_process(url, tmp_path, name)) as (target, first, second):
         target.hold_first = True  # the receiver acts, then holds its answer: the job is mid side effect
         workflow = await webhook_workflow(pool, f"{target.url}/once/pay")
         run_id = await run_by_hand(pool, workflow, None, {})
@@ -186,11 +134,8 @@ async def test_the_listen_connection_lost_mid_job_restarts_the_queue_after_the_j
         await second.start()  # would take the job if the first one stopped beating for it
         await second.until("/ready", 200, 60)
 
-        for _ in range(300):  # two NOTIFY probes unheard, 5 s apart, 10 s each: ~30 s
-            if "job queue restarting" in first.tail():
-                break
-            await asyncio.sleep(0.2)
-        log = first.tail()
+        await first.wait_logged("job queue restarting", 60)  # two NOTIFY probes unheard, 5 s apart, 10 s each: ~30 s
+        log = first.tail(None)  # the whole log: no traceback anywhere
         assert "LISTEN connection is gone; 1 running job(s) finish first" in log and "[warning" in log, log
         assert "Traceback" not in log and "FailingListenerError" not in log, log
         await asyncio.sleep(5)  # past the 2 s heartbeat timeout: the job is still the first worker's alone
