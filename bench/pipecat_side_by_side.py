@@ -305,19 +305,12 @@ def tail(log: Path, chars: int = 4000) -> str:
 
 
 async def wait_for_bot(url: str, process: asyncio.subprocess.Process, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            if process.returncode is not None:
-                raise RuntimeError(f"the Pipecat bot exited ({process.returncode}); its log {log}:\n{tail(log)}")
-            try:
-                async with http.get(f"{url}/health") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise TimeoutError(f"the Pipecat bot did not answer within {timeout} s; its log: {log}")
+    try:
+        await wait_until_ready(url, timeout, process, path="/health")
+    except RuntimeError as exc:
+        raise RuntimeError(f"the Pipecat bot: {exc}; its log {log}:\n{tail(log)}") from None
+    except TimeoutError:
+        raise TimeoutError(f"the Pipecat bot did not answer within {timeout} s; its log: {log}") from None
 
 
 def summary(values: list[Heard | None]) -> dict[str, Any]:

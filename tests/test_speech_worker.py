@@ -33,6 +33,7 @@ from pono.settings import Settings
 from pono.signaling.ice import restrict_host_addresses
 from pono.storage.users import create_api_key, create_user
 from pono.testing.caller import Caller
+from pono.testing.ready import wait_until_ready
 from pono.testing.scripted_llm import Script, ScriptedLLM
 from pono.voice.models import SpeechModels
 from pono.voice.worker.client import UNAVAILABLE
@@ -61,17 +62,7 @@ class WorkerProcess:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pono", "speech-worker", env=self.env, stdout=log,
                 stderr=asyncio.subprocess.STDOUT)
-        async with aiohttp.ClientSession() as http:
-            for _ in range(1200):
-                assert self.process.returncode is None, "the speech worker exited"
-                try:
-                    async with http.get(f"{self.url}/ready") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise TimeoutError("the speech worker never became ready")
+        await wait_until_ready(self.url, 120, self.process, path="/ready")
 
     async def ensure_running(self) -> None:
         if self.process is None or self.process.returncode is not None:
