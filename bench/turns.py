@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import pct  # bench/latency.py: the same nearest-rank percentile
 from turn_cases import CASES, KINDS, OVER_AGENT, Case, Voices, load_cases
 
 from pono.agent.embedded import free_port
@@ -57,13 +58,6 @@ LONG_REPLY = (
 )
 DISCLAIMER = ("Synthetic voices (espeak-ng, TTS) are no proof of accuracy on human speech: their prosody is not a "
               "person's. These figures compare configurations on the same audio; re-run with a recorded set.")
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def offline_transcripts(stt_model: str, workdir: Path, clips: dict[tuple[str, str], np.ndarray]
@@ -196,7 +190,7 @@ def summarize(results: list[dict[str, Any]], offline: dict[tuple[str, str], str]
         "interruptions_cut": sum(r["barge_in"] for r in interruptions), "interruptions": len(interruptions),
         "complete_cut": sum(r["turns"] > 1 for r in of("complete")),
         "eot_delay_median_ms": round(statistics.median(delays)) if delays else None,
-        "eot_delay_p90_ms": round(pct(delays, 0.9) or 0) if delays else None, "eot_delays_measured": len(delays),
+        "eot_delay_p90_ms": round(pct(delays, 0.9)) if delays else None, "eot_delays_measured": len(delays),
         "wer_live_vs_offline": wer(errors), "wer_words": sum(n for _, n in errors),
         "wer_whole_turns": wer(whole), "whole_turns": len(whole),
         "wer_mismatches": mismatches,
