@@ -181,8 +181,9 @@ class JobWorker:
 
     async def _watch_listener(self) -> None:
         """Every `listener_probe_s`, round-trip a NOTIFY through the running queue's LISTEN connection; after
-        `listener_misses` unheard in a row on the same queue, restart it. A NOTIFY that cannot be sent (Postgres
-        away) is no miss: the queue's polling fails then and pgqueuer restarts it itself."""
+        `listener_misses` unheard in a row on the same queue, restart it. A NOTIFY whose sending fails (Postgres
+        away: an error at once) is no miss: the queue's polling fails then and pgqueuer restarts it itself. One
+        whose sending hangs past the probe's own timeout (+5 s) is one."""
         misses, watched = 0, None
         while True:
             await asyncio.sleep(self.listener_probe_s)
@@ -203,22 +204,21 @@ class JobWorker:
                     log.info("job queue: a NOTIFY probe %s within %.0f s (%d in a row; restarting at %d)",
                              what, self.listener_timeout_s, misses, self.listener_misses)
                     continue
-                self._restart_queue(f"{misses} NOTIFY probes in a row {what} within {self.listener_timeout_s:.0f} s "
-                                    "each: its LISTEN connection is gone")
+                self._restart_queue(pgq, f"{misses} NOTIFY probes in a row {what} within "
+                                         f"{self.listener_timeout_s:.0f} s each: its LISTEN connection is gone")
             except Exception as exc:  # asyncpg's errors, OSError: Postgres is away
                 log.debug("job queue: NOTIFY probe not sent: %s", type(exc).__name__)
             else:
                 misses = 0
 
-    def _restart_queue(self, reason: str) -> None:
-        """Stop the running queue (its running jobs and schedules finish first, however long they take: none is
-        cancelled nor handed back) and start a fresh one, with a fresh LISTEN connection, RESTART_DELAY_S later."""
+    def _restart_queue(self, pgq: PgQueuer, reason: str) -> None:
+        """Stop the running queue `pgq` (its running jobs and schedules finish first, however long they take: none
+        is cancelled nor handed back) and start a fresh one, with a fresh LISTEN connection, RESTART_DELAY_S
+        later. Nothing to do when it is stopping already (drained, or restarted while the probe ran)."""
         if self.draining or self._cycle.is_set():
             return
-        pgq = self._pgq
-        running = len(pgq.qm.job_context) if pgq is not None else 0
         self._restart_reason = reason
-        log.warning("job queue restarting: %s; %d running job(s) finish first", reason, running)
+        log.warning("job queue restarting: %s; %d running job(s) finish first", reason, len(pgq.qm.job_context))
         self._cycle.set()
 
     async def _watch_queue(self) -> None:
@@ -275,7 +275,7 @@ class JobWorker:
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), RESTART_DELAY_S)
-                if self.draining or stop.is_set():
+                if stop.is_set():  # told to stop during the delay (draining is set once stop is)
                     break
                 self._cycle = asyncio.Event()
                 log.info("job queue starting again")
