@@ -242,6 +242,9 @@ def test_pods_meet_the_restricted_profile(rendered, overlay: str) -> None:
             assert seccomp.get("type") in ("RuntimeDefault", "Localhost"), f"{name} {c['name']}"
             assert c.get("resources", {}).get("requests") and c["resources"].get("limits"), f"{name} {c['name']}"
             assert {"cpu", "memory"} <= set(c["resources"]["limits"]), f"{name} {c['name']}"
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if "httpGet" in c.get(probe, {}):  # not the kubelet's 1 s default: app, SIP, jobs and speech alike
+                    assert c[probe].get("timeoutSeconds", 1) >= 3, f"{name} {c['name']} {probe}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -592,7 +595,7 @@ def test_job_worker(rendered, overlay: str, monkeypatch: pytest.MonkeyPatch) -> 
     assert metrics["selector"].items() <= worker["spec"]["template"]["metadata"]["labels"].items()
     assert metrics["ports"][0]["targetPort"] == "metrics"
     # The drain: running jobs get PONO_JOBS_DRAIN_TIMEOUT_S, then go back to the queue and the process exits
-    # (tests/test_jobs_health.py: within a second); the grace period leaves 30 s for that.
+    # (tests/test_jobs_health.py: within 15 s of the drain time); the grace period leaves 30 s for that.
     assert settings.jobs_drain_timeout_s == 60 and not settings.jobs_in_process
     assert spec["terminationGracePeriodSeconds"] >= settings.jobs_drain_timeout_s + 30
     assert "lifecycle" not in c  # no Service sends it anything: no preStop wait
