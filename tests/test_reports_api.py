@@ -118,3 +118,9 @@ async def test_reports_list_and_read(server: RunningServer, script: Script, admi
             assert status == 401, (url, refused)
         status, _ = await _get(http, f"{base}/{day.isoformat()}", admin_token)
         assert status == 200
+
+    # A deleted call leaves the report, its turns with it (the barge-in was the second call's), as on the
+    # dashboard: the report's call figures and its turn figures count the same calls.
+    await pool.execute("UPDATE calls SET deleted_at = now() WHERE id = $1", ids[1])
+    again = await daily_report(pool, day)
+    assert (again["calls"], again["barge_ins"]) == (1, 0), again

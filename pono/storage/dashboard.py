@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from pono.storage.reports import VOICE_TO_VOICE
+from pono.storage.reports import VOICE_TO_VOICE, voice_to_voice_percentile
 
 ERROR_REASON = "error"  # the end reason of a call that failed (as the nightly report counts it)
 LOST_AFTER_S = 60  # a call with no end stored this long after it started, and not live, was lost with its replica
@@ -75,10 +75,7 @@ async def dashboard_figures(pool: asyncpg.Pool, window: Window, persona: str | N
         "SELECT floor(extract(epoch FROM t.started_at) / 3600)::bigint AS hour, count(*) AS agent_turns,"
         " count(*) FILTER (WHERE t.interrupted) AS barge_ins,"
         f" count(*) FILTER (WHERE {VOICE_TO_VOICE}) AS latency_turns,"
-        " percentile_cont(0.5) WITHIN GROUP (ORDER BY (t.latency->>'first_audio_sent')::float8)"
-        f"   FILTER (WHERE {VOICE_TO_VOICE}) AS p50,"
-        " percentile_cont(0.95) WITHIN GROUP (ORDER BY (t.latency->>'first_audio_sent')::float8)"
-        f"   FILTER (WHERE {VOICE_TO_VOICE}) AS p95"
+        f" {voice_to_voice_percentile(0.5)} AS p50, {voice_to_voice_percentile(0.95)} AS p95"
         " FROM turns t JOIN calls c ON c.id = t.call_id"
         " WHERE t.role = 'agent' AND c.deleted_at IS NULL AND t.started_at >= $1 AND t.started_at <= $2"
         " AND ($3::text IS NULL OR c.persona = $3)"

@@ -14,11 +14,19 @@ import asyncpg
 VOICE_TO_VOICE = "(t.latency ? 'first_audio_sent' AND t.latency ? 'speech_end')"
 
 
+def voice_to_voice_percentile(fraction: float) -> str:
+    """SQL: the `fraction` percentile (0..1) of voice-to-voice seconds over the agent turns `t` of a query,
+    counting only the turns that answer speech (VOICE_TO_VOICE), as the dashboard and this report both show it."""
+    return (f"percentile_cont({fraction}) WITHIN GROUP (ORDER BY (t.latency->>'first_audio_sent')::float8)"
+            f" FILTER (WHERE {VOICE_TO_VOICE})")
+
+
 async def daily_report(pool: asyncpg.Pool, day: date) -> dict[str, Any]:
     """The figures for calls that started on `day` (UTC), stored (replacing an earlier report of that day) and
     returned: {"day": ISO date, "calls": int, "minutes": float, "p95_first_audio_s": float | None (caller's end
-    of speech to the agent's first audio, agent turns), "barge_ins": int (agent turns cut off), "failed_calls":
-    int (ended with reason "error"), "failed_workflow_runs": int}."""
+    of speech to the agent's first audio, agent turns that answer speech), "barge_ins": int (agent turns cut
+    off), "failed_calls": int (ended with reason "error"), "failed_workflow_runs": int}. Deleted calls, and their
+    turns, are not counted."""
     start = datetime.combine(day, time(), UTC)
     end = start + timedelta(days=1)
     row = await pool.fetchrow(
@@ -27,11 +35,11 @@ async def daily_report(pool: asyncpg.Pool, day: date) -> dict[str, Any]:
         " count(*) FILTER (WHERE end_reason = 'error') AS failed_calls"
         " FROM calls WHERE started_at >= $1 AND started_at < $2 AND deleted_at IS NULL", start, end)
     turns = await pool.fetchrow(
-        "SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY (t.latency->>'first_audio_sent')::float8)"
-        f"   FILTER (WHERE {VOICE_TO_VOICE}) AS p95,"
+        f"SELECT {voice_to_voice_percentile(0.95)} AS p95,"
         " count(*) FILTER (WHERE t.interrupted) AS barge_ins"
         " FROM turns t JOIN calls c ON c.id = t.call_id"
-        " WHERE c.started_at >= $1 AND c.started_at < $2 AND t.role = 'agent'", start, end)
+        " WHERE c.started_at >= $1 AND c.started_at < $2 AND c.deleted_at IS NULL AND t.role = 'agent'",
+        start, end)
     failed_runs = await pool.fetchval(
         "SELECT count(*) FROM workflow_runs WHERE status = 'failed' AND created_at >= $1 AND created_at < $2",
         start, end)
