@@ -65,7 +65,7 @@ async def _compute(store: RecordingStore, key: str, buckets: int) -> Peaks:
     """The peaks of the stored recording `key`, decoded in the peaks pool. Raises RecordingMissing,
     av.error.FFmpegError."""
     loop = asyncio.get_running_loop()
-    path = store.local_file(key)
+    path = await asyncio.to_thread(store.local_file, key)  # a stat: off the loop
     if path is not None:
         return await loop.run_in_executor(_POOL, file_peaks, path, buckets)
     spooled = await _spool(store, key)
