@@ -260,6 +260,46 @@ async def test_a_sound_that_ends_while_it_is_heard_is_not_words_because_its_whol
     assert [data["ignored"] for kind, data in agent.events if kind == "speech.stopped"] == [not cut]
 
 
+async def test_a_short_sound_over_the_agent_is_judged_as_short_when_the_caller_goes_on_before_it_is_heard() -> None:
+    """A sound too short to be decided on the way ("Thumb", Whisper's word for a click) is heard whole after it
+    ended; the caller's next utterance, decided on the way meanwhile, once made it judged as a long one (any word
+    but an acknowledgement), and it cut the agent."""
+    agent = _TalkingAgent()
+    detector = TurnDetector(TurnConfig())
+    loop = asyncio.get_running_loop()
+    whole_click = loop.create_future()
+    tasks: list[asyncio.Task[Any]] = []
+
+    def spawn(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        tasks.append(asyncio.create_task(coro, name=name))
+        return tasks[-1]
+
+    async def heard(future: asyncio.Future[str]) -> str:
+        return await future
+
+    async def mhm() -> str:
+        return "Mhm"
+
+    speech = OverAgentSpeech(responder=agent, output=agent, detector=detector, events=agent,  # type: ignore[arg-type]
+                             transcript=mhm, spawn=spawn, barge_in=agent.barge_in,
+                             becomes_turn=lambda _: None, min_ms=600)
+    speech.start(agent_busy=True)
+    detector.in_speech, detector.voiced_ms = True, 300.0
+    await speech.heard_more()
+    detector.in_speech = False
+    final = asyncio.create_task(heard(whole_click))
+    speech.ended(final, 0.0, 2, {})  # too short for a decision on the way
+    speech.start(agent_busy=True)  # the caller goes on: "mhm", long enough to pause the agent
+    detector.in_speech, detector.voiced_ms = True, 608.0
+    await speech.heard_more()
+    await asyncio.wait_for(agent.decided.wait(), 10)
+    assert (agent.resumes, agent.cuts) == (1, 0)
+    whole_click.set_result("Thumb")
+    await asyncio.gather(final, *tasks)
+    assert agent.cuts == 0 and agent.answered == [], "a click heard as a word cut the agent"
+    assert [data["ignored"] for kind, data in agent.events if kind == "speech.stopped"] == [True]
+
+
 async def test_words_over_the_agent_interrupt_it_where_it_paused(server, script: Script, audio_dir,
                                                                  admin_token: str) -> None:
     stop = trim(espeak("Wait, stop, I need a table for two tomorrow", audio_dir / "stop.wav"))

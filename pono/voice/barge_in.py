@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -38,7 +39,18 @@ log = logging.getLogger(__name__)
 
 ENDED_HEARING_S = 10.0  # the most an utterance over the agent that ended waits for its transcript
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
-Stopped = tuple[int, dict[str, Any]]  # an ended utterance's turn number and its speech.stopped fields
+
+
+@dataclass(frozen=True)
+class Ended:
+    """An utterance over the agent that is over: `final` transcribes all of it, `t0` is when its speech stopped
+    (for latency), `turn` and `stopped` are its `speech.stopped` event's turn number and fields, sent once it is
+    known whether it was ignored."""
+
+    final: asyncio.Task[str]
+    t0: float
+    turn: int
+    stopped: dict[str, Any]
 
 
 class Unheard(Enum):
@@ -63,23 +75,24 @@ class OverAgentSpeech:
         self._transcript, self._spawn, self._barge_in, self._becomes_turn = transcript, spawn, barge_in, becomes_turn
         self.min_ms = min_ms
         self.active = False
-        self._deciding: asyncio.Task[None] | None = None
-        self._decide_at_ms = float(min_ms)
-        self._ended: tuple[asyncio.Task[str], float] | None = None  # the whole utterance, once it ended mid-decision
-        self._stopped: Stopped | None = None  # its speech.stopped, sent once the decision says whether it was ignored
-        self._generation = 0  # one more per utterance: a decision for an earlier one changes nothing
+        self._deciding: asyncio.Task[None] | None = None  # the decision on the way; None again at each utterance
+        self._decide_at_ms = float(min_ms)  # above min_ms once a decision was started on the way
+        self._ended: Ended | None = None  # the utterance, once it ended mid-decision (its speech.stopped unsent)
 
     def start(self, agent_busy: bool) -> None:
         """A new utterance is confirmed; `agent_busy` says whether the agent is talking (or about to)."""
-        self._generation += 1
-        self._send_stopped(self._stopped, ignored=False)  # undecided when the caller spoke again: as before
-        self._stopped = None
+        self._send_stopped(self._ended, ignored=False)  # undecided when the caller spoke again: as before
         self.active = agent_busy
         self._deciding, self._ended, self._decide_at_ms = None, None, float(self.min_ms)
 
     @property
     def deciding(self) -> bool:
         return self._deciding is not None and not self._deciding.done()
+
+    def _superseded(self) -> bool:
+        """In a decision: a later utterance started meanwhile (`start()` forgot this decision), so it changes
+        nothing."""
+        return self._deciding is not asyncio.current_task()
 
     async def heard_more(self) -> None:
         """After each VAD step of the utterance: decide once it is long enough, or hand the turn to the caller
@@ -102,14 +115,16 @@ class OverAgentSpeech:
         """The utterance (turn number `turn`, as its speech.started said) is over; `final` transcribes all of it,
         `t0` is when its speech stopped (for latency), `stopped` the `speech.stopped` event's fields. A decision
         in flight commits it if it was an interruption; otherwise it is heard whole now."""
+        ended = Ended(final, t0, turn, stopped)
         if self.deciding:
-            self._ended, self._stopped = (final, t0), (turn, stopped)
+            self._ended = ended
             return
-        self._spawn(self._decide_ended(final, t0, turn, stopped), "barge-in-at-end")
+        # Whether it was decided on the way is known now: a later utterance resets _decide_at_ms during the hearing.
+        self._spawn(self._decide_ended(ended, on_the_way=self._decide_at_ms > self.min_ms), "barge-in-at-end")
 
-    def _send_stopped(self, pending: Stopped | None, *, ignored: bool) -> None:
-        if pending is not None:
-            self.events.emit(EventType.SPEECH_STOPPED, pending[0], ignored=ignored, **pending[1])
+    def _send_stopped(self, ended: Ended | None, *, ignored: bool) -> None:
+        if ended is not None:
+            self.events.emit(EventType.SPEECH_STOPPED, ended.turn, ignored=ignored, **ended.stopped)
 
     async def _interrupt(self) -> None:
         self.active = False
@@ -128,77 +143,58 @@ class OverAgentSpeech:
             return Unheard.FAILED
 
     async def _decide(self, transcript: asyncio.Task[str]) -> None:
-        generation = self._generation
         text = await self._hear(transcript)  # none at all counts as words: better to stop than to talk over
-        if generation != self._generation:
+        if self._superseded():
             return
-        late: tuple[asyncio.Task[str], float] | None = None  # the whole, decided when it arrives
+        late: Ended | None = None  # the whole, decided when it arrives
         if self._ended is not None and isinstance(text, str) and is_backchannel(text):
-            whole = await self._hear(self._ended[0])  # it ended meanwhile: the whole of it decides
-            if generation != self._generation:
+            whole = await self._hear(self._ended.final)  # it ended meanwhile: the whole of it decides
+            if self._superseded():
                 return
             if whole is Unheard.LATE:  # the caller stopped after an acknowledgement: go on, decide it later
                 late = self._ended
             else:
                 text = whole
-        stopped, self._stopped = self._stopped, None
+        # Once the agent is cut (active is False) the call ends the utterance itself: nothing more comes here.
+        ended, self._ended = self._ended, None
         if not self.output.paused:  # typed text, a key or an operator already cut the agent: nothing to decide
-            self._ended = None
-            self._send_stopped(stopped, ignored=True)
+            self._send_stopped(ended, ignored=True)
             return
-        if isinstance(text, str) and is_backchannel(text):
-            self._ended = None  # the caller's turn (if over) was only this: nothing to answer
+        if isinstance(text, str) and is_backchannel(text):  # the caller's turn (if over) was only this
             turn = self.responder.playing_turn  # the agent's turn that goes on
             self.events.emit(EventType.AGENT_RESUMED, self.responder.turns if turn is None else turn, heard=text,
                              resumed_s=round(self.output.held_s, 3))
             # Decided: the resume plays on by itself (seconds of held audio), and more words may pause it again.
             self._spawn(self.responder.resume(), "resume")
             if late is not None:
-                self._spawn(self._decide_late(*late, stopped), "barge-in-late")
+                self._spawn(self._decide_ended(late, on_the_way=True), "barge-in-late")
             else:
-                self._send_stopped(stopped, ignored=True)
+                self._send_stopped(ended, ignored=True)
             return
-        self._send_stopped(stopped, ignored=False)
+        self._send_stopped(ended, ignored=False)
         await self._interrupt()
-        ended, self._ended = self._ended, None
-        self._send_stopped(self._stopped, ignored=False)  # it ended while the agent was being cut
-        self._stopped = None
-        if ended is not None:  # the caller stopped before the decision: their turn is answered now
-            self._answer(*ended)
+        if ended is not None and not self._superseded():  # the caller stopped before the decision: answered now
+            self._answer(ended)
 
-    @staticmethod
-    async def _hear_ended(final: asyncio.Task[str]) -> str:
-        """The transcript of an utterance that is over while the agent talks on: there is no hurry, so a slow
-        transcript is waited for (up to ENDED_HEARING_S), and none (the STT failed) is no reason to cut the agent
-        (an empty transcript)."""
+    async def _decide_ended(self, ended: Ended, *, on_the_way: bool) -> None:
+        """An utterance that is over while the agent talks on: heard whole, and its `speech.stopped` sent with the
+        outcome. There is no hurry, so a slow transcript is waited for (up to ENDED_HEARING_S), and none (the STT
+        failed) is no reason to cut the agent. One too short to have been decided on the way (not `on_the_way`):
+        Whisper makes words of a click or a hum ("Thumb"), so only a word that asks the agent to stop counts; a
+        longer one, or one heard as an acknowledgement that ended before its whole transcript came, is decided
+        as on the way."""
         try:
-            return await asyncio.wait_for(asyncio.shield(final), ENDED_HEARING_S)
+            text = await asyncio.wait_for(asyncio.shield(ended.final), ENDED_HEARING_S)
         except Exception as exc:
             log.error("hearing speech over the agent failed (%s)", type(exc).__name__)
-            return ""
-
-    async def _decide_late(self, final: asyncio.Task[str], t0: float, stopped: Stopped | None) -> None:
-        """An utterance heard as an acknowledgement that ended before its whole transcript came: the agent went
-        on, and the whole decides now, as on the way; its `speech.stopped` (`stopped`) is sent with the outcome."""
-        words = not is_backchannel(await self._hear_ended(final))
-        self._send_stopped(stopped, ignored=not words)
-        if not words:
-            return
-        if self.responder.busy:
-            await self._barge_in()
-        self._answer(final, t0)
-
-    async def _decide_ended(self, final: asyncio.Task[str], t0: float, turn: int, stopped: dict[str, Any]) -> None:
-        text = await self._hear_ended(final)
-        # Too short to have been decided on the way: Whisper makes words of a click or a hum ("Thumb"), so only
-        # a word that asks the agent to stop counts; a longer one is decided as on the way.
-        words = is_stop_request(text) if self._decide_at_ms <= self.min_ms else not is_backchannel(text)
-        self.events.emit(EventType.SPEECH_STOPPED, turn, ignored=not words, **stopped)
+            text = ""
+        words = not is_backchannel(text) if on_the_way else is_stop_request(text)
+        self._send_stopped(ended, ignored=not words)
         if not words:
             return
         if self.responder.busy:  # "Stop.": the agent talked through it, and stops now
             await self._barge_in()
-        self._answer(final, t0)
+        self._answer(ended)
 
-    def _answer(self, final: asyncio.Task[str], t0: float) -> None:
-        self.responder.reply_to(self.responder.commit_user(spec=final, source="voice"), t0=t0, spoken=True)
+    def _answer(self, ended: Ended) -> None:
+        self.responder.reply_to(self.responder.commit_user(spec=ended.final, source="voice"), t0=ended.t0, spoken=True)
