@@ -88,6 +88,13 @@ def test_acknowledgements_are_told_from_words() -> None:
     # "Thumb").
     for text in ("Stop.", "Wait!", "Sorry?", "Hold on.", "No, no."):
         assert is_stop_request(text), text
+    # A held letter is the same word to both: "Okaaay" was words (it cut the agent) and "Nooo!" asked nothing.
+    for text in ("Okaaay.", "Yeahhh", "Ohhh.", "Mmmm, riiight"):
+        assert is_backchannel(text), text
+    for text in ("Nooo!", "Waaait", "Sorrry?", "Stooop"):
+        assert is_stop_request(text), text
+    for text in ("Whaaat a day", "Sooo I need a table"):
+        assert not is_backchannel(text), text
     for text in ("Thumb", "Hmm.", "Yeah.", ""):
         assert not is_stop_request(text), text
 

@@ -38,8 +38,18 @@ BACKCHANNEL_PHRASES = frozenset({
     ("i", "know"), ("that's", "right"), ("sounds", "good"), ("makes", "sense"), ("of", "course"),
 })
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")  # letters of any script and digits: "4 5 6" are words
-_REPEATS = re.compile(r"(.)\1{2,}")  # "ahhhh", "mmmm": a held sound is one word
+_REPEATS = re.compile(r"(.)\1{2,}")  # a letter held three times or more: "ahhhh", "mmmm", "Nooo"
 _MAX_BACKCHANNEL_WORDS = 4
+_ACKNOWLEDGING = BACKCHANNEL_WORDS | VOCAL_SOUNDS | {w for phrase in BACKCHANNEL_PHRASES for w in phrase}
+
+
+def _spelled(word: str, vocabulary: frozenset[str]) -> str:
+    """`word` as `vocabulary` spells it when it is one of its words held longer (a held letter once or twice:
+    "Nooo" no, "okaaay" okay, "sorrry" sorry, "I-I-I" i); otherwise with each held letter written twice."""
+    for form in (word, _REPEATS.sub(r"\1", word)):
+        if form in vocabulary:
+            return form
+    return _REPEATS.sub(r"\1\1", word)
 
 
 def is_backchannel(text: str) -> bool:
@@ -47,8 +57,8 @@ def is_backchannel(text: str) -> bool:
     "Mm-hm", "All right, thank you"): at most `_MAX_BACKCHANNEL_WORDS` words (a word said again at once counts
     once), each an acknowledgement word or part of an acknowledgement phrase; or only vowel sounds ("I",
     "A-A-A-": VOCAL_SOUNDS)."""
-    words = [_REPEATS.sub(r"\1\1", w.strip("'")) for w in _WORD.findall(text.lower().replace("-", ""))]
-    words = [w for i, w in enumerate(words) if w and (i == 0 or w != words[i - 1])]  # "ah ah ah ah ah" is one sound
+    words = [_spelled(w, _ACKNOWLEDGING) for w in _WORD.findall(text.lower().replace("-", ""))]
+    words = [w for i, w in enumerate(words) if i == 0 or w != words[i - 1]]  # "ah ah ah ah ah" is one sound
     if len(words) > _MAX_BACKCHANNEL_WORDS:
         return False
     i = 0
@@ -72,9 +82,9 @@ STOP_REQUESTS = frozenset({
 
 
 def is_stop_request(text: str) -> bool:
-    """Whether a short transcript asks the agent to stop ("Stop.", "Wait!", "Sorry?", "Hold on"): one of its
-    words is in STOP_REQUESTS."""
-    return any(w.strip("'") in STOP_REQUESTS for w in _WORD.findall(text.lower()))
+    """Whether a short transcript asks the agent to stop ("Stop.", "Wait!", "Sorry?", "Hold on", "Nooo!"): one of
+    its words is in STOP_REQUESTS, held letters aside as in `is_backchannel`."""
+    return any(_spelled(w, STOP_REQUESTS) in STOP_REQUESTS for w in _WORD.findall(text.lower()))
 
 
 class PausableOutput(TransportWrapper):
