@@ -17,6 +17,9 @@ from pono.timecheck import check_cron
 # Bounds of PONO_RECORDING_LAG_S and PONO_RECORDING_MAX_HOLD_S. The caller's audio is held for redaction from
 # this long before speech is confirmed (pono.voice.recording.recorder.PRE_SPEECH_S): the lag may not be shorter.
 RECORDING_LAG_MIN_S = 1.0
+# An utterance starts with min_speech_ms of voice and a 300 ms pre-roll (pono.voice.lead_in): both must lie within
+# the recording's hold (RECORDING_LAG_MIN_S), or words transcribed later were already written unredacted.
+MIN_SPEECH_MAX_MS = round(RECORDING_LAG_MIN_S * 1000) - 300
 RECORDING_LAG_MAX_S = 30.0
 RECORDING_MAX_HOLD_MAX_S = 600.0
 
@@ -74,7 +77,7 @@ class Settings(BaseSettings):
 
     # Turn-taking (milliseconds).
     vad_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
-    min_speech_ms: int = Field(default=200, ge=32, le=2000)
+    min_speech_ms: int = Field(default=200, ge=32, le=MIN_SPEECH_MAX_MS)
     hangover_ms: int = Field(default=450, ge=100, le=3000)  # with the end-of-turn model off
     # The end-of-turn model (Smart Turn v3.2) asked after end_of_turn_check_ms of silence: a complete turn ends
     # after the short hangover, an incomplete one waits up to the long one (or until the caller speaks again).

@@ -353,6 +353,8 @@ async def test_a_long_recorded_call_keeps_memory_flat_and_plays_in_full(
     ({"PONO_RECORDING_MAX_HOLD_S": "inf"}, "PONO_RECORDING_MAX_HOLD_S"),
     ({"PONO_RECORDINGS_URL": "https://bucket/prefix"}, "PONO_RECORDINGS_URL"),
     ({"PONO_RECORDINGS_S3_ENDPOINT": "minio:9000"}, "PONO_RECORDINGS_S3_ENDPOINT"),
+    # An utterance's lead-in (min speech + 300 ms pre-roll) reaching past the 1 s hold: its first words unchecked
+    ({"PONO_MIN_SPEECH_MS": "701"}, "min_speech_ms"),
 ])
 def test_settings_refuse_recording_values_that_would_leak_or_break(tmp_path: Path, monkeypatch, env: dict,
                                                                    named: str) -> None:

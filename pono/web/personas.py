@@ -13,6 +13,7 @@ from pono.agent.dlp.engine import DlpPolicy
 from pono.agent.tools.specs import parse_tool_specs
 from pono.context import SERVICES
 from pono.http import ApiError, read_json_model
+from pono.settings import MIN_SPEECH_MAX_MS
 from pono.storage import personas as stored
 from pono.timecheck import check_timezone
 from pono.voice.speech.languages import whisper_language
@@ -27,7 +28,7 @@ class TurnTaking(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     hangover_ms: int | None = Field(default=None, ge=100, le=3000)
-    min_speech_ms: int | None = Field(default=None, ge=32, le=2000)
+    min_speech_ms: int | None = Field(default=None, ge=32, le=MIN_SPEECH_MAX_MS)
     barge_in_min_ms: int | None = Field(default=None, ge=100, le=5000)
     # The end-of-turn model (on unless PONO_END_OF_TURN_MODEL=false): its threshold and the two hangovers.
     end_of_turn: bool | None = None
