@@ -18,7 +18,8 @@ caller is heard about 300 ms late for the rest of the call (aiortc issue #543, o
 - drops a packet that comes after its turn was given up or more than once; follows a new numbering (a new
   SSRC at once; a jump far ahead or back once a second packet confirms it, RFC 3550 A.1), so a stray packet
   cannot mute the caller;
-- never holds more than `capacity` packets, whatever the sender does: past it the oldest are let go.
+- never holds more than `max_wait` packets behind a gap, nor more than `capacity` let out but not yet joined,
+  whatever the sender does: past it the oldest are let go.
 
 `use_for_received_audio(pc)` puts one on each audio receiver of a negotiated RTCPeerConnection.
 """
@@ -26,7 +27,6 @@ caller is heard about 300 ms late for the rest of the call (aiortc issue #543, o
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,40 +36,29 @@ from aiortc.rtp import RtpPacket
 from aiortc.sdp import SessionDescription
 
 from pono.signaling import opus_packets
-
-log = logging.getLogger(__name__)
+from pono.signaling.phone.rtp import MAX_DROPOUT, MAX_MISORDER
 
 _RECEIVER_BUFFER = "_RTCRtpReceiver__jitter_buffer"  # where aiortc 1.16's RTCRtpReceiver.__init__ keeps its own
 _SEQ = 0x10000  # RTP sequence numbers are 16 bits (RFC 3550 §5.1), timestamps 32
 _TS = 1 << 32
-MAX_DROPOUT = 3000  # RFC 3550 A.1: a jump ahead bigger than this is not loss but a new numbering
-MAX_MISORDER = 100  # ... and a packet further behind than this is not late but a new numbering
 CONCEAL_MAX_PACKETS = 5  # a longer gap is an outage, not a loss: nothing is made up for it
-
-Join = Callable[[list[bytes]], list[tuple[int, bytes]]]
-
 
 def join_samples(payloads: list[bytes]) -> list[tuple[int, bytes]]:
     """G.711 (PCMU, PCMA) and G.722 payloads hold samples back to back: joined, they are one longer frame."""
     return [(0, b"".join(payloads))]
 
 
-def _one_by_one(payloads: list[bytes]) -> list[tuple[int, bytes]]:
-    return list(enumerate(payloads))
-
-
 @dataclass(frozen=True)
 class PayloadFormat:
     """How a codec's payloads are joined, and what stands for a lost one (None: nothing, it is skipped)."""
 
-    join: Join
+    join: Callable[[list[bytes]], list[tuple[int, bytes]]]
     conceal: Callable[[bytes], bytes] | None = None
 
 
 OPUS = PayloadFormat(opus_packets.join_packets, opus_packets.lost_packet)
 FORMATS: dict[str, PayloadFormat] = {"opus": OPUS, "pcmu": PayloadFormat(join_samples),
                                      "pcma": PayloadFormat(join_samples), "g722": PayloadFormat(join_samples)}
-_ONE_BY_ONE = PayloadFormat(_one_by_one)
 
 
 class AudioJitterBuffer:
@@ -79,7 +68,8 @@ class AudioJitterBuffer:
     time. A lost packet is concealed with its format's `conceal` from the packet before it, else skipped.
     `max_wait`: how many later packets may arrive while one is missing before it is counted lost (2: 40 ms at
     20 ms per packet); a single packet ahead of a gap is held, not followed, so a stray cannot skip the
-    stream. `capacity`: the most packets held (waiting for a gap, or let out but not yet joined);
+    stream, and no more than `max_wait` are ever held behind a gap. `capacity`: the most packets let out but
+    not yet joined;
     a packet further ahead or behind than MAX_DROPOUT / MAX_MISORDER starts a new numbering once the next
     packet confirms it. `lost`, `late` and `restarts` count packets given up, packets discarded and
     numberings followed.
@@ -134,10 +124,7 @@ class AudioJitterBuffer:
         if ahead > MAX_DROPOUT or seq in self._held:
             self.late += 1  # its turn passed (or a duplicate): what came after it has been let out already
             return False, None
-        self._held[seq] = packet
-        if len(self._held) > self.capacity:  # stray packets far ahead of the stream: the furthest goes
-            del self._held[max(self._held, key=self._ahead)]
-            self.late += 1
+        self._held[seq] = packet  # fewer than max_wait were held, all behind a gap: the gap is given up below
         if self._next not in self._held:
             if len(self._held) < self.max_wait:
                 return False, None
@@ -151,7 +138,8 @@ class AudioJitterBuffer:
         and the gap is short (a long one is an outage: nothing to conceal, the stream goes on from `first`)."""
         assert self._next is not None
         previous = self._waiting[-1] if self._waiting else self._last
-        conceal = self.formats.get(previous.payload_type, _ONE_BY_ONE).conceal if previous is not None else None
+        payload_format = self.formats.get(previous.payload_type) if previous is not None else None
+        conceal = payload_format.conceal if payload_format is not None else None
         missing = self._ahead(first)
         if previous is None or conceal is None or missing > CONCEAL_MAX_PACKETS:
             self._next = first
@@ -180,13 +168,17 @@ class AudioJitterBuffer:
             return None
         # The packets that have waited, and those just come, of the first one's payload type: joined as far as
         # the codec allows (120 ms for Opus). What does not fit waits for the next packet, and is joined then.
-        kind = self._waiting[0].payload_type
-        run = list(itertools.takewhile(lambda p: p.payload_type == kind, self._waiting))
-        joined = self.formats.get(kind, _ONE_BY_ONE).join([p._data for p in run])  # type: ignore[attr-defined]
-        taken = joined[1][0] if len(joined) > 1 else len(run)
-        self._last = run[taken - 1]
+        first = self._waiting[0]
+        payload_format = self.formats.get(first.payload_type)
+        if payload_format is None:  # a payload type with no format: let out a packet at a time
+            taken, data = 1, first._data  # type: ignore[attr-defined]
+        else:
+            run = list(itertools.takewhile(lambda p: p.payload_type == first.payload_type, self._waiting))
+            joined = payload_format.join([p._data for p in run])  # type: ignore[attr-defined]
+            taken, data = (joined[1][0] if len(joined) > 1 else len(run)), joined[0][1]
+        self._last = self._waiting[taken - 1]
         del self._waiting[:taken]
-        return JitterFrame(data=joined[0][1], timestamp=run[0].timestamp)
+        return JitterFrame(data=data, timestamp=first.timestamp)
 
 
 def _receiver_formats(pc: RTCPeerConnection) -> dict[str, dict[int, PayloadFormat]]:
