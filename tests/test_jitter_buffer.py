@@ -25,7 +25,7 @@ from test_voice_call import open_call, trim
 from pono.context import SERVICES
 from pono.signaling import opus_packets
 from pono.signaling.audio_out import int16_frame
-from pono.signaling.jitter import OPUS, AudioJitterBuffer, join_samples, received_audio_buffers
+from pono.signaling.jitter import OPUS, AudioJitterBuffer, PayloadFormat, join_samples, received_audio_buffers
 from pono.testing.codec import opus_round_trip
 
 OPUS_PT = 111
@@ -95,6 +95,16 @@ def test_each_packet_in_sequence_comes_out_as_it_arrives() -> None:
         assert frame is not None and frame.data == packet._data  # type: ignore[attr-defined]
         assert frame.timestamp == packet.timestamp
     assert (jitter.lost, jitter.late) == (0, 0)
+
+
+def test_a_steady_stream_is_let_out_without_joining_anything() -> None:
+    """The hot path: a packet in sequence, with nothing waiting, is let out as it came (no Opus parsing)."""
+    def join(payloads: list[bytes]) -> list[tuple[int, bytes]]:
+        raise AssertionError(f"joined {len(payloads)} packets")
+
+    jitter = AudioJitterBuffer({OPUS_PT: PayloadFormat(join, OPUS.conceal)})
+    for packet in encoded_packets(20):
+        assert jitter.add(packet)[1] is not None
 
 
 def stand_in(packet: RtpPacket) -> JitterFrame:

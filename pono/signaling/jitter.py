@@ -146,12 +146,13 @@ class AudioJitterBuffer:
             return
         packets = (first - previous.sequence_number) % _SEQ
         step = ((self._held[first].timestamp - previous.timestamp) % _TS) // max(1, packets)
+        data = conceal(previous._data)  # type: ignore[attr-defined]  # the same stand-in for each
         for k in range(missing):
             seq = (self._next + k) % _SEQ
             stand_in = RtpPacket(payload_type=previous.payload_type, sequence_number=seq, ssrc=previous.ssrc,
                                  timestamp=(previous.timestamp + step * ((seq - previous.sequence_number) % _SEQ))
                                  % _TS)
-            stand_in._data = conceal(previous._data)  # type: ignore[attr-defined]
+            stand_in._data = data  # type: ignore[attr-defined]
             self._held[seq] = stand_in
 
     def _take_ready(self) -> JitterFrame | None:
@@ -170,7 +171,9 @@ class AudioJitterBuffer:
         # the codec allows (120 ms for Opus). What does not fit waits for the next packet, and is joined then.
         first = self._waiting[0]
         payload_format = self.formats.get(first.payload_type)
-        if payload_format is None:  # a payload type with no format: let out a packet at a time
+        if payload_format is None or len(self._waiting) == 1:
+            # One packet waiting (every packet of a steady stream), or a payload type with no format: let out as
+            # it came, without parsing it or building lists for it (join_packets gives one packet back as is).
             taken, data = 1, first._data  # type: ignore[attr-defined]
         else:
             run = list(itertools.takewhile(lambda p: p.payload_type == first.payload_type, self._waiting))
