@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
 from pono import textsafe
@@ -36,6 +38,8 @@ async def read_json_model(request: web.Request, model: type[M]) -> M:
         body = textsafe.loads(raw)  # lone surrogates repaired here, at the edge
     except web.HTTPRequestEntityTooLarge:
         raise
+    except (RequestPayloadError, PayloadEncodingError) as exc:  # a Content-Encoding the body does not match
+        raise ApiError(400, f"body cannot be decoded: {exc}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"body is not valid JSON: {exc}") from None
     except RecursionError:

@@ -226,3 +226,13 @@ async def test_review_findings_are_clear_4xx(server: RunningServer, admin_token:
             assert r.status == 422
         async with http.get("/api/ready") as r:
             assert (await r.json())["status"] != "draining"
+
+
+async def test_a_body_that_does_not_match_its_content_encoding_is_a_400(server: RunningServer) -> None:
+    """A plain body sent as gzip was a 500 with two tracebacks in the log, before any login."""
+    async with aiohttp.ClientSession(server.url) as http:
+        for body in (b'{"name": "x", "password": "y"}',):
+            async with http.post("/api/auth/login", data=body, headers={"Content-Type": "application/json",
+                                                                        "Content-Encoding": "gzip"}) as r:
+                assert r.status == 400, await r.text()
+                assert "decoded" in (await r.json())["error"]

@@ -196,6 +196,17 @@ async def test_ranges_access_and_audit(server, admin_token: str, card_call) -> N
             await check_range_edge_cases(viewer_http, url, data)
         async with http.get(f"{server.url}/api/calls/{uuid.uuid4().hex}/recording", headers=auth) as r:
             assert r.status == 404
+    # HEAD: the headers alone. The whole file followed them once, which on a kept-open connection is read as the
+    # start of the next response.
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"HEAD /api/calls/{call_id}/recording HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {viewer}"
+                 "\r\nConnection: close\r\n\r\n".encode())
+    raw = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    head, _, after = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and f"Content-Length: {len(data)}".encode() in head
+    assert after == b"", f"{len(after)} bytes after the headers of a HEAD"
     rows = await pool.fetch("SELECT actor, details FROM audit_log WHERE action = 'recording.access' AND target = $1",
                             call_id)
     assert any("bytes=100-299" in r["details"] for r in rows) and len(rows) >= 4

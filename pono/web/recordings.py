@@ -152,8 +152,9 @@ async def get_recording(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(status=206 if ranged else 200, headers=headers)
     try:
         await response.prepare(request)
-        async for chunk in blob.body:
-            await response.write(chunk)
+        if request.method != "HEAD":  # HEAD: the headers alone (RFC 9110 §9.3.2), not the file after them
+            async for chunk in blob.body:
+                await response.write(chunk)
         await response.write_eof()
     finally:
         await blob.body.aclose()  # type: ignore[attr-defined]
