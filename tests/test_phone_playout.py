@@ -171,3 +171,21 @@ def test_an_outage_adds_no_silence_of_its_own() -> None:
     assert silent_while_held <= 3 - 1, silent_while_held
     assert played[start:].count(None) == outage and lost == outage
     assert [p for p in played if p is not None] == sent
+
+
+def test_a_renumbered_stream_is_played_from_its_first_packet_and_the_old_one_held_is_counted_lost() -> None:
+    """Same SSRC, numbering 20,000 further on (a B2BUA re-INVITE): the first packet of the new numbering is
+    kept until the second confirms it, then both are played; what was held of the old numbering is lost."""
+    buffer = JitterBuffer(depth=3, capacity=25)
+    old = [RtpPacket(0, 100 + i, i * 160, 1, b"\x01" * 160) for i in range(5)]
+    new = [RtpPacket(0, 20100 + i, i * 160, 1, b"\x02" * 160) for i in range(5)]
+    for packet in old:
+        buffer.put(packet)
+    assert [p.sequence for p in buffer.tick() if p is not None] == [100]
+    assert not buffer.put(new[0]) and buffer.stray == 1  # alone, a stray
+    assert buffer.put(new[1]) and buffer.resyncs == 1
+    assert buffer.lost == 4  # 101-104, held when the numbering changed
+    for packet in new[2:]:
+        buffer.put(packet)
+    played = [p.sequence for _ in range(6) for p in buffer.tick() if p is not None]
+    assert played == [p.sequence for p in new]

@@ -89,7 +89,9 @@ class JitterBuffer:
 
     It resynchronises (starts afresh on the new stream) when the SSRC changes, and, as RFC 3550 A.1 does,
     when two consecutive packets both lie more than MAX_DROPOUT ahead of or MAX_MISORDER behind the expected
-    sequence number: what a B2BUA re-INVITE, a transfer or hold/resume does to the stream.
+    sequence number: what a B2BUA re-INVITE, a transfer or hold/resume does to the stream. The first of those
+    two is played too, and what was still held of the old stream is counted lost (as pono/signaling/jitter.py
+    does for WebRTC).
     """
 
     def __init__(self, depth: int = 3, capacity: int = 25) -> None:
@@ -100,15 +102,16 @@ class JitterBuffer:
         self._next: int | None = None
         self._started = False
         self._ssrc: int | None = None
-        self._stray_next: int | None = None  # the sequence that would confirm a new numbering
+        self._stray: RtpPacket | None = None  # far from the numbering: a new one if the next packet follows it
         self.late = self.lost = self.overflow = self.resyncs = self.stray = self.drained = 0
 
     def __len__(self) -> int:
         return len(self._packets)
 
     def _restart(self) -> None:
+        self.lost += len(self._packets)  # of the old numbering: their turn will not come
         self._packets.clear()
-        self._next, self._started, self._stray_next = None, False, None
+        self._next, self._started, self._stray = None, False, None
         self.resyncs += 1
 
     def put(self, packet: RtpPacket) -> bool:
@@ -119,15 +122,17 @@ class JitterBuffer:
         if self._next is not None:
             delta = _seq_delta(packet.sequence, self._next)
             if delta > MAX_DROPOUT or delta < -MAX_MISORDER:
-                if packet.sequence != self._stray_next:
-                    self._stray_next = (packet.sequence + 1) & 0xFFFF
+                stray, self._stray = self._stray, packet
+                if stray is None or packet.sequence != (stray.sequence + 1) & 0xFFFF:
                     self.stray += 1
                     return False
-                self._restart()  # two in a row in the new numbering: follow it
+                self._restart()  # two in a row in the new numbering: follow it, from the first of them
+                self._packets[stray.sequence] = stray
+                self._next = stray.sequence
             elif delta < 0:
                 self.late += 1
                 return False
-        self._stray_next = None
+        self._stray = None
         self._packets[packet.sequence] = packet
         if self._next is None or (not self._started and _seq_delta(packet.sequence, self._next) < 0):
             self._next = packet.sequence
