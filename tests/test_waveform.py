@@ -119,3 +119,11 @@ def test_a_file_that_is_not_audio_is_refused(tmp_path: Path) -> None:
     junk.write_bytes(b"not an Ogg file at all " * 100)
     with pytest.raises((av.error.FFmpegError, ValueError)):
         file_peaks(junk, 100)
+
+
+def test_an_empty_recording_has_no_peaks_rather_than_an_error(tmp_path: Path) -> None:
+    """A call whose media never flowed leaves a 0-byte recording; its waveform request was a 500 (EOFError)."""
+    empty = tmp_path / "empty.ogg"
+    empty.write_bytes(b"")
+    peaks = file_peaks(empty, 100)
+    assert peaks.duration_s == 0 and peaks.buckets == 0

@@ -107,7 +107,11 @@ def file_peaks(path: Path, buckets: int) -> Peaks:
     """The peaks of the recording at `path` in at most `buckets` slices (fewer for audio under `buckets` × 10 ms).
 
     A file cut short (a crashed server's, or one still being written) gives the peaks of what decodes. Raises
-    av.error.FFmpegError (or OSError) when the file cannot be opened, ValueError when it holds no audio."""
+    av.error.FFmpegError (or OSError) when the file cannot be opened, ValueError when it holds no audio. An empty
+    file (a call whose media never flowed is recorded as nothing) has no peaks and lasts 0 s."""
+    if path.stat().st_size == 0:
+        empty = np.zeros((2, 0), np.float32)
+        return Peaks(0.0, 48_000, empty, empty)
     with av.open(str(path)) as container:
         if not container.streams.audio:
             raise ValueError("the file holds no audio stream")
