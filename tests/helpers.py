@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp.web_protocol import RequestHandler
 from conftest import RunningServer, make_settings, start_server
 from servers import PostgresProcess, ValkeyProcess
 
@@ -234,3 +235,25 @@ async def paid_once_over_two_tries(target: Target, pool: asyncpg.Pool, run_id: s
     (step,) = await step_runs(pool, run_id)
     assert step["status"] == "succeeded" and step["attempts"] == 2
     return tries[0]["headers"]["Idempotency-Key"], step
+
+
+def is_server_task(task: asyncio.Task[Any], server: RunningServer) -> bool:
+    """Whether `task` is Pono's: not a connection of another server in this process (the scripted LLM keeps the
+    keep-alive connections a reply opened, each an aiohttp RequestHandler task waiting for its next request)."""
+    frame = task.get_coro().cr_frame  # type: ignore[union-attr]
+    handler = frame.f_locals.get("self") if frame is not None else None
+    assert server.runner.server is not None
+    return not isinstance(handler, RequestHandler) or handler in server.runner.server.connections
+
+
+async def server_tasks(server: RunningServer, settled_to: set[asyncio.Task[Any]] | None = None
+                       ) -> set[asyncio.Task[Any]]:
+    """The running tasks that are Pono's (is_server_task), the caller's own excluded. With `settled_to`, waits up
+    to 5 s for those not in it to end (a call's tasks finish a moment after it ends): a leak is a task that stays."""
+    for _ in range(50):
+        tasks = {t for t in asyncio.all_tasks() if not t.done() and is_server_task(t, server)}
+        tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+        if settled_to is None or tasks <= settled_to:
+            break
+        await asyncio.sleep(0.1)
+    return tasks

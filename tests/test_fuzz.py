@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 from aiohttp import streams, web
 from aiohttp.test_utils import make_mocked_request
-from aiohttp.web_protocol import RequestHandler
 from conftest import RunningServer
+from helpers import is_server_task
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -323,15 +323,6 @@ def _examples(strategy: st.SearchStrategy[Any], count: int) -> list[Any]:
     return found
 
 
-def _ours(task: asyncio.Task[Any], server: RunningServer) -> bool:
-    """Whether `task` is Pono's: not a connection of another server in this process (the scripted LLM keeps the
-    keep-alive connections a reply opened, each an aiohttp RequestHandler task waiting for its next request)."""
-    frame = task.get_coro().cr_frame  # type: ignore[union-attr]
-    handler = frame.f_locals.get("self") if frame is not None else None
-    assert server.runner.server is not None
-    return not isinstance(handler, RequestHandler) or handler in server.runner.server.connections
-
-
 async def test_twilio_frames_close_with_a_reason_and_leave_nothing_running(server: RunningServer) -> None:
     """Each case is one stream: a few frames, then the stream closes. Whatever the frames, the server answers
     with a close code (never an error), /api/health stays up, and no task outlives the streams."""
@@ -359,7 +350,7 @@ async def test_twilio_frames_close_with_a_reason_and_leave_nothing_running(serve
             assert r.status == 200
     calls = server.app[SERVICES].calls.calls
     for _ in range(100):  # a started call ends when its stream closes; give its tasks a moment to finish
-        leaked = {t for t in asyncio.all_tasks() - before if not t.done() and _ours(t, server)}
+        leaked = {t for t in asyncio.all_tasks() - before if not t.done() and is_server_task(t, server)}
         if not calls and not leaked - {asyncio.current_task()}:
             break
         await asyncio.sleep(0.1)

@@ -342,7 +342,7 @@ async def test_offers_missing_what_the_connection_needs_get_a_clear_400(server, 
             body = await r.json()
             assert r.status == 400, body
             assert message in body["error"] and "invalid SDP offer" in body["error"], body
-    pcs, tasks = await settle(server)
+    pcs, tasks = await settle(server, base_tasks)
     assert pcs == base_pcs == 0
     assert tasks <= base_tasks
     assert not server.app[SERVICES].calls.calls
