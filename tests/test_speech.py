@@ -126,6 +126,40 @@ def test_local_agreement_commits_what_two_hypotheses_share_and_trims_behind_it()
     assert recognizer._committed == ["I", "call", "about"] and recognizer.window_s == 6
 
 
+async def test_a_final_that_leaves_out_what_the_partials_agreed_on_is_heard_again_without_the_prompt() -> None:
+    """Conditioned on the done text, Whisper (tiny.en, a 60 s monologue under load) sometimes gave the prompt's last
+    words again, or skipped a sentence, for the whole window; without the prompt it heard the window whole."""
+    asked: list[str] = []
+    answers = {"": "I call about an order from May."}
+
+    async def transcribe(clip: Clip, *, final: bool) -> Hypothesis:
+        asked.append(clip.prompt)
+        return Hypothesis(answers.get(clip.prompt, "My name is Robert."))  # with the prompt: the prompt again
+
+    def streamed() -> StreamingRecognizer:
+        recognizer = StreamingRecognizer(transcribe, partial_interval_s=0, trim_after_s=8.0)
+        recognizer.push(np.zeros(10 * SAMPLE_RATE, np.int16))
+        for text in ("My name is Robert. I call about", "My name is Robert. I call about an"):
+            recognizer._agree(Hypothesis(text, (Segment(0, 4, "My name is Robert."), Segment(4, 10, text[19:]))),
+                              10 * SAMPLE_RATE)
+        assert recognizer._done == ["My", "name", "is", "Robert."] and recognizer._committed == ["I", "call", "about"]
+        return recognizer
+
+    assert await streamed().final() == "My name is Robert. I call about an order from May."
+    assert asked == ["My name is Robert.", ""]
+    # A final that starts with the agreed words is kept, and Whisper is asked once.
+    asked.clear()
+    answers["My name is Robert."] = "I call about an order."
+    assert await streamed().final() == "My name is Robert. I call about an order."
+    assert asked == ["My name is Robert."]
+    # Neither agrees ("I called about"): the longer one, since what the prompt costs is words left out.
+    asked.clear()
+    answers.update({"My name is Robert.": "I called.", "": "I called about an order from May."})
+    assert await streamed().final() == "My name is Robert. I called about an order from May."
+    answers[""] = "Hi."
+    assert await streamed().final() == "My name is Robert. I called."
+
+
 async def test_a_60_second_monologue_streams_with_a_bounded_window(engine: TranscriptionEngine,
                                                                    tmp_path: Path) -> None:
     speech = espeak(MONOLOGUE, tmp_path / "monologue.wav")
