@@ -126,7 +126,7 @@ def test_local_agreement_commits_what_two_hypotheses_share_and_trims_behind_it()
     assert recognizer._committed == ["I", "call", "about"] and recognizer.window_s == 6
 
 
-async def test_a_final_that_leaves_out_what_the_partials_agreed_on_is_heard_again_without_the_prompt() -> None:
+async def test_a_final_that_leaves_out_what_the_partials_heard_is_heard_again_without_the_prompt() -> None:
     """Conditioned on the done text, Whisper (tiny.en, a 60 s monologue under load) sometimes gave the prompt's last
     words again, or skipped a sentence, for the whole window; without the prompt it heard the window whole."""
     asked: list[str] = []
@@ -147,17 +147,19 @@ async def test_a_final_that_leaves_out_what_the_partials_agreed_on_is_heard_agai
 
     assert await streamed().final() == "My name is Robert. I call about an order from May."
     assert asked == ["My name is Robert.", ""]
-    # A final that starts with the agreed words is kept, and Whisper is asked once.
+    # A final that holds the words the last partial heard ("I call about" agreed, then "an") is kept: asked once.
     asked.clear()
     answers["My name is Robert."] = "I call about an order."
     assert await streamed().final() == "My name is Robert. I call about an order."
     assert asked == ["My name is Robert."]
-    # Neither agrees ("I called about"): the longer one, since what the prompt costs is words left out.
+    # Else the one holding more of them ("I called about an" has "I", "about", "an").
     asked.clear()
     answers.update({"My name is Robert.": "I called.", "": "I called about an order from May."})
     assert await streamed().final() == "My name is Robert. I called about an order from May."
-    answers[""] = "Hi."
+    answers[""] = "Hi."  # fewer of them: the prompted one stays
     assert await streamed().final() == "My name is Robert. I called."
+    answers[""] = "I phoned today."  # as many ("I"): the longer
+    assert await streamed().final() == "My name is Robert. I phoned today."
 
 
 async def test_a_60_second_monologue_streams_with_a_bounded_window(engine: TranscriptionEngine,

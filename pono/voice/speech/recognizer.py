@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import math
 import re
 from collections.abc import Awaitable, Callable, Coroutine
@@ -28,6 +29,7 @@ _PROMPT_CHARS = 200  # whisper_streaming conditions on about this much of the co
 _PIECE_S = 25.0  # a final longer than Whisper's 30 s is transcribed in pieces of at most this long
 _MIN_FINAL_S = 0.1  # less audio than this is no word
 _RETRY_S = 0.1  # after a dropped partial, wait this much new audio before asking again
+_HEARD_KEPT = 0.75  # a prompted final holding less of what the partials heard in its window is asked again
 _WORD = re.compile(r"[^\w']+")
 
 
@@ -72,6 +74,13 @@ def agreed_prefix(a: list[str], b: list[str]) -> int:
             break
         n += 1
     return n
+
+
+def words_in_common(a: list[str], b: list[str]) -> int:
+    """How many words of `a` are in `b` in the same order, ignoring case and punctuation (difflib's matching
+    blocks: a word left out or misheard in `b` does not count)."""
+    matcher = difflib.SequenceMatcher(None, [_norm(w) for w in a], [_norm(w) for w in b], autojunk=False)
+    return sum(block.size for block in matcher.get_matching_blocks())
 
 
 class StreamingRecognizer:
@@ -191,9 +200,10 @@ class StreamingRecognizer:
     def final(self) -> Coroutine[Any, Any, str]:
         """The transcript of the utterance so far, at final priority. The audio is taken now, so a `reset` or
         more `push`es right after do not change it; the utterance goes on (see `reset`)."""
-        return self._final(list(self._done), self._window(), list(self._committed))
+        return self._final(list(self._done), self._window(), list(self._committed), self._previous)
 
-    async def _final(self, words: list[str], audio: np.ndarray, agreed: list[str]) -> str:
+    async def _final(self, words: list[str], audio: np.ndarray, agreed: list[str], previous: list[str]) -> str:
+        heard = agreed + previous  # what the last partial heard in the window: agreed words first
         while audio.size > MAX_CLIP_S * SAMPLE_RATE:
             piece = audio[:int(_PIECE_S * SAMPLE_RATE)]
             hypothesis = await self._final_of(Clip(piece, self._prompt(words), timestamps=True,
@@ -206,28 +216,30 @@ class StreamingRecognizer:
                 cut = piece.size
                 words += hypothesis.text.split()
             audio = audio[cut:]
-            agreed = []  # the partials' words were of the window's start, which is cut now
+            agreed = heard = []  # the partials' words were of the window's start, which is cut now
         if audio.size < _MIN_FINAL_S * SAMPLE_RATE:  # nothing (left) to hear: no Whisper call for a click
             return " ".join(words)
         clip = Clip(audio, self._prompt(words), language=self.language,
                     window_s=encoder_window(audio.size / SAMPLE_RATE, self.final_window_s))
         last = (await self._final_of(clip)).text.split()
-        if clip.prompt and agreed_prefix(last, agreed) < len(agreed):
-            last = await self._without_prompt(clip, last, agreed)
+        if clip.prompt and any(words_in_common(said, last) < _HEARD_KEPT * len(said) for said in (agreed, heard)):
+            last = await self._without_prompt(clip, last, heard)
         return " ".join(words + last)
 
-    async def _without_prompt(self, clip: Clip, prompted: list[str], agreed: list[str]) -> list[str]:
-        """The window again without the prompt, kept if it starts with more of the words the partials agreed on,
-        or as many and more words in all (the prompt's failure is audio left out, so the longer text heard more).
+    async def _without_prompt(self, clip: Clip, prompted: list[str], heard: list[str]) -> list[str]:
+        """The window again without the prompt, kept if it holds more of the words the last partial `heard` in the
+        window (then: more words in all, since what the prompt costs is words left out). Asked when the prompted
+        final holds under 3/4 of the words the partials agreed on (the window's start), or of those the last one
+        heard; a word or two heard differently is no reason to ask again.
 
-        Conditioned on the done text, Whisper sometimes skips the window's first sentences or repeats the
-        prompt's last words instead ("...return the arm." as the whole of 15 s of speech whose partials had agreed
-        on "I would like you to arrange"): 3 of 8 finals of a 60 s monologue under load lost 20-40 words so, and
-        the same audio without the prompt lost none. Radford et al. (2022, §4.5) likewise drop the previous text
-        when a decode fails. The prompt stays first choice: without it the cut-off first words are misheard more
-        ("this number" as "December")."""
+        Conditioned on the done text, Whisper sometimes gives the prompt's last words again or skips a sentence
+        instead of the window ("...return the arm." as the whole of 15 s of speech that began "I would like you to
+        arrange the collection for me"): 3 of 8 finals of a 60 s monologue under
+        load lost 20-40 words so, and the same audio without the prompt lost none. Radford et al. (2022, §4.5)
+        likewise drop the previous text when a decode fails. The prompt stays first choice: without it the cut-off
+        first words are misheard more ("this number" as "December")."""
         bare = (await self._final_of(dataclasses.replace(clip, prompt=""))).text.split()
-        better = (agreed_prefix(bare, agreed), len(bare)) > (agreed_prefix(prompted, agreed), len(prompted))
+        better = (words_in_common(heard, bare), len(bare)) > (words_in_common(heard, prompted), len(prompted))
         return bare if better else prompted
 
     async def _final_of(self, clip: Clip) -> Hypothesis:
