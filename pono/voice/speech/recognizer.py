@@ -7,20 +7,21 @@ the words two consecutive hypotheses agree on are committed; once the window is 
 the audio behind the last fully committed segment is trimmed and its words move to the done text, which
 conditions later windows as Whisper's prompt. The window stays bounded, so the work per partial stays bounded
 however long the caller talks. A final is the done text plus one transcription of the window, at final
-priority; a window too long for Whisper (partials were off or dropped) is cut into pieces first.
+priority (asked again without the prompt when it leaves out what the partials heard there); a window too long for
+Whisper (partials were off or dropped) is cut into pieces first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import difflib
 import math
 import re
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import numpy as np
+from rapidfuzz.distance import LCSseq
 
 from pono.voice.speech.whisper import MAX_CLIP_S, SAMPLE_RATE, Clip, Hypothesis
 
@@ -29,7 +30,10 @@ _PROMPT_CHARS = 200  # whisper_streaming conditions on about this much of the co
 _PIECE_S = 25.0  # a final longer than Whisper's 30 s is transcribed in pieces of at most this long
 _MIN_FINAL_S = 0.1  # less audio than this is no word
 _RETRY_S = 0.1  # after a dropped partial, wait this much new audio before asking again
-_HEARD_KEPT = 0.75  # a prompted final holding less of what the partials heard in its window is asked again
+# A prompted final that leaves out more than this share (and more than _MISSED_WORDS) of the words the partials heard
+# in its window is asked again without the prompt.
+_MISSED_SHARE = 0.25
+_MISSED_WORDS = 2
 _WORD = re.compile(r"[^\w']+")
 
 
@@ -77,10 +81,16 @@ def agreed_prefix(a: list[str], b: list[str]) -> int:
 
 
 def words_in_common(a: list[str], b: list[str]) -> int:
-    """How many words of `a` are in `b` in the same order, ignoring case and punctuation (difflib's matching
-    blocks: a word left out or misheard in `b` does not count)."""
-    matcher = difflib.SequenceMatcher(None, [_norm(w) for w in a], [_norm(w) for w in b], autojunk=False)
-    return sum(block.size for block in matcher.get_matching_blocks())
+    """How many words of `a` are in `b` in the same order, ignoring case and punctuation: the length of their
+    longest common subsequence of words (rapidfuzz's LCSseq; a word left out or misheard in `b` does not count)."""
+    return int(LCSseq.similarity([_norm(w) for w in a], [_norm(w) for w in b]))
+
+
+def leaves_out(said: list[str], text: list[str]) -> bool:
+    """Whether `text` leaves out more than a quarter, and more than two, of the words `said`: a word or two heard
+    differently is no reason to transcribe again."""
+    missed = len(said) - words_in_common(said, text)
+    return missed > max(_MISSED_WORDS, _MISSED_SHARE * len(said))
 
 
 class StreamingRecognizer:
@@ -200,10 +210,11 @@ class StreamingRecognizer:
     def final(self) -> Coroutine[Any, Any, str]:
         """The transcript of the utterance so far, at final priority. The audio is taken now, so a `reset` or
         more `push`es right after do not change it; the utterance goes on (see `reset`)."""
-        return self._final(list(self._done), self._window(), list(self._committed), self._previous)
+        return self._final(list(self._done), self._window(), list(self._committed), list(self._previous))
 
     async def _final(self, words: list[str], audio: np.ndarray, agreed: list[str], previous: list[str]) -> str:
-        heard = agreed + previous  # what the last partial heard in the window: agreed words first
+        # What the last partial heard in the window, agreed words first; its last word may be cut off mid-way.
+        heard = agreed + previous[:-1]
         while audio.size > MAX_CLIP_S * SAMPLE_RATE:
             piece = audio[:int(_PIECE_S * SAMPLE_RATE)]
             hypothesis = await self._final_of(Clip(piece, self._prompt(words), timestamps=True,
@@ -222,25 +233,23 @@ class StreamingRecognizer:
         clip = Clip(audio, self._prompt(words), language=self.language,
                     window_s=encoder_window(audio.size / SAMPLE_RATE, self.final_window_s))
         last = (await self._final_of(clip)).text.split()
-        if clip.prompt and any(words_in_common(said, last) < _HEARD_KEPT * len(said) for said in (agreed, heard)):
+        if clip.prompt and (leaves_out(agreed, last) or leaves_out(heard, last)):
             last = await self._without_prompt(clip, last, heard)
         return " ".join(words + last)
 
     async def _without_prompt(self, clip: Clip, prompted: list[str], heard: list[str]) -> list[str]:
         """The window again without the prompt, kept if it holds more of the words the last partial `heard` in the
-        window (then: more words in all, since what the prompt costs is words left out). Asked when the prompted
-        final holds under 3/4 of the words the partials agreed on (the window's start), or of those the last one
-        heard; a word or two heard differently is no reason to ask again.
+        window; else the prompted one. Asked when the prompted final leaves out the words the partials agreed on
+        (the window's start) or those the last one heard (see `leaves_out`).
 
         Conditioned on the done text, Whisper sometimes gives the prompt's last words again or skips a sentence
         instead of the window ("...return the arm." as the whole of 15 s of speech that began "I would like you to
-        arrange the collection for me"): 3 of 8 finals of a 60 s monologue under
-        load lost 20-40 words so, and the same audio without the prompt lost none. Radford et al. (2022, §4.5)
-        likewise drop the previous text when a decode fails. The prompt stays first choice: without it the cut-off
-        first words are misheard more ("this number" as "December")."""
+        arrange the collection for me"): 3 of 8 finals of a 60 s monologue under load lost 20-40 words so, and the
+        same audio without the prompt lost none. Radford et al. (2022, §4.5) likewise drop the previous text when
+        a decode fails. The prompt stays first choice: without it the cut-off first words are misheard more ("this
+        number" as "December")."""
         bare = (await self._final_of(dataclasses.replace(clip, prompt=""))).text.split()
-        better = (words_in_common(heard, bare), len(bare)) > (words_in_common(heard, prompted), len(prompted))
-        return bare if better else prompted
+        return bare if words_in_common(heard, bare) > words_in_common(heard, prompted) else prompted
 
     async def _final_of(self, clip: Clip) -> Hypothesis:
         hypothesis = await self._transcribe(clip, final=True)
