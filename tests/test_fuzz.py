@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import streams, web
 from aiohttp.test_utils import make_mocked_request
 from conftest import RunningServer
-from helpers import is_server_task
+from helpers import server_tasks
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -350,11 +350,10 @@ async def test_twilio_frames_close_with_a_reason_and_leave_nothing_running(serve
             assert r.status == 200
     calls = server.app[SERVICES].calls.calls
     for _ in range(100):  # a started call ends when its stream closes; give its tasks a moment to finish
-        leaked = {t for t in asyncio.all_tasks() - before if not t.done() and is_server_task(t, server)}
-        if not calls and not leaked - {asyncio.current_task()}:
+        if not calls:
             break
         await asyncio.sleep(0.1)
-    leaked.discard(asyncio.current_task())  # type: ignore[arg-type]
+    leaked = await server_tasks(server, before) - before
     assert not calls and not leaked, (list(calls), sorted(t.get_name() for t in leaked))
     assert calls_started() - started_before >= 10, "too few cases got past 'start': the fuzz misses the call path"
     assert codes.get(1003, 0) >= 10 and codes.get(1000, 0) >= 1, codes  # refused streams, and clean ones
