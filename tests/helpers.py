@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+import numpy as np
 import pytest
 from aiohttp.web_protocol import RequestHandler
 from conftest import RunningServer, make_settings, start_server
@@ -257,3 +258,17 @@ async def server_tasks(server: RunningServer, settled_to: set[asyncio.Task[Any]]
             break
         await asyncio.sleep(0.1)
     return tasks
+
+
+LINE_SILENCE_S = 0.6
+
+
+def after_line_silence(pcm16k: np.ndarray) -> np.ndarray:
+    """`pcm16k` (16 kHz int16) after LINE_SILENCE_S of silence, as a caller's line has before the first word.
+
+    For a test that compares a live turn's words with an offline transcript of the same clip (opus_round_trip keeps
+    0.3 s before it). Spoken at the call's first frames, a clip has no pre-roll to keep: the server had heard 15 frames
+    (4 silent) when speech was confirmed, so the turn began 30-90 ms before the first word, and Whisper base heard
+    "Is there a pharmacy" as "Isn't that" or "is not" at 8 of 75 such starts (offline, the same round trip), which
+    failed CI runs. After this silence the turn begins 248-268 ms before the first word (the lead-in's pre-roll)."""
+    return np.concatenate([np.zeros(int(LINE_SILENCE_S * 16000), np.int16), pcm16k])

@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pytest
 from conftest import espeak
-from helpers import settings_for_new_calls, stored_turns
+from helpers import after_line_silence, settings_for_new_calls, stored_turns
 from test_voice_call import open_call, trim
 
 from pono.context import SERVICES
@@ -24,12 +24,6 @@ from pono.testing.scripted_llm import Script
 
 RATE = 16000
 PAUSE_S = 0.7
-# The line's silence before the first word, as a caller has it. Spoken at the call's first frames, a clip had no
-# pre-roll to keep: the server had heard 15 frames (4 of them silence) when speech was confirmed, so the turn
-# began 30-90 ms before the first word, where the offline reference has 0.3 s; Whisper base hears "Is there a
-# pharmacy" as "Isn't that" or "is not" at leads under 120 ms (offline, the same round trip), which failed CI runs.
-# With this silence the lead-in gives its designed pre-roll (218-268 ms before the first word, measured).
-LINE_SILENCE_S = 0.6
 # Clips whose offline transcript is one and the same wherever the audio starts and ends by a few tens of ms.
 # Whisper base hears some espeak clips differently when the same decoded audio merely starts 60 ms later
 # ("Could you send the invoice to my email address?": five different transcripts over 15 starts and ends):
@@ -57,7 +51,7 @@ async def test_the_stored_turn_is_what_the_model_hears_offline(server, script: S
     with settings_for_new_calls(server, end_of_turn_model=True):
         caller = await open_call(server)
     try:
-        caller.speak(np.concatenate([np.zeros(int(LINE_SILENCE_S * RATE), np.int16), clip]))
+        caller.speak(after_line_silence(clip))  # the lead-in's pre-roll, as the offline reference has
         final = await caller.wait_for(lambda e: e["type"] == "agent.final", 40)
         assert final["text"] == script.reply
     finally:
